@@ -1,0 +1,28 @@
+"""sparsert_tvm: unrolled sparse kernels for pruned models, as an Apache TVM pass.
+
+Data flow: Relax IR in (``passes``), each constant sparse weight analysed (``weights``,
+``problem``), a kernel generated for it per target (``schedules``, configs from
+``tuning``), a module out (``compile``).
+"""
+
+from .build import compile, default_target
+from .errors import RuntimeUnavailable, SparseRTError, ToolchainError, UnsupportedProblem
+from .passes import DEFAULT_DENSITY_THRESHOLD, SparsifyWeights
+from .report import LayerReport, SparsityReport, report_of
+from .schedules import CpuSpmmConfig, CudaSpmmConfig
+
+__all__ = [
+    "DEFAULT_DENSITY_THRESHOLD",
+    "CpuSpmmConfig",
+    "CudaSpmmConfig",
+    "LayerReport",
+    "RuntimeUnavailable",
+    "SparseRTError",
+    "SparsifyWeights",
+    "SparsityReport",
+    "ToolchainError",
+    "UnsupportedProblem",
+    "compile",
+    "default_target",
+    "report_of",
+]

@@ -1,0 +1,100 @@
+"""Building a module: the pass, then ``tvm.compile`` with a TIR pipeline fit for the kernels.
+
+Unrolled kernels hold tens of thousands of statements, and several passes of TVM's default
+TIR pipeline (common subexpression elimination, buffer compaction, ...) take minutes on
+them while having nothing to improve. PrimFuncs carrying ``KERNEL_ATTR`` go through a
+short list of the passes they need; everything else goes through TVM's default pipeline
+unchanged. Plain ``tvm.compile`` gives the same module, only more slowly.
+"""
+
+from __future__ import annotations
+
+import tvm
+import tvm_ffi
+from tvm import s_tir, tirx
+from tvm.tirx import compilation_pipeline
+
+from .passes import SparsifyWeights
+from .report import SparsityReport, report_of
+from .schedules.base import KERNEL_ATTR
+
+PIPELINE_NAME = "sparsert"
+
+
+def compile(  # noqa: A001 - mirrors tvm.compile
+    mod: tvm.IRModule,
+    target=None,
+    density_threshold: float | None = None,
+    *,
+    report: SparsityReport | None = None,
+    **options,
+):
+    """``SparsifyWeights`` followed by ``tvm.compile``; returns what ``tvm.compile`` returns.
+
+    ``target`` defaults to ``default_target()``. If ``report`` is given, the layers of the
+    pass's report are appended to it. Other options go to ``SparsifyWeights``.
+    """
+    target = default_target() if target is None else tvm.target.Target(target)
+    mod = SparsifyWeights(target, density_threshold, **options)(mod)
+    if report is not None:
+        report.layers.extend(report_of(mod).layers)
+    return tvm.compile(mod, target, tir_pipeline=register_pipeline())
+
+
+def default_target() -> tvm.target.Target:
+    """The GPU if TVM sees one (with the host CPU as its host), else the host CPU."""
+    host = host_cpu_target()
+    if tvm.cuda(0).exist:
+        return tvm.target.Target(tvm.target.Target.from_device(tvm.cuda(0)), host=host)
+    return host
+
+
+def host_cpu_target() -> tvm.target.Target:
+    """LLVM for this machine's CPU, with its vector extensions."""
+    get = tvm_ffi.get_global_func
+    return tvm.target.Target(
+        {"kind": "llvm", "mtriple": get("target.llvm_get_system_triple")(), "mcpu": get("target.llvm_get_system_cpu")()}
+    )
+
+
+def register_pipeline() -> str:
+    """Registers the TIR pipeline with TVM (idempotent) and returns its name."""
+    compilation_pipeline.register_tir_pipeline(PIPELINE_NAME, _pipeline_factory)
+    return PIPELINE_NAME
+
+
+def _lean_passes():
+    return [
+        s_tir.transform.ConvertBlocksToOpaque(),
+        s_tir.transform.LowerOpaqueBlock(),
+        tirx.transform.FlattenBuffer(),
+        tirx.transform.NarrowDataType(32),
+        tirx.transform.VectorizeLoop(True),
+        tirx.transform.StmtSimplify(),
+        tirx.transform.VerifyMemory(),
+        tirx.transform.AnnotateEntryFunc(),
+        tirx.transform.SplitHostDevice(),
+        tirx.transform.MakePackedAPI(),
+    ]
+
+
+def _is_kernel(func) -> bool:
+    return isinstance(func, tirx.PrimFunc) and func.attrs is not None and KERNEL_ATTR in func.attrs
+
+
+def _pipeline_factory():
+    default, finalize_host, finalize_device = compilation_pipeline.get_tir_pipeline("default")
+
+    @tvm.transform.module_pass(opt_level=0, name="SparsertTIRPipeline")
+    def _pipeline(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        kernels = {gv: f for gv, f in mod.functions_items() if _is_kernel(f)}
+        others = {gv: f for gv, f in mod.functions_items() if gv not in kernels}
+        lowered = {}
+        if others:
+            lowered.update(default(tvm.IRModule(others, attrs=mod.attrs)).functions_items())
+        if kernels:
+            lean = tvm.ir.transform.Sequential(_lean_passes())
+            lowered.update(lean(tvm.IRModule(kernels, attrs=mod.attrs)).functions_items())
+        return tvm.IRModule(lowered, attrs=mod.attrs)
+
+    return _pipeline, finalize_host, finalize_device

@@ -1,0 +1,249 @@
+"""Finding the operators the pass can rewrite, and what each of them computes.
+
+A candidate is a matmul or a 1x1 convolution whose weight is a constant, followed along the
+dataflow (not the textual order) by the epilogue it can absorb: bias adds, one residual
+add and ReLU/ReLU6/clip, as long as each intermediate value has no other user. Operators
+that cannot be rewritten are still candidates, with the reason.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import tvm
+import tvm_ffi
+from tvm import relax, tirx
+
+from ..problem import BiasAdd, Clip, Layout, ResidualAdd, SpmmProblem
+from ..weights import SparseMatrix
+from .constants import constant_value
+
+_ESCAPES = None  # user entry for a value returned from the function
+
+
+@dataclass
+class Candidate:
+    function: str
+    root: relax.Var  # binding of the matmul / convolution
+    op: str
+    members: list = field(default_factory=list)  # root and absorbed epilogue bindings, in order
+    x: relax.Expr | None = None
+    residual: relax.Expr | None = None
+    weight: SparseMatrix | None = None
+    problem: SpmmProblem | None = None
+    reason: str | None = None  # why it cannot be rewritten, if it cannot
+
+    @property
+    def tail(self) -> relax.Var:
+        """The binding whose value the rewritten call replaces."""
+        return self.members[-1]
+
+
+class _Rejected(Exception):
+    pass
+
+
+def find_candidates(name: str, func: relax.Function) -> list[Candidate]:
+    var2val = relax.analysis.get_var2val(func)
+    users, block_of = _users_and_blocks(func)
+    found = []
+    for block in func.body.blocks:
+        for binding in block.bindings:
+            value = binding.value
+            if not isinstance(value, relax.Call) or not isinstance(value.op, tvm.ir.Op):
+                continue
+            analyse = _ROOTS.get(value.op.name)
+            if analyse is None:
+                continue
+            candidate = Candidate(function=name, root=binding.var, op=value.op.name.split(".")[-1], members=[binding.var])
+            try:
+                analyse(candidate, value, var2val)
+                _absorb_epilogue(candidate, var2val, users, block_of)
+            except _Rejected as rejected:
+                candidate.reason = str(rejected)
+            found.append(candidate)
+    return found
+
+
+def _users_and_blocks(func):
+    users: dict = {}
+    block_of: dict = {}
+    for index, block in enumerate(func.body.blocks):
+        for binding in block.bindings:
+            block_of[binding.var] = index
+            for var in relax.analysis.free_vars(binding.value):
+                users.setdefault(var, []).append(binding.var)
+    for var in relax.analysis.free_vars(func.body.body):
+        users.setdefault(var, []).append(_ESCAPES)
+    return users, block_of
+
+
+# -- roots ----------------------------------------------------------------------------
+
+
+def _tensor_dims(expr, what: str):
+    ty = expr.ty
+    if not isinstance(ty, relax.TensorType) or not isinstance(ty.shape, relax.ShapeExpr):
+        raise _Rejected(f"{what} has no known shape")
+    return list(ty.shape.values), str(ty.dtype)
+
+
+def _check_out_dtype(call, dtype: str):
+    out_dtype = getattr(call.attrs, "out_dtype", None)
+    if out_dtype is not None and str(out_dtype) not in ("", "void", dtype):
+        raise _Rejected(f"out_dtype {out_dtype} differs from the input's {dtype}")
+
+
+def _analyse_matmul(candidate: Candidate, call, var2val):
+    lhs, rhs = call.args
+    w = constant_value(rhs, var2val)
+    if w is None:
+        if constant_value(lhs, var2val) is not None:
+            raise _Rejected("the constant is the left operand; only x @ W is rewritten")
+        raise _Rejected("weight is not a constant")
+    candidate.op = "matmul"
+    if w.ndim != 2:
+        raise _Rejected(f"{w.ndim}-D weight; only 2-D weights are rewritten")
+    candidate.weight = SparseMatrix.from_dense(w.T)
+    dims, dtype = _tensor_dims(lhs, "activation")
+    _check_operands(candidate, dtype, dims[-1] if dims else None, call)
+    _set_problem(candidate, Layout.ROWS, lhs, dims, dims[:-1] + [w.shape[1]], dtype)
+
+
+def _analyse_conv2d(candidate: Candidate, call, var2val):
+    data, weight = call.args
+    attrs = call.attrs
+    layout = str(attrs.data_layout)
+    candidate.op = f"conv2d {layout}"
+    w = constant_value(weight, var2val)
+    if w is None:
+        raise _Rejected("weight is not a constant")
+    kernel_layout = str(attrs.kernel_layout)
+    if sorted(kernel_layout) != sorted("OIHW"):
+        raise _Rejected(f"kernel layout {kernel_layout}")
+    w = np.transpose(w, [kernel_layout.index(axis) for axis in "OIHW"])
+    kh, kw = w.shape[2:]
+    candidate.op = f"conv2d {kh}x{kw} {layout}"
+    candidate.weight = SparseMatrix.from_dense(w.reshape(w.shape[0], -1))
+    if int(attrs.groups) != 1:
+        kind = "depthwise" if w.shape[1] == 1 else "grouped"
+        raise _Rejected(f"{kind} convolution (groups={int(attrs.groups)}) stays with TVM")
+    if (kh, kw) != (1, 1):
+        raise _Rejected(f"{kh}x{kw} kernel: only 1x1 convolutions are rewritten")
+    if any(int(s) != 1 for s in attrs.strides):
+        raise _Rejected(f"stride {[int(s) for s in attrs.strides]}")
+    if any(int(p) != 0 for p in attrs.padding):
+        raise _Rejected(f"padding {[int(p) for p in attrs.padding]}")
+    if layout not in ("NCHW", "NHWC"):
+        raise _Rejected(f"data layout {layout}")
+    if str(attrs.out_layout) not in ("", layout):
+        raise _Rejected(f"output layout {attrs.out_layout} differs from the input's {layout}")
+    dims, dtype = _tensor_dims(data, "input")
+    channels = dims[1] if layout == "NCHW" else dims[3]
+    _check_operands(candidate, dtype, channels, call)
+    m = w.shape[0]
+    if layout == "NCHW":
+        if not all(isinstance(d, tirx.IntImm) for d in dims[2:]):
+            raise _Rejected("NCHW input with a dynamic spatial size")
+        _set_problem(candidate, Layout.CHANNELS, data, dims, [dims[0], m] + dims[2:], dtype)
+    else:
+        _set_problem(candidate, Layout.ROWS, data, dims, dims[:3] + [m], dtype)
+
+
+def _check_operands(candidate: Candidate, dtype: str, k_dim, call):
+    weight = candidate.weight
+    if weight.dtype != dtype:
+        raise _Rejected(f"weight dtype {weight.dtype} differs from the input's {dtype}")
+    _check_out_dtype(call, dtype)
+    if isinstance(k_dim, tirx.IntImm) and int(k_dim) != weight.shape[1]:
+        raise _Rejected(f"input has {int(k_dim)} features, weight expects {weight.shape[1]}")
+    if not weight.is_finite:
+        raise _Rejected("weight contains NaN or Inf; the dense path keeps IEEE semantics")
+
+
+def _set_problem(candidate, layout, x, x_dims, y_dims, dtype):
+    candidate.x = x
+    candidate.problem = SpmmProblem(candidate.weight, layout, dtype, tuple(x_dims), tuple(y_dims))
+
+
+_ROOTS = {"relax.matmul": _analyse_matmul, "relax.nn.conv2d": _analyse_conv2d}
+
+
+# -- epilogue -------------------------------------------------------------------------
+
+
+def _absorb_epilogue(candidate: Candidate, var2val, users, block_of):
+    problem = candidate.problem
+    out_type = candidate.root.ty
+    ops = []
+    current = candidate.root
+    while True:
+        current_users = users.get(current, [])
+        if len(current_users) != 1 or current_users[0] is _ESCAPES:
+            break
+        user = current_users[0]
+        if block_of.get(user) != block_of[candidate.root] or not _same_type(user.ty, out_type):
+            break
+        op = _epilogue_op(var2val[user], current, candidate, var2val)
+        if op is None:
+            break
+        ops.append(op)
+        candidate.members.append(user)
+        current = user
+    candidate.problem = SpmmProblem(
+        problem.weight, problem.layout, problem.dtype, problem.x_shape, problem.y_shape, tuple(ops)
+    )
+
+
+def _same_type(a, b) -> bool:
+    return (
+        isinstance(a, relax.TensorType)
+        and isinstance(b, relax.TensorType)
+        and str(a.dtype) == str(b.dtype)
+        and tvm_ffi.structural_equal(a.shape, b.shape)
+    )
+
+
+def _epilogue_op(value, current, candidate: Candidate, var2val):
+    if not isinstance(value, relax.Call) or not isinstance(value.op, tvm.ir.Op):
+        return None
+    name, args = value.op.name, value.args
+    if name == "relax.nn.relu":
+        return Clip(0.0, math.inf)
+    if name == "relax.nn.relu6":
+        return Clip(0.0, 6.0)
+    if name == "relax.clip":
+        return Clip(_prim_float(args[1]), _prim_float(args[2]))
+    if name != "relax.add":
+        return None
+    if args[0].same_as(current) == args[1].same_as(current):
+        return None
+    other = args[1] if args[0].same_as(current) else args[0]
+    constant = constant_value(other, var2val)
+    if constant is not None:
+        return _bias(constant, candidate.problem)
+    if candidate.residual is None and _same_type(other.ty, candidate.root.ty):
+        candidate.residual = other
+        return ResidualAdd()
+    return None
+
+
+def _prim_float(prim_value) -> float:
+    value = prim_value.value
+    return float(getattr(value, "value", value))
+
+
+def _bias(constant: np.ndarray, problem: SpmmProblem) -> BiasAdd | None:
+    """A constant added to the output is a bias if it varies only along the channels."""
+    ndim = len(problem.y_shape)
+    if str(constant.dtype) != problem.dtype or constant.ndim > ndim:
+        return None
+    shape = (1,) * (ndim - constant.ndim) + constant.shape
+    channel_axis = ndim - 1 if problem.layout is Layout.ROWS else 1
+    for axis, size in enumerate(shape):
+        if size != 1 and not (axis == channel_axis and size == problem.M):
+            return None
+    values = np.broadcast_to(constant.reshape(-1), (problem.M,))
+    return BiasAdd(tuple(float(v) for v in values))

@@ -1,0 +1,173 @@
+"""``SparsifyWeights``: the Relax pass that replaces sparse-weight operators with kernels
+generated for their weights."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+
+import tvm
+from tvm import relax
+from tvm.relax.expr_functor import PyExprMutator, mutator
+
+from ..errors import UnsupportedProblem
+from ..report import REPORT_ATTR, LayerReport, SparsityReport, report_of
+from ..schedules import KernelConfig, rule_for
+from .candidates import Candidate, find_candidates
+
+# Densities at or below which a weight is rewritten when the caller gives no threshold.
+# Measured on an H100 (fp32, batch 1..8): the unrolled kernels beat dense cuBLAS up to
+# about 30% density; see README "Choosing the threshold".
+DEFAULT_DENSITY_THRESHOLD = 0.3
+
+_OPTIONS = ("kernel_config",)
+
+
+def SparsifyWeights(target, density_threshold: float | None = None, **options) -> tvm.ir.transform.Pass:  # noqa: N802
+    """The pass rewriting sparse-weight matmuls and 1x1 convolutions for ``target``.
+
+    Parameters
+    ----------
+    target : str, dict or tvm.target.Target
+        What the kernels are generated for: a ``cuda`` or ``llvm`` target.
+    density_threshold : float in [0, 1], optional
+        Weights with this density (nonzeros / size) or less are rewritten. Default
+        ``DEFAULT_DENSITY_THRESHOLD``.
+    kernel_config : dict or config object, optional
+        Overrides of the kernel tiling applied to every rewritten layer (fields of
+        ``CudaSpmmConfig`` or ``CpuSpmmConfig``).
+    """
+    unknown = set(options) - set(_OPTIONS)
+    if unknown:
+        raise TypeError(f"unknown option(s) {sorted(unknown)}; accepted: {list(_OPTIONS)}")
+    target = tvm.target.Target(target)
+    rule = rule_for(target)
+    if rule is None:
+        raise ValueError(f"no sparse kernels for target kind {target.kind.name!r}; use cuda or llvm")
+    threshold = _check_threshold(density_threshold)
+    return _SparsifyWeights(target, rule, threshold, options.get("kernel_config"))
+
+
+def _check_threshold(value) -> float:
+    if value is None:
+        return DEFAULT_DENSITY_THRESHOLD
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"density_threshold must be a number in [0, 1], got {value!r}")
+    if math.isnan(value) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"density_threshold must be in [0, 1], got {value}")
+    return float(value)
+
+
+@tvm.transform.module_pass(opt_level=0, name="SparsifyWeights")
+class _SparsifyWeights:
+    def __init__(self, target, rule, threshold: float, kernel_config):
+        self.target = target
+        self.rule = rule
+        self.threshold = threshold
+        self.kernel_config = kernel_config
+
+    def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        report = report_of(mod)
+        external = list(mod.attrs["external_mods"]) if mod.attrs and "external_mods" in mod.attrs else []
+        rewriter = _Rewriter(mod)
+        taken = {gv.name_hint for gv in mod.get_global_vars()}
+        for gv, func in list(mod.functions_items()):
+            if not isinstance(func, relax.Function):
+                continue
+            plan = {}
+            for candidate in find_candidates(gv.name_hint, func):
+                layer = _layer_report(candidate)
+                report.layers.append(layer)
+                if candidate.reason is not None:
+                    continue
+                if candidate.weight.density > self.threshold:
+                    layer.reason = f"density {candidate.weight.density:.3f} above threshold {self.threshold:g}"
+                    continue
+                name = _unique_name(candidate, taken)
+                try:
+                    built = self.rule.build(candidate.problem, self._config(candidate), self.target, name)
+                except UnsupportedProblem as unsupported:
+                    layer.reason = str(unsupported)
+                    continue
+                taken.add(name)
+                kernel_gv = rewriter.builder_.add_func(built.func, name)
+                external += built.external_modules
+                args = [candidate.x] + ([candidate.residual] if candidate.residual is not None else [])
+                plan[candidate.tail] = (kernel_gv, args, candidate.tail.ty, candidate.members[:-1])
+                layer.decision, layer.reason, layer.kernel = "sparse", "rewritten", name
+                layer.params, layer.code_bytes, layer.compile_s = built.params, built.code_bytes, built.compile_seconds
+            if plan:
+                rewriter.builder_.update_func(gv, rewriter.rewrite(func, plan))
+        out = rewriter.builder_.get()
+        for key, value in (mod.attrs or {}).items():
+            out = out.with_attr(key, value)
+        if external:
+            out = out.with_attr("external_mods", external)
+        return out.with_attr(REPORT_ATTR, report.to_json())
+
+    def _config(self, candidate: Candidate) -> KernelConfig:
+        config = self.rule.default_config(candidate.problem, self.target)
+        overrides = self.kernel_config
+        if overrides is None:
+            return config
+        if dataclasses.is_dataclass(overrides):
+            return overrides
+        return dataclasses.replace(config, **overrides)
+
+
+def _layer_report(candidate: Candidate) -> LayerReport:
+    layer = LayerReport(
+        function=candidate.function,
+        name=candidate.tail.name,
+        op=candidate.op,
+        decision="dense",
+        reason=candidate.reason or "",
+    )
+    if candidate.weight is not None:
+        weight = candidate.weight
+        layer.weight_shape = tuple(int(d) for d in weight.shape)
+        layer.M, layer.K = layer.weight_shape
+        layer.nnz, layer.density = weight.nnz, weight.density
+    if candidate.problem is not None:
+        problem = candidate.problem
+        layer.input_shape = "x".join(str(d) for d in problem.x_shape)
+        layer.N = str(problem.columns) if problem.static_batch == 1 else f"{problem.x_shape[0]}*{problem.columns}"
+        layer.epilogue = [op.describe() for op in problem.epilogue]
+    return layer
+
+
+def _unique_name(candidate: Candidate, taken: set) -> str:
+    stem = re.sub(r"\W", "_", f"sparsert_{candidate.tail.name}_{candidate.weight.digest[:8]}")
+    name, suffix = stem, 1
+    while name in taken:
+        suffix += 1
+        name = f"{stem}_{suffix}"
+    return name
+
+
+@mutator
+class _Rewriter(PyExprMutator):
+    """Replaces each planned tail binding with ``call_tir`` and drops the bindings it fused."""
+
+    def __init__(self, mod):
+        super().__init__(mod)
+        self.plan = {}
+        self.dropped = set()
+
+    def rewrite(self, func: relax.Function, plan: dict) -> relax.Function:
+        self.plan = plan
+        self.dropped = {var for (_, _, _, members) in plan.values() for var in members}
+        # Weight transposes and bias reshapes the kernels baked in are now unused.
+        return relax.analysis.remove_all_unused(self.visit_expr(func))
+
+    def visit_var_binding_(self, binding):
+        if binding.var in self.dropped:
+            return
+        planned = self.plan.get(binding.var)
+        if planned is None:
+            super().visit_var_binding_(binding)
+            return
+        kernel_gv, args, out_type, _ = planned
+        call = relax.call_tir(kernel_gv, [self.visit_expr(a) for a in args], out_type)
+        self.builder_.emit_normalized(relax.VarBinding(binding.var, self.builder_.normalize(call)))

@@ -1,0 +1,125 @@
+"""What the pass saw and decided for every candidate operator.
+
+The pass stores its report in the IRModule it returns (attribute ``sparsert.report``, JSON),
+so it travels with the module through any pipeline; ``report_of(mod)`` reads it back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+from dataclasses import dataclass, field
+
+from rich.console import Console
+from rich.table import Table
+
+REPORT_ATTR = "sparsert.report"
+
+
+@dataclass
+class LayerReport:
+    function: str  # Relax function holding the operator
+    name: str  # variable the operator's (fused) result is bound to
+    op: str  # e.g. "matmul", "conv2d 1x1 NCHW"
+    decision: str  # "sparse" or "dense"
+    reason: str
+    weight_shape: tuple = ()
+    input_shape: str = ""
+    M: int = 0  # noqa: N815 - rows of A: output features or channels
+    K: int = 0  # noqa: N815 - columns of A: input features or channels
+    N: str = ""  # noqa: N815 - columns of the product (may be symbolic)
+    nnz: int = 0
+    density: float = float("nan")
+    epilogue: list = field(default_factory=list)
+    kernel: str | None = None  # name of the generated PrimFunc
+    params: dict = field(default_factory=dict)
+    code_bytes: int | None = None
+    compile_s: float = 0.0
+
+    @property
+    def sparse(self) -> bool:
+        return self.decision == "sparse"
+
+
+@dataclass
+class SparsityReport:
+    layers: list[LayerReport] = field(default_factory=list)
+
+    def __iter__(self):
+        return iter(self.layers)
+
+    def __len__(self):
+        return len(self.layers)
+
+    @property
+    def sparse_layers(self) -> list[LayerReport]:
+        return [layer for layer in self.layers if layer.sparse]
+
+    def to_json(self) -> str:
+        return json.dumps([dataclasses.asdict(layer) for layer in self.layers])
+
+    @classmethod
+    def from_json(cls, text: str) -> SparsityReport:
+        return cls([LayerReport(**entry) for entry in json.loads(text)])
+
+    def table(self, width: int = 160) -> str:
+        """The report as a text table, one row per candidate operator."""
+        table = Table(title="sparsert: candidate operators", title_justify="left")
+        for column, justify in [
+            ("layer", "left"), ("op", "left"), ("A (MxK)", "right"), ("N", "right"),
+            ("nnz", "right"), ("density", "right"), ("epilogue", "left"), ("decision", "left"),
+            ("kernel params", "left"), ("code", "right"), ("compile", "right"), ("reason", "left"),
+        ]:
+            table.add_column(column, justify=justify, overflow="fold")
+        for layer in self.layers:
+            table.add_row(
+                layer.name, layer.op, f"{layer.M}x{layer.K}" if layer.M else "-", layer.N or "-",
+                f"{layer.nnz:,}" if layer.M else "-",
+                f"{layer.density:.3f}" if layer.M else "-",
+                "+".join(layer.epilogue) or "-", layer.decision, _format_params(layer.params),
+                _format_bytes(layer.code_bytes), f"{layer.compile_s:.2f}s" if layer.sparse else "-",
+                layer.reason,
+            )
+        buffer = io.StringIO()
+        Console(file=buffer, width=width, no_color=True, highlight=False).print(table)
+        sparse = self.sparse_layers
+        buffer.write(
+            f"{len(sparse)} of {len(self.layers)} candidates sparse, "
+            f"{sum(layer.nnz for layer in sparse):,} nonzeros unrolled, "
+            f"{sum(layer.compile_s for layer in sparse):.1f}s kernel generation\n"
+        )
+        return buffer.getvalue()
+
+
+def report_of(mod) -> SparsityReport:
+    """The report ``SparsifyWeights`` left in ``mod`` (empty if it never ran)."""
+    attrs = mod.attrs
+    if attrs is None or REPORT_ATTR not in attrs:
+        return SparsityReport()
+    return SparsityReport.from_json(str(attrs[REPORT_ATTR]))
+
+
+_SHOWN_PARAMS = {
+    "rows_per_block": "rows",
+    "threads_per_block": "threads",
+    "columns_per_thread": "cols/thread",
+    "row_groups": "blocks.y",
+    "segments": "segments",
+    "vector_lanes": "lanes",
+    "rows_per_chunk": "rows/chunk",
+}
+
+
+def _format_params(params: dict) -> str:
+    return " ".join(f"{short}={params[key]}" for key, short in _SHOWN_PARAMS.items() if key in params) or "-"
+
+
+def _format_bytes(size: int | None) -> str:
+    if size is None:
+        return "-"
+    if size < 1024:
+        return f"{size}B"
+    if size < 1024**2:
+        return f"{size / 1024:.1f}KB"
+    return f"{size / 1024**2:.1f}MB"

@@ -1,0 +1,66 @@
+"""The common interface of the per-target kernel generators."""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+
+import tvm
+from tvm import tirx
+
+from ..problem import Layout, SpmmProblem
+from .config import KernelConfig
+
+# relax's OpPatternKind::kOpaque: keeps FuseOps from merging our kernels with neighbours.
+OPAQUE_PATTERN = 8
+# Function attribute that routes a generated kernel through the lean lowering pipeline.
+KERNEL_ATTR = "sparsert.kernel"
+
+
+@dataclass
+class BuiltKernel:
+    """A generated kernel ready to be called from Relax with ``call_tir``."""
+
+    func: tirx.PrimFunc
+    # Compiled modules the IRModule must carry in its ``external_mods`` attribute.
+    external_modules: list = field(default_factory=list)
+    # Tiling and derived choices, for the report.
+    params: dict = field(default_factory=dict)
+    code_bytes: int | None = None
+    compile_seconds: float = 0.0
+
+
+class SparseKernelRule(abc.ABC):
+    """Generates the kernel of one ``SpmmProblem`` for one kind of target."""
+
+    @abc.abstractmethod
+    def is_target(self, target: tvm.target.Target) -> bool:
+        """Whether this rule generates code for ``target``."""
+
+    @abc.abstractmethod
+    def default_config(self, problem: SpmmProblem, target: tvm.target.Target) -> KernelConfig:
+        """A good untuned config for ``problem``."""
+
+    @abc.abstractmethod
+    def build(self, problem: SpmmProblem, config: KernelConfig, target: tvm.target.Target, name: str) -> BuiltKernel:
+        """Generates (and where the target needs it, compiles) the kernel.
+
+        Raises ``UnsupportedProblem`` when the problem is outside what the rule handles.
+        """
+
+
+def operand_shapes(problem: SpmmProblem):
+    """Fresh ``tirx`` shapes for the kernel's buffers: ``(x, y)``.
+
+    Symbolic dimensions of the activation get new variables local to the PrimFunc; the
+    output's shape is written in terms of them so that ``call_tir`` can infer them all
+    from the input.
+    """
+    dims = [
+        d if isinstance(d, tirx.IntImm) else tirx.Var(f"d{i}", d.ty) for i, d in enumerate(problem.x_shape)
+    ]
+    rows = tirx.IntImm("int64", problem.M)
+    if problem.layout is Layout.ROWS:
+        return dims, dims[:-1] + [rows]
+    return dims, [dims[0], rows] + dims[2:]
+

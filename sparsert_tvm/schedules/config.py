@@ -1,0 +1,73 @@
+"""How a sparse kernel is tiled: the free choices, kept apart from the code that emits it.
+
+A config says nothing about the weight or the layout (that is ``SpmmProblem``); the same
+config can be applied to any problem, and the tuner searches over configs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class CudaSpmmConfig:
+    """Tiling of the unrolled CUDA kernel.
+
+    A thread block owns ``rows_per_block`` rows of ``A`` (one register accumulator per row
+    and column) and ``threads_per_block * columns_per_thread`` columns of the product; each
+    thread owns ``columns_per_thread`` columns, ``threads_per_block`` apart so that
+    neighbouring threads touch neighbouring columns.
+    """
+
+    rows_per_block: int = 4
+    threads_per_block: int = 128
+    columns_per_thread: int = 1
+    # Rows are packed into blocks of similar nonzero counts (heaviest blocks launch first)
+    # instead of consecutive runs of rows.
+    balance_rows: bool = True
+    # The unrolled code is cut into functions of at most this many nonzeros, assembled
+    # separately and linked: ptxas time grows faster than linearly with function size.
+    max_nnz_per_segment: int = 16384
+    # ptxas optimisation level (0-3).
+    ptxas_opt_level: int = 3
+
+    def __post_init__(self):
+        _check_positive(self, "rows_per_block", "threads_per_block", "columns_per_thread")
+        _check_positive(self, "max_nnz_per_segment")
+        if self.threads_per_block > 1024 or self.threads_per_block % 32:
+            raise ValueError("threads_per_block must be a multiple of 32 and at most 1024")
+        if not 0 <= self.ptxas_opt_level <= 3:
+            raise ValueError("ptxas_opt_level must be in 0..3")
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class CpuSpmmConfig:
+    """Tiling of the unrolled CPU kernel.
+
+    The product's columns are processed ``vector_lanes`` at a time (one SIMD vector per
+    accumulator); the rows of ``A`` are unrolled in chunks of ``rows_per_chunk`` whose
+    results are written out before the next chunk starts, so the staging tile stays in L1.
+    """
+
+    vector_lanes: int = 16
+    rows_per_chunk: int = 128
+
+    def __post_init__(self):
+        _check_positive(self, "vector_lanes", "rows_per_chunk")
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+KernelConfig = CudaSpmmConfig | CpuSpmmConfig
+
+
+def _check_positive(config, *names):
+    for name in names:
+        value = getattr(config, name)
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")

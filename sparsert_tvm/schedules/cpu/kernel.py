@@ -1,0 +1,123 @@
+"""CPU: an unrolled TIR kernel per weight, vectorised over the product's columns.
+
+For each tile of ``vector_lanes`` columns, the tile of ``X`` is staged (transposed for the
+ROWS layout) into a small buffer ``xt[k, lane]``; every row of ``A`` then becomes one
+vector expression over that buffer, with the nonzero values as constants and the column
+indices as fixed offsets, written to ``yt``; a scalar loop stores ``yt`` to ``Y`` with the
+bounds check of the last tile. Rows are unrolled in chunks so that ``yt`` stays small.
+
+All rows share a single vectorised loop per chunk: TVM's lowering passes are linear in the
+size of such a body but quadratic in the number of separate loops.
+"""
+
+from __future__ import annotations
+
+import math
+
+from tvm import tirx
+from tvm.script.ir_builder import IRBuilder
+from tvm.script.ir_builder import tirx as T
+
+from ...errors import UnsupportedProblem
+from ...problem import BiasAdd, Clip, ResidualAdd, SpmmProblem, columns_and_batch
+from ..base import KERNEL_ATTR, OPAQUE_PATTERN, operand_shapes
+from ..config import CpuSpmmConfig
+
+SUPPORTED_DTYPES = ("float32",)
+# Staging buffers larger than this go to the heap (TVM's workspace) instead of the stack.
+_STACK_BYTES = 128 * 1024
+
+
+def cpu_spmm_kernel(problem: SpmmProblem, config: CpuSpmmConfig, name: str) -> tirx.PrimFunc:
+    if problem.dtype not in SUPPORTED_DTYPES:
+        raise UnsupportedProblem(f"CPU kernels support {', '.join(SUPPORTED_DTYPES)}, not {problem.dtype}")
+    dtype, lanes = problem.dtype, config.vector_lanes
+    x_dims, y_dims = operand_shapes(problem)
+    columns, batch = columns_and_batch(problem.layout, x_dims)
+    xs, ys = problem.x_strides(), problem.y_strides()
+    chunks = [range(lo, min(lo + config.rows_per_chunk, problem.M)) for lo in range(0, problem.M, config.rows_per_chunk)]
+    # Epilogue ops up to the residual add run on whole vectors, the rest as each value is stored.
+    split = next((i for i, op in enumerate(problem.epilogue) if isinstance(op, ResidualAdd)), len(problem.epilogue))
+    vector_ops, store_ops = problem.epilogue[:split], problem.epilogue[split:]
+
+    with IRBuilder() as builder:
+        with T.prim_func():
+            T.func_name(name)
+            T.func_attr({"tirx.noalias": True, "op_pattern": OPAQUE_PATTERN, KERNEL_ATTR: True})
+            x = T.match_buffer(T.arg("x", T.handle()), x_dims, dtype)
+            residual = T.match_buffer(T.arg("residual", T.handle()), y_dims, dtype) if problem.has_residual else None
+            y = T.match_buffer(T.arg("y", T.handle()), y_dims, dtype)
+            with T.sblock("root"):
+                T.reads(*[_whole(b) for b in (x, residual) if b is not None])
+                T.writes(_whole(y))
+                x_flat = _flat_view(x)
+                y_flat = _flat_view(y)
+                r_flat = _flat_view(residual) if residual is not None else None
+                with T.serial(0, batch) as b:
+                    with T.parallel(0, tirx.ceildiv(columns, lanes)) as tile:
+                        xt = _scratch(problem.K * lanes, dtype)
+                        yt = _scratch(min(config.rows_per_chunk, problem.M) * lanes, dtype)
+                        with T.serial(0, problem.K) as k:
+                            with T.vectorized(0, lanes) as lane:
+                                n = tile * lanes + lane
+                                value = x_flat[b * xs.batch + k * xs.k + n * xs.n]
+                                T.buffer_store(xt, tirx.if_then_else(n < columns, value, _zero(dtype)), [k * lanes + lane])
+                        for rows in chunks:
+                            with T.vectorized(0, lanes) as lane:
+                                for i, m in enumerate(rows):
+                                    acc = _row_sum(problem, m, xt, lane, lanes)
+                                    T.buffer_store(yt, _apply(vector_ops, acc, m, dtype), [i * lanes + lane])
+                            with T.serial(0, lanes) as lane:
+                                n = tile * lanes + lane
+                                with T.If(n < columns):
+                                    with T.Then():
+                                        for i, m in enumerate(rows):
+                                            offset = b * ys.batch + m * ys.k + n * ys.n
+                                            value = _apply(store_ops, yt[i * lanes + lane], m, dtype, r_flat, offset)
+                                            T.buffer_store(y_flat, value, [offset])
+    return builder.get()
+
+
+def _whole(buf):
+    return buf[tuple(slice(0, d) for d in buf.shape)]
+
+
+def _flat_view(buf):
+    size = tirx.IntImm("int64", 1)
+    for d in buf.shape:
+        size = size * d
+    return T.decl_buffer((size,), buf.dtype, data=buf.data)
+
+
+def _scratch(elements: int, dtype: str):
+    scope = "local" if elements * 4 <= _STACK_BYTES else "global"
+    return T.alloc_buffer((elements,), dtype, scope=scope)
+
+
+def _zero(dtype):
+    return tirx.const(0, dtype)
+
+
+def _row_sum(problem: SpmmProblem, m: int, xt, lane, lanes: int):
+    """Sum of ``value * xt[k, lane]`` over row ``m``, as a balanced tree (shallow IR)."""
+    indices, values = problem.weight.row(m)
+    terms = [xt[int(k) * lanes + lane] * tirx.const(float(v), problem.dtype) for k, v in zip(indices, values)]
+    if not terms:
+        return _zero(problem.dtype)
+    while len(terms) > 1:
+        terms = [terms[i] + terms[i + 1] if i + 1 < len(terms) else terms[i] for i in range(0, len(terms), 2)]
+    return terms[0]
+
+
+def _apply(ops, value, m: int, dtype: str, residual=None, offset=None):
+    for op in ops:
+        if isinstance(op, BiasAdd):
+            value = value + tirx.const(op.values[m], dtype)
+        elif isinstance(op, ResidualAdd):
+            value = value + residual[offset]
+        elif isinstance(op, Clip):
+            if math.isfinite(op.lo):
+                value = tirx.max(value, tirx.const(op.lo, dtype))
+            if math.isfinite(op.hi):
+                value = tirx.min(value, tirx.const(op.hi, dtype))
+    return value

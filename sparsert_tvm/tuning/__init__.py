@@ -1,0 +1,45 @@
+"""Choosing kernel configs.
+
+Untuned compiles use the heuristics here; the autotuner (searching configs by compiling and
+timing them on the device) plugs in behind the same functions.
+"""
+
+from __future__ import annotations
+
+import tvm_ffi
+
+from ..problem import SpmmProblem
+from ..schedules.config import CpuSpmmConfig, CudaSpmmConfig
+
+# Blocks needed to give every SM of a large GPU (132 on an H100) a couple of blocks.
+_TARGET_BLOCKS = 264
+
+
+def default_cuda_config(problem: SpmmProblem) -> CudaSpmmConfig:
+    columns = problem.static_columns
+    # A warp's worth of threads per block at least; no more threads than columns need.
+    threads = 128 if columns is None else min(128, max(32, -(-columns // 32) * 32))
+    column_tiles = 1 if columns is None else -(-columns // threads)
+    images = problem.static_batch or 1
+    # Fewer rows per block when the grid would otherwise leave SMs idle.
+    rows = 4
+    while rows > 1 and -(-problem.M // rows) * column_tiles * images < _TARGET_BLOCKS:
+        rows //= 2
+    return CudaSpmmConfig(rows_per_block=rows, threads_per_block=threads)
+
+
+def default_cpu_config(problem: SpmmProblem, target) -> CpuSpmmConfig:
+    lanes = max(1, _vector_bits(target) // 32)
+    columns = problem.static_columns
+    if columns is not None:
+        # No wider than the columns there are (N = 1 is a matrix-vector product).
+        lanes = min(lanes, 1 << max(0, columns - 1).bit_length())
+    return CpuSpmmConfig(vector_lanes=lanes)
+
+
+def _vector_bits(target) -> int:
+    get_width = tvm_ffi.get_global_func("target.llvm_get_vector_width", allow_missing=True)
+    try:
+        return int(get_width(target)) if get_width else 128
+    except Exception:  # noqa: BLE001 - unknown CPUs get SSE-sized vectors
+        return 128

@@ -131,10 +131,17 @@ def _layer_report(candidate: Candidate) -> LayerReport:
         layer.nnz, layer.density = weight.nnz, weight.density
     if candidate.problem is not None:
         problem = candidate.problem
-        layer.input_shape = "x".join(str(d) for d in problem.x_shape)
-        layer.N = str(problem.columns) if problem.static_batch == 1 else f"{problem.x_shape[0]}*{problem.columns}"
+        layer.input_shape = "x".join(_format_dim(d) for d in problem.x_shape)
+        layer.N = _format_dim(problem.columns)
+        if problem.static_batch != 1:
+            layer.N = f"{_format_dim(problem.x_shape[0])}*{layer.N}"
         layer.epilogue = [op.describe() for op in problem.epilogue]
     return layer
+
+
+def _format_dim(expr) -> str:
+    """``n * 16`` rather than TVMScript's ``n * T.int64(16)``."""
+    return re.sub(r"T\.int(?:32|64)\((-?\d+)\)", r"\1", str(expr))
 
 
 def _unique_name(candidate: Candidate, taken: set) -> str:

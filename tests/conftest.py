@@ -1,0 +1,35 @@
+import os
+
+import pytest
+import tvm
+
+from helpers import CPU_TARGET, cuda_target
+
+
+def has_gpu() -> bool:
+    return tvm.cuda(0).exist
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_kernel_cache(tmp_path_factory):
+    """Tests compile into a cache of their own unless the caller chose one."""
+    if "SPARSERT_CACHE_DIR" not in os.environ:
+        os.environ["SPARSERT_CACHE_DIR"] = str(tmp_path_factory.mktemp("kernel-cache"))
+    yield
+
+
+@pytest.fixture(params=["llvm", pytest.param("cuda", marks=pytest.mark.gpu)])
+def target(request):
+    """Every numerical test runs on the CPU, and on the GPU where there is one."""
+    if request.param == "cuda":
+        if not has_gpu():
+            pytest.skip("needs an NVIDIA GPU and TVM's CUDA runtime")
+        return cuda_target()
+    return CPU_TARGET
+
+
+@pytest.fixture
+def gpu_target():
+    if not has_gpu():
+        pytest.skip("needs an NVIDIA GPU and TVM's CUDA runtime")
+    return cuda_target()

@@ -1,0 +1,101 @@
+"""Every generated kernel against numpy: shapes, densities, empty rows, batches, epilogues."""
+
+import numpy as np
+import pytest
+
+from helpers import CPU_TARGET, KINDS, Case, Compiled, assert_close, make_case, pruned_matrix, sparse_matrix
+
+X_SHAPES = {  # (batch stays symbolic where None)
+    "matmul": (None, 48),
+    "matmul_t": (None, 48),
+    "conv_nchw": (None, 48, 5, 3),
+    "conv_nhwc": (None, 5, 3, 48),
+}
+
+
+def check(case: Case, target, batches=(1, 3), seed=0, **options):
+    """Compiles ``case`` with every candidate rewritten and compares each batch with numpy."""
+    compiled = Compiled(case.module(), target, **options)
+    assert [layer.decision for layer in compiled.report] == ["sparse"], compiled.report.table()
+    rng = np.random.default_rng(seed)
+    for batch in batches:
+        arrays = case.inputs(rng, batch)
+        assert_close(compiled(*arrays), case.reference(arrays))
+    return compiled.report
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("density", [0.0, 0.01, 0.1, 0.5, 1.0])
+def test_densities(target, kind, density):
+    rng = np.random.default_rng(1)
+    check(make_case(rng, kind, 40, 48, density, X_SHAPES[kind]), target)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize(
+    "epilogue",
+    [("bias",), ("relu",), ("bias", "relu6"), ("bias", "residual", "relu"), ("residual", "clip"), ("relu", "bias")],
+    ids="+".join,
+)
+def test_epilogues(target, kind, epilogue):
+    rng = np.random.default_rng(2)
+    case = make_case(rng, kind, 24, 48, 0.15, X_SHAPES[kind], epilogue)
+    report = check(case, target)
+    assert report.layers[0].epilogue == [
+        {"bias": "bias", "relu": "relu", "relu6": "relu6", "clip": "clip(-0.5, 0.5)", "residual": "residual"}[op]
+        for op in epilogue
+    ]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_empty_rows_and_columns(target, kind):
+    rng = np.random.default_rng(3)
+    case = make_case(rng, kind, 33, 48, 0.2, X_SHAPES[kind], ("bias",), empty_rows=9, empty_cols=20)
+    check(case, target)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_odd_sizes_and_static_batch(target, kind):
+    rng = np.random.default_rng(4)
+    x_shape = {"matmul": (7, 13), "matmul_t": (2, 3, 13), "conv_nchw": (3, 13, 7, 1), "conv_nhwc": (2, 1, 7, 13)}[kind]
+    check(make_case(rng, kind, 7, 13, 0.3, x_shape), target, batches=(None,))
+
+
+def test_uneven_pruned_rows(target):
+    rng = np.random.default_rng(5)
+    case = Case("matmul_t", pruned_matrix(rng, (96, 64), 0.1), (None, 64))
+    report = check(case, target, batches=(1, 130))
+    assert report.layers[0].nnz == np.count_nonzero(case.weight)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"rows_per_block": 1},
+        {"rows_per_block": 8, "columns_per_thread": 2, "balance_rows": False},
+        {"columns_per_thread": 4, "threads_per_block": 32},
+        {"max_nnz_per_segment": 40},  # many separately assembled segments
+    ],
+    ids=str,
+)
+def test_cuda_tilings(gpu_target, config):
+    rng = np.random.default_rng(6)
+    for kind in ("matmul", "conv_nchw"):
+        case = make_case(rng, kind, 37, 48, 0.2, X_SHAPES[kind], ("bias", "residual", "relu"))
+        report = check(case, gpu_target, batches=(1, 5, 300), kernel_config=config)
+        for key, value in config.items():
+            assert report.layers[0].params[key] == value
+
+
+@pytest.mark.parametrize("config", [{"vector_lanes": 1}, {"vector_lanes": 4, "rows_per_chunk": 5}], ids=str)
+def test_cpu_tilings(config):
+    rng = np.random.default_rng(7)
+    for kind in ("matmul", "conv_nchw"):
+        case = make_case(rng, kind, 37, 48, 0.2, X_SHAPES[kind], ("bias", "residual", "relu"))
+        check(case, CPU_TARGET, batches=(1, 5, 19), kernel_config=config)
+
+
+def test_1d_activation(target):
+    rng = np.random.default_rng(8)
+    case = Case("matmul", sparse_matrix(rng, (10, 12), 0.3), (12,))
+    check(case, target, batches=(None,))

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from functools import cached_property
 
 import numpy as np
-import scipy.sparse
 
 
 @dataclass(frozen=True, eq=False)
@@ -40,30 +39,33 @@ class SparseMatrix:
         return str(self.dense.dtype)
 
     @cached_property
-    def csr(self) -> scipy.sparse.csr_matrix:
-        # Explicit zeros never reach the kernels: only true nonzeros are unrolled.
-        matrix = scipy.sparse.csr_matrix(self.dense)
-        matrix.eliminate_zeros()
-        matrix.sort_indices()
-        return matrix
+    def _csr(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        # Only true nonzeros reach the kernels; NaN counts as nonzero. Row-major order
+        # gives each row's columns in increasing order.
+        mask = self.dense != 0
+        rows, cols = np.nonzero(mask)
+        indptr = np.zeros(self.shape[0] + 1, dtype=np.int64)
+        np.cumsum(mask.sum(axis=1), out=indptr[1:])
+        return indptr, cols, self.dense[rows, cols]
 
     @property
     def nnz(self) -> int:
-        return int(self.csr.nnz)
+        return int(self._csr[0][-1])
 
     @property
     def density(self) -> float:
         size = self.dense.size
         return self.nnz / size if size else 0.0
 
-    @cached_property
+    @property
     def row_nnz(self) -> np.ndarray:
-        return np.diff(self.csr.indptr)
+        return np.diff(self._csr[0])
 
     def row(self, m: int) -> tuple[np.ndarray, np.ndarray]:
         """Column indices and values of the nonzeros of row ``m``, in column order."""
-        lo, hi = self.csr.indptr[m], self.csr.indptr[m + 1]
-        return self.csr.indices[lo:hi], self.csr.data[lo:hi]
+        indptr, indices, values = self._csr
+        lo, hi = indptr[m], indptr[m + 1]
+        return indices[lo:hi], values[lo:hi]
 
     @cached_property
     def is_finite(self) -> bool:

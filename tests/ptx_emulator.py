@@ -1,0 +1,217 @@
+"""A small interpreter for the PTX subset the kernel generator emits.
+
+CI has no GPU, so this runs generated kernels on the CPU: every thread of a block executes
+in lock step (registers are numpy arrays over the block's threads), predicates mask
+individual threads, and a divergent forward branch parks the threads that take it until
+execution reaches the label. Memory accesses outside the given buffers raise, so
+addressing bugs fail loudly. It checks the generator's logic (addresses, dispatch,
+epilogue, segments), not ptxas or the hardware: the GPU tests do that.
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+from dataclasses import dataclass, field
+
+import numpy as np
+
+_TOKEN = re.compile(r"\s*,\s*")
+
+
+@dataclass
+class _Function:
+    name: str
+    params: list[str]
+    body: list[tuple[str | None, str, list[str]]] = field(default_factory=list)  # (guard, opcode, operands)
+    labels: dict[str, int] = field(default_factory=dict)
+    tables: dict[str, list[str]] = field(default_factory=dict)
+
+
+class PtxProgram:
+    def __init__(self, *units: str):
+        self.functions: dict[str, _Function] = {}
+        for unit in units:
+            self._parse(unit)
+
+    # -- parsing ---------------------------------------------------------------------
+    def _parse(self, text: str):
+        current = None
+        for raw in text.splitlines():
+            line = raw.split("//")[0].strip()
+            if not line:
+                continue
+            header = re.match(r"\.visible \.(entry|func) (\w+)\((.*)\)$", line)
+            if header:
+                params = [p.split()[-1] for p in header.group(3).split(",")]
+                current = self.functions[header.group(2)] = _Function(header.group(2), params)
+                continue
+            if current is None or line.startswith((".", "{", "}")):
+                continue  # declarations and scopes; st.param creates call arguments
+            table = re.match(r"(\w+): \.branchtargets (.*);$", line)
+            if table:
+                current.tables[table.group(1)] = _TOKEN.split(table.group(2))
+                continue
+            label = re.match(r"(\w+):$", line)
+            if label:
+                current.labels[label.group(1)] = len(current.body)
+                continue
+            guard = None
+            if line.startswith("@"):
+                guard, line = line.split(None, 1)
+                guard = guard[1:]
+            line = line.rstrip(";")
+            opcode, _, rest = line.partition(" ")
+            current.body.append((guard, opcode, _TOKEN.split(rest.strip()) if rest else []))
+
+    # -- execution -------------------------------------------------------------------
+    def launch(self, entry: str, grid, block: int, args: list, buffers: dict[str, np.ndarray]):
+        """Runs ``entry`` over ``grid`` with ``args`` (buffer names or ints)."""
+        memory = _Memory(buffers)
+        values = [memory.address(a) if isinstance(a, str) else a for a in args]
+        gx, gy, gz = grid
+        for z in range(gz):
+            for y in range(gy):
+                for x in range(gx):
+                    special = {
+                        "%ctaid.x": x, "%ctaid.y": y, "%ctaid.z": z,
+                        "%tid.x": np.arange(block, dtype=np.uint64), "%ntid.x": block,
+                    }
+                    params = dict(zip(self.functions[entry].params, values))
+                    self._run(self.functions[entry], params, special, memory, np.ones(block, bool))
+
+    def _run(self, fn: _Function, params, special, memory, active):
+        threads = len(active)
+        active = active.copy()
+        regs: dict[str, np.ndarray] = {}
+        parked: dict[int, np.ndarray] = {}
+        call_params: dict[str, np.ndarray] = {}
+        pc = 0
+
+        def value(operand, dtype=np.uint64):
+            if operand in regs:
+                return regs[operand]
+            if operand in special:
+                return np.broadcast_to(np.asarray(special[operand], np.uint64), (threads,))
+            if operand.startswith("0f"):
+                return np.full(threads, struct.unpack("<f", bytes.fromhex(operand[2:])[::-1])[0], np.float32)
+            if operand.startswith("%"):
+                # Never written (a load no thread executed): undefined on hardware. NaN here,
+                # so a store of it shows up in the comparison with numpy.
+                return np.full(threads, np.nan, np.float32)
+            return np.full(threads, int(operand), dtype)
+
+        def write(dest, result, mask):
+            old = regs.get(dest)
+            regs[dest] = result if old is None or mask.all() else np.where(mask, result, old)
+
+        while pc < len(fn.body):
+            if pc in parked:
+                active |= parked.pop(pc)
+            if not active.any():
+                if not parked:
+                    return
+                pc = min(parked)
+                continue
+            guard, op, ops = fn.body[pc]
+            pc += 1
+            mask = active & (regs[guard] if guard else True)
+            if not mask.any() and op not in ("bra", "bra.uni", "ret"):
+                continue
+            if op in ("ld.param.u64", "ld.param.u32", "ld.param.b64", "ld.param.b32"):
+                name = ops[1].strip("[]")
+                source = call_params.get(name, params.get(name))
+                write(ops[0], np.broadcast_to(np.asarray(source, np.uint64), (threads,)).copy(), mask)
+            elif op in ("cvta.to.global.u64", "mov.u32", "mov.u64", "cvt.u64.u32", "mov.f32"):
+                write(ops[0], value(ops[1]).copy(), mask)
+            elif op == "mad.lo.u32":
+                write(ops[0], (value(ops[1]) * value(ops[2]) + value(ops[3])) & 0xFFFFFFFF, mask)
+            elif op in ("mul.lo.u64", "add.s64", "add.u32", "sub.u32"):
+                a, b = value(ops[1]), value(ops[2])
+                result = a * b if op.startswith("mul") else (a - b if op.startswith("sub") else a + b)
+                write(ops[0], result & (0xFFFFFFFF if op.endswith("32") else 0xFFFFFFFFFFFFFFFF), mask)
+            elif op in ("setp.ge.u32", "setp.lt.u32"):
+                a, b = value(ops[1]), value(ops[2])
+                write(ops[0], a >= b if op == "setp.ge.u32" else a < b, mask)
+            elif op in ("bra", "bra.uni"):
+                target = fn.labels[ops[0]]
+                if guard is None or (mask == active).all():
+                    pc = target
+                    continue
+                if not mask.any():
+                    continue
+                assert target > pc, "only forward divergent branches are emulated"
+                parked[target] = parked.get(target, np.zeros(threads, bool)) | mask
+                active = active & ~mask
+            elif op == "brx.idx":
+                index = np.unique(value(ops[0])[active])
+                assert len(index) == 1, "brx.idx index must be uniform"
+                targets = fn.tables[ops[1]]
+                assert index[0] < len(targets), "brx.idx index out of range"
+                pc = fn.labels[targets[int(index[0])]]
+            elif op == "ld.global.nc.f32":
+                write(ops[0], memory.load(_address(ops[1], value), mask), mask)
+            elif op == "st.global.f32":
+                memory.store(_address(ops[0], value), value(ops[1]), mask)
+            elif op in ("fma.rn.f32", "add.f32", "max.f32", "min.f32"):
+                a, b = value(ops[1]).astype(np.float64), value(ops[2]).astype(np.float64)
+                if op == "fma.rn.f32":
+                    result = a * b + value(ops[3]).astype(np.float64)
+                else:
+                    result = {"add.f32": np.add, "max.f32": np.fmax, "min.f32": np.fmin}[op](a, b)
+                write(ops[0], result.astype(np.float32), mask)
+            elif op.startswith("st.param"):
+                call_params[ops[0].strip("[]")] = value(ops[1]).copy()
+            elif op == "call":
+                callee = self.functions[ops[0]]
+                names = [n.strip("()") for n in ops[1:]]
+                arguments = {p: call_params[n] for p, n in zip(callee.params, names)}
+                self._run(callee, arguments, special, memory, active)
+            elif op == "ret":
+                return
+            else:
+                raise NotImplementedError(f"PTX emulator: {op}")
+
+
+def _address(operand: str, value):
+    base, _, offset = operand.strip("[]").partition("+")
+    return value(base) + np.uint64(int(offset or 0))
+
+
+class _Memory:
+    """Named buffers at distinct, widely spaced addresses."""
+
+    _SPACING = 1 << 32
+
+    def __init__(self, buffers: dict[str, np.ndarray]):
+        self.buffers = buffers
+        self.bases = {name: (i + 1) * self._SPACING for i, name in enumerate(buffers)}
+
+    def address(self, name: str) -> int:
+        return self.bases[name]
+
+    def _locate(self, addresses, mask):
+        name = None
+        for candidate, base in self.bases.items():
+            if (addresses[mask] >= base).all() and (addresses[mask] < base + self._SPACING).all():
+                name = candidate
+        if name is None:
+            raise IndexError("access outside every buffer")
+        flat = self.buffers[name].reshape(-1)
+        offsets = addresses - np.uint64(self.bases[name])
+        if (offsets[mask] % 4).any():
+            raise IndexError("misaligned access")
+        index = (offsets // 4).astype(np.int64)
+        if (index[mask] >= flat.size).any():
+            raise IndexError(f"access past the end of {name}")
+        return flat, index
+
+    def load(self, addresses, mask):
+        flat, index = self._locate(addresses, mask)
+        out = np.zeros(len(addresses), np.float32)
+        out[mask] = flat[index[mask]]
+        return out
+
+    def store(self, addresses, values, mask):
+        flat, index = self._locate(addresses, mask)
+        flat[index[mask]] = values[mask]

@@ -1,0 +1,190 @@
+"""The CUDA path without a GPU: PTX emulated against numpy, assembled with ptxas, wired into
+TVM (launch wrapper, module build), cached."""
+
+import os
+import shutil
+import struct
+
+import numpy as np
+import pytest
+import tvm
+from tvm import relax, tirx
+
+import sparsert_tvm as sp
+from helpers import CPU_TARGET, make_case, pruned_matrix, sparse_matrix
+from ptx_emulator import PtxProgram
+from sparsert_tvm import cache
+from sparsert_tvm.errors import ToolchainError, UnsupportedProblem
+from sparsert_tvm.problem import BiasAdd, Clip, Layout, ResidualAdd, SpmmProblem
+from sparsert_tvm.schedules.config import CudaSpmmConfig
+from sparsert_tvm.schedules.cuda import assemble as assemble_module
+from sparsert_tvm.schedules.cuda import rule as cuda_rule
+from sparsert_tvm.schedules.cuda.assemble import assemble
+from sparsert_tvm.schedules.cuda.ptx import emit_spmm_ptx, f32_immediate
+from sparsert_tvm.weights import SparseMatrix
+
+needs_ptxas = pytest.mark.skipif(shutil.which("ptxas") is None and not os.path.exists("/usr/local/cuda/bin/ptxas"),
+                                 reason="ptxas (CUDA toolkit) not installed")
+GPU_PRESENT = tvm.cuda(0).exist
+
+
+def problem_for(rng, layout, m, k, density, x_shape, epilogue=(), weight=None):
+    weight = sparse_matrix(rng, (m, k), density) if weight is None else weight
+    ops = []
+    for op in epilogue:
+        if op == "bias":
+            ops.append(BiasAdd(tuple(float(v) for v in rng.standard_normal(m))))
+        elif op == "residual":
+            ops.append(ResidualAdd())
+        elif op == "relu6":
+            ops.append(Clip(0.0, 6.0))
+    y_shape = list(x_shape)
+    y_shape[1 if layout is Layout.CHANNELS else -1] = m
+    return SpmmProblem(SparseMatrix.from_dense(weight), layout, "float32", tuple(x_shape), tuple(y_shape), tuple(ops))
+
+
+def emulate(problem: SpmmProblem, config: CudaSpmmConfig, rng):
+    """Runs the generated PTX in the emulator; returns (output, numpy reference)."""
+    kernel = emit_spmm_ptx(problem, config, "k", "sm_90")
+    x_shape = tuple(int(d) for d in problem.x_shape)
+    y_shape = tuple(int(d) for d in problem.y_shape)
+    buffers = {"x": rng.standard_normal(x_shape).astype("float32"), "y": np.full(y_shape, np.nan, "float32")}
+    args = ["x"]
+    if problem.has_residual:
+        buffers["r"] = rng.standard_normal(y_shape).astype("float32")
+        args.append("r")
+    columns = problem.static_columns
+    batch = problem.static_batch
+    grid = (-(-columns // kernel.columns_per_block), kernel.row_groups, batch)
+    PtxProgram(*kernel.units).launch("k", grid, kernel.threads, args + ["y", columns], buffers)
+    return buffers["y"], problem.reference(buffers["x"], buffers.get("r"))
+
+
+@pytest.mark.parametrize("layout", [Layout.ROWS, Layout.CHANNELS])
+@pytest.mark.parametrize("density", [0.0, 0.05, 0.3, 1.0])
+def test_emulated_kernel_matches_numpy(layout, density):
+    rng = np.random.default_rng(0)
+    x_shape = (37, 24) if layout is Layout.ROWS else (2, 24, 5, 7)
+    problem = problem_for(rng, layout, 19, 24, density, x_shape, ("bias", "residual", "relu6"))
+    out, ref = emulate(problem, CudaSpmmConfig(threads_per_block=32), rng)
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        CudaSpmmConfig(rows_per_block=1, threads_per_block=32),
+        CudaSpmmConfig(rows_per_block=8, threads_per_block=32, columns_per_thread=3, balance_rows=False),
+        CudaSpmmConfig(rows_per_block=3, threads_per_block=64, columns_per_thread=2, max_nnz_per_segment=25),
+    ],
+    ids=["one-row", "eight-rows-three-columns", "segmented"],
+)
+@pytest.mark.parametrize("layout", [Layout.ROWS, Layout.CHANNELS])
+def test_emulated_tilings(layout, config):
+    rng = np.random.default_rng(1)
+    weight = pruned_matrix(rng, (29, 40), 0.15)
+    weight[3] = 0  # an empty row
+    x_shape = (70, 40) if layout is Layout.ROWS else (3, 40, 9, 4)
+    problem = problem_for(rng, layout, 29, 40, 0, x_shape, ("bias", "residual"), weight=weight)
+    out, ref = emulate(problem, config, rng)
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_values_are_immediates_and_each_needed_activation_is_loaded_once():
+    rng = np.random.default_rng(2)
+    n = tirx.Var("n", "int64")
+    problem = problem_for(rng, Layout.ROWS, 16, 32, 0.2, (n, 32))
+    config = CudaSpmmConfig(rows_per_block=4, columns_per_thread=2)
+    text = "".join(emit_spmm_ptx(problem, config, "k", "sm_90").units)
+    weight = problem.weight
+    assert text.count("fma.rn.f32") == weight.nnz * 2
+    for value in weight.dense[weight.dense != 0]:
+        assert f32_immediate(float(value)) in text
+    # No weight data in memory: the only global loads are activations.
+    assert "ld.const" not in text and "ld.global.nc.f32 %x" in text
+    assert "brx.idx" in text
+
+
+def test_float_immediates_are_exact():
+    for value in [0.1, -3.5e-39, 1e38, -0.0, float("inf"), 1.17549435e-38]:
+        bits = int(f32_immediate(value)[2:], 16)
+        assert struct.unpack("<f", struct.pack("<I", bits))[0] == np.float32(value)
+
+
+def test_unsupported_dtype_is_rejected():
+    problem = SpmmProblem(SparseMatrix.from_dense(np.eye(4, dtype="float16")), Layout.ROWS, "float16", (4, 4), (4, 4))
+    with pytest.raises(UnsupportedProblem, match="float32"):
+        emit_spmm_ptx(problem, CudaSpmmConfig(), "k", "sm_90")
+
+
+@needs_ptxas
+@pytest.mark.parametrize(
+    "layout, config",
+    [
+        (Layout.ROWS, CudaSpmmConfig()),
+        (Layout.ROWS, CudaSpmmConfig(columns_per_thread=4, max_nnz_per_segment=100)),
+        (Layout.CHANNELS, CudaSpmmConfig(rows_per_block=8, columns_per_thread=2)),
+    ],
+)
+def test_ptxas_assembles_for_sm90(layout, config):
+    rng = np.random.default_rng(3)
+    x_shape = (tirx.Var("n", "int64"), 64) if layout is Layout.ROWS else (tirx.Var("n", "int64"), 64, 7, 7)
+    problem = problem_for(rng, layout, 48, 64, 0.1, x_shape, ("bias", "residual", "relu6"))
+    kernel = emit_spmm_ptx(problem, config, "k", "sm_90")
+    cubin = assemble(kernel.units, "sm_90")
+    assert cubin[:4] == b"\x7fELF"
+
+
+@needs_ptxas
+def test_assembly_is_cached_and_corrupt_entries_are_rebuilt(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPARSERT_CACHE_DIR", str(tmp_path))
+    rng = np.random.default_rng(4)
+    kernel = emit_spmm_ptx(problem_for(rng, Layout.ROWS, 8, 8, 0.5, (4, 8)), CudaSpmmConfig(), "k", "sm_90")
+    first = assemble(kernel.units, "sm_90")
+    (entry,) = (tmp_path / "cubin").iterdir()
+    calls = []
+    real_run = assemble_module._run
+    monkeypatch.setattr(assemble_module, "_run", lambda cmd: calls.append(cmd) or real_run(cmd))
+    assert assemble(kernel.units, "sm_90") == first and not calls  # served from the cache
+    entry.write_bytes(entry.read_bytes()[:-10])  # truncated
+    assert assemble(kernel.units, "sm_90") == first and calls  # detected, rebuilt
+    assert cache.load("cubin", entry.name) == first
+
+
+def test_missing_ptxas_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    monkeypatch.setenv("PATH", "")
+    monkeypatch.setenv("CUDA_HOME", "/nonexistent")
+    monkeypatch.setattr(os, "access", lambda *a: False)
+    with pytest.raises(ToolchainError, match="ptxas not found"):
+        assemble_module.find_tool("ptxas")
+
+
+@pytest.mark.skipif(GPU_PRESENT, reason="checks the behaviour where TVM's CUDA runtime is missing")
+@needs_ptxas
+def test_cuda_target_without_cuda_runtime_says_so():
+    rng = np.random.default_rng(5)
+    case = make_case(rng, "matmul", 8, 8, 0.3, (None, 8))
+    with pytest.raises(sp.RuntimeUnavailable, match="CUDA runtime"):
+        sp.SparsifyWeights({"kind": "cuda", "arch": "sm_90"}, 1.0)(case.module())
+
+
+@needs_ptxas
+def test_launch_wrapper_and_cuda_build(monkeypatch):
+    """The Relax side of the CUDA path, built for CUDA on any machine."""
+    made = []
+    monkeypatch.setattr(cuda_rule, "create_cuda_module", lambda cubin, kernel: made.append(kernel) or None)
+    rng = np.random.default_rng(6)
+    case = make_case(rng, "conv_nchw", 40, 16, 0.2, (None, 16, 6, 6), ("bias", "residual", "relu"))
+    target = tvm.target.Target({"kind": "cuda", "arch": "sm_90"}, host=CPU_TARGET)
+    out = sp.SparsifyWeights(target, 1.0)(case.module())
+    (layer,) = sp.report_of(out).layers
+    (kernel,) = made
+    wrapper = out[layer.kernel]
+    script = wrapper.script()
+    assert f'T.call_packed("{kernel.name}"' in script
+    assert kernel.name != layer.kernel  # the wrapper finds the kernel by name
+    assert f"{kernel.row_groups}, d0, {kernel.threads})" in script  # grid y, batch as grid z, block
+    assert layer.code_bytes > 0 and layer.params["row_groups"] == kernel.row_groups
+    without_kernels = out.without_attr("external_mods")
+    assert tvm.compile(without_kernels, target, tir_pipeline=sp.build.register_pipeline()) is not None

@@ -1,0 +1,243 @@
+"""What SparsifyWeights rewrites, what it leaves alone and why, and its API contract."""
+
+import math
+
+import numpy as np
+import pytest
+import tvm
+import tvm_ffi
+from tvm import relax, tirx
+
+import sparsert_tvm as sp
+from helpers import CPU_TARGET, KINDS, Case, Compiled, assert_close, make_case, sparse_matrix
+
+RNG_SEED = 11
+
+
+def ops_in(func) -> list[str]:
+    """Names of the Relax ops and the kind of call_tir targets called in ``func``."""
+    names = []
+
+    def visit(expr):
+        if isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op):
+            names.append(expr.op.name)
+
+    relax.analysis.post_order_visit(func, visit)
+    return names
+
+
+def build(params, body_fn) -> tvm.IRModule:
+    builder = relax.BlockBuilder()
+    with builder.function("main", params):
+        with builder.dataflow():
+            out = builder.emit_output(body_fn(builder))
+        builder.emit_func_output(out)
+    return builder.get()
+
+
+def sparsify(mod, threshold=1.0, target=CPU_TARGET):
+    out = sp.SparsifyWeights(target, threshold)(mod)
+    return out, sp.report_of(out)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_rewrites_operator_and_epilogue_into_one_call(kind):
+    rng = np.random.default_rng(RNG_SEED)
+    shape = {"matmul": (None, 32), "matmul_t": (None, 32), "conv_nchw": (2, 32, 3, 3), "conv_nhwc": (2, 3, 3, 32)}
+    case = make_case(rng, kind, 16, 32, 0.1, shape[kind], ("bias", "residual", "relu"))
+    out, report = sparsify(case.module())
+    assert ops_in(out["main"]) == ["relax.call_tir"]
+    (layer,) = report.layers
+    assert (layer.decision, layer.reason) == ("sparse", "rewritten")
+    assert layer.epilogue == ["bias", "residual", "relu"]
+    assert (layer.M, layer.K, layer.nnz) == (16, 32, np.count_nonzero(case.weight))
+    assert layer.kernel in [gv.name_hint for gv in out.get_global_vars()]
+    assert isinstance(out[layer.kernel], tirx.PrimFunc)
+
+
+def test_density_above_threshold_stays_dense():
+    rng = np.random.default_rng(RNG_SEED)
+    case = make_case(rng, "matmul_t", 16, 32, 0.5, (None, 32), ("relu",))
+    mod = case.module()
+    out, report = sparsify(mod, threshold=0.2)
+    assert tvm_ffi.structural_equal(out["main"], mod["main"])
+    (layer,) = report.layers
+    assert layer.decision == "dense" and "above threshold 0.2" in layer.reason
+
+
+def test_default_threshold_is_documented_constant():
+    rng = np.random.default_rng(RNG_SEED)
+    low = sp.DEFAULT_DENSITY_THRESHOLD * 0.5
+    high = min(1.0, sp.DEFAULT_DENSITY_THRESHOLD * 2)
+    for density, decision in [(low, "sparse"), (high, "dense")]:
+        case = Case("matmul", sparse_matrix(rng, (64, 64), density), (4, 64))
+        _, report = sparsify(case.module(), threshold=None)
+        assert report.layers[0].decision == decision
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.5, math.nan, math.inf, "0.5", True, None.__class__])
+def test_invalid_threshold_raises(bad):
+    with pytest.raises(ValueError, match="density_threshold"):
+        sp.SparsifyWeights(CPU_TARGET, bad)
+
+
+def test_unknown_option_and_target_raise():
+    with pytest.raises(TypeError, match="unknown option"):
+        sp.SparsifyWeights(CPU_TARGET, 0.5, tile=3)
+    with pytest.raises(ValueError, match="no sparse kernels"):
+        sp.SparsifyWeights({"kind": "c"}, 0.5)
+    with pytest.raises(ValueError, match="positive integer"):
+        sp.CudaSpmmConfig(rows_per_block=0)
+
+
+def _matmul_param_weight():
+    x = relax.Var("x", relax.TensorType((4, 8), "float32"))
+    w = relax.Var("w", relax.TensorType((8, 6), "float32"))
+    return build([x, w], lambda b: relax.op.matmul(x, w)), "weight is not a constant"
+
+
+def _constant_on_the_left():
+    x = relax.Var("x", relax.TensorType((8, 4), "float32"))
+    w = relax.const(np.eye(6, 8, dtype="float32"))
+    return build([x], lambda b: relax.op.matmul(w, x)), "left operand"
+
+
+def _conv(reason, weight_shape=(6, 8, 1, 1), x_shape=(1, 8, 5, 5), dtype="float32", **attrs):
+    def make():
+        x = relax.Var("x", relax.TensorType(x_shape, dtype))
+        w = relax.const(np.ones(weight_shape, dtype))
+        return build([x], lambda b: relax.op.nn.conv2d(x, w, **attrs)), reason
+
+    return make
+
+
+def _batched_weight():
+    x = relax.Var("x", relax.TensorType((2, 4, 8), "float32"))
+    w = relax.const(np.ones((2, 8, 6), "float32"))
+    return build([x], lambda b: relax.op.matmul(x, w)), "3-D weight"
+
+
+def _nan_weight():
+    x = relax.Var("x", relax.TensorType((4, 8), "float32"))
+    w = np.eye(8, 6, dtype="float32")
+    w[3, 2] = np.nan
+    return build([x], lambda b: relax.op.matmul(x, relax.const(w))), "NaN or Inf"
+
+
+def _float16():
+    x = relax.Var("x", relax.TensorType((4, 8), "float16"))
+    return build([x], lambda b: relax.op.matmul(x, relax.const(np.eye(8, 6, dtype="float16")))), "float16"
+
+
+def _dynamic_spatial():
+    h = tirx.Var("h", "int64")
+    x = relax.Var("x", relax.TensorType((1, 8, h, 4), "float32"))
+    return build([x], lambda b: relax.op.nn.conv2d(x, relax.const(np.ones((6, 8, 1, 1), "float32")))), "dynamic spatial"
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        _matmul_param_weight,
+        _constant_on_the_left,
+        _batched_weight,
+        _nan_weight,
+        _float16,
+        _dynamic_spatial,
+        _conv("3x3 kernel", weight_shape=(6, 8, 3, 3)),
+        _conv("stride", strides=2),
+        _conv("padding", padding=1),
+        _conv("grouped convolution (groups=2)", weight_shape=(6, 4, 1, 1), groups=2),
+        _conv("depthwise convolution", weight_shape=(8, 1, 1, 1), groups=8),
+        _conv("data layout NCHW4c", x_shape=(1, 2, 5, 5, 4), weight_shape=(6, 8, 1, 1), data_layout="NCHW4c"),
+    ],
+    ids=lambda make: make.__name__ if hasattr(make, "__name__") else "conv",
+)
+def test_unsupported_operators_stay_with_tvm_with_a_reason(make):
+    mod, reason = make()
+    out, report = sparsify(mod)
+    assert tvm_ffi.structural_equal(out["main"], mod["main"])
+    (layer,) = report.layers
+    assert layer.decision == "dense"
+    assert reason in layer.reason, layer.reason
+
+
+def test_nan_weight_gives_the_dense_answer():
+    mod, _ = _nan_weight()
+    x = np.random.default_rng(0).standard_normal((4, 8)).astype("float32")
+    dense = relax.VirtualMachine(tvm.compile(mod, CPU_TARGET), tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
+    ours = Compiled(mod, CPU_TARGET)(x)
+    np.testing.assert_array_equal(ours, dense)
+    assert np.isnan(ours[:, 2]).all()
+
+
+def test_epilogue_stops_at_a_value_with_two_users():
+    rng = np.random.default_rng(RNG_SEED)
+    weight = sparse_matrix(rng, (6, 8), 0.3)
+    x = relax.Var("x", relax.TensorType((4, 8), "float32"))
+
+    def body(b):
+        h = b.emit(relax.op.matmul(x, relax.const(weight.T.copy())))
+        r = b.emit(relax.op.nn.relu(h))
+        return relax.op.add(r, h)
+
+    mod = build([x], body)
+    out, report = sparsify(mod)
+    assert report.layers[0].epilogue == []
+    assert sorted(ops_in(out["main"])) == ["relax.add", "relax.call_tir", "relax.nn.relu"]
+    xv = rng.standard_normal((4, 8)).astype("float32")
+    h = xv @ weight.T
+    assert_close(Compiled(mod, CPU_TARGET)(xv), np.maximum(h, 0) + h)
+
+
+def test_constant_that_is_not_a_channel_bias_is_not_fused():
+    rng = np.random.default_rng(RNG_SEED)
+    weight = sparse_matrix(rng, (6, 8), 0.3)
+    offsets = rng.standard_normal((4, 6)).astype("float32")  # varies along the batch too
+    x = relax.Var("x", relax.TensorType((4, 8), "float32"))
+    mod = build([x], lambda b: relax.op.add(b.emit(relax.op.matmul(x, relax.const(weight.T.copy()))), relax.const(offsets)))
+    out, report = sparsify(mod)
+    assert report.layers[0].epilogue == []
+    assert "relax.add" in ops_in(out["main"])
+    xv = rng.standard_normal((4, 8)).astype("float32")
+    assert_close(Compiled(mod, CPU_TARGET)(xv), xv @ weight.T + offsets)
+
+
+def test_shared_weight_in_two_functions_and_report_accumulates():
+    rng = np.random.default_rng(RNG_SEED)
+    weight = relax.const(sparse_matrix(rng, (8, 6), 0.3))
+    builder = relax.BlockBuilder()
+    for name in ("first", "second"):
+        x = relax.Var("x", relax.TensorType((3, 8), "float32"))
+        with builder.function(name, [x]):
+            with builder.dataflow():
+                out = builder.emit_output(relax.op.matmul(x, weight))
+            builder.emit_func_output(out)
+    out, report = sparsify(builder.get())
+    assert [layer.function for layer in report] == ["first", "second"]
+    assert all(layer.sparse for layer in report)
+    again, report_again = sparsify(out)
+    assert len(report_again) == 2  # nothing new to rewrite; earlier entries kept
+    assert tvm_ffi.structural_equal(again["first"], out["first"])
+
+
+def test_kernel_layouts_are_normalised():
+    """An NHWC convolution with an OHWI kernel is the same product as with HWIO."""
+    rng = np.random.default_rng(RNG_SEED)
+    a = sparse_matrix(rng, (6, 8), 0.3)
+    x = relax.Var("x", relax.TensorType((2, 3, 3, 8), "float32"))
+    w = relax.const(np.ascontiguousarray(a[:, None, None, :]))  # OHWI
+    mod = build([x], lambda b: relax.op.nn.conv2d(x, w, data_layout="NHWC", kernel_layout="OHWI"))
+    _, report = sparsify(mod)
+    assert report.layers[0].sparse
+    xv = rng.standard_normal((2, 3, 3, 8)).astype("float32")
+    assert_close(Compiled(mod, CPU_TARGET)(xv), xv @ a.T)
+
+
+def test_report_table_lists_every_candidate():
+    rng = np.random.default_rng(RNG_SEED)
+    case = make_case(rng, "conv_nchw", 16, 32, 0.1, (None, 32, 4, 4), ("bias", "relu"))
+    _, report = sparsify(case.module())
+    text = report.table()
+    assert "conv2d 1x1 NCHW" in text and "bias+relu" in text and "sparse" in text
+    assert sp.SparsityReport.from_json(report.to_json()) == report

@@ -107,7 +107,6 @@ _SHOWN_PARAMS = {
     "row_groups": "blocks.y",
     "segments": "segments",
     "vector_lanes": "lanes",
-    "rows_per_chunk": "rows/chunk",
 }
 
 

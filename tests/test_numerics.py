@@ -87,7 +87,11 @@ def test_cuda_tilings(gpu_target, config):
             assert report.layers[0].params[key] == value
 
 
-@pytest.mark.parametrize("config", [{"vector_lanes": 1}, {"vector_lanes": 4, "rows_per_chunk": 5}], ids=str)
+@pytest.mark.parametrize(
+    "config",
+    [{"vector_lanes": 1}, {"vector_lanes": 4, "rows_per_chunk": 5}, {"max_nnz_per_segment": 30, "rows_per_chunk": 3}],
+    ids=str,
+)
 def test_cpu_tilings(config):
     rng = np.random.default_rng(7)
     for kind in ("matmul", "conv_nchw"):

@@ -13,7 +13,7 @@ from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from ..errors import UnsupportedProblem
 from ..report import REPORT_ATTR, LayerReport, SparsityReport, report_of
-from ..schedules import KernelConfig, rule_for
+from ..schedules import BuiltKernel, KernelConfig, rule_for
 from .candidates import Candidate, find_candidates
 
 # Densities at or below which a weight is rewritten when the caller gives no threshold.
@@ -21,7 +21,7 @@ from .candidates import Candidate, find_candidates
 # about 30% density; see README "Choosing the threshold".
 DEFAULT_DENSITY_THRESHOLD = 0.3
 
-_OPTIONS = ("kernel_config",)
+_OPTIONS = ("kernel_config", "dry_run")
 
 
 def SparsifyWeights(target, density_threshold: float | None = None, **options) -> tvm.ir.transform.Pass:  # noqa: N802
@@ -37,6 +37,9 @@ def SparsifyWeights(target, density_threshold: float | None = None, **options) -
     kernel_config : dict or config object, optional
         Overrides of the kernel tiling applied to every rewritten layer (fields of
         ``CudaSpmmConfig`` or ``CpuSpmmConfig``).
+    dry_run : bool, optional
+        Decide and report, but generate nothing and leave the module's functions as they
+        are (what ``sparsert inspect`` shows).
     """
     unknown = set(options) - set(_OPTIONS)
     if unknown:
@@ -46,7 +49,7 @@ def SparsifyWeights(target, density_threshold: float | None = None, **options) -
     if rule is None:
         raise ValueError(f"no sparse kernels for target kind {target.kind.name!r}; use cuda or llvm")
     threshold = _check_threshold(density_threshold)
-    return _SparsifyWeights(target, rule, threshold, options.get("kernel_config"))
+    return _SparsifyWeights(target, rule, threshold, options.get("kernel_config"), bool(options.get("dry_run", False)))
 
 
 def _check_threshold(value) -> float:
@@ -61,11 +64,12 @@ def _check_threshold(value) -> float:
 
 @tvm.transform.module_pass(opt_level=0, name="SparsifyWeights")
 class _SparsifyWeights:
-    def __init__(self, target, rule, threshold: float, kernel_config):
+    def __init__(self, target, rule, threshold: float, kernel_config, dry_run: bool):
         self.target = target
         self.rule = rule
         self.threshold = threshold
         self.kernel_config = kernel_config
+        self.dry_run = dry_run
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         report = report_of(mod)
@@ -79,24 +83,13 @@ class _SparsifyWeights:
             for candidate in find_candidates(gv.name_hint, func):
                 layer = _layer_report(candidate)
                 report.layers.append(layer)
-                if candidate.reason is not None:
+                built = self._kernel_for(candidate, layer, taken)
+                if built is None:
                     continue
-                if candidate.weight.density > self.threshold:
-                    layer.reason = f"density {candidate.weight.density:.3f} above threshold {self.threshold:g}"
-                    continue
-                name = _unique_name(candidate, taken)
-                try:
-                    built = self.rule.build(candidate.problem, self._config(candidate), self.target, name)
-                except UnsupportedProblem as unsupported:
-                    layer.reason = str(unsupported)
-                    continue
-                taken.add(name)
-                kernel_gv = rewriter.builder_.add_func(built.func, name)
+                kernel_gv = rewriter.builder_.add_func(built.func, layer.kernel)
                 external += built.external_modules
                 args = [candidate.x] + ([candidate.residual] if candidate.residual is not None else [])
                 plan[candidate.tail] = (kernel_gv, args, candidate.tail.ty, candidate.members[:-1])
-                layer.decision, layer.reason, layer.kernel = "sparse", "rewritten", name
-                layer.params, layer.code_bytes, layer.compile_s = built.params, built.code_bytes, built.compile_seconds
             if plan:
                 rewriter.builder_.update_func(gv, rewriter.rewrite(func, plan))
         out = rewriter.builder_.get()
@@ -105,6 +98,30 @@ class _SparsifyWeights:
         if external:
             out = out.with_attr("external_mods", external)
         return out.with_attr(REPORT_ATTR, report.to_json())
+
+    def _kernel_for(self, candidate: Candidate, layer: LayerReport, taken: set) -> BuiltKernel | None:
+        """Decides on ``candidate`` (recorded in ``layer``) and builds its kernel if it is rewritten."""
+        if candidate.reason is not None:
+            return None
+        if candidate.weight.density > self.threshold:
+            layer.reason = f"density {candidate.weight.density:.3f} above threshold {self.threshold:g}"
+            return None
+        config = self._config(candidate)
+        layer.params = config.as_dict()
+        try:
+            self.rule.check(candidate.problem)
+            if self.dry_run:
+                layer.decision, layer.reason = "sparse", "would be rewritten (dry run)"
+                return None
+            name = _unique_name(candidate, taken)
+            built = self.rule.build(candidate.problem, config, self.target, name)
+        except UnsupportedProblem as unsupported:
+            layer.reason = str(unsupported)
+            return None
+        taken.add(name)
+        layer.decision, layer.reason, layer.kernel = "sparse", "rewritten", name
+        layer.params, layer.code_bytes, layer.compile_s = built.params, built.code_bytes, built.compile_seconds
+        return built
 
     def _config(self, candidate: Candidate) -> KernelConfig:
         config = self.rule.default_config(candidate.problem, self.target)

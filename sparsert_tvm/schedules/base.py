@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import tvm
 from tvm import tirx
 
+from ..errors import UnsupportedProblem
 from ..problem import Layout, SpmmProblem
 from .config import KernelConfig
 
@@ -33,6 +34,13 @@ class BuiltKernel:
 class SparseKernelRule(abc.ABC):
     """Generates the kernel of one ``SpmmProblem`` for one kind of target."""
 
+    #: Element types the generated kernels compute in.
+    dtypes: tuple[str, ...] = ()
+
+    def check(self, problem: SpmmProblem) -> None:
+        """Raises ``UnsupportedProblem`` if the rule cannot generate ``problem``'s kernel."""
+        require_dtype(problem, self.dtypes, self.__class__.__name__)
+
     @abc.abstractmethod
     def is_target(self, target: tvm.target.Target) -> bool:
         """Whether this rule generates code for ``target``."""
@@ -47,6 +55,11 @@ class SparseKernelRule(abc.ABC):
 
         Raises ``UnsupportedProblem`` when the problem is outside what the rule handles.
         """
+
+
+def require_dtype(problem: SpmmProblem, dtypes, generator: str) -> None:
+    if problem.dtype not in dtypes:
+        raise UnsupportedProblem(f"{generator} generates {', '.join(dtypes)} kernels, not {problem.dtype}")
 
 
 def operand_shapes(problem: SpmmProblem):

@@ -49,15 +49,19 @@ class CpuSpmmConfig:
     """Tiling of the unrolled CPU kernel.
 
     The product's columns are processed ``vector_lanes`` at a time (one SIMD vector per
-    accumulator); the rows of ``A`` are unrolled in chunks of ``rows_per_chunk`` whose
-    results are written out before the next chunk starts, so the staging tile stays in L1.
+    accumulator). Consecutive rows of ``A`` holding at most ``max_nnz_per_segment``
+    nonzeros form a segment, a parallel loop of its own (LLVM's code generation is
+    super-linear in function size); within a segment, rows are unrolled in chunks of
+    ``rows_per_chunk`` whose results are written out before the next chunk starts, so the
+    staging tile stays in L1.
     """
 
     vector_lanes: int = 16
     rows_per_chunk: int = 128
+    max_nnz_per_segment: int = 16384
 
     def __post_init__(self):
-        _check_positive(self, "vector_lanes", "rows_per_chunk")
+        _check_positive(self, "vector_lanes", "rows_per_chunk", "max_nnz_per_segment")
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)

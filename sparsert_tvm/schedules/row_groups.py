@@ -1,4 +1,4 @@
-"""Which rows of ``A`` share a thread block.
+"""Which rows of ``A`` are computed together, and how code is cut into functions.
 
 Pruned weights have very uneven rows (some output channels keep ten times the nonzeros of
 others), so consecutive runs of rows make some blocks much longer than others. Balanced
@@ -35,3 +35,19 @@ def group_rows(row_nnz: np.ndarray, rows_per_group: int, balance: bool) -> list[
             heapq.heappush(open_groups, (loads[g], g))
     order = sorted(range(num_groups), key=lambda g: (-loads[g], g))
     return [tuple(sorted(groups[g])) for g in order]
+
+
+def split_by_nnz(groups: list[tuple[int, ...]], row_nnz: np.ndarray, max_nnz: int) -> list[list[tuple[int, ...]]]:
+    """Consecutive runs of ``groups`` holding at most ``max_nnz`` nonzeros each (a group
+    larger than that gets a run of its own). Code generators compile each run as a
+    separate function: compilers' time grows faster than linearly with function size."""
+    runs, current, load = [], [], 0
+    for group in groups:
+        group_nnz = int(sum(row_nnz[m] for m in group))
+        if current and load + group_nnz > max_nnz:
+            runs.append(current)
+            current, load = [], 0
+        current.append(group)
+        load += group_nnz
+    runs.append(current)
+    return runs

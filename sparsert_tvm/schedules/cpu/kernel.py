@@ -4,7 +4,8 @@ For each tile of ``vector_lanes`` columns, the tile of ``X`` is staged (transpos
 ROWS layout) into a small buffer ``xt[k, lane]``; every row of ``A`` then becomes one
 vector expression over that buffer, with the nonzero values as constants and the column
 indices as fixed offsets, written to ``yt``; a scalar loop stores ``yt`` to ``Y`` with the
-bounds check of the last tile. Rows are unrolled in chunks so that ``yt`` stays small.
+bounds check of the last tile. Rows are unrolled in chunks so that ``yt`` stays small, and
+cut into segments, one parallel loop (one LLVM function) each, to bound compile time.
 
 All rows share a single vectorised loop per chunk: TVM's lowering passes are linear in the
 size of such a body but quadratic in the number of separate loops.
@@ -18,10 +19,10 @@ from tvm import tirx
 from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
 
-from ...errors import UnsupportedProblem
 from ...problem import BiasAdd, Clip, ResidualAdd, SpmmProblem, columns_and_batch
-from ..base import KERNEL_ATTR, OPAQUE_PATTERN, operand_shapes
+from ..base import KERNEL_ATTR, OPAQUE_PATTERN, operand_shapes, require_dtype
 from ..config import CpuSpmmConfig
+from ..row_groups import split_by_nnz
 
 SUPPORTED_DTYPES = ("float32",)
 # Staging buffers larger than this go to the heap (TVM's workspace) instead of the stack.
@@ -29,13 +30,13 @@ _STACK_BYTES = 128 * 1024
 
 
 def cpu_spmm_kernel(problem: SpmmProblem, config: CpuSpmmConfig, name: str) -> tirx.PrimFunc:
-    if problem.dtype not in SUPPORTED_DTYPES:
-        raise UnsupportedProblem(f"CPU kernels support {', '.join(SUPPORTED_DTYPES)}, not {problem.dtype}")
+    require_dtype(problem, SUPPORTED_DTYPES, "the CPU generator")
     dtype, lanes = problem.dtype, config.vector_lanes
     x_dims, y_dims = operand_shapes(problem)
     columns, batch = columns_and_batch(problem.layout, x_dims)
     xs, ys = problem.x_strides(), problem.y_strides()
-    chunks = [range(lo, min(lo + config.rows_per_chunk, problem.M)) for lo in range(0, problem.M, config.rows_per_chunk)]
+    rows = [(m,) for m in range(problem.M)]
+    segments = [[m for (m,) in run] for run in split_by_nnz(rows, problem.weight.row_nnz, config.max_nnz_per_segment)]
     # Epilogue ops up to the residual add run on whole vectors, the rest as each value is stored.
     split = next((i for i, op in enumerate(problem.epilogue) if isinstance(op, ResidualAdd)), len(problem.epilogue))
     vector_ops, store_ops = problem.epilogue[:split], problem.epilogue[split:]
@@ -54,28 +55,38 @@ def cpu_spmm_kernel(problem: SpmmProblem, config: CpuSpmmConfig, name: str) -> t
                 y_flat = _flat_view(y)
                 r_flat = _flat_view(residual) if residual is not None else None
                 with T.serial(0, batch) as b:
-                    with T.parallel(0, tirx.ceildiv(columns, lanes)) as tile:
-                        xt = _scratch(problem.K * lanes, dtype)
-                        yt = _scratch(min(config.rows_per_chunk, problem.M) * lanes, dtype)
-                        with T.serial(0, problem.K) as k:
-                            with T.vectorized(0, lanes) as lane:
-                                n = tile * lanes + lane
-                                value = x_flat[b * xs.batch + k * xs.k + n * xs.n]
-                                T.buffer_store(xt, tirx.if_then_else(n < columns, value, _zero(dtype)), [k * lanes + lane])
-                        for rows in chunks:
-                            with T.vectorized(0, lanes) as lane:
-                                for i, m in enumerate(rows):
-                                    acc = _row_sum(problem, m, xt, lane, lanes)
-                                    T.buffer_store(yt, _apply(vector_ops, acc, m, dtype), [i * lanes + lane])
-                            with T.serial(0, lanes) as lane:
-                                n = tile * lanes + lane
-                                with T.If(n < columns):
-                                    with T.Then():
-                                        for i, m in enumerate(rows):
-                                            offset = b * ys.batch + m * ys.k + n * ys.n
-                                            value = _apply(store_ops, yt[i * lanes + lane], m, dtype, r_flat, offset)
-                                            T.buffer_store(y_flat, value, [offset])
+                    for segment in segments:
+                        with _tile_loop(columns, lanes, problem.static_columns) as tile:
+                            xt = _scratch(problem.K * lanes, dtype)
+                            yt = _scratch(min(config.rows_per_chunk, len(segment)) * lanes, dtype)
+                            with T.serial(0, problem.K) as k:
+                                with T.vectorized(0, lanes) as lane:
+                                    n = tile * lanes + lane
+                                    value = x_flat[b * xs.batch + k * xs.k + n * xs.n]
+                                    T.buffer_store(xt, tirx.if_then_else(n < columns, value, _zero(dtype)), [k * lanes + lane])
+                            for lo in range(0, len(segment), config.rows_per_chunk):
+                                chunk = segment[lo : lo + config.rows_per_chunk]
+                                with T.vectorized(0, lanes) as lane:
+                                    for i, m in enumerate(chunk):
+                                        acc = _row_sum(problem, m, xt, lane, lanes)
+                                        T.buffer_store(yt, _apply(vector_ops, acc, m, dtype), [i * lanes + lane])
+                                with T.serial(0, lanes) as lane:
+                                    n = tile * lanes + lane
+                                    with T.If(n < columns):
+                                        with T.Then():
+                                            for i, m in enumerate(chunk):
+                                                offset = b * ys.batch + m * ys.k + n * ys.n
+                                                value = _apply(store_ops, yt[i * lanes + lane], m, dtype, r_flat, offset)
+                                                T.buffer_store(y_flat, value, [offset])
     return builder.get()
+
+
+def _tile_loop(columns, lanes: int, static_columns: int | None):
+    """Tiles of columns run in parallel; a single tile (small static N) needs no thread pool."""
+    tiles = tirx.ceildiv(columns, lanes)
+    if static_columns is not None and static_columns <= lanes:
+        return T.serial(0, tiles)
+    return T.parallel(0, tiles)
 
 
 def _whole(buf):
@@ -98,12 +109,20 @@ def _zero(dtype):
     return tirx.const(0, dtype)
 
 
-def _row_sum(problem: SpmmProblem, m: int, xt, lane, lanes: int):
-    """Sum of ``value * xt[k, lane]`` over row ``m``, as a balanced tree (shallow IR)."""
+def _row_sum(problem: SpmmProblem, m: int, xt, lane, lanes: int, chains: int = 4):
+    """Sum of ``value * xt[k, lane]`` over row ``m``: a few independent chains of fused
+    multiply-adds (instruction-level parallelism), added at the end."""
     indices, values = problem.weight.row(m)
-    terms = [xt[int(k) * lanes + lane] * tirx.const(float(v), problem.dtype) for k, v in zip(indices, values)]
+    dtype = problem.dtype
+    partial = [None] * chains
+    for j, (k, v) in enumerate(zip(indices, values)):
+        x = xt[int(k) * lanes + lane]
+        c = tirx.const(float(v), dtype)
+        acc = partial[j % chains]
+        partial[j % chains] = x * c if acc is None else tirx.call_llvm_pure_intrin(dtype, "llvm.fmuladd", x, c, acc)
+    terms = [p for p in partial if p is not None]
     if not terms:
-        return _zero(problem.dtype)
+        return _zero(dtype)
     while len(terms) > 1:
         terms = [terms[i] + terms[i + 1] if i + 1 < len(terms) else terms[i] for i in range(0, len(terms), 2)]
     return terms[0]

@@ -7,10 +7,12 @@ import time
 from ...tuning import default_cpu_config
 from ..base import BuiltKernel, SparseKernelRule
 from ..config import CpuSpmmConfig
-from .kernel import cpu_spmm_kernel
+from .kernel import SUPPORTED_DTYPES, cpu_spmm_kernel
 
 
 class CpuSpmmRule(SparseKernelRule):
+    dtypes = SUPPORTED_DTYPES
+
     def is_target(self, target):
         return target.kind.name == "llvm"
 

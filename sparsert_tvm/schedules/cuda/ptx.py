@@ -21,11 +21,13 @@ from dataclasses import dataclass
 
 from ...errors import UnsupportedProblem
 from ...problem import BiasAdd, Clip, Layout, ResidualAdd, SpmmProblem
+from ..base import require_dtype
 from ..config import CudaSpmmConfig
-from ..row_groups import group_rows
+from ..row_groups import group_rows, split_by_nnz
 
 PTX_VERSION = "8.0"
 _ELEMENT_BYTES = {"float32": 4}
+SUPPORTED_DTYPES = tuple(_ELEMENT_BYTES)
 _MAX_IMMEDIATE_OFFSET = 2**31 - 1
 
 
@@ -51,10 +53,9 @@ def f32_immediate(value: float) -> str:
 
 
 def emit_spmm_ptx(problem: SpmmProblem, config: CudaSpmmConfig, name: str, arch: str) -> PtxKernel:
-    if problem.dtype not in _ELEMENT_BYTES:
-        raise UnsupportedProblem(f"CUDA kernels support float32, not {problem.dtype}")
+    require_dtype(problem, SUPPORTED_DTYPES, "the CUDA generator")
     groups = group_rows(problem.weight.row_nnz, config.rows_per_block, config.balance_rows)
-    segments = _split_segments(groups, problem.weight.row_nnz, config.max_nnz_per_segment)
+    segments = split_by_nnz(groups, problem.weight.row_nnz, config.max_nnz_per_segment)
     emitter = _Emitter(problem, config, arch)
     emitter.check_offsets()
 
@@ -78,19 +79,6 @@ def emit_spmm_ptx(problem: SpmmProblem, config: CudaSpmmConfig, name: str, arch:
         columns_per_block=config.threads_per_block * config.columns_per_thread,
         param_types=emitter.param_types,
     )
-
-
-def _split_segments(groups, row_nnz, max_nnz):
-    segments, current, load = [], [], 0
-    for group in groups:
-        group_nnz = int(sum(row_nnz[m] for m in group))
-        if current and load + group_nnz > max_nnz:
-            segments.append(current)
-            current, load = [], 0
-        current.append(group)
-        load += group_nnz
-    segments.append(current)
-    return segments
 
 
 class _Emitter:

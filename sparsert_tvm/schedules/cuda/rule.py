@@ -23,7 +23,7 @@ from ...tuning import default_cuda_config
 from ..base import OPAQUE_PATTERN, BuiltKernel, SparseKernelRule, operand_shapes
 from ..config import CudaSpmmConfig
 from .assemble import assemble
-from .ptx import PtxKernel, emit_spmm_ptx
+from .ptx import SUPPORTED_DTYPES, PtxKernel, emit_spmm_ptx
 
 _LAUNCH_TAGS = ["blockIdx.x", "blockIdx.y", "blockIdx.z", "threadIdx.x"]
 _MAX_GRID_YZ = 65535
@@ -54,6 +54,8 @@ def cuda_arch(target: tvm.target.Target) -> str:
 
 
 class CudaSpmmRule(SparseKernelRule):
+    dtypes = SUPPORTED_DTYPES
+
     def is_target(self, target):
         return target.kind.name == "cuda"
 

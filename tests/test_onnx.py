@@ -1,0 +1,50 @@
+"""Models imported through TVM's ONNX frontend: detection and equality with TVM's dense path."""
+
+import numpy as np
+import pytest
+import tvm
+from tvm import relax
+from tvm.relax.frontend.onnx import from_onnx
+
+from helpers import CPU_TARGET, Compiled, assert_close
+from sparsert_tvm import models
+
+
+def dense_reference(mod, target, arrays, device):
+    vm = relax.VirtualMachine(tvm.compile(mod, target), device)
+    return vm["main"](*[tvm.runtime.tensor(a, device) for a in arrays]).numpy()
+
+
+def test_mlp_gemm_matmul_forms(target):
+    rng = np.random.default_rng(0)
+    mod = from_onnx(models.mlp(rng), keep_params_in_input=False)
+    compiled = Compiled(mod, target, density_threshold=0.3)
+    layers = compiled.report.layers
+    assert [layer.decision for layer in layers] == ["sparse"] * 3, compiled.report.table()
+    assert [layer.epilogue for layer in layers] == [["bias", "relu"], ["bias", "relu"], ["bias"]]
+    assert [(layer.M, layer.K) for layer in layers] == [(128, 64), (96, 128), (10, 96)]
+    for batch in (1, 7, 64):  # the ONNX batch dimension is symbolic
+        x = rng.standard_normal((batch, 64)).astype("float32")
+        assert_close(compiled(x), dense_reference(mod, target, [x], compiled.device))
+
+
+def test_convnet_bias_residual_and_dense_3x3(target):
+    rng = np.random.default_rng(1)
+    mod = from_onnx(models.convnet(rng), keep_params_in_input=False)
+    compiled = Compiled(mod, target, density_threshold=0.3)
+    layers = {layer.op: layer for layer in compiled.report}
+    assert layers["conv2d 3x3 NCHW"].decision == "dense"
+    assert "3x3" in layers["conv2d 3x3 NCHW"].reason
+    sparse = [layer for layer in compiled.report if layer.sparse]
+    assert [layer.epilogue for layer in sparse] == [["bias", "relu"], ["bias", "residual", "relu"], []]
+    for batch in (1, 3):
+        x = rng.standard_normal((batch, 32, 8, 8)).astype("float32")
+        assert_close(compiled(x), dense_reference(mod, target, [x], compiled.device))
+
+
+@pytest.mark.parametrize("density, expected", [(0.05, "sparse"), (0.6, "dense")])
+def test_threshold_on_imported_model(density, expected):
+    rng = np.random.default_rng(2)
+    mod = from_onnx(models.mlp(rng, density=density), keep_params_in_input=False)
+    compiled = Compiled(mod, CPU_TARGET, density_threshold=0.3)
+    assert {layer.decision for layer in compiled.report} == {expected}

@@ -69,7 +69,7 @@ EpilogueOp = BiasAdd | ResidualAdd | Clip
 @dataclass(frozen=True)
 class OperandStrides:
     batch: int
-    k: int  # stride between rows of A's operand (input channels or features) ...
+    k: int | None  # stride between rows of A's operand (None: the column count, known at run time) ...
     n: int  # ... and between columns of the product
 
 
@@ -78,7 +78,8 @@ class SpmmProblem:
     """``Y = epilogue(A @ X)`` for one constant weight ``A`` and one activation layout.
 
     ``x_shape`` and ``y_shape`` are the Relax tensor shapes (``tirx`` expressions, possibly
-    symbolic); the kernels declare their buffers with exactly these shapes.
+    symbolic). With ``x_transposed`` (ROWS layout only), the kernel receives ``X`` transposed
+    to ``[K, N]`` instead, so that neighbouring columns are neighbours in memory.
     """
 
     weight: SparseMatrix
@@ -87,6 +88,7 @@ class SpmmProblem:
     x_shape: tuple
     y_shape: tuple
     epilogue: tuple[EpilogueOp, ...] = field(default=())
+    x_transposed: bool = False
 
     def __post_init__(self):
         for name in ("x_shape", "y_shape"):
@@ -121,6 +123,8 @@ class SpmmProblem:
         return int(value) if isinstance(value, tirx.IntImm) else None
 
     def x_strides(self) -> OperandStrides:
+        if self.x_transposed:
+            return OperandStrides(batch=0, k=self.static_columns, n=1)
         return self._strides(self.K)
 
     def y_strides(self) -> OperandStrides:

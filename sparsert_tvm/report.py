@@ -106,6 +106,7 @@ _SHOWN_PARAMS = {
     "columns_per_thread": "cols/thread",
     "row_groups": "blocks.y",
     "segments": "segments",
+    "x_transposed": "xT",
     "vector_lanes": "lanes",
 }
 

@@ -1,6 +1,7 @@
 """The CUDA path without a GPU: PTX emulated against numpy, assembled with ptxas, wired into
 TVM (launch wrapper, module build), cached."""
 
+import dataclasses
 import os
 import shutil
 import struct
@@ -188,3 +189,31 @@ def test_launch_wrapper_and_cuda_build(monkeypatch):
     assert layer.code_bytes > 0 and layer.params["row_groups"] == kernel.row_groups
     without_kernels = out.without_attr("external_mods")
     assert tvm.compile(without_kernels, target, tir_pipeline=sp.build.register_pipeline()) is not None
+
+
+@pytest.mark.parametrize("columns_per_thread", [1, 3])
+def test_emulated_transposed_input_with_run_time_column_count(columns_per_thread):
+    rng = np.random.default_rng(7)
+    n = tirx.Var("n", "int64")
+    problem = problem_for(rng, Layout.ROWS, 19, 24, 0.3, (n, 24), ("bias", "residual", "relu6"))
+    problem = dataclasses.replace(problem, x_transposed=True)
+    assert problem.x_strides().k is None  # the stride between rows of X^T is n
+    config = CudaSpmmConfig(threads_per_block=32, columns_per_thread=columns_per_thread)
+    kernel = emit_spmm_ptx(problem, config, "k", "sm_90")
+    columns = 70
+    x = rng.standard_normal((columns, 24)).astype("float32")
+    residual = rng.standard_normal((columns, 19)).astype("float32")
+    buffers = {"x": np.ascontiguousarray(x.T), "r": residual, "y": np.full((columns, 19), np.nan, "float32")}
+    grid = (-(-columns // kernel.columns_per_block), kernel.row_groups, 1)
+    PtxProgram(*kernel.units).launch("k", grid, kernel.threads, ["x", "r", "y", columns], buffers)
+    np.testing.assert_allclose(buffers["y"], problem.reference(x, residual), rtol=1e-5, atol=1e-5)
+
+
+def test_cuda_rule_transposes_row_major_activations_with_many_columns():
+    rule = cuda_rule.CudaSpmmRule()
+    rng = np.random.default_rng(8)
+    n = tirx.Var("n", "int64")
+    assert rule.transposes_input(problem_for(rng, Layout.ROWS, 8, 8, 0.5, (n, 8)))
+    assert rule.transposes_input(problem_for(rng, Layout.ROWS, 8, 8, 0.5, (64, 8)))
+    assert not rule.transposes_input(problem_for(rng, Layout.ROWS, 8, 8, 0.5, (4, 8)))
+    assert not rule.transposes_input(problem_for(rng, Layout.CHANNELS, 8, 8, 0.5, (n, 8, 4, 4)))

@@ -88,8 +88,7 @@ class _SparsifyWeights:
                     continue
                 kernel_gv = rewriter.builder_.add_func(built.func, layer.kernel)
                 external += built.external_modules
-                args = [candidate.x] + ([candidate.residual] if candidate.residual is not None else [])
-                plan[candidate.tail] = (kernel_gv, args, candidate.tail.ty, candidate.members[:-1])
+                plan[candidate.tail] = _Planned(kernel_gv, candidate, built.problem.x_transposed)
             if plan:
                 rewriter.builder_.update_func(gv, rewriter.rewrite(func, plan))
         out = rewriter.builder_.get()
@@ -106,15 +105,18 @@ class _SparsifyWeights:
         if candidate.weight.density > self.threshold:
             layer.reason = f"density {candidate.weight.density:.3f} above threshold {self.threshold:g}"
             return None
-        config = self._config(candidate)
+        problem = candidate.problem
+        if self.rule.transposes_input(problem):
+            problem = dataclasses.replace(problem, x_transposed=True)
+        config = self._config(problem)
         layer.params = config.as_dict()
         try:
-            self.rule.check(candidate.problem)
+            self.rule.check(problem)
             if self.dry_run:
                 layer.decision, layer.reason = "sparse", "would be rewritten (dry run)"
                 return None
             name = _unique_name(candidate, taken)
-            built = self.rule.build(candidate.problem, config, self.target, name)
+            built = self.rule.build(problem, config, self.target, name)
         except UnsupportedProblem as unsupported:
             layer.reason = str(unsupported)
             return None
@@ -123,8 +125,8 @@ class _SparsifyWeights:
         layer.params, layer.code_bytes, layer.compile_s = built.params, built.code_bytes, built.compile_seconds
         return built
 
-    def _config(self, candidate: Candidate) -> KernelConfig:
-        config = self.rule.default_config(candidate.problem, self.target)
+    def _config(self, problem) -> KernelConfig:
+        config = self.rule.default_config(problem, self.target)
         overrides = self.kernel_config
         if overrides is None:
             return config
@@ -170,6 +172,25 @@ def _unique_name(candidate: Candidate, taken: set) -> str:
     return name
 
 
+@dataclasses.dataclass
+class _Planned:
+    kernel: tvm.ir.GlobalVar
+    candidate: Candidate
+    transpose_x: bool
+
+    def call(self, builder, visit) -> relax.Call:
+        """The ``call_tir`` replacing the candidate, preceded by the transpose it may need."""
+        candidate = self.candidate
+        x = visit(candidate.x)
+        if self.transpose_x:
+            problem = candidate.problem
+            if len(problem.x_shape) != 2:
+                x = builder.emit(relax.op.reshape(x, relax.ShapeExpr([problem.columns, problem.K])))
+            x = builder.emit(relax.op.permute_dims(x))
+        args = [x] + ([visit(candidate.residual)] if candidate.residual is not None else [])
+        return relax.call_tir(self.kernel, args, candidate.tail.ty)
+
+
 @mutator
 class _Rewriter(PyExprMutator):
     """Replaces each planned tail binding with ``call_tir`` and drops the bindings it fused."""
@@ -181,7 +202,7 @@ class _Rewriter(PyExprMutator):
 
     def rewrite(self, func: relax.Function, plan: dict) -> relax.Function:
         self.plan = plan
-        self.dropped = {var for (_, _, _, members) in plan.values() for var in members}
+        self.dropped = {var for planned in plan.values() for var in planned.candidate.members[:-1]}
         # Weight transposes and bias reshapes the kernels baked in are now unused.
         return relax.analysis.remove_all_unused(self.visit_expr(func))
 
@@ -192,6 +213,5 @@ class _Rewriter(PyExprMutator):
         if planned is None:
             super().visit_var_binding_(binding)
             return
-        kernel_gv, args, out_type, _ = planned
-        call = relax.call_tir(kernel_gv, [self.visit_expr(a) for a in args], out_type)
+        call = planned.call(self.builder_, self.visit_expr)
         self.builder_.emit_normalized(relax.VarBinding(binding.var, self.builder_.normalize(call)))

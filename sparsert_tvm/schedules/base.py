@@ -9,7 +9,7 @@ import tvm
 from tvm import tirx
 
 from ..errors import UnsupportedProblem
-from ..problem import Layout, SpmmProblem
+from ..problem import Layout, SpmmProblem, columns_and_batch
 from .config import KernelConfig
 
 # relax's OpPatternKind::kOpaque: keeps FuseOps from merging our kernels with neighbours.
@@ -23,6 +23,7 @@ class BuiltKernel:
     """A generated kernel ready to be called from Relax with ``call_tir``."""
 
     func: tirx.PrimFunc
+    problem: SpmmProblem
     # Compiled modules the IRModule must carry in its ``external_mods`` attribute.
     external_modules: list = field(default_factory=list)
     # Tiling and derived choices, for the report.
@@ -40,6 +41,10 @@ class SparseKernelRule(abc.ABC):
     def check(self, problem: SpmmProblem) -> None:
         """Raises ``UnsupportedProblem`` if the rule cannot generate ``problem``'s kernel."""
         require_dtype(problem, self.dtypes, self.__class__.__name__)
+
+    def transposes_input(self, problem: SpmmProblem) -> bool:
+        """Whether the kernel wants ``X`` transposed to ``[K, N]`` (done in Relax, before it)."""
+        return False
 
     @abc.abstractmethod
     def is_target(self, target: tvm.target.Target) -> bool:
@@ -65,15 +70,26 @@ def require_dtype(problem: SpmmProblem, dtypes, generator: str) -> None:
 def operand_shapes(problem: SpmmProblem):
     """Fresh ``tirx`` shapes for the kernel's buffers: ``(x, y)``.
 
-    Symbolic dimensions of the activation get new variables local to the PrimFunc; the
-    output's shape is written in terms of them so that ``call_tir`` can infer them all
-    from the input.
+    Symbolic dimensions get new variables local to the PrimFunc; the output's shape is
+    written in terms of the input's where it can be, so that ``call_tir`` infers them from
+    the input.
     """
-    dims = [
-        d if isinstance(d, tirx.IntImm) else tirx.Var(f"d{i}", d.ty) for i, d in enumerate(problem.x_shape)
-    ]
+
+    def fresh(dims, prefix):
+        return [d if isinstance(d, tirx.IntImm) else tirx.Var(f"{prefix}{i}", d.ty) for i, d in enumerate(dims)]
+
     rows = tirx.IntImm("int64", problem.M)
+    if problem.x_transposed:
+        columns = problem.columns
+        return [tirx.IntImm("int64", problem.K), fresh([columns], "n")[0]], fresh(problem.y_shape[:-1], "d") + [rows]
+    dims = fresh(problem.x_shape, "d")
     if problem.layout is Layout.ROWS:
         return dims, dims[:-1] + [rows]
     return dims, [dims[0], rows] + dims[2:]
 
+
+def kernel_columns_and_batch(problem: SpmmProblem, x_dims):
+    """Columns of the product and images, as expressions of the kernel's input dims."""
+    if problem.x_transposed:
+        return x_dims[1], tirx.IntImm("int64", 1)
+    return columns_and_batch(problem.layout, x_dims)

@@ -24,4 +24,4 @@ class CpuSpmmRule(SparseKernelRule):
         func = cpu_spmm_kernel(problem, config, name)
         # The machine code is produced later by tvm.compile, together with the model;
         # its size is not known here.
-        return BuiltKernel(func=func, params=config.as_dict(), compile_seconds=time.perf_counter() - start)
+        return BuiltKernel(func=func, problem=problem, params=config.as_dict(), compile_seconds=time.perf_counter() - start)

@@ -18,9 +18,9 @@ from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
 
 from ...errors import RuntimeUnavailable, UnsupportedProblem
-from ...problem import SpmmProblem, columns_and_batch
+from ...problem import Layout, SpmmProblem
 from ...tuning import default_cuda_config
-from ..base import OPAQUE_PATTERN, BuiltKernel, SparseKernelRule, operand_shapes
+from ..base import OPAQUE_PATTERN, BuiltKernel, SparseKernelRule, kernel_columns_and_batch, operand_shapes
 from ..config import CudaSpmmConfig
 from .assemble import assemble
 from .ptx import SUPPORTED_DTYPES, PtxKernel, emit_spmm_ptx
@@ -59,6 +59,13 @@ class CudaSpmmRule(SparseKernelRule):
     def is_target(self, target):
         return target.kind.name == "cuda"
 
+    def transposes_input(self, problem):
+        # Threads own columns: with X row-major ([N, K]) a warp's loads hit 32 rows, each in
+        # a cache line of its own. Transposed, they are contiguous. Too few columns to matter
+        # for very small N.
+        columns = problem.static_columns
+        return problem.layout is Layout.ROWS and len(problem.x_shape) > 1 and (columns is None or columns >= 16)
+
     def default_config(self, problem, target):
         return default_cuda_config(problem)
 
@@ -71,9 +78,15 @@ class CudaSpmmRule(SparseKernelRule):
             raise UnsupportedProblem(f"{kernel.row_groups} row groups exceed the grid's y limit")
         cubin = assemble(kernel.units, arch, config.ptxas_opt_level)
         module = create_cuda_module(cubin, kernel)
-        params = config.as_dict() | {"row_groups": kernel.row_groups, "segments": len(kernel.units) - (len(kernel.units) > 1)}
+        segments = len(kernel.units) - 1 if len(kernel.units) > 1 else 1
+        params = config.as_dict() | {
+            "row_groups": kernel.row_groups,
+            "segments": segments,
+            "x_transposed": problem.x_transposed,
+        }
         return BuiltKernel(
             func=launch_wrapper(problem, kernel, name),
+            problem=problem,
             external_modules=[module],
             params=params,
             code_bytes=len(cubin),
@@ -84,7 +97,7 @@ class CudaSpmmRule(SparseKernelRule):
 def launch_wrapper(problem: SpmmProblem, kernel: PtxKernel, name: str) -> tirx.PrimFunc:
     """The PrimFunc ``call_tir`` targets: computes the grid and launches the kernel."""
     x_dims, y_dims = operand_shapes(problem)
-    columns, batch = columns_and_batch(problem.layout, x_dims)
+    columns, batch = kernel_columns_and_batch(problem, x_dims)
     with IRBuilder() as builder:
         with T.prim_func():
             T.func_name(name)

@@ -134,6 +134,40 @@ def time_torch(case: SpmmCase, mode: str):
     return us, out
 
 
+def time_tvm_dense(case: SpmmCase):
+    """TVM's own dense kernel for the product (LegalizeOps + dlight, as tvm.compile's CUDA
+    pipeline builds it), with the weight as an input. Returns (us, output)."""
+    from tvm import relax
+    from tvm.relax.backend.cuda.pipeline import legalize_passes
+
+    target = tvm.target.Target(tvm.target.Target.from_device(tvm.cuda(0)), host=host_cpu_target())
+    m, k = case.weight.shape
+    rows = case.layout is Layout.ROWS
+    x = relax.Var("x", relax.TensorType((case.columns, k) if rows else (k, case.columns), "float32"))
+    w = relax.Var("w", relax.TensorType((k, m) if rows else (m, k), "float32"))
+    builder = relax.BlockBuilder()
+    with builder.function("main", [x, w]):
+        with builder.dataflow():
+            out = builder.emit_output(relax.op.matmul(x, w) if rows else relax.op.matmul(w, x))
+        builder.emit_func_output(out)
+    with target:
+        lowered = tvm.ir.transform.Sequential(legalize_passes(target))(builder.get())
+    ((gv, func),) = [(gv, f) for gv, f in lowered.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
+    func = func.with_attr("global_symbol", gv.name_hint)
+    fn = tvm.tirx.build(tvm.IRModule({gv.name_hint: func}), target=target)[gv.name_hint]
+    weight = torch.tensor(case.weight.T.copy() if rows else case.weight, device="cuda")
+    xs = [x if rows else x[0] for x in case.inputs()]
+    ys = [torch.empty((case.columns, m) if rows else (m, case.columns), device="cuda") for _ in xs]
+    tw = tvm.runtime.from_dlpack(weight)
+    tx = [tvm.runtime.from_dlpack(x) for x in xs]
+    ty = [tvm.runtime.from_dlpack(y) for y in ys]
+    order = (lambda j: (tx[j], tw, ty[j])) if rows else (lambda j: (tw, tx[j], ty[j]))
+    us = graph_time_us(lambda i: fn(*order(i % ROTATE)))
+    fn(*order(0))
+    torch.cuda.synchronize()
+    return us, ys[0]
+
+
 def reference(case: SpmmCase) -> torch.Tensor:
     """The product in float64 on the first input set, as every contender sees it."""
     x = case.inputs()[0].double()

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from harness import SpmmCase, reference, time_sparsert, time_torch  # noqa: E402
+from harness import SpmmCase, reference, time_sparsert, time_torch, time_tvm_dense  # noqa: E402
 
 from sparsert_tvm.problem import Layout  # noqa: E402
 from sparsert_tvm.schedules.config import CudaSpmmConfig  # noqa: E402
@@ -84,7 +84,10 @@ def run_case(case: SpmmCase, config=None) -> dict:
             row["us"][name] = time_torch(case, mode)[0]
         except Exception:  # noqa: BLE001
             row["us"][name] = None
-    row["us"]["tvm_dense"] = None  # not measured in this suite yet
+    try:
+        row["us"]["tvm_dense"] = time_tvm_dense(case)[0]
+    except Exception:  # noqa: BLE001
+        row["us"]["tvm_dense"] = None
     return row
 
 

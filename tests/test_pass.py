@@ -88,6 +88,12 @@ def test_unknown_option_and_target_raise():
         sp.SparsifyWeights({"kind": "c"}, 0.5)
     with pytest.raises(ValueError, match="positive integer"):
         sp.CudaSpmmConfig(rows_per_block=0)
+    with pytest.raises(TypeError, match="unknown kernel_config"):
+        sp.SparsifyWeights(CPU_TARGET, 0.5, kernel_config={"rows_per_block": 2})
+    with pytest.raises(ValueError, match="vector_lanes"):
+        sp.SparsifyWeights(CPU_TARGET, 0.5, kernel_config={"vector_lanes": 0})
+    with pytest.raises(TypeError, match="CpuSpmmConfig"):
+        sp.SparsifyWeights(CPU_TARGET, 0.5, kernel_config=sp.CudaSpmmConfig())
 
 
 def _matmul_param_weight():

@@ -49,7 +49,8 @@ def SparsifyWeights(target, density_threshold: float | None = None, **options) -
     if rule is None:
         raise ValueError(f"no sparse kernels for target kind {target.kind.name!r}; use cuda or llvm")
     threshold = _check_threshold(density_threshold)
-    return _SparsifyWeights(target, rule, threshold, options.get("kernel_config"), bool(options.get("dry_run", False)))
+    kernel_config = _check_kernel_config(options.get("kernel_config"), rule.config_class)
+    return _SparsifyWeights(target, rule, threshold, kernel_config, bool(options.get("dry_run", False)))
 
 
 def _check_threshold(value) -> float:
@@ -60,6 +61,22 @@ def _check_threshold(value) -> float:
     if math.isnan(value) or not 0.0 <= value <= 1.0:
         raise ValueError(f"density_threshold must be in [0, 1], got {value}")
     return float(value)
+
+
+def _check_kernel_config(config, config_class):
+    """Validates overrides up front, rather than failing inside the pass."""
+    if config is None:
+        return None
+    if dataclasses.is_dataclass(config):
+        if not isinstance(config, config_class):
+            raise TypeError(f"kernel_config is a {type(config).__name__}; this target takes {config_class.__name__}")
+        return config
+    fields = {f.name for f in dataclasses.fields(config_class)}
+    unknown = set(config) - fields
+    if unknown:
+        raise TypeError(f"unknown kernel_config field(s) {sorted(unknown)} for {config_class.__name__}: {sorted(fields)}")
+    config_class(**config)  # raises ValueError on bad values
+    return dict(config)
 
 
 @tvm.transform.module_pass(opt_level=0, name="SparsifyWeights")

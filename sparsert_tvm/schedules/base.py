@@ -37,6 +37,8 @@ class SparseKernelRule(abc.ABC):
 
     #: Element types the generated kernels compute in.
     dtypes: tuple[str, ...] = ()
+    #: The config dataclass of this rule's kernels.
+    config_class: type = object
 
     def check(self, problem: SpmmProblem) -> None:
         """Raises ``UnsupportedProblem`` if the rule cannot generate ``problem``'s kernel."""

@@ -12,6 +12,7 @@ from .kernel import SUPPORTED_DTYPES, cpu_spmm_kernel
 
 class CpuSpmmRule(SparseKernelRule):
     dtypes = SUPPORTED_DTYPES
+    config_class = CpuSpmmConfig
 
     def is_target(self, target):
         return target.kind.name == "llvm"

@@ -55,6 +55,7 @@ def cuda_arch(target: tvm.target.Target) -> str:
 
 class CudaSpmmRule(SparseKernelRule):
     dtypes = SUPPORTED_DTYPES
+    config_class = CudaSpmmConfig
 
     def is_target(self, target):
         return target.kind.name == "cuda"

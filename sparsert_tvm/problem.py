@@ -69,7 +69,7 @@ EpilogueOp = BiasAdd | ResidualAdd | Clip
 @dataclass(frozen=True)
 class OperandStrides:
     batch: int
-    k: int | None  # stride between rows of A's operand (None: the column count, known at run time) ...
+    k: int  # stride between rows of A's operand (input channels or features) ...
     n: int  # ... and between columns of the product
 
 
@@ -78,8 +78,8 @@ class SpmmProblem:
     """``Y = epilogue(A @ X)`` for one constant weight ``A`` and one activation layout.
 
     ``x_shape`` and ``y_shape`` are the Relax tensor shapes (``tirx`` expressions, possibly
-    symbolic). With ``x_transposed`` (ROWS layout only), the kernel receives ``X`` transposed
-    to ``[K, N]`` instead, so that neighbouring columns are neighbours in memory.
+    symbolic). With ``x_transposed`` (ROWS layout, static N only), the kernel receives ``X``
+    transposed to ``[K, N]`` instead, so that neighbouring columns are neighbours in memory.
     """
 
     weight: SparseMatrix
@@ -124,6 +124,7 @@ class SpmmProblem:
 
     def x_strides(self) -> OperandStrides:
         if self.x_transposed:
+            assert self.static_columns is not None, "a transposed X needs a static column count"
             return OperandStrides(batch=0, k=self.static_columns, n=1)
         return self._strides(self.K)
 

@@ -126,8 +126,6 @@ class PtxProgram:
                 write(ops[0], value(ops[1]).copy(), mask)
             elif op == "mad.lo.u32":
                 write(ops[0], (value(ops[1]) * value(ops[2]) + value(ops[3])) & 0xFFFFFFFF, mask)
-            elif op == "mad.wide.u32":
-                write(ops[0], value(ops[1]) * value(ops[2]) + value(ops[3]), mask)
             elif op in ("mul.lo.u64", "add.s64", "add.u32", "sub.u32"):
                 a, b = value(ops[1]), value(ops[2])
                 result = a * b if op.startswith("mul") else (a - b if op.startswith("sub") else a + b)

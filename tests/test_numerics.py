@@ -103,3 +103,13 @@ def test_1d_activation(target):
     rng = np.random.default_rng(8)
     case = Case("matmul", sparse_matrix(rng, (10, 12), 0.3), (12,))
     check(case, target, batches=(None,))
+
+
+@pytest.mark.parametrize("x_shape", [(40, 48), (2, 20, 48)], ids=str)
+def test_many_static_columns(target, x_shape):
+    """Enough static columns that the CUDA path transposes X (in Relax) first."""
+    rng = np.random.default_rng(9)
+    case = make_case(rng, "matmul_t", 37, 48, 0.2, x_shape, ("bias", "residual", "relu"))
+    report = check(case, target, batches=(None,))
+    if target.kind.name == "cuda":
+        assert report.layers[0].params["x_transposed"]

@@ -81,9 +81,8 @@ def operand_shapes(problem: SpmmProblem):
         return [d if isinstance(d, tirx.IntImm) else tirx.Var(f"{prefix}{i}", d.ty) for i, d in enumerate(dims)]
 
     rows = tirx.IntImm("int64", problem.M)
-    if problem.x_transposed:
-        columns = problem.columns
-        return [tirx.IntImm("int64", problem.K), fresh([columns], "n")[0]], fresh(problem.y_shape[:-1], "d") + [rows]
+    if problem.x_transposed:  # static shapes only
+        return [tirx.IntImm("int64", problem.K), problem.columns], list(problem.y_shape[:-1]) + [rows]
     dims = fresh(problem.x_shape, "d")
     if problem.layout is Layout.ROWS:
         return dims, dims[:-1] + [rows]

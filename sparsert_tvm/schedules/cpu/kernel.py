@@ -35,7 +35,6 @@ def cpu_spmm_kernel(problem: SpmmProblem, config: CpuSpmmConfig, name: str) -> t
     x_dims, y_dims = operand_shapes(problem)
     columns, batch = kernel_columns_and_batch(problem, x_dims)
     xs, ys = problem.x_strides(), problem.y_strides()
-    x_k_stride = columns if xs.k is None else xs.k  # transposed X with a run-time column count
     rows = [(m,) for m in range(problem.M)]
     segments = [[m for (m,) in run] for run in split_by_nnz(rows, problem.weight.row_nnz, config.max_nnz_per_segment)]
     # Epilogue ops up to the residual add run on whole vectors, the rest as each value is stored.
@@ -63,7 +62,7 @@ def cpu_spmm_kernel(problem: SpmmProblem, config: CpuSpmmConfig, name: str) -> t
                             with T.serial(0, problem.K) as k:
                                 with T.vectorized(0, lanes) as lane:
                                     n = tile * lanes + lane
-                                    value = x_flat[b * xs.batch + k * x_k_stride + n * xs.n]
+                                    value = x_flat[b * xs.batch + k * xs.k + n * xs.n]
                                     T.buffer_store(xt, tirx.if_then_else(n < columns, value, _zero(dtype)), [k * lanes + lane])
                             for lo in range(0, len(segment), config.rows_per_chunk):
                                 chunk = segment[lo : lo + config.rows_per_chunk]

@@ -101,10 +101,8 @@ class _Emitter:
 
     # -- offsets ---------------------------------------------------------------------
     def x_offset(self, k: int, c: int) -> int:
-        """Byte offset of ``X[k, column c]`` from ``%px``; without ``k`` if its stride is dynamic."""
         s = self.x_strides
-        k_part = 0 if s.k is None else k * s.k
-        return (k_part + c * self.config.threads_per_block * s.n) * self.es
+        return (k * s.k + c * self.config.threads_per_block * s.n) * self.es
 
     def y_offset(self, m: int, c: int) -> int:
         s = self.y_strides
@@ -256,14 +254,9 @@ class _Emitter:
             indices, values = weight.row(m)
             for k, v in zip(indices.tolist(), values.tolist()):
                 by_column.setdefault(k, []).append((i, v))
-        base = "%px"
         for k in sorted(by_column):
-            if self.x_strides.k is None:
-                # X transposed to [K, N] with N known at run time: one multiply-add per row k.
-                lines.append(f"mad.wide.u32 %rd6, %ncols, {k * self.es}, %px;")
-                base = "%rd6"
             for c in range(cols):
-                lines.append(f"{self._guard(c)}ld.global.nc.f32 %x{c}, [{base}+{self.x_offset(k, c)}];")
+                lines.append(f"{self._guard(c)}ld.global.nc.f32 %x{c}, [%px+{self.x_offset(k, c)}];")
             for i, v in by_column[k]:
                 imm = f32_immediate(v)
                 for c in range(cols):

@@ -9,7 +9,8 @@ import tvm_ffi
 from tvm import relax, tirx
 
 import sparsert_tvm as sp
-from helpers import CPU_TARGET, KINDS, Case, Compiled, assert_close, make_case, sparse_matrix
+from helpers import CPU_TARGET, KINDS, Compiled, assert_close, make_case, sparse_matrix
+from sparsert_tvm.problem import Layout
 
 RNG_SEED = 11
 
@@ -65,14 +66,16 @@ def test_density_above_threshold_stays_dense():
     assert layer.decision == "dense" and "above threshold 0.2" in layer.reason
 
 
-def test_default_threshold_is_documented_constant():
+@pytest.mark.parametrize("kind", ["matmul", "conv_nchw"])
+def test_default_threshold_depends_on_the_layout(kind):
     rng = np.random.default_rng(RNG_SEED)
-    low = sp.DEFAULT_DENSITY_THRESHOLD * 0.5
-    high = min(1.0, sp.DEFAULT_DENSITY_THRESHOLD * 2)
-    for density, decision in [(low, "sparse"), (high, "dense")]:
-        case = Case("matmul", sparse_matrix(rng, (64, 64), density), (4, 64))
+    layout = Layout.CHANNELS if kind == "conv_nchw" else Layout.ROWS
+    default = sp.DEFAULT_DENSITY_THRESHOLD[layout]
+    shape = (4, 64) if kind == "matmul" else (1, 64, 2, 2)
+    for density, decision in [(default * 0.7, "sparse"), (min(1.0, default * 1.5), "dense")]:
+        case = make_case(rng, kind, 64, 64, density, shape)
         _, report = sparsify(case.module(), threshold=None)
-        assert report.layers[0].decision == decision
+        assert report.layers[0].decision == decision, report.layers[0].reason
 
 
 @pytest.mark.parametrize("bad", [-0.1, 1.5, math.nan, math.inf, "0.5", True, None.__class__])

@@ -12,14 +12,16 @@ from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from ..errors import UnsupportedProblem
+from ..problem import Layout
 from ..report import REPORT_ATTR, LayerReport, SparsityReport, report_of
 from ..schedules import BuiltKernel, KernelConfig, rule_for
 from .candidates import Candidate, find_candidates
 
-# Densities at or below which a weight is rewritten when the caller gives no threshold.
-# Measured on an H100 (fp32, batch 1..8): the unrolled kernels beat dense cuBLAS up to
-# about 30% density; see README "Choosing the threshold".
-DEFAULT_DENSITY_THRESHOLD = 0.3
+# Densities at or below which a weight is rewritten when the caller gives no threshold, by
+# activation layout. Measured on an H100 (fp32, benchmarks/results/spmm-threshold-h100.md):
+# against TVM's own dense kernels, 1x1 convolutions in NCHW gain up to 30% density (2.6x
+# there), matmuls / fully connected layers up to about 15% (1.5x at 10%, 0.84x at 20%).
+DEFAULT_DENSITY_THRESHOLD = {Layout.CHANNELS: 0.3, Layout.ROWS: 0.15}
 
 _OPTIONS = ("kernel_config", "dry_run")
 
@@ -32,8 +34,9 @@ def SparsifyWeights(target, density_threshold: float | None = None, **options) -
     target : str, dict or tvm.target.Target
         What the kernels are generated for: a ``cuda`` or ``llvm`` target.
     density_threshold : float in [0, 1], optional
-        Weights with this density (nonzeros / size) or less are rewritten. Default
-        ``DEFAULT_DENSITY_THRESHOLD``.
+        Weights with this density (nonzeros / size) or less are rewritten. By default,
+        ``DEFAULT_DENSITY_THRESHOLD[layout]``: 0.3 for NCHW 1x1 convolutions, 0.15 for
+        matmuls and NHWC convolutions.
     kernel_config : dict or config object, optional
         Overrides of the kernel tiling applied to every rewritten layer (fields of
         ``CudaSpmmConfig`` or ``CpuSpmmConfig``).
@@ -53,9 +56,9 @@ def SparsifyWeights(target, density_threshold: float | None = None, **options) -
     return _SparsifyWeights(target, rule, threshold, kernel_config, bool(options.get("dry_run", False)))
 
 
-def _check_threshold(value) -> float:
+def _check_threshold(value) -> float | None:
     if value is None:
-        return DEFAULT_DENSITY_THRESHOLD
+        return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"density_threshold must be a number in [0, 1], got {value!r}")
     if math.isnan(value) or not 0.0 <= value <= 1.0:
@@ -81,7 +84,7 @@ def _check_kernel_config(config, config_class):
 
 @tvm.transform.module_pass(opt_level=0, name="SparsifyWeights")
 class _SparsifyWeights:
-    def __init__(self, target, rule, threshold: float, kernel_config, dry_run: bool):
+    def __init__(self, target, rule, threshold: float | None, kernel_config, dry_run: bool):
         self.target = target
         self.rule = rule
         self.threshold = threshold
@@ -119,10 +122,11 @@ class _SparsifyWeights:
         """Decides on ``candidate`` (recorded in ``layer``) and builds its kernel if it is rewritten."""
         if candidate.reason is not None:
             return None
-        if candidate.weight.density > self.threshold:
-            layer.reason = f"density {candidate.weight.density:.3f} above threshold {self.threshold:g}"
-            return None
         problem = candidate.problem
+        threshold = DEFAULT_DENSITY_THRESHOLD[problem.layout] if self.threshold is None else self.threshold
+        if candidate.weight.density > threshold:
+            layer.reason = f"density {candidate.weight.density:.3f} above threshold {threshold:g}"
+            return None
         if self.rule.transposes_input(problem):
             problem = dataclasses.replace(problem, x_transposed=True)
         config = self._config(problem)

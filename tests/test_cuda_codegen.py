@@ -9,7 +9,7 @@ import struct
 import numpy as np
 import pytest
 import tvm
-from tvm import relax, tirx
+from tvm import tirx
 
 import sparsert_tvm as sp
 from helpers import CPU_TARGET, make_case, pruned_matrix, sparse_matrix

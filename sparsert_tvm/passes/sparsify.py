@@ -13,7 +13,7 @@ from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from ..errors import UnsupportedProblem
 from ..problem import Layout
-from ..report import REPORT_ATTR, LayerReport, SparsityReport, report_of
+from ..report import REPORT_ATTR, LayerReport, report_of
 from ..schedules import BuiltKernel, KernelConfig, rule_for
 from .candidates import Candidate, find_candidates
 

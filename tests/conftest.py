@@ -2,8 +2,19 @@ import os
 
 import pytest
 import tvm
+from hypothesis import HealthCheck, settings
 
 from helpers import CPU_TARGET, cuda_target
+
+
+settings.register_profile(
+    "ci",
+    max_examples=100,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 def has_gpu() -> bool:

@@ -132,7 +132,7 @@ class _SparsifyWeights:
         config = self._config(problem)
         layer.params = config.as_dict()
         try:
-            self.rule.check(problem)
+            self.rule.check(problem, config)
             if self.dry_run:
                 layer.decision, layer.reason = "sparse", "would be rewritten (dry run)"
                 return None

@@ -40,9 +40,14 @@ class SparseKernelRule(abc.ABC):
     #: The config dataclass of this rule's kernels.
     config_class: type = object
 
-    def check(self, problem: SpmmProblem) -> None:
-        """Raises ``UnsupportedProblem`` if the rule cannot generate ``problem``'s kernel."""
+    def check(self, problem: SpmmProblem, config) -> None:
+        """Raises ``UnsupportedProblem`` if the rule will not generate ``problem``'s kernel."""
         require_dtype(problem, self.dtypes, self.__class__.__name__)
+        if problem.weight.nnz > config.max_layer_nnz:
+            raise UnsupportedProblem(
+                f"{problem.weight.nnz:,} nonzeros exceed the unrolled-code cap of {config.max_layer_nnz:,} "
+                "(kernel_config max_layer_nnz); compile time and code size grow with every nonzero"
+            )
 
     def transposes_input(self, problem: SpmmProblem) -> bool:
         """Whether the kernel wants ``X`` transposed to ``[K, N]`` (done in Relax, before it)."""

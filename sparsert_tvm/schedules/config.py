@@ -31,10 +31,12 @@ class CudaSpmmConfig:
     max_nnz_per_segment: int = 16384
     # ptxas optimisation level (0-3).
     ptxas_opt_level: int = 3
+    # Larger weights stay dense: about 70 s of ptxas on 2 cores and 30 MB of code at the cap.
+    max_layer_nnz: int = 1_000_000
 
     def __post_init__(self):
         _check_positive(self, "rows_per_block", "threads_per_block", "columns_per_thread")
-        _check_positive(self, "max_nnz_per_segment")
+        _check_positive(self, "max_nnz_per_segment", "max_layer_nnz")
         if self.threads_per_block > 1024 or self.threads_per_block % 32:
             raise ValueError("threads_per_block must be a multiple of 32 and at most 1024")
         if not 0 <= self.ptxas_opt_level <= 3:
@@ -59,9 +61,11 @@ class CpuSpmmConfig:
     vector_lanes: int = 16
     rows_per_chunk: int = 128
     max_nnz_per_segment: int = 16384
+    # Larger weights stay dense: LLVM takes minutes beyond this (measured in the README).
+    max_layer_nnz: int = 250_000
 
     def __post_init__(self):
-        _check_positive(self, "vector_lanes", "rows_per_chunk", "max_nnz_per_segment")
+        _check_positive(self, "vector_lanes", "rows_per_chunk", "max_nnz_per_segment", "max_layer_nnz")
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -16,7 +16,6 @@ import datetime
 import json
 import os
 import platform
-import socket
 import sys
 import time
 from pathlib import Path

@@ -9,7 +9,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import tvm
+from tvm import relax
+
+import sparsert_tvm as sp
 from helpers import CPU_TARGET, KINDS, Case, Compiled, assert_close, pruned_matrix
+from sparsert_tvm.problem import Layout
 
 EPILOGUE_OPS = ("bias", "relu", "relu6", "clip", "residual")
 
@@ -64,3 +69,42 @@ def test_sparse_equals_dense_on_cpu(case_and_seed):
 @given(case_and_seed=cases())
 def test_sparse_equals_dense_on_gpu(gpu_target, case_and_seed):
     check_case(case_and_seed, gpu_target)
+
+
+@st.composite
+def convolutions(draw):
+    """Any 2-D convolution, supported or not: kernel size, stride, padding, groups, dtype."""
+    dtype = draw(st.sampled_from(["float32", "float32", "float16"]))
+    groups = draw(st.sampled_from([1, 1, 2]))
+    channels_in, channels_out = 4 * draw(st.integers(1, 3)), 2 * draw(st.integers(1, 4))
+    kernel = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
+    strides = draw(st.integers(1, 2))
+    padding = draw(st.integers(0, 1))
+    seed = draw(st.integers(0, 2**16))
+    threshold = draw(st.sampled_from([None, 0.5, 1.0]))
+    return dtype, groups, channels_in, channels_out, kernel, strides, padding, seed, threshold
+
+
+@given(convolutions())
+@settings(max_examples=30)
+def test_any_convolution_matches_tvm_dense(params):
+    """Rewritten or not, the compiled model computes what TVM's dense build computes."""
+    dtype, groups, c_in, c_out, kernel, strides, padding, seed, threshold = params
+    rng = np.random.default_rng(seed)
+    weight = ((rng.random((c_out, c_in // groups, *kernel)) < 0.3) * rng.standard_normal((c_out, c_in // groups, *kernel)))
+    x = relax.Var("x", relax.TensorType((2, c_in, 5, 6), dtype))
+    builder = relax.BlockBuilder()
+    with builder.function("main", [x]):
+        with builder.dataflow():
+            conv = relax.op.nn.conv2d(x, relax.const(weight.astype(dtype), dtype), strides=strides, padding=padding, groups=groups)
+            out = builder.emit_output(relax.op.nn.relu(builder.emit(conv)))
+        builder.emit_func_output(out)
+    mod = builder.get()
+    arrays = [rng.standard_normal((2, c_in, 5, 6)).astype(dtype)]
+    dense = relax.VirtualMachine(tvm.compile(mod, CPU_TARGET), tvm.cpu())["main"](tvm.runtime.tensor(arrays[0])).numpy()
+    compiled = Compiled(mod, CPU_TARGET, density_threshold=threshold)
+    limit = sp.DEFAULT_DENSITY_THRESHOLD[Layout.CHANNELS] if threshold is None else threshold
+    supported = dtype == "float32" and groups == 1 and kernel == (1, 1) and strides == 1 and padding == 0
+    assert [layer.sparse for layer in compiled.report] == [supported and np.count_nonzero(weight) / weight.size <= limit]
+    tolerance = 1e-2 if dtype == "float16" else 1e-5
+    np.testing.assert_allclose(compiled(*arrays), dense, rtol=tolerance, atol=tolerance * max(1.0, float(np.abs(dense).max())))

@@ -1,8 +1,13 @@
-"""The ``sparsert`` command line."""
+"""The ``sparsert`` command line: inspect, compile, run and prune models.
+
+User errors (bad files, shapes, options) end with one line on stderr and a non-zero exit
+status, never a traceback.
+"""
 
 from __future__ import annotations
 
 import sys
+from contextlib import contextmanager
 
 import click
 
@@ -20,23 +25,66 @@ def parse_target(name: str):
         if tvm.cuda(0).exist:
             return tvm.target.Target(tvm.target.Target.from_device(tvm.cuda(0)), host=build.host_cpu_target())
         return tvm.target.Target({"kind": "cuda", "arch": "sm_90"}, host=build.host_cpu_target())
-    raise click.BadParameter(f"unknown target {name!r}; use auto, cuda or llvm")
+    raise click.BadParameter(f"unknown target {name!r}; use auto, cuda or llvm", param_hint="--target")
 
 
-def load_onnx(path: str):
-    """An ONNX file imported into Relax, or a one-line error."""
+def parse_input_shapes(values) -> dict | None:
+    """``name:1x3x224x224`` options as from_onnx's shape_dict."""
+    shapes = {}
+    for value in values:
+        name, sep, dims = value.rpartition(":")
+        try:
+            if not sep or not name:
+                raise ValueError
+            shapes[name] = [int(d) for d in dims.split("x")]
+        except ValueError:
+            raise click.BadParameter(f"{value!r} is not NAME:D1xD2x...", param_hint="--input-shape") from None
+    return shapes or None
+
+
+def read_onnx(path: str):
     import onnx
-    from tvm.relax.frontend.onnx import from_onnx
 
     try:
-        model = onnx.load(path)
+        return onnx.load(path)
     except Exception as error:  # noqa: BLE001 - any parse failure is the user's file
         raise click.ClickException(f"cannot read ONNX model {path}: {error}") from error
+
+
+def load_onnx(path: str, shapes: dict | None = None):
+    """An ONNX file imported into Relax, or a one-line error."""
+    from tvm.relax.frontend.onnx import from_onnx
+
+    model = read_onnx(path)
     try:
-        return from_onnx(model, keep_params_in_input=False)
+        return from_onnx(model, shape_dict=shapes, keep_params_in_input=False)
     except Exception as error:  # noqa: BLE001 - the frontend raises many kinds
-        message = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
-        raise click.ClickException(f"TVM cannot import {path}: {message}") from error
+        raise click.ClickException(f"TVM cannot import {path}: {_last_line(error)}") from error
+
+
+def _last_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[-1] if text else type(error).__name__
+
+
+@contextmanager
+def user_errors():
+    """Turns the library's expected failures into one-line CLI errors."""
+    from .errors import SparseRTError
+
+    try:
+        yield
+    except (SparseRTError, ValueError, TypeError) as error:
+        raise click.ClickException(_last_line(error)) from error
+
+
+@contextmanager
+def step(message: str):
+    """A spinner on stderr while a long step runs."""
+    from rich.console import Console
+
+    with Console(stderr=True).status(message):
+        yield
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -44,21 +92,99 @@ def main():
     """Unrolled sparse kernels for pruned models, on Apache TVM."""
 
 
+threshold_option = click.option(
+    "--density-threshold", type=float, default=None, help="rewrite weights at or below this density [default: by layout]"
+)
+target_option = click.option("--target", default="auto", show_default=True, help="auto, cuda or llvm")
+shape_option = click.option("--input-shape", multiple=True, metavar="NAME:1x3x224x224", help="fix an input's shape")
+
+
 @main.command()
 @click.argument("model", type=click.Path(exists=True, dir_okay=False))
-@click.option("--target", default="auto", show_default=True, help="auto, cuda or llvm")
-@click.option("--density-threshold", type=float, default=None, help="rewrite weights at or below this density")
-def inspect(model, target, density_threshold):
+@target_option
+@threshold_option
+@shape_option
+def inspect(model, target, density_threshold, input_shape):
     """Show, per weight layer of an ONNX MODEL, what would become a sparse kernel and why."""
     from .passes import SparsifyWeights
     from .report import report_of
 
-    mod = load_onnx(model)
-    try:
+    mod = load_onnx(model, parse_input_shapes(input_shape))
+    with user_errors():
         checked = SparsifyWeights(parse_target(target), density_threshold, dry_run=True)(mod)
-    except ValueError as error:
-        raise click.ClickException(str(error)) from error
     click.echo(report_of(checked).table(), nl=False)
+
+
+@main.command()
+@click.argument("model", type=click.Path(exists=True, dir_okay=False))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="the module to write (.so)")
+@target_option
+@threshold_option
+@shape_option
+def compile(model, output, target, density_threshold, input_shape):  # noqa: A001 - the command's name
+    """Compile an ONNX MODEL with sparse kernels into a deployable module."""
+    from .report import SparsityReport
+
+    mod = load_onnx(model, parse_input_shapes(input_shape))
+    report = SparsityReport()
+    resolved = parse_target(target)
+    with user_errors(), step(f"compiling for {resolved.kind.name}"):
+        executable = build.compile(mod, resolved, density_threshold, report=report)
+        executable.export_library(output)
+    click.echo(report.table(), nl=False)
+    click.echo(f"wrote {output} ({resolved.kind.name})")
+
+
+@main.command()
+@click.argument("module", type=click.Path(exists=True, dir_okay=False))
+@click.option("--input", "inputs", multiple=True, required=True, type=click.Path(exists=True, dir_okay=False),
+              help="a .npy file per model input, in order")
+@click.option("--output", type=click.Path(dir_okay=False), help="save the (first) output as .npy")
+@click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True)
+def run(module, inputs, output, device):
+    """Run a compiled MODULE (from `sparsert compile`) on .npy inputs."""
+    import numpy as np
+    import tvm
+    from tvm import relax
+
+    dev = tvm.cuda(0) if device == "cuda" or (device == "auto" and tvm.cuda(0).exist) else tvm.cpu(0)
+    try:
+        vm = relax.VirtualMachine(tvm.runtime.load_module(module), dev)
+    except Exception as error:  # noqa: BLE001 - not a module, or built for another device
+        raise click.ClickException(f"cannot load {module} on {dev}: {_last_line(error)}") from error
+    arrays = [np.load(path) for path in inputs]
+    try:
+        result = vm["main"](*[tvm.runtime.tensor(a, dev) for a in arrays])
+    except Exception as error:  # noqa: BLE001 - wrong shapes / dtypes / counts
+        raise click.ClickException(f"the model rejected its inputs: {_last_line(error)}") from error
+    first = result.numpy() if hasattr(result, "numpy") else result[0].numpy()
+    click.echo(f"output: shape {first.shape}, dtype {first.dtype}, mean {first.mean():.6g}, max |x| {np.abs(first).max():.6g}")
+    if output:
+        np.save(output, first)
+
+
+@main.command()
+@click.argument("model", type=click.Path(exists=True, dir_okay=False))
+@click.option("--sparsity", type=float, required=True, help="fraction of each layer's weights to zero, e.g. 0.9")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False))
+@click.option("--prune-first-conv/--keep-first-conv", default=False, show_default=True)
+@click.option("--prune-depthwise/--keep-depthwise", default=False, show_default=True)
+@click.option("--prune-classifier/--keep-classifier", default=True, show_default=True)
+def prune(model, sparsity, output, prune_first_conv, prune_depthwise, prune_classifier):
+    """Magnitude-prune the Conv / Gemm / MatMul weights of an ONNX MODEL (unstructured)."""
+    import onnx
+
+    from .prune import prune_model
+
+    with user_errors():
+        pruned, layers = prune_model(
+            read_onnx(model), sparsity, first_conv=prune_first_conv, depthwise=prune_depthwise, classifier=prune_classifier
+        )
+    onnx.save(pruned, output)
+    for layer in layers:
+        note = "" if layer.pruned else f"  ({layer.why_not})"
+        click.echo(f"{layer.op:7s} {layer.weight:30s} {str(layer.shape):20s} density {layer.density:.3f}{note}")
+    click.echo(f"wrote {output}: {sum(layer.pruned for layer in layers)} of {len(layers)} layers pruned")
 
 
 if __name__ == "__main__":

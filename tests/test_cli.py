@@ -1,0 +1,101 @@
+"""The sparsert command line, and deploying what it builds with TVM's runtime alone."""
+
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import onnx
+import pytest
+import tvm
+from click.testing import CliRunner
+from onnx import numpy_helper
+from tvm import relax
+from tvm.relax.frontend.onnx import from_onnx
+
+from helpers import CPU_TARGET, assert_close
+from sparsert_tvm import models
+from sparsert_tvm.cli import main as cli
+from sparsert_tvm.prune import magnitude_prune
+
+
+def invoke(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+@pytest.fixture
+def dense_convnet(tmp_path):
+    path = tmp_path / "dense.onnx"
+    onnx.save(models.convnet(np.random.default_rng(0), density=1.0), path)
+    return path
+
+
+def weight_densities(path) -> dict:
+    return {i.name: np.count_nonzero(numpy_helper.to_array(i)) / np.prod(i.dims) for i in onnx.load(path).graph.initializer if len(i.dims) == 4}
+
+
+def test_magnitude_prune_keeps_the_largest():
+    weight = np.array([[0.1, -5.0, 0.3], [2.0, -0.2, 0.05]], "float32")
+    np.testing.assert_array_equal(magnitude_prune(weight, 0.5), np.array([[0, -5.0, 0.3], [2.0, 0, 0]], "float32"))
+    assert np.count_nonzero(magnitude_prune(weight, 0.0)) == 6
+
+
+def test_prune_keeps_first_conv_unless_asked(dense_convnet, tmp_path):
+    out = tmp_path / "pruned.onnx"
+    result = invoke("prune", dense_convnet, "--sparsity", 0.9, "-o", out)
+    assert result.exit_code == 0, result.output
+    onnx.checker.check_model(onnx.load(out))
+    densities = weight_densities(out)
+    assert densities["w1"] == 1.0 and "first convolution" in result.output
+    assert all(abs(densities[w] - 0.1) < 0.02 for w in ("w2", "w3", "w4"))
+    result = invoke("prune", dense_convnet, "--sparsity", 0.9, "--prune-first-conv", "-o", out)
+    assert abs(weight_densities(out)["w1"] - 0.1) < 0.02
+    assert invoke("prune", dense_convnet, "--sparsity", 1.5, "-o", out).exit_code == 1
+
+
+def test_compile_run_and_deploy_with_the_runtime_only(target, dense_convnet, tmp_path):
+    kind = target.kind.name
+    device = "cuda" if kind == "cuda" else "cpu"
+    pruned, module = tmp_path / "pruned.onnx", tmp_path / "model.so"
+    assert invoke("prune", dense_convnet, "--sparsity", 0.9, "-o", pruned).exit_code == 0
+    result = invoke("compile", pruned, "--target", kind, "-o", module, "--input-shape", "x:2x32x8x8")
+    assert result.exit_code == 0, result.output
+    assert "conv2d 1x1 NCHW" in result.output and "sparse" in result.output
+
+    x = np.random.default_rng(1).standard_normal((2, 32, 8, 8)).astype("float32")
+    np.save(tmp_path / "x.npy", x)
+    mod = from_onnx(onnx.load(pruned), keep_params_in_input=False)
+    expected = relax.VirtualMachine(tvm.compile(mod, CPU_TARGET), tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
+
+    result = invoke("run", module, "--input", tmp_path / "x.npy", "--output", tmp_path / "y.npy", "--device", device)
+    assert result.exit_code == 0, result.output
+    assert_close(np.load(tmp_path / "y.npy"), expected)
+
+    # A separate process with TVM's runtime only: no sparsert_tvm, no compiler.
+    script = textwrap.dedent(f"""
+        import sys, numpy as np, tvm
+        from tvm import relax
+        device = tvm.{device}(0)
+        vm = relax.VirtualMachine(tvm.runtime.load_module({str(module)!r}), device)
+        y = vm["main"](tvm.runtime.tensor(np.load({str(tmp_path / 'x.npy')!r}), device)).numpy()
+        np.save({str(tmp_path / 'deployed.npy')!r}, y)
+        assert "sparsert_tvm" not in sys.modules
+    """)
+    subprocess.run([sys.executable, "-c", script], check=True, cwd=tmp_path)
+    assert_close(np.load(tmp_path / "deployed.npy"), expected)
+
+
+def test_run_reports_user_errors_in_one_line(dense_convnet, tmp_path):
+    module = tmp_path / "model.so"
+    assert invoke("compile", dense_convnet, "--target", "llvm", "-o", module).exit_code == 0
+    np.save(tmp_path / "bad.npy", np.zeros((1, 3, 8, 8), "float32"))
+    result = invoke("run", module, "--input", tmp_path / "bad.npy", "--device", "cpu")
+    assert result.exit_code == 1 and "rejected its inputs" in result.output and "Traceback" not in result.output
+    not_a_module = tmp_path / "junk.so"
+    not_a_module.write_bytes(b"junk")
+    result = invoke("run", not_a_module, "--input", tmp_path / "bad.npy", "--device", "cpu")
+    assert result.exit_code == 1 and "cannot load" in result.output
+    result = invoke("compile", dense_convnet, "-o", module, "--input-shape", "x=1x2")
+    assert result.exit_code == 2 and "NAME:D1xD2" in result.output
+    result = invoke("compile", dense_convnet, "-o", module, "--target", "tpu")
+    assert result.exit_code == 2 and "unknown target" in result.output

@@ -154,8 +154,10 @@ class Compiled:
         self.device = device_of(target)
         self.vm = relax.VirtualMachine(self.executable, self.device)
 
-    def __call__(self, *arrays) -> np.ndarray:
-        return self.vm["main"](*[tvm.runtime.tensor(a, self.device) for a in arrays]).numpy()
+    def __call__(self, *arrays):
+        """The output as numpy, or a list of them for a tuple output."""
+        out = self.vm["main"](*[tvm.runtime.tensor(a, self.device) for a in arrays])
+        return out.numpy() if hasattr(out, "numpy") else [o.numpy() for o in out]
 
 
 def assert_close(actual, expected, dtype="float32"):

@@ -16,7 +16,7 @@ import torch
 import tvm
 import tvm_ffi
 
-from sparsert_tvm.build import host_cpu_target
+from sparsert_tvm.build import cuda_target
 from sparsert_tvm.problem import Layout, SpmmProblem
 from sparsert_tvm.schedules.cuda.rule import CudaSpmmRule
 from sparsert_tvm.weights import SparseMatrix
@@ -90,7 +90,7 @@ def time_sparsert(case: SpmmCase, config=None):
     problem = case.problem()
     if rule.transposes_input(problem):
         problem = dataclasses.replace(problem, x_transposed=True)
-    target = tvm.target.Target(tvm.target.Target.from_device(tvm.cuda(0)), host=host_cpu_target())
+    target = cuda_target()
     config = config or rule.default_config(problem, target)
     start = time.perf_counter()
     built = rule.build(problem, config, target, "bench")
@@ -140,7 +140,7 @@ def time_tvm_dense(case: SpmmCase):
     from tvm import relax
     from tvm.relax.backend.cuda.pipeline import legalize_passes
 
-    target = tvm.target.Target(tvm.target.Target.from_device(tvm.cuda(0)), host=host_cpu_target())
+    target = cuda_target()
     m, k = case.weight.shape
     rows = case.layout is Layout.ROWS
     x = relax.Var("x", relax.TensorType((case.columns, k) if rows else (k, case.columns), "float32"))

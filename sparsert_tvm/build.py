@@ -43,10 +43,15 @@ def compile(  # noqa: A001 - mirrors tvm.compile
 
 def default_target() -> tvm.target.Target:
     """The GPU if TVM sees one (with the host CPU as its host), else the host CPU."""
+    return cuda_target() if tvm.cuda(0).exist else host_cpu_target()
+
+
+def cuda_target() -> tvm.target.Target:
+    """CUDA for the GPU TVM sees, or for sm_90 (the H100) where there is none, hosted by this CPU."""
     host = host_cpu_target()
     if tvm.cuda(0).exist:
         return tvm.target.Target(tvm.target.Target.from_device(tvm.cuda(0)), host=host)
-    return host
+    return tvm.target.Target({"kind": "cuda", "arch": "sm_90"}, host=host)
 
 
 def host_cpu_target() -> tvm.target.Target:

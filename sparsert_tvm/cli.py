@@ -15,16 +15,12 @@ from . import build
 
 
 def parse_target(name: str):
-    import tvm
-
     if name == "auto":
         return build.default_target()
     if name == "llvm":
         return build.host_cpu_target()
     if name == "cuda":
-        if tvm.cuda(0).exist:
-            return tvm.target.Target(tvm.target.Target.from_device(tvm.cuda(0)), host=build.host_cpu_target())
-        return tvm.target.Target({"kind": "cuda", "arch": "sm_90"}, host=build.host_cpu_target())
+        return build.cuda_target()
     raise click.BadParameter(f"unknown target {name!r}; use auto, cuda or llvm", param_hint="--target")
 
 

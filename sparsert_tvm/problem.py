@@ -18,6 +18,7 @@ from __future__ import annotations
 import enum
 import math
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 from tvm import sym, tirx
@@ -107,7 +108,7 @@ class SpmmProblem:
     def has_residual(self) -> bool:
         return any(isinstance(op, ResidualAdd) for op in self.epilogue)
 
-    @property
+    @cached_property
     def columns(self):
         """Columns of the product per image: a ``tirx`` expression, maybe symbolic."""
         return sym.Analyzer().simplify(columns_and_batch(self.layout, self.x_shape)[0])

@@ -9,6 +9,7 @@ import tvm
 from tvm import relax, tirx
 
 import sparsert_tvm as sp
+from sparsert_tvm import build
 from sparsert_tvm.build import host_cpu_target
 
 KINDS = ("matmul", "matmul_t", "conv_nchw", "conv_nhwc")
@@ -173,4 +174,4 @@ CPU_TARGET = host_cpu_target()
 
 
 def cuda_target():
-    return tvm.target.Target(tvm.target.Target.from_device(tvm.cuda(0)), host=CPU_TARGET)
+    return build.cuda_target()

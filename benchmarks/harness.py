@@ -19,6 +19,8 @@ import tvm_ffi
 from sparsert_tvm.build import cuda_target
 from sparsert_tvm.problem import Layout, SpmmProblem
 from sparsert_tvm.schedules.cuda.rule import CudaSpmmRule
+from sparsert_tvm.tuning.measure import build_launcher
+from sparsert_tvm.tuning.tuner import TuneOptions, Tuner
 from sparsert_tvm.weights import SparseMatrix
 
 ROTATE = 4  # distinct input/output buffers cycled through inside a graph
@@ -55,55 +57,94 @@ class SpmmCase:
     weight: np.ndarray  # A[M, K]
     layout: Layout
     columns: int  # N: rows of X (ROWS) or spatial positions (CHANNELS)
+    dtype: str = "float32"  # of our kernel, its operands and TVM's dense kernel
+    images: int = 1  # batch of a CHANNELS case (N = images * columns)
 
     @property
     def shape(self):
         m, k = self.weight.shape
-        return m, k, self.columns
+        return m, k, self.columns * self.images
+
+    @property
+    def torch_dtype(self):
+        return getattr(torch, self.dtype)
 
     def x_shape(self):
         m, k = self.weight.shape
-        return (self.columns, k) if self.layout is Layout.ROWS else (1, k, self.columns)
+        return (self.columns, k) if self.layout is Layout.ROWS else (self.images, k, self.columns)
 
     def y_shape(self):
         m, k = self.weight.shape
-        return (self.columns, m) if self.layout is Layout.ROWS else (1, m, self.columns)
+        return (self.columns, m) if self.layout is Layout.ROWS else (self.images, m, self.columns)
 
     def problem(self) -> SpmmProblem:
-        return SpmmProblem(SparseMatrix.from_dense(self.weight), self.layout, "float32", self.x_shape(), self.y_shape())
+        weight = SparseMatrix.from_dense(self.weight.astype(self.dtype))
+        return SpmmProblem(weight, self.layout, self.dtype, self.x_shape(), self.y_shape())
 
-    def inputs(self, dtype=torch.float32):
+    def inputs(self, dtype=None):
         gen = torch.Generator(device="cuda").manual_seed(0)
-        return [torch.randn(self.x_shape(), device="cuda", dtype=dtype, generator=gen) for _ in range(ROTATE)]
+        dtype = dtype or self.torch_dtype
+        return [torch.randn(self.x_shape(), device="cuda", generator=gen).to(dtype) for _ in range(ROTATE)]
+
+    def library_inputs(self, dtype):
+        """The inputs as one matrix product sees them: ``X[N, K]`` or ``X[K, images * columns]``."""
+        xs = self.inputs(dtype)
+        if self.layout is Layout.ROWS:
+            return xs
+        return [x.transpose(0, 1).reshape(x.shape[1], -1).contiguous() for x in xs]
 
     def dense_product(self, w, x):
         """The same product with a dense (or torch sparse) weight ``w``."""
         if self.layout is Layout.ROWS:
             return x @ w.t() if w.layout == torch.strided else (w @ x.t()).t()
-        return w @ x[0]
+        return w @ x  # X[K, N], or X[images, K, columns] batched over images
 
 
-def time_sparsert(case: SpmmCase, config=None):
-    """Our kernel as the pass would use it: with the transpose of X it may ask for (done here
-    by torch, inside the timed graph). Returns (us, output, info)."""
-    rule = CudaSpmmRule()
+def sparse_problem(case: SpmmCase) -> SpmmProblem:
+    """The problem as the pass would hand it to the CUDA rule (X transposed where it asks)."""
     problem = case.problem()
-    if rule.transposes_input(problem):
+    if CudaSpmmRule().transposes_input(problem):
         problem = dataclasses.replace(problem, x_transposed=True)
+    return problem
+
+
+def graph_timer(case: SpmmCase):
+    """A tuner timer (``built, target -> us``) that times with CUDA graphs on the case's inputs."""
+
+    def timer(built, target):
+        lib, name = build_launcher(built, target)
+        return _time_launcher(case, built.problem, lib[name])[0]
+
+    return timer
+
+
+def time_sparsert(case: SpmmCase, config=None, tune: TuneOptions | None = None):
+    """Our kernel as the pass would use it: with the transpose of X it may ask for (done here
+    by torch, inside the timed graph), tuned if ``tune`` is given. Returns (us, output, info)."""
+    rule = CudaSpmmRule()
+    problem = sparse_problem(case)
     target = cuda_target()
+    tune_s, tuning = 0.0, {}
+    if config is None and tune is not None:
+        record = Tuner(rule, target, tune).tune(problem, "bench")
+        config, tune_s = rule.config_class(**record.config), record.tune_s
+        tuning = {"default_us": record.default_us, "candidates": record.candidates}
     config = config or rule.default_config(problem, target)
     start = time.perf_counter()
     built = rule.build(problem, config, target, "bench")
-    lib = tvm.tirx.build(tvm.IRModule({"bench": built.func}), target=target)
-    for module in built.external_modules:
-        lib.import_module(module)
+    lib, name = build_launcher(built, target)
     compile_s = time.perf_counter() - start
+    us, out = _time_launcher(case, problem, lib[name])
+    info = {"compile_s": compile_s, "tune_s": tune_s, "code_bytes": built.code_bytes, "params": built.params | tuning}
+    return us, out, info
+
+
+def _time_launcher(case: SpmmCase, problem: SpmmProblem, fn):
     xs = case.inputs()
-    ys = [torch.empty(case.y_shape(), device="cuda") for _ in xs]
+    ys = [torch.empty(case.y_shape(), device="cuda", dtype=case.torch_dtype) for _ in xs]
     operands = [x.t().contiguous() if problem.x_transposed else x for x in xs]
     tx = [tvm.runtime.from_dlpack(x) for x in operands]
     ty = [tvm.runtime.from_dlpack(y) for y in ys]
-    fn = lib["bench"]
 
     def step(i):
         j = i % ROTATE
@@ -114,8 +155,7 @@ def time_sparsert(case: SpmmCase, config=None):
     us = graph_time_us(step)
     step(0)
     torch.cuda.synchronize()
-    info = {"compile_s": compile_s, "code_bytes": built.code_bytes, "params": built.params}
-    return us, ys[0].clone(), info
+    return us, ys[0].clone()
 
 
 def time_torch(case: SpmmCase, mode: str):
@@ -125,7 +165,7 @@ def time_torch(case: SpmmCase, mode: str):
     weight = torch.tensor(case.weight, device="cuda", dtype=dtype)
     if mode == "csr":
         weight = weight.to_sparse_csr()
-    xs = case.inputs(dtype)
+    xs = case.library_inputs(dtype)
     try:
         us = graph_time_us(lambda i: case.dense_product(weight, xs[i % ROTATE]))
         out = case.dense_product(weight, xs[0]).float()
@@ -143,8 +183,9 @@ def time_tvm_dense(case: SpmmCase):
     target = cuda_target()
     m, k = case.weight.shape
     rows = case.layout is Layout.ROWS
-    x = relax.Var("x", relax.TensorType((case.columns, k) if rows else (k, case.columns), "float32"))
-    w = relax.Var("w", relax.TensorType((k, m) if rows else (m, k), "float32"))
+    x_shape = (case.columns, k) if rows else (case.images, k, case.columns)
+    x = relax.Var("x", relax.TensorType(x_shape, case.dtype))
+    w = relax.Var("w", relax.TensorType((k, m) if rows else (m, k), case.dtype))
     builder = relax.BlockBuilder()
     with builder.function("main", [x, w]):
         with builder.dataflow():
@@ -155,9 +196,9 @@ def time_tvm_dense(case: SpmmCase):
     ((gv, func),) = [(gv, f) for gv, f in lowered.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
     func = func.with_attr("global_symbol", gv.name_hint)
     fn = tvm.tirx.build(tvm.IRModule({gv.name_hint: func}), target=target)[gv.name_hint]
-    weight = torch.tensor(case.weight.T.copy() if rows else case.weight, device="cuda")
-    xs = [x if rows else x[0] for x in case.inputs()]
-    ys = [torch.empty((case.columns, m) if rows else (m, case.columns), device="cuda") for _ in xs]
+    weight = torch.tensor(case.weight.T.copy() if rows else case.weight, device="cuda").to(case.torch_dtype)
+    xs = case.inputs()
+    ys = [torch.empty(case.y_shape(), device="cuda", dtype=case.torch_dtype) for _ in xs]
     tw = tvm.runtime.from_dlpack(weight)
     tx = [tvm.runtime.from_dlpack(x) for x in xs]
     ty = [tvm.runtime.from_dlpack(y) for y in ys]
@@ -171,4 +212,5 @@ def time_tvm_dense(case: SpmmCase):
 def reference(case: SpmmCase) -> torch.Tensor:
     """The product in float64 on the first input set, as every contender sees it."""
     x = case.inputs()[0].double()
-    return case.dense_product(torch.tensor(case.weight, device="cuda", dtype=torch.float64), x)
+    weight = torch.tensor(case.weight.astype(case.dtype), device="cuda").double()  # as rounded for the kernel
+    return case.dense_product(weight, x)

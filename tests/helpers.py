@@ -137,9 +137,10 @@ class Case:
         return acc
 
 
-def make_case(rng, kind, m, k, density, x_shape, epilogue=(), **matrix_options) -> Case:
-    bias = rng.standard_normal(m).astype("float32") if "bias" in epilogue else None
-    return Case(kind, sparse_matrix(rng, (m, k), density, **matrix_options), x_shape, tuple(epilogue), bias)
+def make_case(rng, kind, m, k, density, x_shape, epilogue=(), dtype="float32", **matrix_options) -> Case:
+    bias = rng.standard_normal(m).astype(dtype) if "bias" in epilogue else None
+    weight = sparse_matrix(rng, (m, k), density, dtype=dtype, **matrix_options)
+    return Case(kind, weight, x_shape, tuple(epilogue), bias, dtype)
 
 
 def device_of(target) -> tvm.runtime.Device:
@@ -161,13 +162,19 @@ class Compiled:
         return out.numpy() if hasattr(out, "numpy") else [o.numpy() for o in out]
 
 
+# Relative tolerances against a float64 reference. float16 kernels accumulate in float16:
+# each FMA rounds to 11 bits, so a sum of a few dozen products is good to about 1e-2.
+TOLERANCE = {"float32": 2e-5, "float16": 2e-2}
+
+
 def assert_close(actual, expected, dtype="float32"):
-    """fp32 with accumulation order differences: relative to the output's scale."""
+    """Differences of rounding and accumulation order, relative to the output's scale."""
     expected = np.asarray(expected)
     assert actual.shape == expected.shape
     assert np.isfinite(actual).all()
     scale = max(1.0, float(np.abs(expected).max())) if expected.size else 1.0
-    np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=2e-5 * scale)
+    tolerance = TOLERANCE[dtype]
+    np.testing.assert_allclose(actual.astype(np.float64), expected, rtol=tolerance / 2, atol=tolerance * scale)
 
 
 CPU_TARGET = host_cpu_target()

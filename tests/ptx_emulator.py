@@ -17,6 +17,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 _TOKEN = re.compile(r"\s*,\s*")
+_BRACES = re.compile(r"\{([^}]*)\}")
+# Register and memory types: numpy dtype of the bits a register holds.
+_TYPES = {"f32": np.float32, "b32": np.uint32, "b16": np.uint16, "u32": np.uint32, "u64": np.uint64}
 
 
 @dataclass
@@ -62,6 +65,8 @@ class PtxProgram:
                 guard = guard[1:]
             line = line.rstrip(";")
             opcode, _, rest = line.partition(" ")
+            # A register list "{%a, %b}" stays one operand, its names joined by ";".
+            rest = _BRACES.sub(lambda m: "{" + ";".join(_TOKEN.split(m.group(1).strip())) + "}", rest)
             current.body.append((guard, opcode, _TOKEN.split(rest.strip()) if rest else []))
 
     # -- execution -------------------------------------------------------------------
@@ -99,7 +104,7 @@ class PtxProgram:
                 # Never written (a load no thread executed): undefined on hardware. NaN here,
                 # so a store of it shows up in the comparison with numpy.
                 return np.full(threads, np.nan, np.float32)
-            return np.full(threads, int(operand), dtype)
+            return np.full(threads, int(operand, 0), dtype)
 
         def write(dest, result, mask):
             old = regs.get(dest)
@@ -124,6 +129,19 @@ class PtxProgram:
                 write(ops[0], np.broadcast_to(np.asarray(source, np.uint64), (threads,)).copy(), mask)
             elif op in ("cvta.to.global.u64", "mov.u32", "mov.u64", "cvt.u64.u32", "mov.f32"):
                 write(ops[0], value(ops[1]).copy(), mask)
+            elif op in ("mov.b32", "mov.b16"):
+                if ops[0].startswith("{"):  # unpack two halves
+                    bits = value(ops[1]).astype(np.uint32)
+                    lo, hi = _names(ops[0])
+                    write(lo, (bits & 0xFFFF).astype(np.uint16), mask)
+                    write(hi, (bits >> 16).astype(np.uint16), mask)
+                elif ops[1].startswith("{"):  # pack two halves
+                    lo, hi = (value(n).astype(np.uint32) for n in _names(ops[1]))
+                    write(ops[0], (lo | hi << 16).astype(np.uint32), mask)
+                else:
+                    write(ops[0], value(ops[1]).astype(_TYPES[op[-3:]]), mask)
+            elif op == "mul.lo.u32":
+                write(ops[0], (value(ops[1]) * value(ops[2])) & 0xFFFFFFFF, mask)
             elif op == "mad.lo.u32":
                 write(ops[0], (value(ops[1]) * value(ops[2]) + value(ops[3])) & 0xFFFFFFFF, mask)
             elif op in ("mul.lo.u64", "add.s64", "add.u32", "sub.u32"):
@@ -149,17 +167,16 @@ class PtxProgram:
                 targets = fn.tables[ops[1]]
                 assert index[0] < len(targets), "brx.idx index out of range"
                 pc = fn.labels[targets[int(index[0])]]
-            elif op == "ld.global.nc.f32":
-                write(ops[0], memory.load(_address(ops[1], value), mask), mask)
-            elif op == "st.global.f32":
-                memory.store(_address(ops[0], value), value(ops[1]), mask)
-            elif op in ("fma.rn.f32", "add.f32", "max.f32", "min.f32"):
-                a, b = value(ops[1]).astype(np.float64), value(ops[2]).astype(np.float64)
-                if op == "fma.rn.f32":
-                    result = a * b + value(ops[3]).astype(np.float64)
-                else:
-                    result = {"add.f32": np.add, "max.f32": np.fmax, "min.f32": np.fmin}[op](a, b)
-                write(ops[0], result.astype(np.float32), mask)
+            elif op.startswith("ld.global.nc."):
+                kind = _TYPES[op[-3:]]
+                for i, dest in enumerate(_names(ops[0])):
+                    write(dest, memory.load(_address(ops[1], value, i * kind().itemsize), mask, kind), mask)
+            elif op.startswith("st.global."):
+                kind = _TYPES[op[-3:]]
+                for i, source in enumerate(_names(ops[1])):
+                    memory.store(_address(ops[0], value, i * kind().itemsize), value(source).astype(kind), mask)
+            elif op.split(".")[0] in ("fma", "add", "max", "min") and op.endswith(("f32", "f16", "f16x2")):
+                write(ops[0], _arithmetic(op, [value(o) for o in ops[1:]]), mask)
             elif op.startswith("st.param"):
                 call_params[ops[0].strip("[]")] = value(ops[1]).copy()
             elif op == "call":
@@ -173,13 +190,45 @@ class PtxProgram:
                 raise NotImplementedError(f"PTX emulator: {op}")
 
 
-def _address(operand: str, value):
+def _names(operand: str) -> list[str]:
+    return operand.strip("{}").split(";")
+
+
+def _address(operand: str, value, extra: int = 0):
     base, _, offset = operand.strip("[]").partition("+")
-    return value(base) + np.uint64(int(offset or 0))
+    return value(base) + np.uint64(int(offset or 0) + extra)
+
+
+_FLOAT_OPS = {"add": np.add, "max": np.fmax, "min": np.fmin}
+
+
+def _arithmetic(op: str, operands: list[np.ndarray]) -> np.ndarray:
+    """f32, f16 and f16x2 (two halves per 32-bit register) arithmetic, rounded once."""
+    kind = op.split(".")[-1]
+
+    def compute(args):
+        wide = [a.astype(np.float64) for a in args]
+        if op.startswith("fma"):
+            return wide[0] * wide[1] + wide[2]
+        return _FLOAT_OPS[op.split(".")[0]](wide[0], wide[1])
+
+    if kind == "f32":
+        return compute([o.astype(np.float32) for o in operands]).astype(np.float32)
+
+    def halves(bits, shift):
+        if bits.dtype == np.float32:  # a never-written register (NaN): NaN halves
+            bits = np.full(bits.shape, 0x7E007E00, np.uint32)
+        return ((bits.astype(np.uint32) >> shift) & 0xFFFF).astype(np.uint16).view(np.float16)
+
+    if kind == "f16":
+        return compute([halves(o, 0) for o in operands]).astype(np.float16).view(np.uint16)
+    lo = compute([halves(o, 0) for o in operands]).astype(np.float16).view(np.uint16).astype(np.uint32)
+    hi = compute([halves(o, 16) for o in operands]).astype(np.float16).view(np.uint16).astype(np.uint32)
+    return lo | hi << 16
 
 
 class _Memory:
-    """Named buffers at distinct, widely spaced addresses."""
+    """Named buffers at distinct, widely spaced addresses, accessed as bytes."""
 
     _SPACING = 1 << 32
 
@@ -190,28 +239,29 @@ class _Memory:
     def address(self, name: str) -> int:
         return self.bases[name]
 
-    def _locate(self, addresses, mask):
+    def _locate(self, addresses, mask, itemsize):
         name = None
         for candidate, base in self.bases.items():
             if (addresses[mask] >= base).all() and (addresses[mask] < base + self._SPACING).all():
                 name = candidate
         if name is None:
             raise IndexError("access outside every buffer")
-        flat = self.buffers[name].reshape(-1)
-        offsets = addresses - np.uint64(self.bases[name])
-        if (offsets[mask] % 4).any():
+        raw = self.buffers[name].reshape(-1).view(np.uint8)
+        offsets = (addresses[mask] - np.uint64(self.bases[name])).astype(np.int64)
+        if (offsets % itemsize).any():
             raise IndexError("misaligned access")
-        index = (offsets // 4).astype(np.int64)
-        if (index[mask] >= flat.size).any():
+        if (offsets + itemsize > raw.size).any():
             raise IndexError(f"access past the end of {name}")
-        return flat, index
+        return raw, offsets[:, None] + np.arange(itemsize)
 
-    def load(self, addresses, mask):
-        flat, index = self._locate(addresses, mask)
-        out = np.zeros(len(addresses), np.float32)
-        out[mask] = flat[index[mask]]
+    def load(self, addresses, mask, kind):
+        out = np.zeros(len(addresses), kind)
+        if mask.any():
+            raw, index = self._locate(addresses, mask, out.itemsize)
+            out[mask] = raw[index].copy().view(kind).reshape(-1)
         return out
 
     def store(self, addresses, values, mask):
-        flat, index = self._locate(addresses, mask)
-        flat[index[mask]] = values[mask]
+        if mask.any():
+            raw, index = self._locate(addresses, mask, values.itemsize)
+            raw[index] = np.ascontiguousarray(values[mask]).view(np.uint8).reshape(index.shape)

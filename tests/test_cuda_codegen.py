@@ -29,8 +29,8 @@ needs_ptxas = pytest.mark.skipif(shutil.which("ptxas") is None and not os.path.e
 GPU_PRESENT = tvm.cuda(0).exist
 
 
-def problem_for(rng, layout, m, k, density, x_shape, epilogue=(), weight=None):
-    weight = sparse_matrix(rng, (m, k), density) if weight is None else weight
+def problem_for(rng, layout, m, k, density, x_shape, epilogue=(), weight=None, dtype="float32"):
+    weight = (sparse_matrix(rng, (m, k), density) if weight is None else weight).astype(dtype)
     ops = []
     for op in epilogue:
         if op == "bias":
@@ -41,7 +41,7 @@ def problem_for(rng, layout, m, k, density, x_shape, epilogue=(), weight=None):
             ops.append(Clip(0.0, 6.0))
     y_shape = list(x_shape)
     y_shape[1 if layout is Layout.CHANNELS else -1] = m
-    return SpmmProblem(SparseMatrix.from_dense(weight), layout, "float32", tuple(x_shape), tuple(y_shape), tuple(ops))
+    return SpmmProblem(SparseMatrix.from_dense(weight), layout, dtype, tuple(x_shape), tuple(y_shape), tuple(ops))
 
 
 def emulate(problem: SpmmProblem, config: CudaSpmmConfig, rng):
@@ -49,16 +49,20 @@ def emulate(problem: SpmmProblem, config: CudaSpmmConfig, rng):
     kernel = emit_spmm_ptx(problem, config, "k", "sm_90")
     x_shape = tuple(int(d) for d in problem.x_shape)
     y_shape = tuple(int(d) for d in problem.y_shape)
-    buffers = {"x": rng.standard_normal(x_shape).astype("float32"), "y": np.full(y_shape, np.nan, "float32")}
+    dtype = problem.dtype
+    x = rng.standard_normal(x_shape).astype(dtype)
+    buffers = {"x": x, "y": np.full(y_shape, np.nan, dtype)}
     args = ["x"]
     if problem.has_residual:
-        buffers["r"] = rng.standard_normal(y_shape).astype("float32")
+        buffers["r"] = rng.standard_normal(y_shape).astype(dtype)
         args.append("r")
+    if problem.x_transposed:  # the kernel reads X^T; the reference takes X
+        buffers["x"] = np.ascontiguousarray(x.reshape(-1, problem.K).T)
     columns = problem.static_columns
-    batch = problem.static_batch
+    batch = 1 if problem.x_transposed else problem.static_batch
     grid = (-(-columns // kernel.columns_per_block), kernel.row_groups, batch)
     PtxProgram(*kernel.units).launch("k", grid, kernel.threads, args + ["y", columns], buffers)
-    return buffers["y"], problem.reference(buffers["x"], buffers.get("r"))
+    return buffers["y"], problem.reference(x, buffers.get("r"))
 
 
 @pytest.mark.parametrize("layout", [Layout.ROWS, Layout.CHANNELS])
@@ -113,24 +117,126 @@ def test_float_immediates_are_exact():
 
 
 def test_unsupported_dtype_is_rejected():
-    problem = SpmmProblem(SparseMatrix.from_dense(np.eye(4, dtype="float16")), Layout.ROWS, "float16", (4, 4), (4, 4))
-    with pytest.raises(UnsupportedProblem, match="float32"):
+    problem = SpmmProblem(SparseMatrix.from_dense(np.eye(4, dtype="float64")), Layout.ROWS, "float64", (4, 4), (4, 4))
+    with pytest.raises(UnsupportedProblem, match="float32, float16"):
         emit_spmm_ptx(problem, CudaSpmmConfig(), "k", "sm_90")
+
+
+VECTOR_CASES = [
+    # layout, x_shape, transposed, columns_per_thread, vector_width
+    (Layout.CHANNELS, (2, 24, 6, 6), False, 1, 2),
+    (Layout.CHANNELS, (1, 24, 8, 9), False, 2, 4),
+    (Layout.ROWS, (72, 24), True, 1, 4),  # vector loads of X^T, one store per column of Y
+    (Layout.ROWS, (40, 24), True, 3, 2),
+]
+
+
+@pytest.mark.parametrize("layout, x_shape, transposed, cols, width", VECTOR_CASES)
+def test_emulated_vector_loads_float32(layout, x_shape, transposed, cols, width):
+    rng = np.random.default_rng(9)
+    problem = problem_for(rng, layout, 21, 24, 0.3, x_shape, ("bias", "residual", "relu6"))
+    problem = dataclasses.replace(problem, x_transposed=transposed)
+    config = CudaSpmmConfig(rows_per_block=3, threads_per_block=32, columns_per_thread=cols, vector_width=width)
+    text = "".join(emit_spmm_ptx(problem, config, "k", "sm_90").units)
+    assert f"ld.global.nc.v{width}.f32" in text
+    out, ref = emulate(problem, config, rng)
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def float16_reference(problem: SpmmProblem, x: np.ndarray, residual=None) -> np.ndarray:
+    """What the kernel computes, rounding to float16 after every FMA (k ascending) and op."""
+    f16 = np.float16
+    a = problem.weight.dense.astype(np.float64)
+    xs = np.moveaxis(x.reshape(-1, problem.K), 0, 1) if problem.layout is Layout.ROWS else np.moveaxis(x, 1, 0)
+    xs = xs.reshape(problem.K, -1).astype(np.float64)
+    acc = np.zeros((problem.M, xs.shape[1]), f16)
+    for k in range(problem.K):
+        acc = (acc.astype(np.float64) + a[:, k, None] * xs[k]).astype(f16)
+    if problem.layout is Layout.ROWS:
+        acc = acc.T.reshape(problem.reference(x, residual).shape)
+        rows = (None,) * (acc.ndim - 1) + (slice(None),)
+    else:
+        acc = np.moveaxis(acc.reshape(problem.M, x.shape[0], *x.shape[2:]), 0, 1)
+        rows = (None, slice(None)) + (None,) * (acc.ndim - 2)
+    for op in problem.epilogue:
+        if isinstance(op, BiasAdd):
+            acc = (acc.astype(np.float64) + np.asarray(op.values, f16).astype(np.float64)[rows]).astype(f16)
+        elif isinstance(op, ResidualAdd):
+            acc = (acc.astype(np.float64) + residual.astype(np.float64)).astype(f16)
+        else:
+            acc = np.clip(acc, f16(op.lo), f16(op.hi))
+    return acc
+
+
+FLOAT16_CASES = VECTOR_CASES + [
+    (Layout.CHANNELS, (2, 24, 4, 4), False, 2, 8),
+    (Layout.CHANNELS, (2, 24, 5, 5), False, 1, 1),  # odd columns: one half per register
+    (Layout.ROWS, (9, 24), False, 2, 1),
+]
+
+
+@pytest.mark.parametrize("layout, x_shape, transposed, cols, width", FLOAT16_CASES)
+def test_emulated_float16_kernels_round_like_float16(layout, x_shape, transposed, cols, width):
+    rng = np.random.default_rng(10)
+    problem = problem_for(rng, layout, 21, 24, 0.3, x_shape, ("bias", "residual", "relu6"), dtype="float16")
+    problem = dataclasses.replace(problem, x_transposed=transposed)
+    config = CudaSpmmConfig(rows_per_block=3, threads_per_block=32, columns_per_thread=cols, vector_width=width)
+    text = "".join(emit_spmm_ptx(problem, config, "k", "sm_90").units)
+    assert ("fma.rn.f16x2" in text) == (width > 1) and "fma.rn.f32" not in text
+    kernel_rng = np.random.default_rng(11)
+    out, ref64 = emulate(problem, config, kernel_rng)
+    inputs_rng = np.random.default_rng(11)  # the same draws emulate() made
+    x = inputs_rng.standard_normal(tuple(int(d) for d in problem.x_shape)).astype("float16")
+    residual = inputs_rng.standard_normal(tuple(int(d) for d in problem.y_shape)).astype("float16")
+    assert out.dtype == np.float16 and not np.isnan(out).any()
+    np.testing.assert_array_equal(out, float16_reference(problem, x, residual))
+    np.testing.assert_allclose(out.astype(np.float64), ref64.astype(np.float64), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize(
+    "x_shape, width, message",
+    [
+        ((1, 24, 5, 5), 2, "divisible"),
+        ((16, 24), 2, "adjacent"),  # row-major X, not transposed
+    ],
+)
+def test_vector_width_needs_adjacent_divisible_columns(x_shape, width, message):
+    rng = np.random.default_rng(12)
+    layout = Layout.ROWS if len(x_shape) == 2 else Layout.CHANNELS
+    problem = problem_for(rng, layout, 8, 24, 0.3, x_shape)
+    with pytest.raises(UnsupportedProblem, match=message):
+        cuda_rule.CudaSpmmRule().check(problem, CudaSpmmConfig(vector_width=width))
+
+
+def test_float32_vector_of_eight_is_rejected():
+    rng = np.random.default_rng(13)
+    problem = problem_for(rng, Layout.CHANNELS, 8, 24, 0.3, (1, 24, 4, 4))
+    with pytest.raises(UnsupportedProblem, match="128-bit"):
+        emit_spmm_ptx(problem, CudaSpmmConfig(vector_width=8), "k", "sm_90")
 
 
 @needs_ptxas
 @pytest.mark.parametrize(
-    "layout, config",
+    "layout, config, dtype",
     [
-        (Layout.ROWS, CudaSpmmConfig()),
-        (Layout.ROWS, CudaSpmmConfig(columns_per_thread=4, max_nnz_per_segment=100)),
-        (Layout.CHANNELS, CudaSpmmConfig(rows_per_block=8, columns_per_thread=2)),
+        (Layout.ROWS, CudaSpmmConfig(), "float32"),
+        (Layout.ROWS, CudaSpmmConfig(columns_per_thread=4, max_nnz_per_segment=100), "float32"),
+        (Layout.CHANNELS, CudaSpmmConfig(rows_per_block=8, columns_per_thread=2), "float32"),
+        (Layout.CHANNELS, CudaSpmmConfig(vector_width=4, columns_per_thread=2), "float32"),
+        (Layout.ROWS, CudaSpmmConfig(vector_width=2), "float16"),
+        (Layout.CHANNELS, CudaSpmmConfig(vector_width=8, max_nnz_per_segment=100), "float16"),
+        (Layout.CHANNELS, CudaSpmmConfig(columns_per_thread=2), "float16"),
     ],
 )
-def test_ptxas_assembles_for_sm90(layout, config):
+def test_ptxas_assembles_for_sm90(layout, config, dtype):
     rng = np.random.default_rng(3)
-    x_shape = (tirx.Var("n", "int64"), 64) if layout is Layout.ROWS else (tirx.Var("n", "int64"), 64, 7, 7)
-    problem = problem_for(rng, layout, 48, 64, 0.1, x_shape, ("bias", "residual", "relu6"))
+    static = config.vector_width > 1
+    if layout is Layout.ROWS:
+        x_shape = (64, 64) if static else (tirx.Var("n", "int64"), 64)
+    else:
+        x_shape = (2 if static else tirx.Var("n", "int64"), 64, 8, 8)
+    problem = problem_for(rng, layout, 48, 64, 0.1, x_shape, ("bias", "residual", "relu6"), dtype=dtype)
+    problem = dataclasses.replace(problem, x_transposed=layout is Layout.ROWS and static)
     kernel = emit_spmm_ptx(problem, config, "k", "sm_90")
     cubin = assemble(kernel.units, "sm_90")
     assert cubin[:4] == b"\x7fELF"

@@ -20,7 +20,7 @@ def check(case: Case, target, batches=(1, 3), seed=0, **options):
     rng = np.random.default_rng(seed)
     for batch in batches:
         arrays = case.inputs(rng, batch)
-        assert_close(compiled(*arrays), case.reference(arrays))
+        assert_close(compiled(*arrays), case.reference(arrays), case.dtype)
     return compiled.report
 
 
@@ -85,6 +85,34 @@ def test_cuda_tilings(gpu_target, config):
         report = check(case, gpu_target, batches=(1, 5, 300), kernel_config=config)
         for key, value in config.items():
             assert report.layers[0].params[key] == value
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize(
+    "kind, x_shape, config",
+    [
+        ("conv_nchw", (None, 48, 4, 6), {"vector_width": 2}),
+        ("conv_nchw", (None, 48, 4, 6), {"vector_width": 4, "columns_per_thread": 2, "threads_per_block": 32}),
+        ("matmul_t", (64, 48), {"vector_width": 4}),  # X transposed in Relax, vector loads of X^T
+        ("matmul", (None, 48), {}),  # symbolic rows: one column per register
+        ("conv_nhwc", (2, 3, 5, 48), {"rows_per_block": 8}),
+    ],
+    ids=str,
+)
+def test_cuda_vectors_and_float16(gpu_target, dtype, kind, x_shape, config):
+    rng = np.random.default_rng(10)
+    case = make_case(rng, kind, 37, 48, 0.2, x_shape, ("bias", "residual", "relu6"), dtype=dtype)
+    batches = (1, 3) if None in x_shape else (None,)
+    report = check(case, gpu_target, batches=batches, kernel_config=config)
+    for key, value in config.items():
+        assert report.layers[0].params[key] == value
+
+
+def test_cuda_float16_pairs_by_default(gpu_target):
+    rng = np.random.default_rng(11)
+    case = make_case(rng, "conv_nchw", 64, 48, 0.1, (2, 48, 7, 8), ("bias", "relu"), dtype="float16")
+    report = check(case, gpu_target, batches=(None,))
+    assert report.layers[0].params["vector_width"] >= 2
 
 
 @pytest.mark.parametrize(

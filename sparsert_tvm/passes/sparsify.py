@@ -23,7 +23,7 @@ from .candidates import Candidate, find_candidates
 # there), matmuls / fully connected layers up to about 15% (1.5x at 10%, 0.84x at 20%).
 DEFAULT_DENSITY_THRESHOLD = {Layout.CHANNELS: 0.3, Layout.ROWS: 0.15}
 
-_OPTIONS = ("kernel_config", "dry_run")
+_OPTIONS = ("kernel_config", "dry_run", "tune", "tuning_database")
 
 
 def SparsifyWeights(target, density_threshold: float | None = None, **options) -> tvm.ir.transform.Pass:  # noqa: N802
@@ -43,6 +43,12 @@ def SparsifyWeights(target, density_threshold: float | None = None, **options) -
     dry_run : bool, optional
         Decide and report, but generate nothing and leave the module's functions as they
         are (what ``sparsert inspect`` shows).
+    tune : bool or TuneOptions, optional
+        CUDA only: time candidate configs of every layer missing from the tuning database
+        on this machine's GPU, and record the fastest (see ``sparsert_tvm.tuning``).
+    tuning_database : path or TuningDatabase, optional
+        Where tuned configs are looked up and stored. Layers found there use their tuned
+        config, with or without ``tune``. Default: ``tuning.json`` in the kernel cache.
     """
     unknown = set(options) - set(_OPTIONS)
     if unknown:
@@ -53,7 +59,25 @@ def SparsifyWeights(target, density_threshold: float | None = None, **options) -
         raise ValueError(f"no sparse kernels for target kind {target.kind.name!r}; use cuda or llvm")
     threshold = _check_threshold(density_threshold)
     kernel_config = _check_kernel_config(options.get("kernel_config"), rule.config_class)
-    return _SparsifyWeights(target, rule, threshold, kernel_config, bool(options.get("dry_run", False)))
+    tuner = _tuner(rule, target, options.get("tune", False), options.get("tuning_database"))
+    return _SparsifyWeights(target, rule, threshold, kernel_config, bool(options.get("dry_run", False)), tuner)
+
+
+def _tuner(rule, target, tune, database):
+    """The CUDA rule's config chooser, or None where the target has no tuner."""
+    from ..tuning.tuner import TuneOptions, Tuner  # imports the CUDA toolchain wrappers
+
+    if tune is True:
+        tune = TuneOptions()
+    elif tune is False or tune is None:
+        tune = None
+    elif not isinstance(tune, TuneOptions):
+        raise TypeError(f"tune must be a bool or TuneOptions, got {type(tune).__name__}")
+    if target.kind.name != "cuda":
+        if tune is not None or database is not None:
+            raise ValueError("tuning is implemented for CUDA targets only")
+        return None
+    return Tuner(rule, target, tune, database)
 
 
 def _check_threshold(value) -> float | None:
@@ -84,12 +108,13 @@ def _check_kernel_config(config, config_class):
 
 @tvm.transform.module_pass(opt_level=0, name="SparsifyWeights")
 class _SparsifyWeights:
-    def __init__(self, target, rule, threshold: float | None, kernel_config, dry_run: bool):
+    def __init__(self, target, rule, threshold: float | None, kernel_config, dry_run: bool, tuner):
         self.target = target
         self.rule = rule
         self.threshold = threshold
         self.kernel_config = kernel_config
         self.dry_run = dry_run
+        self.tuner = tuner
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         report = report_of(mod)
@@ -129,31 +154,39 @@ class _SparsifyWeights:
             return None
         if self.rule.transposes_input(problem):
             problem = dataclasses.replace(problem, x_transposed=True)
-        config = self._config(problem)
+        config, source = self._config(problem)
         layer.params = config.as_dict()
+        tuning = {}
         try:
             self.rule.check(problem, config)
             if self.dry_run:
                 layer.decision, layer.reason = "sparse", "would be rewritten (dry run)"
                 return None
             name = _unique_name(candidate, taken)
+            if source == "default" and self.tuner is not None and self.tuner.options is not None:
+                record = self.tuner.tune(problem, name)
+                config, source = self.rule.config_class(**record.config), "tuned"
+                tuning = {"tune_s": round(record.tune_s, 3), "tuned_us": record.us, "default_us": record.default_us}
             built = self.rule.build(problem, config, self.target, name)
         except UnsupportedProblem as unsupported:
             layer.reason = str(unsupported)
             return None
         taken.add(name)
         layer.decision, layer.reason, layer.kernel = "sparse", "rewritten", name
-        layer.params, layer.code_bytes, layer.compile_s = built.params, built.code_bytes, built.compile_seconds
+        layer.params = built.params | {"config_source": source} | tuning
+        layer.code_bytes, layer.compile_s = built.code_bytes, built.compile_seconds
         return built
 
-    def _config(self, problem) -> KernelConfig:
+    def _config(self, problem) -> tuple[KernelConfig, str]:
+        """The layer's config and where it came from: overrides, the database or defaults."""
         config = self.rule.default_config(problem, self.target)
         overrides = self.kernel_config
-        if overrides is None:
-            return config
-        if dataclasses.is_dataclass(overrides):
-            return overrides
-        return dataclasses.replace(config, **overrides)
+        if overrides is not None:
+            if dataclasses.is_dataclass(overrides):
+                return overrides, "kernel_config"
+            return dataclasses.replace(config, **overrides), "kernel_config"
+        tuned = self.tuner.lookup(problem) if self.tuner is not None else None
+        return (tuned, "database") if tuned is not None else (config, "default")
 
 
 def _layer_report(candidate: Candidate) -> LayerReport:

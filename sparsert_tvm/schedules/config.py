@@ -17,12 +17,16 @@ class CudaSpmmConfig:
     A thread block owns ``rows_per_block`` rows of ``A`` (one register accumulator per row
     and column) and ``threads_per_block * columns_per_thread`` columns of the product; each
     thread owns ``columns_per_thread`` columns, ``threads_per_block`` apart so that
-    neighbouring threads touch neighbouring columns.
+    neighbouring threads touch neighbouring columns. With ``vector_width`` > 1 each owned
+    "column" is a vector of that many neighbouring columns, loaded and stored with one
+    vector instruction (float16 pairs them in ``f16x2`` registers); it needs columns that
+    are adjacent in memory and a column count divisible by the width.
     """
 
     rows_per_block: int = 4
     threads_per_block: int = 128
     columns_per_thread: int = 1
+    vector_width: int = 1
     # Rows are packed into blocks of similar nonzero counts (heaviest blocks launch first)
     # instead of consecutive runs of rows.
     balance_rows: bool = True
@@ -35,10 +39,12 @@ class CudaSpmmConfig:
     max_layer_nnz: int = 1_000_000
 
     def __post_init__(self):
-        _check_positive(self, "rows_per_block", "threads_per_block", "columns_per_thread")
+        _check_positive(self, "rows_per_block", "threads_per_block", "columns_per_thread", "vector_width")
         _check_positive(self, "max_nnz_per_segment", "max_layer_nnz")
         if self.threads_per_block > 1024 or self.threads_per_block % 32:
             raise ValueError("threads_per_block must be a multiple of 32 and at most 1024")
+        if self.vector_width not in (1, 2, 4, 8):
+            raise ValueError("vector_width must be 1, 2, 4 or 8")
         if not 0 <= self.ptxas_opt_level <= 3:
             raise ValueError("ptxas_opt_level must be in 0..3")
 

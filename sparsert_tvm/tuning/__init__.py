@@ -1,7 +1,8 @@
 """Choosing kernel configs.
 
-Untuned compiles use the heuristics here; the autotuner (searching configs by compiling and
-timing them on the device) plugs in behind the same functions.
+Untuned compiles use the heuristics here. The autotuner (``tuning.tuner``) searches a
+pruned space of configs (``tuning.space``) by compiling and timing candidates on the device
+(``tuning.measure``) and keeps the winners in a tuning database (``tuning.database``).
 """
 
 from __future__ import annotations
@@ -15,17 +16,27 @@ from ..schedules.config import CpuSpmmConfig, CudaSpmmConfig
 _TARGET_BLOCKS = 264
 
 
-def default_cuda_config(problem: SpmmProblem) -> CudaSpmmConfig:
+def default_vector_width(problem: SpmmProblem) -> int:
+    """float16 pairs neighbouring columns (``f16x2``) where they are adjacent and even."""
+    if problem.dtype != "float16" or problem.x_strides().n != 1:
+        return 1
     columns = problem.static_columns
+    return 2 if columns is not None and columns % 2 == 0 else 1
+
+
+def default_cuda_config(problem: SpmmProblem) -> CudaSpmmConfig:
+    width = default_vector_width(problem)
+    columns = problem.static_columns
+    vectors = None if columns is None else -(-columns // width)
     # A warp's worth of threads per block at least; no more threads than columns need.
-    threads = 128 if columns is None else min(128, max(32, -(-columns // 32) * 32))
-    column_tiles = 1 if columns is None else -(-columns // threads)
+    threads = 128 if vectors is None else min(128, max(32, -(-vectors // 32) * 32))
+    column_tiles = 1 if vectors is None else -(-vectors // threads)
     images = problem.static_batch or 1
     # Fewer rows per block when the grid would otherwise leave SMs idle.
     rows = 4
     while rows > 1 and -(-problem.M // rows) * column_tiles * images < _TARGET_BLOCKS:
         rows //= 2
-    return CudaSpmmConfig(rows_per_block=rows, threads_per_block=threads)
+    return CudaSpmmConfig(rows_per_block=rows, threads_per_block=threads, vector_width=width)
 
 
 def default_cpu_config(problem: SpmmProblem, target) -> CpuSpmmConfig:

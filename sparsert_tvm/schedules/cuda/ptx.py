@@ -1,11 +1,16 @@
 """PTX for one weight: nonzeros unrolled, values as immediates, columns as fixed offsets.
 
-Launch: ``gridDim = (ceil(columns / (threads * columns_per_thread)), row_groups, batch)``,
-``blockDim = threads``. Block ``(bx, g, b)`` computes the rows of group ``g`` (selected with
-one indirect branch, ``brx.idx``) for its tile of columns of image ``b``. A thread keeps one
-accumulator per (row of the group, owned column), walks the group's nonzero columns ``k``
-in order, loads ``X[b, k, n]`` once per owned column and issues the FMA of every row of the
-group that has a nonzero at ``k``. The epilogue runs in registers before the only store.
+Launch: ``gridDim = (ceil(columns / columns_per_block), row_groups, batch)``, ``blockDim =
+threads``. Block ``(bx, g, b)`` computes the rows of group ``g`` (selected with one indirect
+branch, ``brx.idx``) for its tile of columns of image ``b``. A thread owns
+``columns_per_thread`` *vectors* of ``vector_width`` neighbouring columns, ``threads *
+vector_width`` columns apart, and keeps one accumulator per (row of the group, owned
+column); it walks the group's nonzero columns ``k`` in order, loads ``X[b, k, vector]`` once
+(one vector load) and issues the FMAs of every row of the group that has a nonzero at ``k``.
+The epilogue runs in registers before the only store.
+
+float16 kernels pack two neighbouring columns into one register and use paired
+``fma.rn.f16x2``; they accumulate in float16, like the inputs (see ``_ElementType``).
 
 PTX goes straight to ptxas: the CUDA C route spends minutes in NVVM on such kernels. Large
 weights are split into *segments*, functions of bounded size that ptxas assembles
@@ -19,6 +24,8 @@ import math
 import struct
 from dataclasses import dataclass
 
+import numpy as np
+
 from ...errors import UnsupportedProblem
 from ...problem import BiasAdd, Clip, Layout, ResidualAdd, SpmmProblem
 from ..base import require_dtype
@@ -26,9 +33,9 @@ from ..config import CudaSpmmConfig
 from ..row_groups import group_rows, split_by_nnz
 
 PTX_VERSION = "8.0"
-_ELEMENT_BYTES = {"float32": 4}
-SUPPORTED_DTYPES = tuple(_ELEMENT_BYTES)
+SUPPORTED_DTYPES = ("float32", "float16")
 _MAX_IMMEDIATE_OFFSET = 2**31 - 1
+_MAX_VECTOR_REGISTERS = 4  # ld/st .v4 of 32-bit registers
 
 
 @dataclass(frozen=True)
@@ -52,8 +59,71 @@ def f32_immediate(value: float) -> str:
     return "0f%08X" % struct.unpack("<I", struct.pack("<f", value))[0]
 
 
+def f16_bits(value: float) -> int:
+    return int(np.array(value, np.float16).view(np.uint16))
+
+
+@dataclass(frozen=True)
+class _ElementType:
+    """How a vector of ``width`` neighbouring columns sits in registers.
+
+    float32: one register per column, FMAs take the weight as an immediate. float16: with an
+    even width, two columns per 32-bit register and paired ``f16x2`` arithmetic; with width
+    1, one 16-bit register. PTX has no f16 immediates, so the weight is moved into ``%w``
+    first (ptxas folds the move into the FMA's immediate operand).
+    """
+
+    dtype: str
+    width: int
+
+    @property
+    def element_bytes(self) -> int:
+        return 4 if self.dtype == "float32" else 2
+
+    @property
+    def columns_per_register(self) -> int:
+        return 2 if self.dtype == "float16" and self.width % 2 == 0 else 1
+
+    @property
+    def registers(self) -> int:
+        return self.width // self.columns_per_register
+
+    @property
+    def reg(self) -> str:  # register and memory type
+        return {1: "b16", 2: "b32"}[self.columns_per_register] if self.dtype == "float16" else "f32"
+
+    @property
+    def arith(self) -> str:
+        return "f32" if self.dtype == "float32" else ("f16x2" if self.columns_per_register == 2 else "f16")
+
+    def constant(self, value: float) -> tuple[list[str], str]:
+        """Instructions putting ``value`` in every lane, and the operand naming it."""
+        if self.dtype == "float32":
+            return [], f32_immediate(value)
+        bits = f16_bits(value)
+        if self.columns_per_register == 2:
+            return [f"mov.b32 %w, 0x{bits << 16 | bits:08X};"], "%w"
+        return [f"mov.b16 %w, 0x{bits:04X};"], "%w"
+
+
+def check_vectorization(problem: SpmmProblem, config: CudaSpmmConfig) -> None:
+    """Raises ``UnsupportedProblem`` if ``config.vector_width`` cannot be used for ``problem``."""
+    width = config.vector_width
+    if width == 1:
+        return
+    element = _ElementType(problem.dtype, width)
+    if element.registers > _MAX_VECTOR_REGISTERS:
+        raise UnsupportedProblem(f"vector_width {width} exceeds one 128-bit load of {problem.dtype}")
+    if problem.x_strides().n != 1:
+        raise UnsupportedProblem("vector loads need neighbouring columns of X adjacent in memory")
+    columns = problem.static_columns
+    if columns is None or columns % width:
+        raise UnsupportedProblem(f"vector_width {width} needs a static column count divisible by it")
+
+
 def emit_spmm_ptx(problem: SpmmProblem, config: CudaSpmmConfig, name: str, arch: str) -> PtxKernel:
     require_dtype(problem, SUPPORTED_DTYPES, "the CUDA generator")
+    check_vectorization(problem, config)
     groups = group_rows(problem.weight.row_nnz, config.rows_per_block, config.balance_rows)
     segments = split_by_nnz(groups, problem.weight.row_nnz, config.max_nnz_per_segment)
     emitter = _Emitter(problem, config, arch)
@@ -76,7 +146,7 @@ def emit_spmm_ptx(problem: SpmmProblem, config: CudaSpmmConfig, name: str, arch:
         units=units,
         row_groups=len(groups),
         threads=config.threads_per_block,
-        columns_per_block=config.threads_per_block * config.columns_per_thread,
+        columns_per_block=config.threads_per_block * config.columns_per_thread * config.vector_width,
         param_types=emitter.param_types,
     )
 
@@ -85,16 +155,21 @@ class _Emitter:
     """Writes the PTX text; register names are fixed so that pieces compose.
 
     ``%px``, ``%py``, ``%pr``: addresses of ``X``, ``Y`` and the residual at this thread's
-    first column; ``%pv<c>``: whether owned column ``c`` exists; ``%a<i*C+c>``: accumulator
-    of group row ``i`` and column ``c``; ``%x<c>``, ``%t<c>``: loaded values.
+    first column; ``%pv<c>``: whether owned vector ``c`` exists; ``%a<(i*C+c)*R+l>``:
+    accumulator register ``l`` of group row ``i`` and vector ``c``; ``%x<c*R+l>``,
+    ``%t<c*R+l>``: loaded activations and residuals; ``%h<2>``: halves being (un)packed.
     """
 
     def __init__(self, problem: SpmmProblem, config: CudaSpmmConfig, arch: str):
         self.problem = problem
         self.config = config
         self.arch = arch
-        self.es = _ELEMENT_BYTES[problem.dtype]
+        self.element = _ElementType(problem.dtype, config.vector_width)
+        self.es = self.element.element_bytes
         self.cols = config.columns_per_thread
+        self.lanes = self.element.registers
+        # Columns between a thread's neighbouring vectors.
+        self.vector_stride = config.threads_per_block * config.vector_width
         self.x_strides = problem.x_strides()
         self.y_strides = problem.y_strides()
         self.param_types = ("handle",) * (3 if problem.has_residual else 2) + ("int32",)
@@ -102,15 +177,16 @@ class _Emitter:
     # -- offsets ---------------------------------------------------------------------
     def x_offset(self, k: int, c: int) -> int:
         s = self.x_strides
-        return (k * s.k + c * self.config.threads_per_block * s.n) * self.es
+        return (k * s.k + c * self.vector_stride * s.n) * self.es
 
     def y_offset(self, m: int, c: int) -> int:
         s = self.y_strides
-        return (m * s.k + c * self.config.threads_per_block * s.n) * self.es
+        return (m * s.k + c * self.vector_stride * s.n) * self.es
 
     def check_offsets(self):
         last = self.cols - 1
         largest = max(self.x_offset(self.problem.K - 1, last), self.y_offset(self.problem.M - 1, last))
+        largest += self.config.vector_width * max(self.x_strides.n, self.y_strides.n) * self.es
         if largest > _MAX_IMMEDIATE_OFFSET:
             raise UnsupportedProblem("tensor too large for 32-bit immediate load offsets")
 
@@ -142,9 +218,10 @@ class _Emitter:
             "mov.u32 %r1, %ctaid.x;",
             "mov.u32 %r2, %tid.x;",
             f"mad.lo.u32 %col0, %r1, {cfg.threads_per_block * self.cols}, %r2;",
-            "setp.ge.u32 %p0, %col0, %ncols;",
-            "@%p0 bra DONE;",
         ]
+        if cfg.vector_width > 1:
+            lines.append(f"mul.lo.u32 %col0, %col0, {cfg.vector_width};")
+        lines += ["setp.ge.u32 %p0, %col0, %ncols;", "@%p0 bra DONE;"]
         if p.layout is Layout.CHANNELS:
             lines += ["mov.u32 %r3, %ctaid.z;", "cvt.u64.u32 %rd4, %r3;"]
             lines += self._advance("%rd4", self.x_strides.batch, self.y_strides.batch)
@@ -185,18 +262,23 @@ class _Emitter:
         )
 
     def _declarations(self) -> list[str]:
-        accumulators = self.config.rows_per_block * self.cols
-        return [
+        reg = self.element.reg
+        accumulators = self.config.rows_per_block * self.cols * self.lanes
+        values = self.cols * self.lanes
+        lines = [
             ".reg .pred %p0;",
             f".reg .pred %pv<{self.cols}>;",
             ".reg .b32 %r<4>;",
             ".reg .b32 %col0, %ncols, %g, %colc;",
             ".reg .b64 %rd<8>;",
             ".reg .b64 %px, %py, %pr;",
-            f".reg .f32 %a<{accumulators}>;",
-            f".reg .f32 %x<{self.cols}>;",
-            f".reg .f32 %t<{self.cols}>;",
+            f".reg .{reg} %a<{accumulators}>;",
+            f".reg .{reg} %x<{values}>;",
+            f".reg .{reg} %t<{values}>;",
         ]
+        if self.problem.dtype == "float16":
+            lines += [f".reg .{reg} %w;", ".reg .b16 %h<2>;"]
+        return lines
 
     def _advance(self, index_reg: str, x_stride: int, y_stride: int) -> list[str]:
         """Moves the base addresses by ``index * stride`` elements."""
@@ -209,14 +291,11 @@ class _Emitter:
     def _valid_columns(self) -> list[str]:
         lines = []
         for c in range(self.cols):
-            lines += [
-                f"add.u32 %colc, %col0, {c * self.config.threads_per_block};",
-                f"setp.lt.u32 %pv{c}, %colc, %ncols;",
-            ]
+            lines += [f"add.u32 %colc, %col0, {c * self.vector_stride};", f"setp.lt.u32 %pv{c}, %colc, %ncols;"]
         return lines
 
     def _guard(self, c: int) -> str:
-        # Column 0 exists whenever the thread got this far.
+        # Vector 0 exists whenever the thread got this far.
         return "" if c == 0 else f"@%pv{c} "
 
     def _dispatch(self, groups, first: int, exit_label: str) -> list[str]:
@@ -245,43 +324,100 @@ class _Emitter:
             lines.append("bra.uni DONE;")
         return lines
 
+    def _registers(self, prefix: str, first: int) -> list[str]:
+        return [f"%{prefix}{first + l}" for l in range(self.lanes)]
+
     def _group(self, rows) -> list[str]:
-        weight, cols = self.problem.weight, self.cols
-        lines = [f"mov.f32 %a{i * cols + c}, 0f00000000;" for i in range(len(rows)) for c in range(cols)]
+        weight, cols, lanes = self.problem.weight, self.cols, self.lanes
+        zero = "0f00000000" if self.problem.dtype == "float32" else "0"
+        mov = f"mov.{self.element.reg}"
+        lines = [f"{mov} %a{j}, {zero};" for j in range(len(rows) * cols * lanes)]
         # Nonzeros of the group by column: each needed activation is loaded once.
         by_column: dict[int, list[tuple[int, float]]] = {}
         for i, m in enumerate(rows):
             indices, values = weight.row(m)
             for k, v in zip(indices.tolist(), values.tolist()):
                 by_column.setdefault(k, []).append((i, v))
+        fma = f"fma.rn.{self.element.arith}"
         for k in sorted(by_column):
             for c in range(cols):
-                lines.append(f"{self._guard(c)}ld.global.nc.f32 %x{c}, [%px+{self.x_offset(k, c)}];")
+                lines += self._load(self._registers("x", c * lanes), "%px", self.x_offset(k, c), self.x_strides.n, c)
             for i, v in by_column[k]:
-                imm = f32_immediate(v)
+                setup, operand = self.element.constant(v)
+                lines += setup
                 for c in range(cols):
-                    acc = f"%a{i * cols + c}"
-                    lines.append(f"fma.rn.f32 {acc}, %x{c}, {imm}, {acc};")
+                    for l in range(lanes):
+                        acc = f"%a{(i * cols + c) * lanes + l}"
+                        lines.append(f"{fma} {acc}, %x{c * lanes + l}, {operand}, {acc};")
         for i, m in enumerate(rows):
             for c in range(cols):
-                lines += self._epilogue(f"%a{i * cols + c}", m, c)
+                lines += self._epilogue(self._registers("a", (i * cols + c) * lanes), m, c)
         return lines
 
-    def _epilogue(self, acc: str, m: int, c: int) -> list[str]:
-        guard, offset = self._guard(c), self.y_offset(m, c)
+    def _epilogue(self, accumulators: list[str], m: int, c: int) -> list[str]:
+        arith, offset = self.element.arith, self.y_offset(m, c)
         lines = []
+
+        def apply(op: str, value: float):
+            setup, operand = self.element.constant(value)
+            lines.extend(setup)
+            lines.extend(f"{op}.{arith} {acc}, {acc}, {operand};" for acc in accumulators)
+
         for op in self.problem.epilogue:
             if isinstance(op, BiasAdd):
-                lines.append(f"add.f32 {acc}, {acc}, {f32_immediate(op.values[m])};")
+                apply("add", op.values[m])
             elif isinstance(op, ResidualAdd):
-                lines += [
-                    f"{guard}ld.global.nc.f32 %t{c}, [%pr+{offset}];",
-                    f"add.f32 {acc}, {acc}, %t{c};",
-                ]
+                residual = self._registers("t", c * self.lanes)
+                lines += self._load(residual, "%pr", offset, self.y_strides.n, c)
+                lines += [f"add.{arith} {acc}, {acc}, {t};" for acc, t in zip(accumulators, residual)]
             elif isinstance(op, Clip):
                 if math.isfinite(op.lo):
-                    lines.append(f"max.f32 {acc}, {acc}, {f32_immediate(op.lo)};")
+                    apply("max", op.lo)
                 if math.isfinite(op.hi):
-                    lines.append(f"min.f32 {acc}, {acc}, {f32_immediate(op.hi)};")
-        lines.append(f"{guard}st.global.f32 [%py+{offset}], {acc};")
+                    apply("min", op.hi)
+        lines += self._store(accumulators, offset, c)
         return lines
+
+    # -- memory ----------------------------------------------------------------------
+    def _load(self, registers: list[str], base: str, offset: int, stride: int, c: int) -> list[str]:
+        """Loads one vector; one instruction where its columns are adjacent in memory."""
+        guard, reg = self._guard(c), self.element.reg
+        if stride == 1 or self.config.vector_width == 1:
+            return [f"{guard}ld.global.nc{_vec(registers)}.{reg} {_operand(registers)}, [{base}+{offset}];"]
+        step = stride * self.es
+        if self.element.columns_per_register == 1:
+            return [f"{guard}ld.global.nc.{reg} {r}, [{base}+{offset + l * step}];" for l, r in enumerate(registers)]
+        lines = []  # two halves per register, gathered from memory one by one
+        for l, r in enumerate(registers):
+            first = offset + 2 * l * step
+            lines += [
+                f"{guard}ld.global.nc.b16 %h0, [{base}+{first}];",
+                f"{guard}ld.global.nc.b16 %h1, [{base}+{first + step}];",
+                f"mov.b32 {r}, {{%h0, %h1}};",
+            ]
+        return lines
+
+    def _store(self, registers: list[str], offset: int, c: int) -> list[str]:
+        guard, reg, stride = self._guard(c), self.element.reg, self.y_strides.n
+        if stride == 1 or self.config.vector_width == 1:
+            return [f"{guard}st.global{_vec(registers)}.{reg} [%py+{offset}], {_operand(registers)};"]
+        step = stride * self.es
+        if self.element.columns_per_register == 1:
+            return [f"{guard}st.global.{reg} [%py+{offset + l * step}], {r};" for l, r in enumerate(registers)]
+        lines = []
+        for l, r in enumerate(registers):
+            first = offset + 2 * l * step
+            lines += [
+                f"mov.b32 {{%h0, %h1}}, {r};",
+                f"{guard}st.global.b16 [%py+{first}], %h0;",
+                f"{guard}st.global.b16 [%py+{first + step}], %h1;",
+            ]
+        return lines
+
+
+def _vec(registers: list[str]) -> str:
+    return "" if len(registers) == 1 else f".v{len(registers)}"
+
+
+def _operand(registers: list[str]) -> str:
+    return registers[0] if len(registers) == 1 else "{" + ", ".join(registers) + "}"

@@ -23,7 +23,7 @@ from ...tuning import default_cuda_config
 from ..base import OPAQUE_PATTERN, BuiltKernel, SparseKernelRule, kernel_columns_and_batch, operand_shapes
 from ..config import CudaSpmmConfig
 from .assemble import assemble
-from .ptx import SUPPORTED_DTYPES, PtxKernel, emit_spmm_ptx
+from .ptx import SUPPORTED_DTYPES, PtxKernel, check_vectorization, emit_spmm_ptx
 
 _LAUNCH_TAGS = ["blockIdx.x", "blockIdx.y", "blockIdx.z", "threadIdx.x"]
 _MAX_GRID_YZ = 65535
@@ -59,6 +59,10 @@ class CudaSpmmRule(SparseKernelRule):
 
     def is_target(self, target):
         return target.kind.name == "cuda"
+
+    def check(self, problem, config):
+        super().check(problem, config)
+        check_vectorization(problem, config)
 
     def transposes_input(self, problem):
         # Threads own columns: with X row-major ([N, K]) a warp's loads hit 32 rows, each in

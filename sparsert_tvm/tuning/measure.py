@@ -1,0 +1,58 @@
+"""Timing one generated kernel on the device, with TVM's runtime only.
+
+The kernel's launch wrapper is built on its own, given random operands of the problem's
+shapes (symbolic dimensions take ``symbolic_size``), and timed with TVM's time evaluator:
+many back-to-back launches between two device synchronisations, best of several repeats.
+Back-to-back launches include the host's launch cost (a few microseconds), which hides
+differences between kernels faster than that; benchmarks/ times with CUDA graphs instead
+and can pass its own timer to the tuner.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tvm
+from tvm import tirx
+
+from ..schedules.base import BuiltKernel, operand_shapes
+
+
+def static_shape(dims, symbolic_size: int) -> tuple[int, ...]:
+    analyzer = tvm.arith.Analyzer()
+    out = []
+    for d in dims:
+        for var in tirx.analysis.undefined_vars(d) if not isinstance(d, (int, tirx.IntImm)) else []:
+            analyzer.bind(var, symbolic_size)
+        out.append(int(analyzer.simplify(d)))
+    return tuple(out)
+
+
+def operands(built: BuiltKernel, device, symbolic_size: int = 1, seed: int = 0) -> list:
+    """Random inputs and an output buffer for ``built``'s launch wrapper."""
+    problem = built.problem
+    x_dims, y_dims = operand_shapes(problem)
+    x_shape, y_shape = static_shape(x_dims, symbolic_size), static_shape(y_dims, symbolic_size)
+    rng = np.random.default_rng(seed)
+    arrays = [rng.standard_normal(x_shape).astype(problem.dtype)]
+    if problem.has_residual:
+        arrays.append(rng.standard_normal(y_shape).astype(problem.dtype))
+    arrays.append(np.zeros(y_shape, problem.dtype))
+    return [tvm.runtime.tensor(a, device) for a in arrays]
+
+
+def build_launcher(built: BuiltKernel, target):
+    """The wrapper compiled into a runtime module, the kernel's cubin imported into it."""
+    name = built.func.attrs["global_symbol"]
+    lib = tvm.tirx.build(tvm.IRModule({name: built.func}), target=target)
+    for module in built.external_modules:
+        lib.import_module(module)
+    return lib, name
+
+
+def time_with_evaluator(built: BuiltKernel, target, symbolic_size: int = 1, min_ms: float = 20.0) -> float:
+    """Microseconds per launch: the best of five repeats of about ``min_ms`` each."""
+    device = tvm.cuda(0)
+    lib, name = build_launcher(built, target)
+    args = operands(built, device, symbolic_size)
+    evaluator = lib.time_evaluator(name, device, number=20, repeat=5, min_repeat_ms=min_ms)
+    return float(min(evaluator(*args).results)) * 1e6

@@ -1,0 +1,137 @@
+"""The autotuner: per layer, compile the most promising configs and keep the fastest.
+
+For each sparse layer the tuner first looks in the tuning database; on a miss it ranks the
+pruned search space with the cost model (``space``), assembles the top candidates in
+parallel (ptxas runs side by side; the cubins land in the kernel cache), then times them
+one by one on the device, the untuned default first, until the candidates or the layer's
+time budget run out. The winner is written to the database, so the next compile of the
+same weight, shapes and target reuses it without timing anything.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from .. import cache
+from ..errors import SparseRTError
+from ..problem import SpmmProblem
+from ..schedules.base import BuiltKernel
+from ..schedules.config import CudaSpmmConfig
+from ..schedules.cuda.assemble import assemble
+from ..schedules.cuda.ptx import emit_spmm_ptx
+from ..schedules.cuda.rule import cuda_arch
+from . import space
+from .database import TuningDatabase, TuningRecord, default_path, problem_key
+from .measure import time_with_evaluator
+
+Timer = Callable[[BuiltKernel, object], float]
+
+
+@dataclass(frozen=True)
+class TuneOptions:
+    """How hard to tune each layer.
+
+    ``max_candidates`` configs at most (the default config included), and no new candidate
+    once ``budget_s`` seconds went into the layer. ``database``: a path or a
+    ``TuningDatabase``; None means ``tuning.json`` in the kernel cache directory.
+    ``timer(built, target)`` returns microseconds per launch (default: TVM's time
+    evaluator); ``symbolic_size`` is what symbolic dimensions are set to while timing.
+    """
+
+    max_candidates: int = 8
+    budget_s: float = 120.0
+    database: str | Path | TuningDatabase | None = None
+    timer: Timer | None = None
+    symbolic_size: int = 1
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.max_candidates < 1 or self.budget_s <= 0 or self.symbolic_size < 1:
+            raise ValueError("max_candidates and symbolic_size must be >= 1 and budget_s > 0")
+
+
+def open_database(database) -> TuningDatabase:
+    if isinstance(database, TuningDatabase):
+        return database
+    return TuningDatabase(database if database is not None else default_path())
+
+
+class Tuner:
+    """Chooses configs for the CUDA rule: database first, then search when ``tune`` is on."""
+
+    def __init__(self, rule, target, options: TuneOptions | None, database=None):
+        self.rule = rule
+        self.target = target
+        self.options = options
+        self.database = open_database(database if database is not None else options and options.database)
+        self.arch = cuda_arch(target)
+
+    def lookup(self, problem: SpmmProblem) -> CudaSpmmConfig | None:
+        record = self.database.get(problem_key(problem, self.arch))
+        return None if record is None else self.rule.config_class(**record.config)
+
+    def tune(self, problem: SpmmProblem, name: str) -> TuningRecord:
+        options = self.options or TuneOptions()
+        timer = options.timer or (lambda built, target: time_with_evaluator(built, target, options.symbolic_size))
+        start = time.perf_counter()
+        configs = space.candidates(problem, self.rule.check, options.max_candidates)
+        self._assemble_ahead(problem, configs, name)
+        timings = []
+        with _progress(options.progress) as progress:
+            task = progress.add_task(f"tuning {name}", total=len(configs))
+            for config in configs:
+                if timings and time.perf_counter() - start > options.budget_s:
+                    break
+                try:
+                    built = self.rule.build(problem, config, self.target, name)
+                    timings.append((config, timer(built, self.target)))
+                except SparseRTError:
+                    if not timings:  # the default must work, or tuning means nothing
+                        raise
+                progress.advance(task)
+        best, best_us = min(timings, key=lambda t: t[1])
+        record = TuningRecord(
+            config=best.as_dict(),
+            us=best_us,
+            default_us=timings[0][1],
+            candidates=len(timings),
+            tune_s=time.perf_counter() - start,
+            problem=f"{problem.M}x{problem.K} nnz={problem.weight.nnz} N={problem.columns} {problem.dtype}",
+            target=self.arch,
+            timings=[(c.as_dict(), us) for c, us in timings],
+        )
+        self.database.put(problem_key(problem, self.arch), record)
+        return record
+
+    def _assemble_ahead(self, problem, configs, name):
+        """ptxas for all candidates at once; ``rule.build`` then finds them in the cache."""
+        if cache.cache_dir() is None or len(configs) < 2:
+            return
+
+        def one(config):
+            try:
+                kernel = emit_spmm_ptx(problem, config, f"{name}_kernel", self.arch)
+                assemble(kernel.units, self.arch, config.ptxas_opt_level, jobs=2)
+            except SparseRTError:
+                pass  # the candidate's own build reports it
+
+        with ThreadPoolExecutor(max_workers=len(configs)) as pool:
+            list(pool.map(one, configs))
+
+
+def _progress(enabled: bool) -> Progress:
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total} configs"),
+        TimeElapsedColumn(),
+        transient=True,
+        disable=not enabled,
+    )
+

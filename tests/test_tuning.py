@@ -1,0 +1,149 @@
+"""The autotuner: its search space, its database, and the pass using both."""
+
+import json
+
+import numpy as np
+import pytest
+import tvm
+
+import sparsert_tvm as sp
+from helpers import CPU_TARGET, Compiled, assert_close, make_case, sparse_matrix
+from sparsert_tvm.problem import Layout, SpmmProblem
+from sparsert_tvm.schedules.cuda import rule as cuda_rule
+from sparsert_tvm.tuning import default_cuda_config, space
+from sparsert_tvm.tuning.database import TuningDatabase, TuningRecord, problem_key
+from sparsert_tvm.tuning.tuner import TuneOptions
+from sparsert_tvm.weights import SparseMatrix
+from test_cuda_codegen import needs_ptxas
+
+CUDA = tvm.target.Target({"kind": "cuda", "arch": "sm_90"}, host=CPU_TARGET)
+
+
+def channels_problem(rng, m=64, k=48, spatial=(6, 8), dtype="float32", images=2):
+    weight = SparseMatrix.from_dense(sparse_matrix(rng, (m, k), 0.1).astype(dtype))
+    return SpmmProblem(weight, Layout.CHANNELS, dtype, (images, k, *spatial), (images, m, *spatial))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_candidates_start_with_the_default_and_are_all_valid(dtype):
+    problem = channels_problem(np.random.default_rng(0), dtype=dtype)
+    rule = cuda_rule.CudaSpmmRule()
+    configs = space.candidates(problem, rule.check, 12)
+    assert configs[0] == default_cuda_config(problem)
+    assert len(configs) == len(set(configs)) == 12
+    for config in configs:
+        rule.check(problem, config)  # raises if the generator would reject it
+        lanes = config.vector_width // 2 if dtype == "float16" and config.vector_width % 2 == 0 else config.vector_width
+        assert config.rows_per_block * config.columns_per_thread * lanes <= space.MAX_ACCUMULATORS
+    assert {c.vector_width for c in configs} != {1}  # vector loads are in the space
+    costs = [space.estimated_cost(problem, c) for c in configs[1:]]
+    assert costs == sorted(costs)
+
+
+def test_candidates_respect_what_the_layout_allows():
+    rng = np.random.default_rng(1)
+    weight = SparseMatrix.from_dense(sparse_matrix(rng, (32, 24), 0.2))
+    row_major = SpmmProblem(weight, Layout.ROWS, "float32", (8, 24), (8, 32))  # not transposed
+    configs = space.candidates(row_major, cuda_rule.CudaSpmmRule().check, 50)
+    assert {c.vector_width for c in configs} == {1}
+    # Eight columns fill a quarter warp: no block of more than one warp is worth timing.
+    assert {c.threads_per_block for c in configs} == {32}
+
+
+def test_cost_model_prefers_filling_the_machine():
+    problem = channels_problem(np.random.default_rng(2), m=256, k=256, spatial=(7, 7), images=1)
+    few_blocks = default_cuda_config(problem).__class__(rows_per_block=8, threads_per_block=64)
+    many_blocks = default_cuda_config(problem).__class__(rows_per_block=2, threads_per_block=64)
+    assert space.estimated_cost(problem, many_blocks) < space.estimated_cost(problem, few_blocks)
+
+
+def record(us=1.0):
+    return TuningRecord(config={"rows_per_block": 2}, us=us, default_us=2.0, candidates=3, tune_s=0.5)
+
+
+def test_database_round_trip_and_merge(tmp_path):
+    path = tmp_path / "db" / "tuning.json"
+    first, second = TuningDatabase(path), TuningDatabase(path)
+    first.put("a", record(1.0))
+    second.put("b", record(3.0))  # written after first: keeps first's record
+    reread = TuningDatabase(path)
+    assert set(reread.records) == {"a", "b"} and reread.get("a").us == 1.0
+    assert reread.get("a").speedup == 2.0
+    assert not list(path.parent.glob(".tuning-*"))  # no temporary files left
+
+
+def test_corrupt_database_is_a_clear_error(tmp_path):
+    path = tmp_path / "tuning.json"
+    path.write_text("{not json")
+    with pytest.raises(ValueError, match="unreadable"):
+        TuningDatabase(path)
+    path.write_text(json.dumps({"format": 99, "records": {}}))
+    with pytest.raises(ValueError, match="unknown format"):
+        TuningDatabase(path)
+
+
+def test_keys_change_with_weight_shape_dtype_and_target():
+    rng = np.random.default_rng(3)
+    problem = channels_problem(rng)
+    key = problem_key(problem, "sm_90")
+    assert key == problem_key(channels_problem(np.random.default_rng(3)), "sm_90")
+    assert key != problem_key(problem, "sm_80")
+    assert key != problem_key(channels_problem(np.random.default_rng(4)), "sm_90")
+    assert key != problem_key(channels_problem(np.random.default_rng(3), spatial=(6, 9)), "sm_90")
+    assert key != problem_key(channels_problem(np.random.default_rng(3), dtype="float16"), "sm_90")
+
+
+def test_bad_tune_options():
+    with pytest.raises(ValueError, match="CUDA"):
+        sp.SparsifyWeights(CPU_TARGET, tune=True)
+    with pytest.raises(TypeError, match="tune must be"):
+        sp.SparsifyWeights(CUDA, tune="yes")
+    with pytest.raises(ValueError, match="budget_s"):
+        TuneOptions(budget_s=0)
+
+
+@needs_ptxas
+def test_pass_tunes_once_then_reuses_the_database(tmp_path, monkeypatch):
+    """Timing is faked (no GPU here): the fake prefers one row per block."""
+    monkeypatch.setattr(cuda_rule, "create_cuda_module", lambda cubin, kernel: None)
+    timed = []
+
+    def fake_us(params):
+        return 1.0 + params["rows_per_block"] + params["threads_per_block"] / 1000
+
+    def timer(built, target):
+        timed.append(built.params)
+        return fake_us(built.params)
+
+    rng = np.random.default_rng(5)
+    case = make_case(rng, "conv_nchw", 48, 32, 0.2, (2, 32, 4, 8), ("bias", "relu"))
+    options = TuneOptions(max_candidates=5, timer=timer, progress=False, database=tmp_path / "tuning.json")
+    out = sp.SparsifyWeights(CUDA, 1.0, tune=options)(case.module())
+    (layer,) = sp.report_of(out).layers
+    assert len(timed) == 5 and layer.params["config_source"] == "tuned"
+    best = min(timed, key=fake_us)
+    assert layer.params["rows_per_block"] == best["rows_per_block"] == 1
+    assert layer.params["tuned_us"] <= layer.params["default_us"]
+
+    timed.clear()
+    again = sp.SparsifyWeights(CUDA, 1.0, tune=options)(case.module())
+    (layer,) = sp.report_of(again).layers
+    assert not timed and layer.params["config_source"] == "database"
+    plain = sp.SparsifyWeights(CUDA, 1.0, tuning_database=tmp_path / "tuning.json")(case.module())
+    assert sp.report_of(plain).layers[0].params["rows_per_block"] == 1
+    overridden = sp.SparsifyWeights(CUDA, 1.0, kernel_config={"rows_per_block": 4}, tune=options)(case.module())
+    assert sp.report_of(overridden).layers[0].params["config_source"] == "kernel_config" and not timed
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_tuned_module_is_correct_on_the_gpu(gpu_target, tmp_path, dtype):
+    rng = np.random.default_rng(6)
+    case = make_case(rng, "conv_nchw", 96, 64, 0.1, (2, 64, 8, 8), ("bias", "residual", "relu"), dtype=dtype)
+    options = TuneOptions(max_candidates=4, progress=False, database=tmp_path / "tuning.json")
+    compiled = Compiled(case.module(), gpu_target, tune=options)
+    (layer,) = compiled.report.layers
+    assert layer.params["config_source"] == "tuned" and layer.params["tuned_us"] > 0
+    arrays = case.inputs(rng, None)
+    assert_close(compiled(*arrays), case.reference(arrays), dtype)
+    assert len(TuningDatabase(tmp_path / "tuning.json")) == 1

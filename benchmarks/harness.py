@@ -118,18 +118,21 @@ def graph_timer(case: SpmmCase):
     return timer
 
 
-def time_sparsert(case: SpmmCase, config=None, tune: TuneOptions | None = None):
+def time_sparsert(case: SpmmCase, config=None, tune: TuneOptions | None = None, tune_nnz_limit: int = 10**9):
     """Our kernel as the pass would use it: with the transpose of X it may ask for (done here
-    by torch, inside the timed graph), tuned if ``tune`` is given. Returns (us, output, info)."""
+    by torch, inside the timed graph), tuned if ``tune`` is given and the weight has at most
+    ``tune_nnz_limit`` nonzeros (tuning costs a compile per candidate). Returns (us, output,
+    info)."""
     rule = CudaSpmmRule()
     problem = sparse_problem(case)
     target = cuda_target()
     tune_s, tuning = 0.0, {}
-    if config is None and tune is not None:
+    if config is None and tune is not None and problem.weight.nnz <= tune_nnz_limit:
         record = Tuner(rule, target, tune).tune(problem, "bench")
         config, tune_s = rule.config_class(**record.config), record.tune_s
         tuning = {"default_us": record.default_us, "candidates": record.candidates}
     config = config or rule.default_config(problem, target)
+    rule.check(problem, config)  # as the pass would: layers over the code-size cap stay dense
     start = time.perf_counter()
     built = rule.build(problem, config, target, "bench")
     lib, name = build_launcher(built, target)

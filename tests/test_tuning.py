@@ -35,6 +35,7 @@ def test_candidates_start_with_the_default_and_are_all_valid(dtype):
         rule.check(problem, config)  # raises if the generator would reject it
         lanes = config.vector_width // 2 if dtype == "float16" and config.vector_width % 2 == 0 else config.vector_width
         assert config.rows_per_block * config.columns_per_thread * lanes <= space.MAX_ACCUMULATORS
+        assert config.columns_per_thread * lanes <= space.MAX_CODE_MULTIPLIER
     assert {c.vector_width for c in configs} != {1}  # vector loads are in the space
     costs = [space.estimated_cost(problem, c) for c in configs[1:]]
     assert costs == sorted(costs)
@@ -55,6 +56,15 @@ def test_cost_model_prefers_filling_the_machine():
     few_blocks = default_cuda_config(problem).__class__(rows_per_block=8, threads_per_block=64)
     many_blocks = default_cuda_config(problem).__class__(rows_per_block=2, threads_per_block=64)
     assert space.estimated_cost(problem, many_blocks) < space.estimated_cost(problem, few_blocks)
+
+
+def test_symbolic_dimensions_take_the_tuning_size():
+    from tvm import tirx
+
+    from sparsert_tvm.tuning.measure import static_shape
+
+    n = tirx.Var("n", "int64")
+    assert static_shape([n, tirx.IntImm("int64", 5), n * 3], 4) == (4, 5, 12)
 
 
 def record(us=1.0):

@@ -30,8 +30,9 @@ class CudaSpmmConfig:
     # Rows are packed into blocks of similar nonzero counts (heaviest blocks launch first)
     # instead of consecutive runs of rows.
     balance_rows: bool = True
-    # The unrolled code is cut into functions of at most this many nonzeros, assembled
-    # separately and linked: ptxas time grows faster than linearly with function size.
+    # The unrolled code is cut into functions of at most this many FMA instructions
+    # (nonzeros x columns per thread x registers per vector), assembled separately and
+    # linked: ptxas time grows faster than linearly with function size.
     max_nnz_per_segment: int = 16384
     # ptxas optimisation level (0-3).
     ptxas_opt_level: int = 3

@@ -12,17 +12,19 @@ from __future__ import annotations
 
 import numpy as np
 import tvm
-from tvm import tirx
+from tvm import sym, tirx
 
 from ..schedules.base import BuiltKernel, operand_shapes
 
 
 def static_shape(dims, symbolic_size: int) -> tuple[int, ...]:
-    analyzer = tvm.arith.Analyzer()
+    """``dims`` with every symbolic variable set to ``symbolic_size``."""
+    analyzer = sym.Analyzer()
     out = []
     for d in dims:
-        for var in tirx.analysis.undefined_vars(d) if not isinstance(d, (int, tirx.IntImm)) else []:
-            analyzer.bind(var, symbolic_size)
+        if not isinstance(d, tirx.IntImm):
+            for var in tirx.analysis.undefined_vars(d):
+                analyzer.bind(var, symbolic_size)
         out.append(int(analyzer.simplify(d)))
     return tuple(out)
 

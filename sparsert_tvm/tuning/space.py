@@ -25,10 +25,13 @@ from . import default_cuda_config
 
 ROWS_PER_BLOCK = (1, 2, 4, 8)
 THREADS = (32, 64, 128, 256)
-COLUMNS_PER_THREAD = (1, 2, 4)
+COLUMNS_PER_THREAD = (1, 2)
 VECTOR_WIDTHS = {"float32": (1, 2, 4), "float16": (1, 2, 4, 8)}
 # Accumulator registers per thread beyond which ptxas starts spilling.
 MAX_ACCUMULATORS = 64
+# Instructions per nonzero (columns per thread x registers per vector): code size and
+# ptxas time grow with it, and on the H100 more than 4 never paid (tuning-space-h100).
+MAX_CODE_MULTIPLIER = 4
 # Columns assumed for a symbolic column count.
 SYMBOLIC_COLUMNS = 256
 
@@ -74,7 +77,7 @@ def estimated_cost(problem: SpmmProblem, config: CudaSpmmConfig, machine: Machin
     """A relative time estimate (cycles, roughly), or None for configs not worth trying."""
     lanes = _registers_per_vector(problem.dtype, config.vector_width)
     accumulators = config.rows_per_block * config.columns_per_thread * lanes
-    if accumulators > MAX_ACCUMULATORS:
+    if accumulators > MAX_ACCUMULATORS or config.columns_per_thread * lanes > MAX_CODE_MULTIPLIER:
         return None
     columns = problem.static_columns or SYMBOLIC_COLUMNS
     per_block = config.threads_per_block * config.columns_per_thread * config.vector_width

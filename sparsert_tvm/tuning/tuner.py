@@ -42,6 +42,8 @@ class TuneOptions:
     ``TuningDatabase``; None means ``tuning.json`` in the kernel cache directory.
     ``timer(built, target)`` returns microseconds per launch (default: TVM's time
     evaluator); ``symbolic_size`` is what symbolic dimensions are set to while timing.
+    ``assemble_ahead``: run ptxas for all candidates in parallel before timing (off where
+    the caller already did).
     """
 
     max_candidates: int = 8
@@ -50,6 +52,7 @@ class TuneOptions:
     timer: Timer | None = None
     symbolic_size: int = 1
     progress: bool = True
+    assemble_ahead: bool = True
 
     def __post_init__(self):
         if self.max_candidates < 1 or self.budget_s <= 0 or self.symbolic_size < 1:
@@ -81,7 +84,8 @@ class Tuner:
         timer = options.timer or (lambda built, target: time_with_evaluator(built, target, options.symbolic_size))
         start = time.perf_counter()
         configs = space.candidates(problem, self.rule.check, options.max_candidates)
-        self._assemble_ahead(problem, configs, name)
+        if options.assemble_ahead:
+            self._assemble_ahead(problem, configs, name)
         timings = []
         with _progress(options.progress) as progress:
             task = progress.add_task(f"tuning {name}", total=len(configs))

@@ -125,8 +125,10 @@ def emit_spmm_ptx(problem: SpmmProblem, config: CudaSpmmConfig, name: str, arch:
     require_dtype(problem, SUPPORTED_DTYPES, "the CUDA generator")
     check_vectorization(problem, config)
     groups = group_rows(problem.weight.row_nnz, config.rows_per_block, config.balance_rows)
-    segments = split_by_nnz(groups, problem.weight.row_nnz, config.max_nnz_per_segment)
     emitter = _Emitter(problem, config, arch)
+    # Every nonzero becomes one FMA per owned register: bound the instructions per segment.
+    per_segment = max(1, config.max_nnz_per_segment // (config.columns_per_thread * emitter.lanes))
+    segments = split_by_nnz(groups, problem.weight.row_nnz, per_segment)
     emitter.check_offsets()
 
     if len(segments) == 1:

@@ -192,6 +192,8 @@ def _assemble_candidates(job) -> float:
 
 
 def assemble_ahead(cases, limit: int, jobs: int):
+    if jobs < 1:
+        return 0.0
     arch = cuda_arch(cuda_target())
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:

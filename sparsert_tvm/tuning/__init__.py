@@ -32,8 +32,9 @@ def default_cuda_config(problem: SpmmProblem) -> CudaSpmmConfig:
     threads = 128 if vectors is None else min(128, max(32, -(-vectors // 32) * 32))
     column_tiles = 1 if vectors is None else -(-vectors // threads)
     images = problem.static_batch or 1
-    # Fewer rows per block when the grid would otherwise leave SMs idle.
-    rows = 4
+    # Every row group reads all of X again (from L2): as many rows per block as the grid
+    # allows while it still gives every SM a couple of blocks.
+    rows = 16
     while rows > 1 and -(-problem.M // rows) * column_tiles * images < _TARGET_BLOCKS:
         rows //= 2
     return CudaSpmmConfig(rows_per_block=rows, threads_per_block=threads, vector_width=width)

@@ -23,7 +23,7 @@ from ..schedules.config import CudaSpmmConfig
 from ..schedules.row_groups import group_rows
 from . import default_cuda_config
 
-ROWS_PER_BLOCK = (1, 2, 4, 8)
+ROWS_PER_BLOCK = (1, 2, 4, 8, 16)
 THREADS = (32, 64, 128, 256)
 COLUMNS_PER_THREAD = (1, 2)
 VECTOR_WIDTHS = {"float32": (1, 2, 4), "float16": (1, 2, 4, 8)}

@@ -23,7 +23,6 @@ import multiprocessing
 import sys
 import time
 import traceback
-from concurrent.futures import ProcessPoolExecutor, wait
 from pathlib import Path
 
 import numpy as np
@@ -207,14 +206,18 @@ def assemble_ahead(cases, limit: int, jobs: int, timeout: float | None = None):
     if jobs < 1:
         return 0.0
     arch = cuda_arch(cuda_target())
-    context = multiprocessing.get_context("spawn")
-    pool = ProcessPoolExecutor(max_workers=jobs, mp_context=context)
-    futures = [pool.submit(_assemble_candidates, (case, limit, arch)) for case, config in cases if config is None]
-    done, _ = wait(futures, timeout=timeout)
-    # Cases not assembled in time are assembled when they run (workers still busy finish
-    # in the background; the cache's atomic writes make that safe).
-    pool.shutdown(wait=False, cancel_futures=True)
-    return sum(f.result() for f in done)
+    jobs_list = [(case, limit, arch) for case, config in cases if config is None]
+    end = time.perf_counter() + (timeout or float("inf"))
+    seconds = 0.0
+    with multiprocessing.get_context("spawn").Pool(jobs) as pool:
+        results = pool.imap_unordered(_assemble_candidates, jobs_list)
+        for _ in jobs_list:
+            try:
+                seconds += results.next(timeout=max(0.0, end - time.perf_counter()))
+            except multiprocessing.TimeoutError:
+                break  # the rest are assembled when their case runs
+        pool.terminate()  # cache writes are atomic: a killed worker leaves no partial entry
+    return seconds
 
 
 def main():

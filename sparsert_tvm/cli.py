@@ -6,8 +6,9 @@ status, never a traceback.
 
 from __future__ import annotations
 
+
 import sys
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import click
 
@@ -117,15 +118,22 @@ def inspect(model, target, density_threshold, input_shape):
 @target_option
 @threshold_option
 @shape_option
-def compile(model, output, target, density_threshold, input_shape):  # noqa: A001 - the command's name
+@click.option("--tune", is_flag=True, help="autotune every sparse layer on this GPU (CUDA only; results kept in the tuning database)")
+@click.option("--tuning-db", type=click.Path(dir_okay=False), help="tuning database file (default: tuning.json in the kernel cache)")
+def compile(model, output, target, density_threshold, input_shape, tune, tuning_db):  # noqa: A001 - the command's name
     """Compile an ONNX MODEL with sparse kernels into a deployable module."""
     from .report import SparsityReport
 
     mod = load_onnx(model, parse_input_shapes(input_shape))
     report = SparsityReport()
     resolved = parse_target(target)
-    with user_errors(), step(f"compiling for {resolved.kind.name}"):
-        executable = build.compile(mod, resolved, density_threshold, report=report)
+    options = {"tune": True} if tune else {}
+    if tuning_db:
+        options["tuning_database"] = tuning_db
+    # Tuning shows a progress bar per layer; one live display at a time, so no spinner then.
+    progress = nullcontext() if tune else step(f"compiling for {resolved.kind.name}")
+    with user_errors(), progress:
+        executable = build.compile(mod, resolved, density_threshold, report=report, **options)
         executable.export_library(output)
     click.echo(report.table(), nl=False)
     click.echo(f"wrote {output} ({resolved.kind.name})")

@@ -99,3 +99,5 @@ def test_run_reports_user_errors_in_one_line(dense_convnet, tmp_path):
     assert result.exit_code == 2 and "NAME:D1xD2" in result.output
     result = invoke("compile", dense_convnet, "-o", module, "--target", "tpu")
     assert result.exit_code == 2 and "unknown target" in result.output
+    result = invoke("compile", dense_convnet, "-o", module, "--target", "llvm", "--tune")
+    assert result.exit_code == 1 and "CUDA targets only" in result.output and "Traceback" not in result.output

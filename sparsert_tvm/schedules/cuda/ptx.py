@@ -382,38 +382,33 @@ class _Emitter:
 
     # -- memory ----------------------------------------------------------------------
     def _load(self, registers: list[str], base: str, offset: int, stride: int, c: int) -> list[str]:
-        """Loads one vector; one instruction where its columns are adjacent in memory."""
-        guard, reg = self._guard(c), self.element.reg
-        if stride == 1 or self.config.vector_width == 1:
-            return [f"{guard}ld.global.nc{_vec(registers)}.{reg} {_operand(registers)}, [{base}+{offset}];"]
-        step = stride * self.es
-        if self.element.columns_per_register == 1:
-            return [f"{guard}ld.global.nc.{reg} {r}, [{base}+{offset + l * step}];" for l, r in enumerate(registers)]
-        lines = []  # two halves per register, gathered from memory one by one
-        for l, r in enumerate(registers):
-            first = offset + 2 * l * step
-            lines += [
-                f"{guard}ld.global.nc.b16 %h0, [{base}+{first}];",
-                f"{guard}ld.global.nc.b16 %h1, [{base}+{first + step}];",
-                f"mov.b32 {r}, {{%h0, %h1}};",
-            ]
-        return lines
+        return self._access(True, registers, base, offset, stride, c)
 
     def _store(self, registers: list[str], offset: int, c: int) -> list[str]:
-        guard, reg, stride = self._guard(c), self.element.reg, self.y_strides.n
+        return self._access(False, registers, "%py", offset, self.y_strides.n, c)
+
+    def _access(self, load: bool, registers: list[str], base: str, offset: int, stride: int, c: int) -> list[str]:
+        """Moves one vector between registers and memory: one instruction where its columns
+        are adjacent in memory, else one per column (two halves per f16x2 register)."""
+        guard, reg = self._guard(c), self.element.reg
+
+        def move(suffix: str, operand: str, byte_offset: int) -> str:
+            if load:
+                return f"{guard}ld.global.nc{suffix} {operand}, [{base}+{byte_offset}];"
+            return f"{guard}st.global{suffix} [{base}+{byte_offset}], {operand};"
+
         if stride == 1 or self.config.vector_width == 1:
-            return [f"{guard}st.global{_vec(registers)}.{reg} [%py+{offset}], {_operand(registers)};"]
+            return [move(f"{_vec(registers)}.{reg}", _operand(registers), offset)]
         step = stride * self.es
         if self.element.columns_per_register == 1:
-            return [f"{guard}st.global.{reg} [%py+{offset + l * step}], {r};" for l, r in enumerate(registers)]
+            return [move(f".{reg}", r, offset + l * step) for l, r in enumerate(registers)]
         lines = []
         for l, r in enumerate(registers):
-            first = offset + 2 * l * step
-            lines += [
-                f"mov.b32 {{%h0, %h1}}, {r};",
-                f"{guard}st.global.b16 [%py+{first}], %h0;",
-                f"{guard}st.global.b16 [%py+{first + step}], %h1;",
-            ]
+            halves = [move(".b16", f"%h{h}", offset + (2 * l + h) * step) for h in (0, 1)]
+            if load:
+                lines += halves + [f"mov.b32 {r}, {{%h0, %h1}};"]
+            else:
+                lines += [f"mov.b32 {{%h0, %h1}}, {r};"] + halves
         return lines
 
 

@@ -1,4 +1,4 @@
-"""Small pruned ONNX models built in code with onnx.helper, for the demo, tests and benchmarks."""
+"""Small pruned ONNX models (an MLP, a residual bottleneck) for the demo and tests."""
 
 from __future__ import annotations
 
@@ -68,3 +68,4 @@ def convnet(rng, channels=32, size=8, density=0.1, batch="N") -> onnx.ModelProto
     inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, c, size, size])]
     outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, c, size, size])]
     return _model(nodes, inputs, outputs, init)
+

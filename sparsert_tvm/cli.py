@@ -167,6 +167,56 @@ def run(module, inputs, output, device):
         np.save(output, first)
 
 
+@main.command(name="bench")
+@click.argument("model", type=click.Path(exists=True, dir_okay=False))
+@target_option
+@threshold_option
+@shape_option
+@click.option("--top", default=8, show_default=True, help="slowest calls listed per build")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="write the figures as JSON")
+@click.option("--plot", type=click.Path(dir_okay=False), help="write a PNG of the time split (needs matplotlib)")
+def bench_command(model, target, density_threshold, input_shape, top, json_path, plot):
+    """Time an ONNX MODEL end to end, sparse against TVM's dense build, with the time split."""
+    import dataclasses
+    import json
+
+    from . import bench
+
+    shapes = parse_input_shapes(input_shape)
+    inputs = random_inputs(read_onnx(model), shapes or {})
+    mod = load_onnx(model, shapes)
+    resolved = parse_target(target)
+    with user_errors(), step(f"building and timing for {resolved.kind.name}"):
+        dense, sparse, report = bench.bench(mod, resolved, inputs, density_threshold)
+        onnxruntime_us = bench.onnxruntime_us(model, inputs, resolved)
+    click.echo(report.summary())
+    click.echo(bench.table(dense, sparse, onnxruntime_us, top), nl=False)
+    if json_path:
+        figures = {"model": model, "target": resolved.kind.name, "onnxruntime_us": onnxruntime_us,
+                   "builds": [dataclasses.asdict(b) for b in (dense, sparse)]}
+        with open(json_path, "w") as f:
+            json.dump(figures, f, indent=1)
+    if plot:
+        with user_errors():
+            bench.plot(dense, sparse, plot)
+
+
+def random_inputs(model, shapes: dict) -> list:
+    """Standard-normal float32 inputs of the model's (or the given) shapes."""
+    import numpy as np
+
+    initializers = {i.name for i in model.graph.initializer}
+    arrays = []
+    for value in model.graph.input:
+        if value.name in initializers:
+            continue
+        dims = shapes.get(value.name) or [d.dim_value for d in value.type.tensor_type.shape.dim]
+        if not dims or min(dims) < 1:
+            raise click.UsageError(f"input {value.name!r} has a dynamic shape: give --input-shape {value.name}:D1xD2...")
+        arrays.append(np.random.default_rng(0).standard_normal(dims).astype("float32"))
+    return arrays
+
+
 @main.command()
 @click.argument("model", type=click.Path(exists=True, dir_okay=False))
 @click.option("--sparsity", type=float, required=True, help="fraction of each layer's weights to zero, e.g. 0.9")

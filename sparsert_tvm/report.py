@@ -83,13 +83,16 @@ class SparsityReport:
             )
         buffer = io.StringIO()
         Console(file=buffer, width=width, no_color=True, highlight=False).print(table)
+        buffer.write(self.summary() + "\n")
+        return buffer.getvalue()
+
+    def summary(self) -> str:
         sparse = self.sparse_layers
-        buffer.write(
+        return (
             f"{len(sparse)} of {len(self.layers)} candidates sparse, "
             f"{sum(layer.nnz for layer in sparse):,} nonzeros unrolled, "
-            f"{sum(layer.compile_s for layer in sparse):.1f}s kernel generation\n"
+            f"{sum(layer.compile_s for layer in sparse):.1f}s kernel generation"
         )
-        return buffer.getvalue()
 
 
 def report_of(mod) -> SparsityReport:
@@ -104,10 +107,12 @@ _SHOWN_PARAMS = {
     "rows_per_block": "rows",
     "threads_per_block": "threads",
     "columns_per_thread": "cols/thread",
+    "vector_width": "vec",
     "row_groups": "blocks.y",
     "segments": "segments",
     "x_transposed": "xT",
     "vector_lanes": "lanes",
+    "config_source": "config",
 }
 
 

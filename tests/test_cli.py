@@ -1,5 +1,6 @@
 """The sparsert command line, and deploying what it builds with TVM's runtime alone."""
 
+import json
 import subprocess
 import sys
 import textwrap
@@ -16,7 +17,7 @@ from tvm.relax.frontend.onnx import from_onnx
 from helpers import CPU_TARGET, assert_close
 from sparsert_tvm import models
 from sparsert_tvm.cli import main as cli
-from sparsert_tvm.prune import magnitude_prune
+from sparsert_tvm.prune import magnitude_prune, prune_model
 
 
 def invoke(*args):
@@ -101,3 +102,23 @@ def test_run_reports_user_errors_in_one_line(dense_convnet, tmp_path):
     assert result.exit_code == 2 and "unknown target" in result.output
     result = invoke("compile", dense_convnet, "-o", module, "--target", "llvm", "--tune")
     assert result.exit_code == 1 and "CUDA targets only" in result.output and "Traceback" not in result.output
+
+
+def test_bench_times_sparse_against_dense_with_the_split(tmp_path):
+    path = tmp_path / "small.onnx"
+    model = models.mobilenet_v1(np.random.default_rng(0), width=0.25, depth=2, size=16, classes=10)
+    onnx.save(prune_model(model, 0.9)[0], path)
+    result = invoke("bench", path, "--target", "llvm", "--json", tmp_path / "bench.json", "--plot", tmp_path / "split.png")
+    assert result.exit_code == 0, result.output
+    assert "dense (TVM)" in result.output and "sparse (sparsert)" in result.output
+    figures = json.loads((tmp_path / "bench.json").read_text())
+    dense, sparse = figures["builds"]
+    assert dense["end_to_end_us"] > 0 and sparse["end_to_end_us"] > 0
+    assert {c["kind"] for c in sparse["calls"]} == {"sparse kernel", "TVM kernel"}
+    assert not any(c["kind"] == "sparse kernel" for c in dense["calls"])
+    assert (tmp_path / "split.png").stat().st_size > 0
+
+
+def test_bench_needs_static_shapes(dense_convnet):
+    result = invoke("bench", dense_convnet, "--target", "llvm")
+    assert result.exit_code == 2 and "--input-shape" in result.output and "Traceback" not in result.output

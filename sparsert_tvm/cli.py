@@ -48,14 +48,35 @@ def read_onnx(path: str):
         raise click.ClickException(f"cannot read ONNX model {path}: {error}") from error
 
 
-def load_onnx(path: str, shapes: dict | None = None):
-    """An ONNX file imported into Relax, or a one-line error."""
-    from tvm.relax.frontend.onnx import from_onnx
+def load_model(path: str, shapes: dict | None = None):
+    """An ONNX or TFLite (``.tflite``) file imported into Relax, or a one-line error."""
+    if path.endswith(".tflite"):
+        import tflite
+        from tvm.relax.frontend.tflite import from_tflite
 
-    model = read_onnx(path)
+        def read():
+            return tflite.Model.GetRootAsModel(open(path, "rb").read(), 0)
+
+        def convert(model):
+            return from_tflite(model, shape_dict=shapes)
+    else:
+        from tvm.relax.frontend.onnx import from_onnx
+
+        def read():
+            return read_onnx(path)
+
+        def convert(model):
+            return from_onnx(model, shape_dict=shapes, keep_params_in_input=False)
+
     try:
-        return from_onnx(model, shape_dict=shapes, keep_params_in_input=False)
-    except Exception as error:  # noqa: BLE001 - the frontend raises many kinds
+        model = read()
+    except click.ClickException:
+        raise
+    except Exception as error:  # noqa: BLE001 - any parse failure is the user's file
+        raise click.ClickException(f"cannot read {path}: {_last_line(error)}") from error
+    try:
+        return convert(model)
+    except Exception as error:  # noqa: BLE001 - the frontends raise many kinds
         raise click.ClickException(f"TVM cannot import {path}: {_last_line(error)}") from error
 
 
@@ -102,11 +123,11 @@ shape_option = click.option("--input-shape", multiple=True, metavar="NAME:1x3x22
 @threshold_option
 @shape_option
 def inspect(model, target, density_threshold, input_shape):
-    """Show, per weight layer of an ONNX MODEL, what would become a sparse kernel and why."""
+    """Show, per weight layer of an ONNX or TFLite MODEL, what would become a sparse kernel and why."""
     from .passes import SparsifyWeights
     from .report import report_of
 
-    mod = load_onnx(model, parse_input_shapes(input_shape))
+    mod = load_model(model, parse_input_shapes(input_shape))
     with user_errors():
         checked = SparsifyWeights(parse_target(target), density_threshold, dry_run=True)(mod)
     click.echo(report_of(checked).table(), nl=False)
@@ -121,10 +142,10 @@ def inspect(model, target, density_threshold, input_shape):
 @click.option("--tune", is_flag=True, help="autotune every sparse layer on this GPU (CUDA only; results kept in the tuning database)")
 @click.option("--tuning-db", type=click.Path(dir_okay=False), help="tuning database file (default: tuning.json in the kernel cache)")
 def compile(model, output, target, density_threshold, input_shape, tune, tuning_db):  # noqa: A001 - the command's name
-    """Compile an ONNX MODEL with sparse kernels into a deployable module."""
+    """Compile an ONNX or TFLite MODEL with sparse kernels into a deployable module."""
     from .report import SparsityReport
 
-    mod = load_onnx(model, parse_input_shapes(input_shape))
+    mod = load_model(model, parse_input_shapes(input_shape))
     report = SparsityReport()
     resolved = parse_target(target)
     options = {"tune": True} if tune else {}
@@ -176,15 +197,14 @@ def run(module, inputs, output, device):
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="write the figures as JSON")
 @click.option("--plot", type=click.Path(dir_okay=False), help="write a PNG of the time split (needs matplotlib)")
 def bench_command(model, target, density_threshold, input_shape, top, json_path, plot):
-    """Time an ONNX MODEL end to end, sparse against TVM's dense build, with the time split."""
+    """Time an ONNX or TFLite MODEL end to end, sparse against TVM's dense build, with the time split."""
     import dataclasses
     import json
 
     from . import bench
 
-    shapes = parse_input_shapes(input_shape)
-    inputs = random_inputs(read_onnx(model), shapes or {})
-    mod = load_onnx(model, shapes)
+    mod = load_model(model, parse_input_shapes(input_shape))
+    inputs = random_inputs(mod)
     resolved = parse_target(target)
     with user_errors(), step(f"building and timing for {resolved.kind.name}"):
         dense, sparse, report = bench.bench(mod, resolved, inputs, density_threshold)
@@ -201,19 +221,19 @@ def bench_command(model, target, density_threshold, input_shape, top, json_path,
             bench.plot(dense, sparse, plot)
 
 
-def random_inputs(model, shapes: dict) -> list:
-    """Standard-normal float32 inputs of the model's (or the given) shapes."""
+def random_inputs(mod) -> list:
+    """Standard-normal inputs of the shapes and dtypes of ``main``'s parameters."""
     import numpy as np
 
-    initializers = {i.name for i in model.graph.initializer}
     arrays = []
-    for value in model.graph.input:
-        if value.name in initializers:
-            continue
-        dims = shapes.get(value.name) or [d.dim_value for d in value.type.tensor_type.shape.dim]
-        if not dims or min(dims) < 1:
-            raise click.UsageError(f"input {value.name!r} has a dynamic shape: give --input-shape {value.name}:D1xD2...")
-        arrays.append(np.random.default_rng(0).standard_normal(dims).astype("float32"))
+    for param in mod["main"].params:
+        ty = param.ty
+        try:
+            dims = [int(d) for d in ty.shape.values]
+        except (TypeError, AttributeError):
+            raise click.UsageError(f"input {param.name!r} has a dynamic shape: give --input-shape "
+                                   f"{param.name}:D1xD2...") from None
+        arrays.append(np.random.default_rng(0).standard_normal(dims).astype(str(ty.dtype)))
     return arrays
 
 

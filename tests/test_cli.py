@@ -122,3 +122,22 @@ def test_bench_times_sparse_against_dense_with_the_split(tmp_path):
 def test_bench_needs_static_shapes(dense_convnet):
     result = invoke("bench", dense_convnet, "--target", "llvm")
     assert result.exit_code == 2 and "--input-shape" in result.output and "Traceback" not in result.output
+
+
+def test_tflite_files_go_through_the_same_commands(tmp_path):
+    from tflite_builder import TfliteModel
+
+    rng = np.random.default_rng(4)
+    m = TfliteModel()
+    x = m.tensor("x", (4, 32))
+    weight = (rng.standard_normal((16, 32)) * (rng.random((16, 32)) < 0.1)).astype("float32")
+    y = m.fully_connected(x, weight, rng.standard_normal(16).astype("float32"), (4, 16), relu=True)
+    path = tmp_path / "fc.tflite"
+    path.write_bytes(m.build([x], [y]))
+    result = invoke("inspect", path, "--target", "llvm")
+    assert result.exit_code == 0 and "1 of 1 candidates sparse" in result.output
+    result = invoke("bench", path, "--target", "llvm")
+    assert result.exit_code == 0 and "sparse (sparsert)" in result.output
+    (tmp_path / "junk.tflite").write_bytes(b"junk")
+    result = invoke("inspect", tmp_path / "junk.tflite")
+    assert result.exit_code == 1 and "junk.tflite" in result.output and "Traceback" not in result.output

@@ -1,10 +1,13 @@
-"""Models from PyTorch through torch.export and TVM's importer (ONNX is in test_onnx.py)."""
+"""Models from PyTorch (torch.export) and TFLite through TVM's importers (ONNX is in test_onnx.py)."""
 
 import numpy as np
+import tflite
 import torch
+from tvm.relax.frontend.tflite import from_tflite
 from tvm.relax.frontend.torch import from_exported_program
 
-from helpers import Compiled, assert_close
+from helpers import Compiled, assert_close, sparse_matrix
+from tflite_builder import TfliteModel
 
 
 class SmallNet(torch.nn.Module):
@@ -47,3 +50,29 @@ def test_pytorch_model_through_torch_export(target):
         expected = net(x).numpy()
     assert_close(out, expected)
     assert np.count_nonzero(expected) > 0
+
+
+def test_tflite_model_built_in_the_test(target):
+    """A 1x1 CONV_2D (NHWC, OHWI filter) with fused ReLU, then FULLY_CONNECTED + ReLU and a
+    plain FULLY_CONNECTED: the TFLite forms of pointwise convolutions and dense layers."""
+    rng = np.random.default_rng(3)
+    weights = [sparse_matrix(rng, shape, 0.1) for shape in ((24, 16), (32, 24), (10, 32))]
+    biases = [rng.standard_normal(w.shape[0]).astype("float32") for w in weights]
+    m = TfliteModel()
+    x = m.tensor("x", (2, 3, 3, 16))
+    h = m.conv_1x1(x, weights[0], biases[0], (2, 3, 3, 24), relu=True)
+    h = m.fully_connected(h, weights[1], biases[1], (18, 32), relu=True)  # on [18, 24] rows
+    y = m.fully_connected(h, weights[2], biases[2], (18, 10))
+    mod = from_tflite(tflite.Model.GetRootAsModel(m.build([x], [y]), 0))
+    compiled = Compiled(mod, target, density_threshold=None)
+    assert [(layer.op, layer.decision, layer.epilogue) for layer in compiled.report.layers] == [
+        ("conv2d 1x1 NHWC", "sparse", ["bias", "relu"]),
+        ("matmul", "sparse", ["bias", "relu"]),
+        ("matmul", "sparse", ["bias"]),
+    ]
+    data = rng.standard_normal((2, 3, 3, 16)).astype("float32")
+    expected = np.maximum(data.reshape(18, 16).astype(np.float64) @ weights[0].T + biases[0], 0)
+    expected = np.maximum(expected @ weights[1].T + biases[1], 0) @ weights[2].T + biases[2]
+    out = compiled(data)
+    assert out.size == expected.size  # TVM's importer keeps the leading dims: [2, 3, 3, 10]
+    assert_close(out.reshape(expected.shape), expected)

@@ -75,8 +75,9 @@ def main():
             print(f"{name} {dtype}: default {us[0]:.2f} us, best {us[best]:.2f} us (model rank {best}), "
                   f"-O1 {row['o1_us']:.2f} us; {len(us)} configs assembled in {compile_s:.1f} s; "
                   f"best {timings[best]['config']}", flush=True)
-    result = {"device": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(), "layers": rows}
-    Path(args.out).write_text(json.dumps(result, indent=1))
+            # Written after every layer: a run cut short keeps what it measured.
+            result = {"device": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(), "layers": rows}
+            Path(args.out).write_text(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":

@@ -8,46 +8,25 @@ dense model, timed, and reported layer by layer.
 from __future__ import annotations
 
 import argparse
-import time
 
 import numpy as np
 import tvm
-from tvm import relax
 from tvm.relax.frontend.onnx import from_onnx
 
 import sparsert_tvm
-from sparsert_tvm import models
+from sparsert_tvm import bench, models
 
 
-def run_model(name, onnx_model, x, target, device):
-    mod = from_onnx(onnx_model, keep_params_in_input=False)
-
-    start = time.perf_counter()
-    report = sparsert_tvm.SparsityReport()
-    sparse = relax.VirtualMachine(sparsert_tvm.compile(mod, target, report=report), device)
-    sparse_build = time.perf_counter() - start
-    start = time.perf_counter()
-    dense = relax.VirtualMachine(tvm.compile(mod, target), device)
-    dense_build = time.perf_counter() - start
-
-    x_dev = tvm.runtime.tensor(x, device)
-    got, expected = sparse["main"](x_dev).numpy(), dense["main"](x_dev).numpy()
-    error = float(np.abs(got - expected).max() / max(1.0, np.abs(expected).max()))
-    if not error < 1e-4:
-        raise SystemExit(f"{name}: sparse output differs from the dense model (relative error {error:.2e})")
-
-    times = {}
-    for label, vm in (("sparse", sparse), ("dense", dense)):
-        timer = vm.time_evaluator("main", device, number=50, repeat=7, min_repeat_ms=50)
-        times[label] = timer(x_dev).median * 1e6
+def run_model(name, onnx_model, x, target):
+    """What `sparsert bench` does: both builds, outputs compared, timed, the time split."""
+    result = bench.bench(from_onnx(onnx_model, keep_params_in_input=False), target, [x])
     print(f"\n== {name}: input {x.shape}, {target.kind.name}")
-    print(f"   output matches TVM's dense build (max relative error {error:.1e})")
-    print(f"   build: sparse {sparse_build:.1f} s, dense {dense_build:.1f} s")
-    print(
-        f"   latency: sparse {times['sparse']:.1f} us, dense {times['dense']:.1f} us "
-        f"-> {times['dense'] / times['sparse']:.2f}x"
-    )
-    print(report.table(), end="")
+    if not result.max_rel_error < 1e-4:
+        raise SystemExit(f"{name}: sparse output differs from the dense model (relative error {result.max_rel_error:.2e})")
+    print(f"   latency: sparse {result.sparse.end_to_end_us:.1f} us, dense {result.dense.end_to_end_us:.1f} us "
+          f"-> {result.speedup:.2f}x")
+    print(bench.table(result, top=4), end="")
+    print(result.report.table(), end="")
 
 
 def main():
@@ -62,10 +41,10 @@ def main():
     rng = np.random.default_rng(0)
 
     mlp = models.mlp(rng, features=(512, 1024, 512, 256), density=args.density)
-    run_model("MLP 512-1024-512-256", mlp, rng.standard_normal((args.batch, 512)).astype("float32"), target, device)
+    run_model("MLP 512-1024-512-256", mlp, rng.standard_normal((args.batch, 512)).astype("float32"), target)
     convnet = models.convnet(rng, channels=128, size=14, density=args.density)
     x = rng.standard_normal((args.batch, 128, 14, 14)).astype("float32")
-    run_model("bottleneck block, 128 channels at 14x14", convnet, x, target, device)
+    run_model("bottleneck block, 128 channels at 14x14", convnet, x, target)
 
 
 if __name__ == "__main__":

@@ -84,11 +84,23 @@ def call_times(executable, device, inputs, runs: int = 5) -> list[CallTime]:
     return [CallTime(s, kind_of(s), totals[s] * 1e6 / runs, counts[s] // runs) for s in totals]
 
 
-def bench(mod: tvm.IRModule, target, inputs: list[np.ndarray], density_threshold=None, **options):
-    """Builds ``mod`` dense and sparse for ``target`` and times both. Returns (dense, sparse, report)."""
+@dataclass
+class BenchResult:
+    dense: BuildTimes
+    sparse: BuildTimes
+    report: SparsityReport
+    max_rel_error: float  # of the sparse build's (first) output against the dense build's
+
+    @property
+    def speedup(self) -> float:
+        return self.dense.end_to_end_us / self.sparse.end_to_end_us
+
+
+def bench(mod: tvm.IRModule, target, inputs: list[np.ndarray], density_threshold=None, **options) -> BenchResult:
+    """Builds ``mod`` dense and sparse for ``target``, compares their outputs and times both."""
     device = tvm.cuda(0) if target.kind.name == "cuda" else tvm.cpu(0)
     arrays = [tvm.runtime.tensor(a, device) for a in inputs]
-    results = []
+    results, outputs = [], []
     report = SparsityReport()
     for label in ("dense (TVM)", "sparse (sparsert)"):
         start = time.perf_counter()
@@ -97,11 +109,17 @@ def bench(mod: tvm.IRModule, target, inputs: list[np.ndarray], density_threshold
         else:
             executable = build.compile(mod, target, density_threshold, report=report, **options)
         compile_s = time.perf_counter() - start
+        outputs.append(_first_output(relax.VirtualMachine(executable, device)["main"](*arrays)))
         times = BuildTimes(label, compile_s, end_to_end_us(executable, device, arrays))
         times.calls = call_times(executable, device, arrays)
         results.append(times)
-    dense, sparse = results
-    return dense, sparse, report
+    expected, got = outputs
+    error = float(np.abs(got - expected).max() / max(1.0, float(np.abs(expected).max()))) if expected.size else 0.0
+    return BenchResult(results[0], results[1], report, error)
+
+
+def _first_output(value) -> np.ndarray:
+    return value.numpy() if hasattr(value, "numpy") else value[0].numpy()
 
 
 def onnxruntime_us(path: str, inputs: list[np.ndarray], target, runs: int = 50) -> float | None:
@@ -124,15 +142,17 @@ def onnxruntime_us(path: str, inputs: list[np.ndarray], target, runs: int = 50) 
     return float(np.median(samples)) * 1e6
 
 
-def table(dense: BuildTimes, sparse: BuildTimes, onnxruntime: float | None, top: int = 8, width: int = 120) -> str:
+def table(result: BenchResult, onnxruntime: float | None = None, top: int = 8, width: int = 120) -> str:
     """End-to-end figures, the split by kind of call, and the slowest calls of each build."""
     import io
 
     from rich.console import Console
     from rich.table import Table
 
+    dense, sparse = result.dense, result.sparse
     buffer = io.StringIO()
     console = Console(file=buffer, width=width, no_color=True, highlight=False)
+    console.print(f"sparse output against the dense build: max error {result.max_rel_error:.1e} of the output's scale")
     summary = Table(title="end to end (Relax VM time evaluator, median)", title_justify="left")
     for column in ("build", "latency", "vs dense TVM", "compile"):
         summary.add_column(column, justify="left" if column == "build" else "right")

@@ -207,18 +207,19 @@ def bench_command(model, target, density_threshold, input_shape, top, json_path,
     inputs = random_inputs(mod)
     resolved = parse_target(target)
     with user_errors(), step(f"building and timing for {resolved.kind.name}"):
-        dense, sparse, report = bench.bench(mod, resolved, inputs, density_threshold)
-        onnxruntime_us = bench.onnxruntime_us(model, inputs, resolved)
-    click.echo(report.summary())
-    click.echo(bench.table(dense, sparse, onnxruntime_us, top), nl=False)
+        result = bench.bench(mod, resolved, inputs, density_threshold)
+        onnxruntime_us = bench.onnxruntime_us(model, inputs, resolved) if not model.endswith(".tflite") else None
+    click.echo(result.report.summary())
+    click.echo(bench.table(result, onnxruntime_us, top), nl=False)
     if json_path:
         figures = {"model": model, "target": resolved.kind.name, "onnxruntime_us": onnxruntime_us,
-                   "builds": [dataclasses.asdict(b) for b in (dense, sparse)]}
+                   "max_rel_error": result.max_rel_error,
+                   "builds": [dataclasses.asdict(b) for b in (result.dense, result.sparse)]}
         with open(json_path, "w") as f:
             json.dump(figures, f, indent=1)
     if plot:
         with user_errors():
-            bench.plot(dense, sparse, plot)
+            bench.plot(result.dense, result.sparse, plot)
 
 
 def random_inputs(mod) -> list:

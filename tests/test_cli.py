@@ -114,6 +114,7 @@ def test_bench_times_sparse_against_dense_with_the_split(tmp_path):
     figures = json.loads((tmp_path / "bench.json").read_text())
     dense, sparse = figures["builds"]
     assert dense["end_to_end_us"] > 0 and sparse["end_to_end_us"] > 0
+    assert 0 <= figures["max_rel_error"] < 1e-4  # the sparse build computed what the dense one did
     assert {c["kind"] for c in sparse["calls"]} == {"sparse kernel", "TVM kernel"}
     assert not any(c["kind"] == "sparse kernel" for c in dense["calls"])
     assert (tmp_path / "split.png").stat().st_size > 0

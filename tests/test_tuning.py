@@ -157,3 +157,40 @@ def test_tuned_module_is_correct_on_the_gpu(gpu_target, tmp_path, dtype):
     arrays = case.inputs(rng, None)
     assert_close(compiled(*arrays), case.reference(arrays), dtype)
     assert len(TuningDatabase(tmp_path / "tuning.json")) == 1
+
+
+def _tuner_with(monkeypatch, tmp_path, timer, **options):
+    """A Tuner whose builds skip the CUDA runtime (no GPU here)."""
+    from sparsert_tvm.tuning.tuner import Tuner
+
+    monkeypatch.setattr(cuda_rule, "create_cuda_module", lambda cubin, kernel: None)
+    options = TuneOptions(timer=timer, progress=False, database=tmp_path / "tuning.json", **options)
+    return Tuner(cuda_rule.CudaSpmmRule(), CUDA, options)
+
+
+@needs_ptxas
+def test_the_budget_stops_tuning_after_the_default(monkeypatch, tmp_path):
+    timed = []
+    tuner = _tuner_with(monkeypatch, tmp_path, lambda built, target: timed.append(1) or 5.0, budget_s=1e-9)
+    record = tuner.tune(channels_problem(np.random.default_rng(7)), "k")
+    assert len(timed) == 1 and record.candidates == 1 and record.us == record.default_us == 5.0
+
+
+@needs_ptxas
+def test_a_failing_candidate_is_skipped_but_a_failing_default_is_an_error(monkeypatch, tmp_path):
+    problem = channels_problem(np.random.default_rng(8))
+    default = default_cuda_config(problem)
+
+    def flaky(built, target):
+        if built.params["rows_per_block"] != default.rows_per_block:
+            raise sp.ToolchainError("ptxas failed")
+        return 3.0
+
+    record = _tuner_with(monkeypatch, tmp_path, flaky, max_candidates=4).tune(problem, "k")
+    assert record.config["rows_per_block"] == default.rows_per_block and record.candidates >= 1
+
+    def broken(built, target):
+        raise sp.ToolchainError("ptxas failed")
+
+    with pytest.raises(sp.ToolchainError):
+        _tuner_with(monkeypatch, tmp_path, broken, max_candidates=3).tune(problem, "k")

@@ -10,6 +10,8 @@ from .errors import RuntimeUnavailable, SparseRTError, ToolchainError, Unsupport
 from .passes import DEFAULT_DENSITY_THRESHOLD, SparsifyWeights
 from .report import LayerReport, SparsityReport, report_of
 from .schedules import CpuSpmmConfig, CudaSpmmConfig
+from .tuning.database import TuningDatabase
+from .tuning.tuner import TuneOptions
 
 __all__ = [
     "DEFAULT_DENSITY_THRESHOLD",
@@ -21,6 +23,8 @@ __all__ = [
     "SparsifyWeights",
     "SparsityReport",
     "ToolchainError",
+    "TuneOptions",
+    "TuningDatabase",
     "UnsupportedProblem",
     "compile",
     "default_target",

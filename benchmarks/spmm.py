@@ -35,11 +35,9 @@ from harness import SpmmCase, graph_timer, reference, sparse_problem, time_spars
 from sparsert_tvm.build import cuda_target  # noqa: E402
 from sparsert_tvm.problem import Layout  # noqa: E402
 from sparsert_tvm.schedules.config import CudaSpmmConfig  # noqa: E402
-from sparsert_tvm.schedules.cuda.assemble import assemble  # noqa: E402
-from sparsert_tvm.schedules.cuda.ptx import emit_spmm_ptx  # noqa: E402
 from sparsert_tvm.schedules.cuda.rule import CudaSpmmRule, cuda_arch  # noqa: E402
 from sparsert_tvm.tuning import space  # noqa: E402
-from sparsert_tvm.tuning.tuner import TuneOptions  # noqa: E402
+from sparsert_tvm.tuning.tuner import TuneOptions, assemble_candidate  # noqa: E402
 
 CONTENDERS = {"cublas_fp32": "fp32", "cublas_tf32": "tf32", "cublas_fp16": "fp16", "cusparse_fp32": "csr"}
 TOLERANCE = {"float32": 1e-4, "float16": 2e-2}  # max error relative to the output's scale
@@ -194,11 +192,7 @@ def _assemble_candidates(job) -> float:
     tuned = limit and problem.weight.nnz <= TUNE_NNZ_LIMIT
     configs = space.candidates(problem, rule.check, limit) if tuned else [rule.default_config(problem, None)]
     for config in configs:
-        try:
-            kernel = emit_spmm_ptx(problem, config, "bench_kernel", arch)
-            assemble(kernel.units, arch, config.ptxas_opt_level, jobs=1)
-        except Exception:  # noqa: BLE001 - the case's own build reports it
-            pass
+        assemble_candidate(problem, config, "bench", arch)
     return time.perf_counter() - start
 
 

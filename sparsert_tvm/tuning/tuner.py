@@ -117,16 +117,18 @@ class Tuner:
         """ptxas for all candidates at once; ``rule.build`` then finds them in the cache."""
         if cache.cache_dir() is None or len(configs) < 2:
             return
-
-        def one(config):
-            try:
-                kernel = emit_spmm_ptx(problem, config, f"{name}_kernel", self.arch)
-                assemble(kernel.units, self.arch, config.ptxas_opt_level, jobs=2)
-            except SparseRTError:
-                pass  # the candidate's own build reports it
-
         with ThreadPoolExecutor(max_workers=len(configs)) as pool:
-            list(pool.map(one, configs))
+            list(pool.map(lambda config: assemble_candidate(problem, config, name, self.arch, jobs=2), configs))
+
+
+def assemble_candidate(problem: SpmmProblem, config: CudaSpmmConfig, name: str, arch: str, jobs: int = 1) -> None:
+    """Puts the cubin of one candidate in the kernel cache, where ``rule.build(problem, config,
+    target, name)`` will find it. A candidate that fails is left for its own build to report."""
+    try:
+        kernel = emit_spmm_ptx(problem, config, f"{name}_kernel", arch)
+        assemble(kernel.units, arch, config.ptxas_opt_level, jobs=jobs)
+    except SparseRTError:
+        pass
 
 
 def _progress(enabled: bool) -> Progress:

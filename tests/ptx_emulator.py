@@ -144,7 +144,14 @@ class PtxProgram:
                 write(ops[0], (value(ops[1]) * value(ops[2])) & 0xFFFFFFFF, mask)
             elif op == "mad.lo.u32":
                 write(ops[0], (value(ops[1]) * value(ops[2]) + value(ops[3])) & 0xFFFFFFFF, mask)
-            elif op in ("mul.lo.u64", "add.s64", "add.u32", "sub.u32"):
+            elif op in ("div.u32", "rem.u32"):
+                a, b = value(ops[1]), value(ops[2])
+                write(ops[0], a // b if op == "div.u32" else a % b, mask)
+            elif op == "mul.wide.u32":
+                write(ops[0], value(ops[1]) * value(ops[2]), mask)
+            elif op == "and.pred":
+                write(ops[0], value(ops[1]) & value(ops[2]), mask)
+            elif op in ("mul.lo.u64", "add.s64", "sub.s64", "add.u32", "sub.u32"):
                 a, b = value(ops[1]), value(ops[2])
                 result = a * b if op.startswith("mul") else (a - b if op.startswith("sub") else a + b)
                 write(ops[0], result & (0xFFFFFFFF if op.endswith("32") else 0xFFFFFFFFFFFFFFFF), mask)

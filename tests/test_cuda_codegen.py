@@ -44,17 +44,22 @@ def problem_for(rng, layout, m, k, density, x_shape, epilogue=(), weight=None, d
     return SpmmProblem(SparseMatrix.from_dense(weight), layout, dtype, tuple(x_shape), tuple(y_shape), tuple(ops))
 
 
-def emulate(problem: SpmmProblem, config: CudaSpmmConfig, rng):
-    """Runs the generated PTX in the emulator; returns (output, numpy reference)."""
+def emulate(problem: SpmmProblem, config: CudaSpmmConfig, rng, inputs=None):
+    """Runs the generated PTX in the emulator on ``inputs`` (X and the residual; random if
+    None); returns (output, numpy reference)."""
     kernel = emit_spmm_ptx(problem, config, "k", "sm_90")
     x_shape = tuple(int(d) for d in problem.x_shape)
     y_shape = tuple(int(d) for d in problem.y_shape)
     dtype = problem.dtype
-    x = rng.standard_normal(x_shape).astype(dtype)
+    if inputs is None:
+        inputs = [rng.standard_normal(x_shape).astype(dtype)]
+        if problem.has_residual:
+            inputs.append(rng.standard_normal(y_shape).astype(dtype))
+    x = inputs[0]
     buffers = {"x": x, "y": np.full(y_shape, np.nan, dtype)}
     args = ["x"]
     if problem.has_residual:
-        buffers["r"] = rng.standard_normal(y_shape).astype(dtype)
+        buffers["r"] = inputs[1]
         args.append("r")
     if problem.x_transposed:  # the kernel reads X^T; the reference takes X
         buffers["x"] = np.ascontiguousarray(x.reshape(-1, problem.K).T)

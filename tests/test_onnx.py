@@ -28,15 +28,15 @@ def test_mlp_gemm_matmul_forms(target):
         assert_close(compiled(x), dense_reference(mod, target, [x], compiled.device))
 
 
-def test_convnet_bias_residual_and_dense_3x3(target):
+def test_convnet_bias_residual_and_padded_3x3(target):
     rng = np.random.default_rng(1)
     mod = from_onnx(models.convnet(rng), keep_params_in_input=False)
     compiled = Compiled(mod, target, density_threshold=0.3)
-    layers = {layer.op: layer for layer in compiled.report}
-    assert layers["conv2d 3x3 NCHW"].decision == "dense"
-    assert "3x3" in layers["conv2d 3x3 NCHW"].reason
-    sparse = [layer for layer in compiled.report if layer.sparse]
-    assert [layer.epilogue for layer in sparse] == [["bias", "relu"], ["bias", "residual", "relu"], []]
+    assert [layer.op for layer in compiled.report if layer.sparse] == ["conv2d 1x1 NCHW", "conv2d 3x3 NCHW"] + [
+        "conv2d 1x1 NCHW"
+    ] * 2
+    epilogues = [layer.epilogue for layer in compiled.report]
+    assert epilogues == [["bias", "relu"], ["relu"], ["bias", "residual", "relu"], []]
     for batch in (1, 3):
         x = rng.standard_normal((batch, 32, 8, 8)).astype("float32")
         assert_close(compiled(x), dense_reference(mod, target, [x], compiled.device))

@@ -44,7 +44,7 @@ def mlp(rng, features=(64, 128, 96, 10), density=0.1, batch="N") -> onnx.ModelPr
 
 
 def convnet(rng, channels=32, size=8, density=0.1, batch="N") -> onnx.ModelProto:
-    """A residual bottleneck: 1x1 Conv+bias+Relu, 3x3 Conv+Relu (stays dense), 1x1 Conv+bias,
+    """A residual bottleneck: 1x1 Conv+bias+Relu, padded 3x3 Conv+Relu, 1x1 Conv+bias,
     Add with the block input, Relu; then a 1x1 Conv without bias."""
     c, mid = channels, channels // 2
     init = [

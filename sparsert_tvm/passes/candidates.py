@@ -1,6 +1,6 @@
 """Finding the operators the pass can rewrite, and what each of them computes.
 
-A candidate is a matmul or a 1x1 convolution whose weight is a constant, followed along the
+A candidate is a matmul or a convolution (any kernel size, stride and padding) whose weight is a constant, followed along the
 dataflow (not the textual order) by the epilogue it can absorb: bias adds, one residual
 add and ReLU/ReLU6/clip, as long as each intermediate value has no other user. Operators
 that cannot be rewritten are still candidates, with the reason.
@@ -8,6 +8,7 @@ that cannot be rewritten are still candidates, with the reason.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -16,7 +17,7 @@ import tvm
 import tvm_ffi
 from tvm import relax, tirx
 
-from ..problem import BiasAdd, Clip, Layout, ResidualAdd, SpmmProblem
+from ..problem import BiasAdd, Clip, ConvWindow, Layout, ResidualAdd, SpmmProblem
 from ..weights import SparseMatrix
 from .constants import constant_value
 
@@ -125,31 +126,49 @@ def _analyse_conv2d(candidate: Candidate, call, var2val):
         raise _Rejected(f"kernel layout {kernel_layout}")
     w = np.transpose(w, [kernel_layout.index(axis) for axis in "OIHW"])
     kh, kw = w.shape[2:]
-    candidate.op = f"conv2d {kh}x{kw} {layout}"
+    stride = tuple(int(s) for s in attrs.strides)
+    strided = "" if stride == (1, 1) else f" /{stride[0]}" if stride[0] == stride[1] else f" /{stride[0]}x{stride[1]}"
+    candidate.op = f"conv2d {kh}x{kw}{strided} {layout}"
     candidate.weight = SparseMatrix.from_dense(w.reshape(w.shape[0], -1))
     if int(attrs.groups) != 1:
         kind = "depthwise" if w.shape[1] == 1 else "grouped"
         raise _Rejected(f"{kind} convolution (groups={int(attrs.groups)}) stays with TVM")
-    if (kh, kw) != (1, 1):
-        raise _Rejected(f"{kh}x{kw} kernel: only 1x1 convolutions are rewritten")
-    if any(int(s) != 1 for s in attrs.strides):
-        raise _Rejected(f"stride {[int(s) for s in attrs.strides]}")
-    if any(int(p) != 0 for p in attrs.padding):
-        raise _Rejected(f"padding {[int(p) for p in attrs.padding]}")
+    if any(int(d) != 1 for d in attrs.dilation):
+        raise _Rejected(f"dilation {[int(d) for d in attrs.dilation]}")
     if layout not in ("NCHW", "NHWC"):
         raise _Rejected(f"data layout {layout}")
     if str(attrs.out_layout) not in ("", layout):
         raise _Rejected(f"output layout {attrs.out_layout} differs from the input's {layout}")
     dims, dtype = _tensor_dims(data, "input")
-    channels = dims[1] if layout == "NCHW" else dims[3]
-    _check_operands(candidate, dtype, channels, call)
+    channels_last = layout == "NHWC"
+    channels = dims[3] if channels_last else dims[1]
+    taps = tirx.IntImm("int64", int(channels) * kh * kw) if isinstance(channels, tirx.IntImm) else None
+    _check_operands(candidate, dtype, taps, call)
     m = w.shape[0]
-    if layout == "NCHW":
-        if not all(isinstance(d, tirx.IntImm) for d in dims[2:]):
+    rows = Layout.ROWS if channels_last else Layout.CHANNELS
+    spatial = dims[1:3] if channels_last else dims[2:]
+    padding = tuple(int(p) for p in attrs.padding)
+    if (kh, kw) == (1, 1) and stride == (1, 1) and not any(padding):
+        if not channels_last and not all(isinstance(d, tirx.IntImm) for d in spatial):
             raise _Rejected("NCHW input with a dynamic spatial size")
-        _set_problem(candidate, Layout.CHANNELS, data, dims, [dims[0], m] + dims[2:], dtype)
-    else:
-        _set_problem(candidate, Layout.ROWS, data, dims, dims[:3] + [m], dtype)
+        y_dims = dims[:3] + [m] if channels_last else [dims[0], m] + dims[2:]
+        _set_problem(candidate, rows, data, dims, y_dims, dtype)
+        return
+    if not all(isinstance(d, tirx.IntImm) for d in spatial):
+        raise _Rejected(f"{kh}x{kw} convolution of a dynamic spatial size")
+    window = ConvWindow(
+        channels=w.shape[1],
+        kernel=(kh, kw),
+        stride=stride,
+        padding=padding,
+        input_size=tuple(int(d) for d in spatial),
+        channels_last=channels_last,
+    )
+    oh, ow = window.output_size
+    if oh < 1 or ow < 1:
+        raise _Rejected(f"empty output ({oh}x{ow})")
+    y_dims = [dims[0], oh, ow, m] if channels_last else [dims[0], m, oh, ow]
+    _set_problem(candidate, rows, data, dims, y_dims, dtype, window)
 
 
 def _check_operands(candidate: Candidate, dtype: str, k_dim, call):
@@ -163,9 +182,9 @@ def _check_operands(candidate: Candidate, dtype: str, k_dim, call):
         raise _Rejected("weight contains NaN or Inf; the dense path keeps IEEE semantics")
 
 
-def _set_problem(candidate, layout, x, x_dims, y_dims, dtype):
+def _set_problem(candidate, layout, x, x_dims, y_dims, dtype, window=None):
     candidate.x = x
-    candidate.problem = SpmmProblem(candidate.weight, layout, dtype, tuple(x_dims), tuple(y_dims))
+    candidate.problem = SpmmProblem(candidate.weight, layout, dtype, tuple(x_dims), tuple(y_dims), window=window)
 
 
 _ROOTS = {"relax.matmul": _analyse_matmul, "relax.nn.conv2d": _analyse_conv2d}
@@ -192,9 +211,7 @@ def _absorb_epilogue(candidate: Candidate, var2val, users, block_of):
         ops.append(op)
         candidate.members.append(user)
         current = user
-    candidate.problem = SpmmProblem(
-        problem.weight, problem.layout, problem.dtype, problem.x_shape, problem.y_shape, tuple(ops)
-    )
+    candidate.problem = dataclasses.replace(problem, epilogue=tuple(ops))
 
 
 def _same_type(a, b) -> bool:

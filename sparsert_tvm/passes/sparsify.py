@@ -27,7 +27,7 @@ _OPTIONS = ("kernel_config", "dry_run", "tune", "tuning_database")
 
 
 def SparsifyWeights(target, density_threshold: float | None = None, **options) -> tvm.ir.transform.Pass:  # noqa: N802
-    """The pass rewriting sparse-weight matmuls and 1x1 convolutions for ``target``.
+    """The pass rewriting sparse-weight matmuls and convolutions for ``target``.
 
     Parameters
     ----------
@@ -35,7 +35,7 @@ def SparsifyWeights(target, density_threshold: float | None = None, **options) -
         What the kernels are generated for: a ``cuda`` or ``llvm`` target.
     density_threshold : float in [0, 1], optional
         Weights with this density (nonzeros / size) or less are rewritten. By default,
-        ``DEFAULT_DENSITY_THRESHOLD[layout]``: 0.3 for NCHW 1x1 convolutions, 0.15 for
+        ``DEFAULT_DENSITY_THRESHOLD[layout]``: 0.3 for NCHW convolutions, 0.15 for
         matmuls and NHWC convolutions.
     kernel_config : dict or config object, optional
         Overrides of the kernel tiling applied to every rewritten layer (fields of

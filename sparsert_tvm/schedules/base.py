@@ -89,6 +89,8 @@ def operand_shapes(problem: SpmmProblem):
     if problem.x_transposed:  # static shapes only
         return [tirx.IntImm("int64", problem.K), problem.columns], list(problem.y_shape[:-1]) + [rows]
     dims = fresh(problem.x_shape, "d")
+    if problem.window is not None:
+        return dims, [dims[0]] + list(problem.y_shape[1:])  # static but for the batch
     if problem.layout is Layout.ROWS:
         return dims, dims[:-1] + [rows]
     return dims, [dims[0], rows] + dims[2:]
@@ -98,4 +100,4 @@ def kernel_columns_and_batch(problem: SpmmProblem, x_dims):
     """Columns of the product and images, as expressions of the kernel's input dims."""
     if problem.x_transposed:
         return x_dims[1], tirx.IntImm("int64", 1)
-    return columns_and_batch(problem.layout, x_dims)
+    return columns_and_batch(problem, x_dims)

@@ -17,11 +17,14 @@ _TARGET_BLOCKS = 264
 
 
 def default_vector_width(problem: SpmmProblem) -> int:
-    """float16 pairs neighbouring columns (``f16x2``) where they are adjacent and even."""
-    if problem.dtype != "float16" or problem.x_strides().n != 1:
+    """float16 pairs neighbouring columns (``f16x2``) where they are adjacent and even (for a
+    convolution's window: neighbouring pixels of an output row of even width)."""
+    if problem.dtype != "float16":
         return 1
+    if problem.window is not None:
+        return 2 if problem.window.output_size[1] % 2 == 0 else 1
     columns = problem.static_columns
-    return 2 if columns is not None and columns % 2 == 0 else 1
+    return 2 if problem.x_strides().n == 1 and columns is not None and columns % 2 == 0 else 1
 
 
 def default_cuda_config(problem: SpmmProblem) -> CudaSpmmConfig:

@@ -18,7 +18,7 @@ from pathlib import Path
 from .. import cache
 from ..problem import SpmmProblem
 
-FORMAT = 1
+FORMAT = 2  # 2: convolution windows in the key
 
 
 @dataclass
@@ -47,6 +47,7 @@ def problem_key(problem: SpmmProblem, target_id: str) -> str:
         str(problem.y_shape),
         repr(problem.epilogue),
         str(problem.x_transposed),
+        repr(problem.window),
         target_id,
     )
 

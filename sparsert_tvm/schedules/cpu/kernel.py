@@ -1,7 +1,8 @@
 """CPU: an unrolled TIR kernel per weight, vectorised over the product's columns.
 
 For each tile of ``vector_lanes`` columns, the tile of ``X`` is staged (transposed for the
-ROWS layout) into a small buffer ``xt[k, lane]``; every row of ``A`` then becomes one
+ROWS layout; for a convolution's window, gathered from the input with zeros in the padding)
+into a small buffer ``xt[k, lane]``; every row of ``A`` then becomes one
 vector expression over that buffer, with the nonzero values as constants and the column
 indices as fixed offsets, written to ``yt``; a scalar loop stores ``yt`` to ``Y`` with the
 bounds check of the last tile. Rows are unrolled in chunks so that ``yt`` stays small, and
@@ -34,7 +35,7 @@ def cpu_spmm_kernel(problem: SpmmProblem, config: CpuSpmmConfig, name: str) -> t
     dtype, lanes = problem.dtype, config.vector_lanes
     x_dims, y_dims = operand_shapes(problem)
     columns, batch = kernel_columns_and_batch(problem, x_dims)
-    xs, ys = problem.x_strides(), problem.y_strides()
+    ys = problem.y_strides()
     rows = [(m,) for m in range(problem.M)]
     segments = [[m for (m,) in run] for run in split_by_nnz(rows, problem.weight.row_nnz, config.max_nnz_per_segment)]
     # Epilogue ops up to the residual add run on whole vectors, the rest as each value is stored.
@@ -62,8 +63,8 @@ def cpu_spmm_kernel(problem: SpmmProblem, config: CpuSpmmConfig, name: str) -> t
                             with T.serial(0, problem.K) as k:
                                 with T.vectorized(0, lanes) as lane:
                                     n = tile * lanes + lane
-                                    value = x_flat[b * xs.batch + k * xs.k + n * xs.n]
-                                    T.buffer_store(xt, tirx.if_then_else(n < columns, value, _zero(dtype)), [k * lanes + lane])
+                                    value = _x_element(problem, x_flat, b, k, n, columns)
+                                    T.buffer_store(xt, value, [k * lanes + lane])
                             for lo in range(0, len(segment), config.rows_per_chunk):
                                 chunk = segment[lo : lo + config.rows_per_chunk]
                                 with T.vectorized(0, lanes) as lane:
@@ -79,6 +80,24 @@ def cpu_spmm_kernel(problem: SpmmProblem, config: CpuSpmmConfig, name: str) -> t
                                                 value = _apply(store_ops, yt[i * lanes + lane], m, dtype, r_flat, offset)
                                                 T.buffer_store(y_flat, value, [offset])
     return builder.get()
+
+
+def _x_element(problem: SpmmProblem, x_flat, b, k, n, columns):
+    """``X`` at (image ``b``, column ``k`` of ``A``, column ``n``), zero past the last column
+    and, through a convolution's window, in the padding."""
+    xs, inside = problem.x_strides(), n < columns
+    window = problem.window
+    if window is None:
+        index = b * xs.batch + k * xs.k + n * xs.n
+    else:
+        (h, w), (kh, kw), (sh, sw) = window.input_size, window.kernel, window.stride
+        channel, ky, kx = tirx.floordiv(k, kh * kw), tirx.floormod(tirx.floordiv(k, kw), kh), tirx.floormod(k, kw)
+        ow = window.output_size[1]
+        iy = tirx.floordiv(n, ow) * sh + ky - window.padding[0]
+        ix = tirx.floormod(n, ow) * sw + kx - window.padding[1]
+        inside = tirx.all(inside, iy >= 0, iy < h, ix >= 0, ix < w)
+        index = b * xs.batch + channel * window.channel_stride + iy * window.row_stride + ix * window.pixel_stride
+    return tirx.if_then_else(inside, x_flat[index], _zero(problem.dtype))
 
 
 def _tile_loop(columns, lanes: int, static_columns: int | None):

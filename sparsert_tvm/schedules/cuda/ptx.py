@@ -9,6 +9,12 @@ column); it walks the group's nonzero columns ``k`` in order, loads ``X[b, k, ve
 (one vector load) and issues the FMAs of every row of the group that has a nonzero at ``k``.
 The epilogue runs in registers before the only store.
 
+Convolutions with a ``ConvWindow`` read their input directly: each owned vector gets a base
+address for its output pixel's window (computed once), each tap ``(channel, ky, kx)`` is an
+immediate offset from it, and taps that can fall into the padding are loaded under a
+predicate computed once per thread, into a register zeroed first: no branches and no
+im2col buffer.
+
 float16 kernels pack two neighbouring columns into one register and use paired
 ``fma.rn.f16x2``; they accumulate in float16, like the inputs (see ``_ElementType``).
 
@@ -114,6 +120,11 @@ def check_vectorization(problem: SpmmProblem, config: CudaSpmmConfig) -> None:
     element = _ElementType(problem.dtype, width)
     if element.registers > _MAX_VECTOR_REGISTERS:
         raise UnsupportedProblem(f"vector_width {width} exceeds one 128-bit load of {problem.dtype}")
+    if problem.window is not None:
+        # A vector's pixels must share an output row (their windows are then neighbours).
+        if problem.window.output_size[1] % width:
+            raise UnsupportedProblem(f"vector_width {width} needs an output width divisible by it")
+        return
     if problem.x_strides().n != 1:
         raise UnsupportedProblem("vector loads need neighbouring columns of X adjacent in memory")
     columns = problem.static_columns
@@ -174,6 +185,7 @@ class _Emitter:
         self.vector_stride = config.threads_per_block * config.vector_width
         self.x_strides = problem.x_strides()
         self.y_strides = problem.y_strides()
+        self.window = problem.window
         self.param_types = ("handle",) * (3 if problem.has_residual else 2) + ("int32",)
 
     # -- offsets ---------------------------------------------------------------------
@@ -186,9 +198,14 @@ class _Emitter:
         return (m * s.k + c * self.vector_stride * s.n) * self.es
 
     def check_offsets(self):
-        last = self.cols - 1
-        largest = max(self.x_offset(self.problem.K - 1, last), self.y_offset(self.problem.M - 1, last))
-        largest += self.config.vector_width * max(self.x_strides.n, self.y_strides.n) * self.es
+        last, width = self.cols - 1, self.config.vector_width
+        if self.window is None:
+            x_largest = self.x_offset(self.problem.K - 1, last) + width * self.x_strides.n * self.es
+        else:  # window origins are 32-bit too
+            win = self.window
+            last_tap = win.tap_offset(self.problem.K - 1) + width * win.stride[1] * win.pixel_stride
+            x_largest = max(win.image_size, last_tap) * self.es
+        largest = max(x_largest, self.y_offset(self.problem.M - 1, last) + width * self.y_strides.n * self.es)
         if largest > _MAX_IMMEDIATE_OFFSET:
             raise UnsupportedProblem("tensor too large for 32-bit immediate load offsets")
 
@@ -224,14 +241,15 @@ class _Emitter:
         if cfg.vector_width > 1:
             lines.append(f"mul.lo.u32 %col0, %col0, {cfg.vector_width};")
         lines += ["setp.ge.u32 %p0, %col0, %ncols;", "@%p0 bra DONE;"]
-        if p.layout is Layout.CHANNELS:
+        if p.layout is Layout.CHANNELS or self.window is not None:
             lines += ["mov.u32 %r3, %ctaid.z;", "cvt.u64.u32 %rd4, %r3;"]
             lines += self._advance("%rd4", self.x_strides.batch, self.y_strides.batch)
         lines += ["cvt.u64.u32 %rd5, %col0;"]
-        lines += self._advance("%rd5", self.x_strides.n, self.y_strides.n)
+        # A window's columns are not linear in X: segments find the windows from %px and %col0.
+        lines += self._advance("%rd5", None if self.window else self.x_strides.n, self.y_strides.n)
         lines += ["mov.u32 %g, %ctaid.y;"]
         if inline_groups is not None:
-            lines += self._valid_columns()
+            lines += self._column_setup()
             lines += self._dispatch(inline_groups, first=0, exit_label="DONE")
         else:
             lines += self._segment_calls(name, segment_bounds)
@@ -250,7 +268,7 @@ class _Emitter:
             "ld.param.u32 %ncols, [s_ncols];",
             "ld.param.u32 %g, [s_g];",
         ]
-        lines += self._valid_columns()
+        lines += self._column_setup()
         lines += self._dispatch(groups, first=first, exit_label="DONE")
         lines += ["DONE:", "ret;", "}"]
         return "\n".join(lines) + "\n"
@@ -280,21 +298,90 @@ class _Emitter:
         ]
         if self.problem.dtype == "float16":
             lines += [f".reg .{reg} %w;", ".reg .b16 %h<2>;"]
+        if self.window is not None:
+            (kh, kw), per_vector = self.window.kernel, self.cols * self.config.vector_width
+            lines += [
+                ".reg .b32 %oy, %ox, %iy, %ix;",
+                f".reg .b64 %pxw<{self.cols}>;",
+                f".reg .pred %qy<{kh * self.cols}>;",
+                f".reg .pred %qx<{kw * per_vector}>;",
+                f".reg .pred %q<{kh * kw * per_vector}>;",
+            ]
         return lines
 
-    def _advance(self, index_reg: str, x_stride: int, y_stride: int) -> list[str]:
+    def _advance(self, index_reg: str, x_stride: int | None, y_stride: int) -> list[str]:
         """Moves the base addresses by ``index * stride`` elements."""
-        lines = [f"mul.lo.u64 %rd6, {index_reg}, {x_stride * self.es};", "add.s64 %px, %px, %rd6;"]
+        lines = []
+        if x_stride is not None:
+            lines += [f"mul.lo.u64 %rd6, {index_reg}, {x_stride * self.es};", "add.s64 %px, %px, %rd6;"]
         lines += [f"mul.lo.u64 %rd7, {index_reg}, {y_stride * self.es};", "add.s64 %py, %py, %rd7;"]
         if self.problem.has_residual:
             lines += ["add.s64 %pr, %pr, %rd7;"]
         return lines
 
-    def _valid_columns(self) -> list[str]:
+    def _column_setup(self) -> list[str]:
+        """Which owned vectors exist (``%pv<c>``) and, for a window, where their windows are."""
         lines = []
         for c in range(self.cols):
             lines += [f"add.u32 %colc, %col0, {c * self.vector_stride};", f"setp.lt.u32 %pv{c}, %colc, %ncols;"]
+            if self.window is not None:
+                lines += self._window_setup(c)
         return lines
+
+    def _window_setup(self, c: int) -> list[str]:
+        """``%pxw<c>``: address of the window of vector ``c``'s first pixel (``%colc``), and the
+        predicates of the taps that may read padding."""
+        win, width = self.window, self.config.vector_width
+        (h, w), (kh, kw), (sh, sw) = win.input_size, win.kernel, win.stride
+        lines = [
+            f"div.u32 %oy, %colc, {win.output_size[1]};",
+            f"rem.u32 %ox, %colc, {win.output_size[1]};",
+            f"mul.lo.u32 %iy, %oy, {sh};",
+            f"mul.lo.u32 %ix, %ox, {sw};",
+            f"mul.lo.u32 %r3, %iy, {win.row_stride};",
+            f"mad.lo.u32 %r3, %ix, {win.pixel_stride}, %r3;",
+            f"mul.wide.u32 %rd6, %r3, {self.es};",
+            f"add.s64 %pxw{c}, %px, %rd6;",
+        ]
+        if win.padding_offset:
+            lines.append(f"sub.s64 %pxw{c}, %pxw{c}, {win.padding_offset * self.es};")
+
+        def inside(predicate: str, position: str, shift: int, size: int):
+            # Unsigned comparison: a position before the image wraps around to a huge value.
+            op, amount = ("add", shift) if shift >= 0 else ("sub", -shift)
+            lines.extend([f"{op}.u32 %r3, {position}, {amount};", f"setp.lt.u32 {predicate}, %r3, {size};"])
+
+        for ky in range(kh):
+            if not win.row_in_image(ky):
+                inside(f"%qy{ky * self.cols + c}", "%iy", ky - win.padding[0], h)
+        for kx in range(kw):
+            for j in range(width):
+                if not win.column_in_image(kx):
+                    inside(f"%qx{(kx * self.cols + c) * width + j}", "%ix", j * sw + kx - win.padding[1], w)
+        for ky in range(kh):
+            for kx in range(kw):
+                for j in range(width):
+                    terms = self._tap_terms(ky, kx, c, j)
+                    if len(terms) > 1:
+                        predicate = self._tap_predicate(ky, kx, c, j)
+                        lines.append(f"and.pred {predicate}, {terms[0]}, {terms[1]};")
+                        lines += [f"and.pred {predicate}, {predicate}, {t};" for t in terms[2:]]
+        return lines
+
+    def _tap_terms(self, ky: int, kx: int, c: int, j: int) -> list[str]:
+        """The predicates that must all hold for pixel ``j`` of vector ``c`` to read tap
+        ``(ky, kx)``: inside the image, and an existing vector."""
+        win, width = self.window, self.config.vector_width
+        terms = [] if c == 0 else [f"%pv{c}"]
+        if not win.row_in_image(ky):
+            terms.append(f"%qy{ky * self.cols + c}")
+        if not win.column_in_image(kx):
+            terms.append(f"%qx{(kx * self.cols + c) * width + j}")
+        return terms
+
+    def _tap_predicate(self, ky: int, kx: int, c: int, j: int) -> str:
+        kw, width = self.window.kernel[1], self.config.vector_width
+        return f"%q{((ky * kw + kx) * self.cols + c) * width + j}"
 
     def _guard(self, c: int) -> str:
         # Vector 0 exists whenever the thread got this far.
@@ -343,7 +430,7 @@ class _Emitter:
         fma = f"fma.rn.{self.element.arith}"
         for k in sorted(by_column):
             for c in range(cols):
-                lines += self._load(self._registers("x", c * lanes), "%px", self.x_offset(k, c), self.x_strides.n, c)
+                lines += self._load_x(k, c)
             for i, v in by_column[k]:
                 setup, operand = self.element.constant(v)
                 lines += setup
@@ -381,6 +468,30 @@ class _Emitter:
         return lines
 
     # -- memory ----------------------------------------------------------------------
+    def _load_x(self, k: int, c: int) -> list[str]:
+        """Loads the activations of column ``k`` of ``A`` for owned vector ``c`` into ``%x``."""
+        registers = self._registers("x", c * self.lanes)
+        if self.window is None:
+            return self._load(registers, "%px", self.x_offset(k, c), self.x_strides.n, c)
+        # Window: one load per pixel (a vector's windows are neighbours but rarely aligned).
+        win, packed = self.window, self.element.columns_per_register == 2
+        _, ky, kx = win.tap(k)
+        lines = []
+        for j in range(self.config.vector_width):
+            offset = (win.tap_offset(k) + j * win.stride[1] * win.pixel_stride) * self.es
+            dest = f"%h{j % 2}" if packed else registers[j]
+            kind = "b16" if packed else self.element.reg
+            terms = self._tap_terms(ky, kx, c, j)
+            if terms and terms != [f"%pv{c}"]:  # may read padding: zero unless inside
+                zero = "0f00000000" if kind == "f32" else "0"
+                predicate = terms[0] if len(terms) == 1 else self._tap_predicate(ky, kx, c, j)
+                lines += [f"mov.{kind} {dest}, {zero};", f"@{predicate} ld.global.nc.{kind} {dest}, [%pxw{c}+{offset}];"]
+            else:
+                lines.append(f"{self._guard(c)}ld.global.nc.{kind} {dest}, [%pxw{c}+{offset}];")
+            if packed and j % 2:
+                lines.append(f"mov.b32 {registers[j // 2]}, {{%h0, %h1}};")
+        return lines
+
     def _load(self, registers: list[str], base: str, offset: int, stride: int, c: int) -> list[str]:
         return self._access(True, registers, base, offset, stride, c)
 

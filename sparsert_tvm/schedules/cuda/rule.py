@@ -69,7 +69,7 @@ class CudaSpmmRule(SparseKernelRule):
         # a cache line of its own; transposed, they are contiguous. It needs N at compile time
         # (row offsets are immediates) and pays from about 16 columns.
         columns = problem.static_columns
-        return problem.layout is Layout.ROWS and columns is not None and columns >= 16
+        return problem.layout is Layout.ROWS and problem.window is None and columns is not None and columns >= 16
 
     def default_config(self, problem, target):
         return default_cuda_config(problem)

@@ -1,0 +1,174 @@
+"""Direct sparse convolutions (any kernel size, stride and padding) against numpy's im2col."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from conv_cases import ConvCase, make_conv
+from helpers import CPU_TARGET, Compiled, assert_close
+from sparsert_tvm.passes.candidates import find_candidates
+from sparsert_tvm.schedules.config import CudaSpmmConfig
+from sparsert_tvm.schedules.cuda.ptx import emit_spmm_ptx
+from test_cuda_codegen import emulate, needs_ptxas
+
+GEOMETRIES = {  # kernel, stride, padding (top, left, bottom, right), input size
+    "3x3": ((3, 3), (1, 1), (1, 1, 1, 1), (9, 8)),
+    "3x3/2": ((3, 3), (2, 2), (1, 1, 1, 1), (9, 8)),
+    "3x3-valid": ((3, 3), (1, 1), (0, 0, 0, 0), (6, 7)),
+    "1x1/2": ((1, 1), (2, 2), (0, 0, 0, 0), (9, 8)),  # ResNet's downsampling shortcut
+    "5x5": ((5, 5), (1, 1), (2, 2, 2, 2), (7, 6)),
+    "7x7/2": ((7, 7), (2, 2), (3, 3, 3, 3), (11, 10)),  # ResNet's stem
+    "1x3": ((1, 3), (1, 1), (0, 1, 0, 1), (5, 6)),
+    "5x3/1x2-asymmetric": ((5, 3), (1, 2), (2, 0, 1, 3), (9, 8)),
+    "3x3-on-1x1": ((3, 3), (1, 1), (1, 1, 1, 1), (1, 1)),  # only the centre tap reads data
+}
+LAYOUTS = ["NCHW", "NHWC"]
+
+
+def conv(rng, name, layout, density=0.3, m=12, channels=5, **options) -> ConvCase:
+    kernel, stride, padding, size = GEOMETRIES[name]
+    options.setdefault("batch", None)  # symbolic unless asked
+    return make_conv(rng, m, channels, kernel, size, density, stride=stride, padding=padding, layout=layout, **options)
+
+
+def check(case: ConvCase, target, batches=(1, 3), **options):
+    compiled = Compiled(case.module(), target, **options)
+    assert [layer.decision for layer in compiled.report] == ["sparse"], compiled.report.table()
+    rng = np.random.default_rng(0)
+    for batch in batches:
+        arrays = case.inputs(rng, batch)
+        assert_close(compiled(*arrays), case.reference(arrays), case.dtype)
+    return compiled.report
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("name", GEOMETRIES)
+def test_geometries(target, layout, name):
+    rng = np.random.default_rng(1)
+    case = conv(rng, name, layout, epilogue=("bias", "residual", "relu"))
+    (layer,) = check(case, target)
+    assert layer.op.startswith("conv2d") and layer.epilogue == ["bias", "residual", "relu"]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("density", [0.0, 0.05, 1.0])
+def test_densities(target, layout, density):
+    check(conv(np.random.default_rng(2), "3x3", layout, density), target)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("epilogue", [(), ("relu6",), ("bias", "relu6"), ("residual",)], ids=str)
+def test_epilogues_and_a_static_batch(target, layout, epilogue):
+    check(conv(np.random.default_rng(3), "3x3/2", layout, epilogue=epilogue, batch=2), target, batches=(2,))
+
+
+@pytest.mark.parametrize("layout, kernel_layout", [("NHWC", "OHWI"), ("NHWC", "OIHW"), ("NCHW", "HWIO")])
+def test_kernel_layouts(target, layout, kernel_layout):
+    check(conv(np.random.default_rng(4), "5x3/1x2-asymmetric", layout, kernel_layout=kernel_layout), target)
+
+
+def test_empty_filters_and_unused_channels(target):
+    rng = np.random.default_rng(5)
+    case = conv(rng, "3x3", "NCHW", 0.4, m=16, channels=6, epilogue=("bias",))
+    case.weight[:5] = 0  # filters without nonzeros: only the bias
+    case.weight[:, 2] = 0  # an input channel nothing reads
+    check(case, target)
+
+
+TILINGS = {
+    "cuda": [
+        {"rows_per_block": 1, "threads_per_block": 32},
+        {"rows_per_block": 5, "columns_per_thread": 2, "threads_per_block": 32},
+        {"rows_per_block": 3, "vector_width": 2, "threads_per_block": 32},
+        {"max_nnz_per_segment": 30},  # many separately assembled segments
+    ],
+    "llvm": [{"vector_lanes": 4}, {"vector_lanes": 8, "rows_per_chunk": 3, "max_nnz_per_segment": 30}],
+}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("index", range(4))
+def test_tilings(target, layout, index):
+    tilings = TILINGS[target.kind.name]
+    if index >= len(tilings):
+        pytest.skip(f"{target.kind.name} has {len(tilings)} tilings")
+    case = conv(np.random.default_rng(6), "3x3", layout, m=20, channels=6, epilogue=("bias", "relu"))
+    (layer,) = check(case, target, kernel_config=tilings[index])
+    assert {key: layer.params[key] for key in tilings[index]} == tilings[index]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("name", ["3x3", "3x3/2", "7x7/2"])
+def test_float16_on_the_gpu(gpu_target, layout, name):
+    rng = np.random.default_rng(7)
+    case = conv(rng, name, layout, dtype="float16", epilogue=("bias", "relu"))
+    (layer,) = check(case, gpu_target)
+    assert layer.params["vector_width"] == (2 if case.out_shape(1)[3 if layout == "NCHW" else 2] % 2 == 0 else 1)
+
+
+def test_float16_stays_dense_on_the_cpu():
+    compiled = Compiled(conv(np.random.default_rng(8), "3x3", "NCHW", dtype="float16").module(), CPU_TARGET)
+    (layer,) = compiled.report
+    assert layer.decision == "dense" and "float16" in layer.reason
+
+
+# -- the CUDA generator without a GPU --------------------------------------------------------
+
+
+def problem_of(case: ConvCase):
+    """What the pass makes of ``case``: the real candidate analysis, not a hand-built problem."""
+    (candidate,) = find_candidates("main", case.module()["main"])
+    assert candidate.reason is None, candidate.reason
+    return candidate.problem
+
+
+EMULATED_CONFIGS = [
+    CudaSpmmConfig(rows_per_block=4, threads_per_block=32),
+    CudaSpmmConfig(rows_per_block=3, threads_per_block=32, columns_per_thread=2, max_nnz_per_segment=40),
+    CudaSpmmConfig(rows_per_block=2, threads_per_block=32, vector_width=2),
+]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("config", EMULATED_CONFIGS, ids=["plain", "two-columns-segmented", "vectors"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("name", GEOMETRIES)
+def test_emulated_windows(name, layout, config, dtype):
+    """Every load is checked against the buffers' bounds, so a tap reading outside the input
+    (instead of a padding zero) fails here even where it would happen to read a zero."""
+    rng = np.random.default_rng(9)
+    case = conv(rng, name, layout, m=10, channels=3, dtype=dtype, batch=2, epilogue=("bias", "residual", "relu6"))
+    problem = problem_of(case)
+    if problem.window.output_size[1] % config.vector_width:
+        config = dataclasses.replace(config, vector_width=1)
+    arrays = case.inputs(rng, 2)
+    out, _ = emulate(problem, config, rng, arrays)
+    assert out.dtype == np.dtype(dtype)
+    assert_close(out, case.reference(arrays), dtype)
+
+
+def test_only_taps_that_can_read_padding_are_predicated():
+    rng = np.random.default_rng(10)
+    config = CudaSpmmConfig(rows_per_block=4, threads_per_block=32)
+    valid = "".join(emit_spmm_ptx(problem_of(conv(rng, "3x3-valid", "NCHW", 1.0)), config, "k", "sm_90").units)
+    assert "setp.lt.u32 %q" not in valid and "@%q" not in valid
+    padded = emit_spmm_ptx(problem_of(conv(rng, "3x3", "NCHW", 1.0, channels=1)), config, "k", "sm_90")
+    # 8 of the 9 taps touch the border; the centre tap always reads the image.
+    loads = [line for line in "".join(padded.units).splitlines() if "ld.global.nc" in line]
+    assert len(loads) == 9 * padded.row_groups
+    assert sum(line.startswith("@%q") for line in loads) == 8 * padded.row_groups
+
+
+@needs_ptxas
+@pytest.mark.parametrize("dtype, width", [("float32", 1), ("float16", 2)])
+def test_window_kernels_assemble(dtype, width):
+    from sparsert_tvm.schedules.cuda.assemble import assemble
+
+    rng = np.random.default_rng(11)
+    problem = problem_of(conv(rng, "3x3/2", "NHWC", 0.3, m=16, channels=8, dtype=dtype, epilogue=("bias", "relu")))
+    config = CudaSpmmConfig(rows_per_block=4, threads_per_block=32, columns_per_thread=2, vector_width=width)
+    kernel = emit_spmm_ptx(problem, dataclasses.replace(config, max_nnz_per_segment=200), "k", "sm_90")
+    assert len(kernel.units) > 2
+    assert assemble(kernel.units, "sm_90", 3)

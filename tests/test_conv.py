@@ -76,26 +76,32 @@ def test_empty_filters_and_unused_channels(target):
     check(case, target)
 
 
-TILINGS = {
-    "cuda": [
-        {"rows_per_block": 1, "threads_per_block": 32},
-        {"rows_per_block": 5, "columns_per_thread": 2, "threads_per_block": 32},
-        {"rows_per_block": 3, "vector_width": 2, "threads_per_block": 32},
-        {"max_nnz_per_segment": 30},  # many separately assembled segments
-    ],
-    "llvm": [{"vector_lanes": 4}, {"vector_lanes": 8, "rows_per_chunk": 3, "max_nnz_per_segment": 30}],
-}
+CUDA_TILINGS = [
+    {"rows_per_block": 1, "threads_per_block": 32},
+    {"rows_per_block": 5, "columns_per_thread": 2, "threads_per_block": 32},
+    {"rows_per_block": 3, "vector_width": 2, "threads_per_block": 32},
+    {"max_nnz_per_segment": 30},  # many separately assembled segments
+]
+CPU_TILINGS = [{"vector_lanes": 4}, {"vector_lanes": 8, "rows_per_chunk": 3, "max_nnz_per_segment": 30}]
+
+
+def check_tiling(target, layout, tiling):
+    case = conv(np.random.default_rng(6), "3x3", layout, m=20, channels=6, epilogue=("bias", "relu"))
+    (layer,) = check(case, target, kernel_config=tiling)
+    assert {key: layer.params[key] for key in tiling} == tiling
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("tiling", CUDA_TILINGS, ids=str)
+def test_cuda_tilings(gpu_target, layout, tiling):
+    check_tiling(gpu_target, layout, tiling)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("index", range(4))
-def test_tilings(target, layout, index):
-    tilings = TILINGS[target.kind.name]
-    if index >= len(tilings):
-        pytest.skip(f"{target.kind.name} has {len(tilings)} tilings")
-    case = conv(np.random.default_rng(6), "3x3", layout, m=20, channels=6, epilogue=("bias", "relu"))
-    (layer,) = check(case, target, kernel_config=tilings[index])
-    assert {key: layer.params[key] for key in tilings[index]} == tilings[index]
+@pytest.mark.parametrize("tiling", CPU_TILINGS, ids=str)
+def test_cpu_tilings(layout, tiling):
+    check_tiling(CPU_TARGET, layout, tiling)
 
 
 @pytest.mark.gpu

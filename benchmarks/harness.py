@@ -17,7 +17,7 @@ import tvm
 import tvm_ffi
 
 from sparsert_tvm.build import cuda_target
-from sparsert_tvm.problem import Layout, SpmmProblem
+from sparsert_tvm.problem import ConvWindow, Layout, SpmmProblem
 from sparsert_tvm.schedules.cuda.rule import CudaSpmmRule
 from sparsert_tvm.tuning.measure import build_launcher
 from sparsert_tvm.tuning.tuner import TuneOptions, Tuner
@@ -26,11 +26,20 @@ from sparsert_tvm.weights import SparseMatrix
 ROTATE = 4  # distinct input/output buffers cycled through inside a graph
 
 
-def graph_time_us(step, calls: int = 20, replays: int = 30) -> float:
-    """Median time per call of ``step(i)`` captured ``calls`` times in a CUDA graph."""
+def graph_time_us(step, calls: int = 20, replays: int = 30, budget_us: float = 300_000) -> float:
+    """Median time per call of ``step(i)`` captured ``calls`` times in a CUDA graph. Slow
+    steps get fewer calls and replays, so that one measurement stays within ``budget_us``."""
     for i in range(3):
         step(i)
     torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    step(0)
+    end.record()
+    end.synchronize()
+    estimate = max(1.0, start.elapsed_time(end) * 1e3)
+    calls = max(1, min(calls, int(budget_us / (estimate * replays))))
+    replays = max(5, min(replays, int(budget_us / (estimate * calls))))
     graph = torch.cuda.CUDAGraph()
     with tvm_ffi.use_torch_stream(torch.cuda.graph(graph)):
         for i in range(calls):
@@ -60,10 +69,19 @@ class SpmmCase:
     dtype: str = "float32"  # of our kernel, its operands and TVM's dense kernel
     images: int = 1  # batch of a CHANNELS case (N = images * columns)
 
+    kind = "spmm"
+    # Contenders run through torch: name -> mode of ``time_torch``.
+    libraries = {"cublas_fp32": "fp32", "cublas_tf32": "tf32", "cublas_fp16": "fp16", "cusparse_fp32": "csr"}
+
     @property
     def shape(self):
         m, k = self.weight.shape
         return m, k, self.columns * self.images
+
+    @property
+    def dense_key(self):
+        """What a dense contender's time depends on (not the weight's values)."""
+        return (self.shape, self.columns, self.layout, self.dtype)
 
     @property
     def torch_dtype(self):
@@ -82,9 +100,7 @@ class SpmmCase:
         return SpmmProblem(weight, self.layout, self.dtype, self.x_shape(), self.y_shape())
 
     def inputs(self, dtype=None):
-        gen = torch.Generator(device="cuda").manual_seed(0)
-        dtype = dtype or self.torch_dtype
-        return [torch.randn(self.x_shape(), device="cuda", generator=gen).to(dtype) for _ in range(ROTATE)]
+        return _random_inputs(self.x_shape(), dtype or self.torch_dtype)
 
     def library_inputs(self, dtype):
         """The inputs as one matrix product sees them: ``X[N, K]`` or ``X[K, images * columns]``."""
@@ -93,14 +109,97 @@ class SpmmCase:
             return xs
         return [x.transpose(0, 1).reshape(x.shape[1], -1).contiguous() for x in xs]
 
+    def library_weight(self, dtype):
+        return torch.tensor(self.weight, device="cuda", dtype=dtype)
+
     def dense_product(self, w, x):
         """The same product with a dense (or torch sparse) weight ``w``."""
         if self.layout is Layout.ROWS:
             return x @ w.t() if w.layout == torch.strided else (w @ x.t()).t()
         return w @ x  # X[K, N], or X[images, K, columns] batched over images
 
+    def tvm_dense(self):
+        """TVM's dense operator as ``(op(x, w), weight array, whether x is the first operand)``."""
+        from tvm import relax
 
-def sparse_problem(case: SpmmCase) -> SpmmProblem:
+        if self.layout is Layout.ROWS:
+            return relax.op.matmul, np.ascontiguousarray(self.weight.T), True
+        return (lambda x, w: relax.op.matmul(w, x)), self.weight, False
+
+
+@dataclass
+class ConvCase:
+    """A direct convolution ``Y = conv2d(X, W)`` in NCHW, with torch operands on the GPU."""
+
+    name: str
+    group: str
+    filters: np.ndarray  # W[M, C, kh, kw]
+    size: tuple[int, int]  # input H, W
+    stride: int = 1
+    padding: int = 0
+    dtype: str = "float32"
+    images: int = 1
+
+    kind = "conv"
+    libraries = {"cudnn_fp32": "fp32", "cudnn_tf32": "tf32", "cudnn_fp16": "fp16"}
+
+    @property
+    def weight(self) -> np.ndarray:
+        return self.filters.reshape(self.filters.shape[0], -1)
+
+    @property
+    def window(self) -> ConvWindow:
+        p, s = self.padding, self.stride
+        kernel = tuple(self.filters.shape[2:])
+        return ConvWindow(self.filters.shape[1], kernel, (s, s), (p, p, p, p), tuple(self.size), channels_last=False)
+
+    @property
+    def shape(self):
+        oh, ow = self.window.output_size
+        return (*self.weight.shape, self.images * oh * ow)
+
+    @property
+    def dense_key(self):
+        return (self.filters.shape, self.size, self.stride, self.padding, self.images, self.dtype)
+
+    @property
+    def torch_dtype(self):
+        return getattr(torch, self.dtype)
+
+    def x_shape(self):
+        return (self.images, self.filters.shape[1], *self.size)
+
+    def y_shape(self):
+        return (self.images, self.filters.shape[0], *self.window.output_size)
+
+    def problem(self) -> SpmmProblem:
+        weight = SparseMatrix.from_dense(self.weight.astype(self.dtype))
+        return SpmmProblem(weight, Layout.CHANNELS, self.dtype, self.x_shape(), self.y_shape(), window=self.window)
+
+    def inputs(self, dtype=None):
+        return _random_inputs(self.x_shape(), dtype or self.torch_dtype)
+
+    def library_inputs(self, dtype):
+        return self.inputs(dtype)
+
+    def library_weight(self, dtype):
+        return torch.tensor(self.filters, device="cuda", dtype=dtype)
+
+    def dense_product(self, w, x):
+        return torch.nn.functional.conv2d(x, w, stride=self.stride, padding=self.padding)
+
+    def tvm_dense(self):
+        from tvm import relax
+
+        return (lambda x, w: relax.op.nn.conv2d(x, w, strides=self.stride, padding=self.padding)), self.filters, True
+
+
+def _random_inputs(shape, dtype):
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    return [torch.randn(shape, device="cuda", generator=gen).to(dtype) for _ in range(ROTATE)]
+
+
+def sparse_problem(case) -> SpmmProblem:
     """The problem as the pass would hand it to the CUDA rule (X transposed where it asks)."""
     problem = case.problem()
     if CudaSpmmRule().transposes_input(problem):
@@ -108,7 +207,7 @@ def sparse_problem(case: SpmmCase) -> SpmmProblem:
     return problem
 
 
-def graph_timer(case: SpmmCase):
+def graph_timer(case):
     """A tuner timer (``built, target -> us``) that times with CUDA graphs on the case's inputs."""
 
     def timer(built, target):
@@ -118,7 +217,7 @@ def graph_timer(case: SpmmCase):
     return timer
 
 
-def time_sparsert(case: SpmmCase, config=None, tune: TuneOptions | None = None, tune_nnz_limit: int = 10**9):
+def time_sparsert(case, config=None, tune: TuneOptions | None = None, tune_nnz_limit: int = 10**9):
     """Our kernel as the pass would use it: with the transpose of X it may ask for (done here
     by torch, inside the timed graph), tuned if ``tune`` is given and the weight has at most
     ``tune_nnz_limit`` nonzeros (tuning costs a compile per candidate). Returns (us, output,
@@ -142,7 +241,7 @@ def time_sparsert(case: SpmmCase, config=None, tune: TuneOptions | None = None, 
     return us, out, info
 
 
-def _time_launcher(case: SpmmCase, problem: SpmmProblem, fn):
+def _time_launcher(case, problem: SpmmProblem, fn):
     xs = case.inputs()
     ys = [torch.empty(case.y_shape(), device="cuda", dtype=case.torch_dtype) for _ in xs]
     operands = [x.t().contiguous() if problem.x_transposed else x for x in xs]
@@ -161,11 +260,12 @@ def _time_launcher(case: SpmmCase, problem: SpmmProblem, fn):
     return us, ys[0].clone()
 
 
-def time_torch(case: SpmmCase, mode: str):
-    """cuBLAS (fp32, tf32, fp16) or cuSPARSE CSR (fp32) through torch. Returns (us, output)."""
+def time_torch(case, mode: str):
+    """cuBLAS / cuDNN (fp32, tf32, fp16) or cuSPARSE CSR (fp32) through torch. Returns (us, output)."""
     dtype = torch.float16 if mode == "fp16" else torch.float32
-    torch.backends.cuda.matmul.allow_tf32 = mode == "tf32"
-    weight = torch.tensor(case.weight, device="cuda", dtype=dtype)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = mode == "tf32"
+    torch.backends.cudnn.benchmark = True  # cuDNN's fastest algorithm for each shape
+    weight = case.library_weight(dtype)
     if mode == "csr":
         weight = weight.to_sparse_csr()
     xs = case.library_inputs(dtype)
@@ -173,47 +273,45 @@ def time_torch(case: SpmmCase, mode: str):
         us = graph_time_us(lambda i: case.dense_product(weight, xs[i % ROTATE]))
         out = case.dense_product(weight, xs[0]).float()
     finally:
-        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     return us, out
 
 
-def time_tvm_dense(case: SpmmCase):
-    """TVM's own dense kernel for the product (LegalizeOps + dlight, as tvm.compile's CUDA
+def time_tvm_dense(case):
+    """TVM's own dense kernel for the case (LegalizeOps + dlight, as tvm.compile's CUDA
     pipeline builds it), with the weight as an input. Returns (us, output)."""
     from tvm import relax
     from tvm.relax.backend.cuda.pipeline import legalize_passes
 
     target = cuda_target()
-    m, k = case.weight.shape
-    rows = case.layout is Layout.ROWS
-    x_shape = (case.columns, k) if rows else (case.images, k, case.columns)
-    x = relax.Var("x", relax.TensorType(x_shape, case.dtype))
-    w = relax.Var("w", relax.TensorType((k, m) if rows else (m, k), case.dtype))
+    op, weight_array, x_first = case.tvm_dense()
+    x = relax.Var("x", relax.TensorType(case.x_shape(), case.dtype))
+    w = relax.Var("w", relax.TensorType(weight_array.shape, case.dtype))
     builder = relax.BlockBuilder()
     with builder.function("main", [x, w]):
         with builder.dataflow():
-            out = builder.emit_output(relax.op.matmul(x, w) if rows else relax.op.matmul(w, x))
+            out = builder.emit_output(op(x, w))
         builder.emit_func_output(out)
     with target:
         lowered = tvm.ir.transform.Sequential(legalize_passes(target))(builder.get())
     ((gv, func),) = [(gv, f) for gv, f in lowered.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
     func = func.with_attr("global_symbol", gv.name_hint)
     fn = tvm.tirx.build(tvm.IRModule({gv.name_hint: func}), target=target)[gv.name_hint]
-    weight = torch.tensor(case.weight.T.copy() if rows else case.weight, device="cuda").to(case.torch_dtype)
+    weight = torch.tensor(weight_array, device="cuda").to(case.torch_dtype)
     xs = case.inputs()
     ys = [torch.empty(case.y_shape(), device="cuda", dtype=case.torch_dtype) for _ in xs]
     tw = tvm.runtime.from_dlpack(weight)
     tx = [tvm.runtime.from_dlpack(x) for x in xs]
     ty = [tvm.runtime.from_dlpack(y) for y in ys]
-    order = (lambda j: (tx[j], tw, ty[j])) if rows else (lambda j: (tw, tx[j], ty[j]))
+    order = (lambda j: (tx[j], tw, ty[j])) if x_first else (lambda j: (tw, tx[j], ty[j]))
     us = graph_time_us(lambda i: fn(*order(i % ROTATE)))
     fn(*order(0))
     torch.cuda.synchronize()
     return us, ys[0]
 
 
-def reference(case: SpmmCase) -> torch.Tensor:
+def reference(case) -> torch.Tensor:
     """The product in float64 on the first input set, as every contender sees it."""
     x = case.inputs()[0].double()
-    weight = torch.tensor(case.weight.astype(case.dtype), device="cuda").double()  # as rounded for the kernel
+    weight = case.library_weight(case.torch_dtype).double()  # as rounded for the kernel
     return case.dense_product(weight, x)

@@ -1,11 +1,12 @@
-"""Tables and a plot from a benchmark JSON written by spmm.py.
+"""Tables and a plot from a benchmark JSON written by spmm.py or conv.py.
 
     python benchmarks/summarize.py benchmarks/results/spmm-paper-fp32-h100.json
 
 Writes ``<stem>.md`` (geometric-mean speedups of sparsert over each contender by model
-family, batch, density and dtype; what tuning gained; every case where sparsert loses to
-cuBLAS of its own precision, with the likely limit) and ``<stem>.png`` (speedup over that
-cuBLAS against density and against problem size) next to the JSON.
+family, batch, density and dtype; what tuning gained; compile time and code size; every
+case where sparsert loses to the dense library of its own precision, with the likely
+limit) and ``<stem>.png`` (speedup over that library against density and against problem
+size) next to the JSON.
 """
 
 from __future__ import annotations
@@ -18,8 +19,15 @@ from pathlib import Path
 import numpy as np
 from scipy.stats import gmean
 
-BASELINES = ("cublas_fp32", "cublas_tf32", "cublas_fp16", "cusparse_fp32", "tvm_dense")
-SAME_PRECISION = {"float32": "cublas_fp32", "float16": "cublas_fp16"}
+BASELINES = {  # by the JSON's "kind"
+    "spmm": ("cublas_fp32", "cublas_tf32", "cublas_fp16", "cusparse_fp32", "tvm_dense"),
+    "conv": ("cudnn_fp32", "cudnn_tf32", "cudnn_fp16", "tvm_dense"),
+}
+LIBRARY = {"spmm": "cuBLAS", "conv": "cuDNN"}
+
+
+def same_precision(kind: str, dtype: str) -> str:
+    return BASELINES[kind][0 if dtype == "float32" else 2]
 
 
 def speedups(cases, baseline):
@@ -37,17 +45,18 @@ def family(case) -> str:
     return f"{case['group']}{batch}"
 
 
-def summary_table(cases) -> list[str]:
+def summary_table(cases, kind: str) -> list[str]:
+    baselines = BASELINES[kind]
     groups = defaultdict(list)
     for case in cases:
         nominal = round(case["density"] * 20) / 20  # 0.09 (real weights) reads as 0.1
         groups[(case["dtype"], family(case), nominal)].append(case)
-    header = "| dtype | family | density | cases | " + " | ".join(f"vs {b}" for b in BASELINES) + " |"
-    lines = [header, "|" + " --- |" * (4 + len(BASELINES))]
+    header = "| dtype | family | density | cases | " + " | ".join(f"vs {b}" for b in baselines) + " |"
+    lines = [header, "|" + " --- |" * (4 + len(baselines))]
 
     def row(dtype, label, density, members):
         cells = []
-        for baseline in BASELINES:
+        for baseline in baselines:
             values = [s for _, s in speedups(members, baseline)]
             cells.append(f"{gmean(values):.2f}x" if values else "n/a")
         return f"| {dtype} | {label} | {density} | {len(members)} | " + " | ".join(cells) + " |"
@@ -75,7 +84,32 @@ def tuning_lines(cases) -> list[str]:
     ]
 
 
+def compile_lines(cases) -> list[str]:
+    """Compile time (PTX generation + ptxas, cache off) and cubin size against nonzeros."""
+    built = [c for c in cases if c.get("code_bytes")]
+    if not built:
+        return ["No kernel was built."]
+    lines = ["| family | cases | nonzeros (median) | compile s (median / max) | cubin KB (median / max) |"]
+    lines.append("|" + " --- |" * 5)
+    groups = defaultdict(list)
+    for case in built:
+        groups[family(case)].append(case)
+    for label, members in sorted(groups.items()):
+        nnz = np.median([round(c["density"] * c["M"] * c["K"]) for c in members])
+        seconds = [c["compile_s"] for c in members]
+        kb = [c["code_bytes"] / 1024 for c in members]
+        lines.append(
+            f"| {label} | {len(members)} | {nnz:,.0f} | {np.median(seconds):.1f} / {max(seconds):.1f} | "
+            f"{np.median(kb):,.0f} / {max(kb):,.0f} |"
+        )
+    return lines
+
+
 def likely_limit(case) -> str:
+    if case["kind"] == "conv":
+        if case["N"] <= 196:
+            return "few output pixels: few column tiles to fill the GPU, each row group loads most taps"
+        return "loads per FMA: each row group loads every tap its rows use, predicated at the borders"
     if case["N"] <= 8:
         return "instruction fetch: every column re-streams the unrolled code, nothing to amortise it"
     if case["N"] >= 1024:
@@ -83,11 +117,12 @@ def likely_limit(case) -> str:
     return "L2 traffic: each of the M / rows_per_block row groups re-reads all of X"
 
 
-def losses(cases) -> list[str]:
-    lines = ["| case | M x K | N | density | dtype | sparsert us | cuBLAS us | speedup | likely limit |"]
+def losses(cases, kind: str) -> list[str]:
+    lines = [f"| case | M x K | N | density | dtype | sparsert us | {LIBRARY[kind]} us | speedup | likely limit |"]
     lines.append("|" + " --- |" * 9)
     lost = []
-    for dtype, baseline in SAME_PRECISION.items():
+    for dtype in ("float32", "float16"):
+        baseline = same_precision(kind, dtype)
         lost += [(c, s, baseline) for c, s in speedups([c for c in cases if c["dtype"] == dtype], baseline) if s < 1]
     for case, speedup, baseline in sorted(lost, key=lambda t: t[1]):
         lines.append(
@@ -97,7 +132,7 @@ def losses(cases) -> list[str]:
     return lines
 
 
-def plot(cases, path: Path, device: str):
+def plot(cases, path: Path, device: str, kind: str):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -105,8 +140,8 @@ def plot(cases, path: Path, device: str):
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), sharey=True)
     by_group = defaultdict(list)
-    for dtype, baseline in SAME_PRECISION.items():
-        for case, speedup in speedups([c for c in cases if c["dtype"] == dtype], baseline):
+    for dtype in ("float32", "float16"):
+        for case, speedup in speedups([c for c in cases if c["dtype"] == dtype], same_precision(kind, dtype)):
             by_group[f"{case['group']} ({dtype})"].append((case["density"], speedup, case["M"] * case["K"] * case["N"]))
     for group, points in sorted(by_group.items()):
         d, s, size = (np.array(v, dtype=float) for v in zip(*points))
@@ -116,10 +151,10 @@ def plot(cases, path: Path, device: str):
         ax.axhline(1.0, color="black", linewidth=0.8)
         ax.set_yscale("log")
     axes[0].set_xlabel("weight density")
-    axes[0].set_ylabel("speedup over cuBLAS of the same precision (log)")
+    axes[0].set_ylabel(f"speedup over {LIBRARY[kind]} of the same precision (log)")
     axes[1].set_xlabel("problem size M*K*N (log)")
     axes[1].set_xscale("log")
-    fig.suptitle(f"sparsert kernels against cuBLAS, {device}")
+    fig.suptitle(f"sparsert kernels against {LIBRARY[kind]}, {device}")
     axes[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -129,6 +164,7 @@ def main(path: str):
     source = Path(path)
     result = json.loads(source.read_text())
     cases = result["cases"]
+    kind = cases[0]["kind"] if cases else "spmm"
     correct = sum(case["correct"] for case in cases)
     text = [
         f"# {source.stem}: {result['device']}, {result['date']}",
@@ -136,18 +172,22 @@ def main(path: str):
         f"{len(cases)} cases, {correct} correct against a float64 product. Geometric mean of "
         "sparsert's speedup (contender time / sparsert time), timed with CUDA graphs:",
         "",
-        *summary_table(cases),
+        *summary_table(cases, kind),
         "",
         "## Tuning",
         "",
         *tuning_lines(cases),
         "",
-        "## Where sparsert loses to cuBLAS of its own precision",
+        "## Compile time and code size",
         "",
-        *losses(cases),
+        *compile_lines(cases),
+        "",
+        f"## Where sparsert loses to {LIBRARY[kind]} of its own precision",
+        "",
+        *losses(cases, kind),
     ]
     source.with_suffix(".md").write_text("\n".join(text) + "\n")
-    plot(cases, source.with_suffix(".png"), result["device"])
+    plot(cases, source.with_suffix(".png"), result["device"], kind)
     print("\n".join(text[:40]))
 
 

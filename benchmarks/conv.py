@@ -1,0 +1,87 @@
+"""Direct sparse convolutions against cuDNN and TVM's dense convolution on the GPU.
+
+    python benchmarks/conv.py --suite paper --dtype float32 --out benchmarks/results/conv-paper-fp32-h100.json
+
+Contenders: sparsert (the convolution read through its window, no im2col), cuDNN fp32 /
+TF32 / fp16 (torch, fastest algorithm per shape), TVM's dense conv2d. ``M`` is the output
+channels, ``K`` input channels x kh x kw, ``N`` batch x output pixels. How cases run and
+what the options do: suite.py.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import suite  # noqa: E402
+from harness import ConvCase  # noqa: E402
+
+REAL_WEIGHTS = Path(__file__).resolve().parents[1] / ".data" / "resnet50_3x3_pruned.npz"
+
+# (out channels, in channels, kernel, input size, stride): padding keeps "same" sizes.
+RESNET50_3X3 = {  # torchvision's ResNet-50 (v1.5: the stride is on the 3x3)
+    "stage1": (64, 64, 3, 56, 1),
+    "stage2": (128, 128, 3, 28, 1),
+    "stage3": (256, 256, 3, 14, 1),
+    "stage4": (512, 512, 3, 7, 1),
+    "stage2-s2": (128, 128, 3, 56, 2),
+    "stage3-s2": (256, 256, 3, 28, 2),
+    "stage4-s2": (512, 512, 3, 14, 2),
+}
+VGG16_3X3 = [
+    (64, 64, 3, 224, 1), (128, 64, 3, 112, 1), (128, 128, 3, 112, 1), (256, 128, 3, 56, 1),
+    (256, 256, 3, 56, 1), (512, 256, 3, 28, 1), (512, 512, 3, 28, 1), (512, 512, 3, 14, 1),
+]  # the first layer (3 input channels) has too few weights to prune
+LARGE_KERNELS = {
+    "resnet50-stem-7x7-s2": (64, 3, 7, 224, 2),
+    "inception-5x5": (32, 16, 5, 28, 1),
+    "inception-5x5-wide": (128, 32, 5, 14, 1),
+}
+
+
+def uniform(shape, density, seed=0):
+    """A uniform random mask, seeded by shape and density."""
+    rng = np.random.default_rng([*shape, int(density * 1000), seed])
+    return ((rng.random(shape) < density) * rng.standard_normal(shape)).astype("float32")
+
+
+def paper_suite(dtype):
+    """ResNet-50's 3x3 layers (real pruned filters of stages 1-3 and uniform masks of all four
+    stages), VGG-16's 3x3 layers, a 7x7 stride-2 stem and 5x5 layers; batch 1 and 8."""
+    cases = []
+
+    def add(name, group, filters, size, stride):
+        for batch in (1, 8):
+            padding = filters.shape[2] // 2
+            case = ConvCase(f"{name}-b{batch}", group, filters, (size, size), stride, padding, dtype, batch)
+            cases.append((case, None))
+
+    if REAL_WEIGHTS.exists():
+        real = np.load(REAL_WEIGHTS)
+        for key in sorted(real.files):  # s91_stage1 ...
+            m, c, k, size, stride = RESNET50_3X3[key.split("_")[1]]
+            add(f"resnet50-3x3-real-{key}", "resnet50-3x3-real", real[key].astype("float32"), size, stride)
+    for density in (0.1, 0.05):
+        for stage, (m, c, k, size, stride) in RESNET50_3X3.items():
+            add(f"resnet50-3x3-{stage}-d{density}", "resnet50-3x3", uniform((m, c, k, k), density), size, stride)
+        for m, c, k, size, stride in VGG16_3X3:
+            add(f"vgg16-3x3-{m}x{c}-{size}-d{density}", "vgg16-3x3", uniform((m, c, k, k), density), size, stride)
+        for name, (m, c, k, size, stride) in LARGE_KERNELS.items():
+            add(f"{name}-d{density}", "large-kernels", uniform((m, c, k, k), density), size, stride)
+    # ResNet-50 first, batch 1 first: a run cut short by its deadline covers the headline.
+    return sorted(cases, key=lambda pair: (not pair[0].group.startswith("resnet50"), pair[0].images))
+
+
+def quick_suite(dtype):
+    """Four ResNet-50 layers at 90%, batch 1: a smoke run."""
+    return [(case, config) for case, config in paper_suite(dtype) if case.images == 1 and "d0.1" in case.name][:4]
+
+
+SUITES = {"paper": paper_suite, "quick": quick_suite}
+
+
+if __name__ == "__main__":
+    suite.main(SUITES, __doc__.split("\n\n")[0], "paper")

@@ -1,0 +1,174 @@
+"""Runs a suite of kernel benchmark cases and writes one JSON per run (spmm.py, conv.py).
+
+Each case runs every contender in this process on the same inputs, timed with CUDA graphs
+(see harness.py); our output is checked against a float64 product. A contender that cannot
+run a case is recorded as null. Dense contenders do not depend on the weight's values, so
+their times are measured once per shape and reused by the cases sharing it. With
+``--tune-candidates K`` our kernel is autotuned first (K configs, CUDA-graph timing); all
+cases' candidates are assembled up front by a pool of processes. ``--deadline`` stops
+starting new cases after that many seconds and ``--resume`` skips the cases a previous
+partial run of the same JSON holds, so a long suite can run in several calls.
+``compile_s`` is the time to generate and assemble the default config's kernel without the
+kernel cache (measured by the pool where it assembled ahead, else by the timed build).
+``summarize.py`` turns the JSON into tables and a plot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import multiprocessing
+import os
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+import torch
+from harness import graph_timer, reference, sparse_problem, time_sparsert, time_torch, time_tvm_dense
+
+from sparsert_tvm.build import cuda_target
+from sparsert_tvm.schedules.cuda.rule import CudaSpmmRule, cuda_arch
+from sparsert_tvm.tuning import space
+from sparsert_tvm.tuning.tuner import TuneOptions, assemble_candidate
+
+TOLERANCE = {"float32": 1e-4, "float16": 2e-2}  # max error relative to the output's scale
+# Larger weights run untuned in the suite: their candidates' ptxas time would not fit the
+# device time a run gets (the JSON's tune_s and params say which cases were tuned).
+TUNE_NNZ_LIMIT = 150_000
+
+
+class DenseTimes:
+    """Dense contenders' times by shape: values do not change a dense kernel's time."""
+
+    def __init__(self):
+        self.times = {}
+
+    def get(self, case) -> dict:
+        key = case.dense_key
+        if key not in self.times:
+            us = {}
+            for name, mode in case.libraries.items():
+                if mode != "csr":
+                    us[name] = _attempt(lambda: time_torch(case, mode)[0])
+            # TVM's float16 dense kernel crashes the process (segfault in s_tir Tensorize while
+            # dlight schedules it for tensor cores) in apache-tvm 0.27.0.post1: null.
+            us["tvm_dense"] = _attempt(lambda: time_tvm_dense(case)[0]) if case.dtype == "float32" else None
+            self.times[key] = us
+        return dict(self.times[key])
+
+
+def _attempt(measure):
+    try:
+        return measure()
+    except Exception:  # noqa: BLE001 - a contender that cannot run a case is null
+        return None
+
+
+def run_case(case, config, dense: DenseTimes, tune: TuneOptions | None, compile_s: float | None = None) -> dict:
+    m, k, n = case.shape
+    row = {
+        "case": case.name, "group": case.group, "kind": case.kind, "M": m, "K": k, "N": n,
+        "density": round(float(np.count_nonzero(case.weight)) / case.weight.size, 4), "dtype": case.dtype,
+        "us": {}, "correct": False, "compile_s": None, "tune_s": 0.0, "code_bytes": None, "params": {},
+    }
+    expected = reference(case)
+    try:
+        options = None if tune is None or config is not None else dataclasses.replace(tune, timer=graph_timer(case))
+        us, out, info = time_sparsert(case, config, options, TUNE_NNZ_LIMIT)
+        scale = max(1.0, float(expected.abs().max()))
+        error = float((out.double() - expected).abs().max()) / scale
+        row["us"]["sparsert"] = us
+        row["correct"] = error < TOLERANCE[case.dtype]
+        row["max_rel_error"] = error
+        row.update(compile_s=compile_s or info["compile_s"], tune_s=info["tune_s"], code_bytes=info["code_bytes"], params=info["params"])
+    except Exception:  # noqa: BLE001 - recorded, the suite goes on
+        row["us"]["sparsert"] = None
+        row["error"] = traceback.format_exc(limit=3)
+    row["us"].update(dense.get(case))
+    for name, mode in case.libraries.items():
+        if mode == "csr":  # depends on the weight's values
+            row["us"][name] = _attempt(lambda: time_torch(case, mode)[0])
+    return row
+
+
+def _assemble_candidates(job) -> tuple[str, float, float]:
+    """In a worker process: times the default config's kernel built without the cache, then
+    assembles every candidate of the case into the cache. Returns (case name, default's
+    compile seconds, seconds of work)."""
+    case, limit, arch = job
+    start = time.perf_counter()
+    rule = CudaSpmmRule()
+    problem = sparse_problem(case)
+    tuned = limit and problem.weight.nnz <= TUNE_NNZ_LIMIT
+    configs = space.candidates(problem, rule.check, limit) if tuned else [rule.default_config(problem, None)]
+    os.environ["SPARSERT_CACHE"] = "0"
+    assemble_candidate(problem, configs[0], "bench", arch)
+    compile_s = time.perf_counter() - start
+    del os.environ["SPARSERT_CACHE"]
+    for config in configs:
+        assemble_candidate(problem, config, "bench", arch)
+    return case.name, compile_s, time.perf_counter() - start
+
+
+def assemble_ahead(cases, limit: int, jobs: int, timeout: float | None = None) -> tuple[dict, float]:
+    """Assembles the cases' kernels in ``jobs`` processes for at most ``timeout`` seconds.
+    Returns the default kernels' compile seconds by case name, and the seconds of work."""
+    if jobs < 1:
+        return {}, 0.0
+    arch = cuda_arch(cuda_target())
+    jobs_list = [(case, limit, arch) for case, config in cases if config is None]
+    end = time.perf_counter() + (timeout or float("inf"))
+    compile_s, seconds = {}, 0.0
+    with multiprocessing.get_context("spawn").Pool(jobs) as pool:
+        results = pool.imap_unordered(_assemble_candidates, jobs_list)
+        for _ in jobs_list:
+            try:
+                name, default_s, work_s = results.next(timeout=max(0.0, end - time.perf_counter()))
+            except multiprocessing.TimeoutError:
+                break  # the rest are assembled when their case runs
+            compile_s[name] = default_s
+            seconds += work_s
+        pool.terminate()  # cache writes are atomic: a killed worker leaves no partial entry
+    return compile_s, seconds
+
+
+def main(suites: dict, description: str, default_suite: str):
+    """Command line of a benchmark script whose ``suites`` map a name to ``dtype -> [(case, config)]``."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--suite", choices=sorted(suites), default=default_suite)
+    parser.add_argument("--dtype", choices=["float32", "float16"], default="float32")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--tune-candidates", type=int, default=0, help="autotune with this many configs (0: untuned)")
+    parser.add_argument("--jobs", type=int, default=16, help="processes assembling kernels ahead of timing")
+    parser.add_argument("--deadline", type=float, default=None, help="start no case after this many seconds")
+    parser.add_argument("--resume", default=None, help="JSON of a partial run: keep its cases, run the rest")
+    args = parser.parse_args()
+    start = time.perf_counter()
+    cases = suites[args.suite](args.dtype)
+    rows = json.loads(Path(args.resume).read_text())["cases"] if args.resume else []
+    done = {row["case"] for row in rows}
+    cases = [(case, config) for case, config in cases if case.name not in done]
+    tune = None
+    if args.tune_candidates:  # candidates were assembled ahead, all processes at once
+        tune = TuneOptions(max_candidates=args.tune_candidates, budget_s=30.0, progress=False, assemble_ahead=False)
+    compile_s, ahead = assemble_ahead(cases, args.tune_candidates, args.jobs, args.deadline and args.deadline / 3)
+    print(f"{len(cases)} cases to run ({len(done)} resumed); assembled ahead in {time.perf_counter() - start:.0f} s "
+          f"({ahead:.0f} s of work)", flush=True)
+    dense = DenseTimes()
+    result = {"device": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(), "suite": args.suite,
+              "dtype": args.dtype, "tune_candidates": args.tune_candidates, "cases": rows}
+    for i, (case, config) in enumerate(cases):
+        if args.deadline and time.perf_counter() - start > args.deadline:
+            print(f"deadline: {len(cases) - i} cases left for --resume", flush=True)
+            break
+        rows.append(run_case(case, config, dense, tune, compile_s.get(case.name)))
+        us = rows[-1]["us"]
+        fp32 = next(iter(case.libraries))
+        print(f"[{i + 1}/{len(cases)}] {case.name}: sparsert {us['sparsert']} us, {fp32} {us[fp32]} us", flush=True)
+        if i % 10 == 9:
+            Path(args.out).write_text(json.dumps(result, indent=1))
+    Path(args.out).write_text(json.dumps(result, indent=1))
+

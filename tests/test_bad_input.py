@@ -69,19 +69,6 @@ def test_single_row_or_column_weights(target, shape):
         assert_close(compiled(*arrays), case.reference(arrays))
 
 
-@pytest.mark.parametrize("kernel", [(1, 3), (3, 1)], ids=str)
-def test_1xk_and_kx1_convolutions_stay_with_tvm(kernel):
-    x = relax.Var("x", relax.TensorType((1, 4, 6, 6), "float32"))
-    w = relax.const(np.ones((5, 4, *kernel), "float32"))
-    builder = relax.BlockBuilder()
-    with builder.function("main", [x]):
-        with builder.dataflow():
-            out = builder.emit_output(relax.op.nn.conv2d(x, w))
-        builder.emit_func_output(out)
-    (layer,) = sp.report_of(sp.SparsifyWeights(CPU_TARGET, 1.0)(builder.get())).layers
-    assert layer.decision == "dense" and f"{kernel[0]}x{kernel[1]} kernel" in layer.reason
-
-
 def test_layers_over_the_code_size_cap_stay_dense():
     rng = np.random.default_rng(2)
     case = make_case(rng, "matmul", 16, 16, 0.5, (None, 16))

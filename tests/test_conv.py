@@ -20,6 +20,7 @@ GEOMETRIES = {  # kernel, stride, padding (top, left, bottom, right), input size
     "5x5": ((5, 5), (1, 1), (2, 2, 2, 2), (7, 6)),
     "7x7/2": ((7, 7), (2, 2), (3, 3, 3, 3), (11, 10)),  # ResNet's stem
     "1x3": ((1, 3), (1, 1), (0, 1, 0, 1), (5, 6)),
+    "3x1-valid": ((3, 1), (1, 1), (0, 0, 0, 0), (6, 5)),
     "5x3/1x2-asymmetric": ((5, 3), (1, 2), (2, 0, 1, 3), (9, 8)),
     "3x3-on-1x1": ((3, 3), (1, 1), (1, 1, 1, 1), (1, 1)),  # only the centre tap reads data
 }

@@ -16,6 +16,7 @@ replays it; its latency is reported beside the plain one, or why it could not be
 
 from __future__ import annotations
 
+import functools
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ import tvm
 from tvm import relax
 
 from . import build
+from .errors import last_line
 from .report import SparsityReport
 
 CUDA_GRAPH_CONFIG = {"relax.backend.use_cuda_graph": True}
@@ -129,7 +131,8 @@ def bench(mod: tvm.IRModule, target, inputs: list[np.ndarray], density_threshold
         times.calls = call_times(executable, device, arrays)  # a VM of its own: it stays instrumented
         if target.kind.name == "cuda":
             say(f"{label}: compiling and timing with CUDA graphs")
-            times.cuda_graph_us, times.cuda_graph_note = with_cuda_graph(lambda build=builder: build(None), device, arrays, outputs[-1])
+            graph_times = with_cuda_graph(functools.partial(builder, None), device, arrays, outputs[-1])
+            times.cuda_graph_us, times.cuda_graph_note = graph_times
         results.append(times)
     expected, got = outputs
     return BenchResult(results[0], results[1], report, relative_error(got, expected))
@@ -150,8 +153,7 @@ def with_cuda_graph(builder, device, arrays, expected: np.ndarray) -> tuple[floa
             return None, f"output differs from the plain build (relative error {error:.1e})"
         return end_to_end_us(vm, device, arrays), ""
     except Exception as error:  # noqa: BLE001 - whatever fails, the report says what
-        lines = str(error).strip().splitlines()
-        return None, lines[-1] if lines else type(error).__name__
+        return None, last_line(error)
 
 
 def relative_error(got: np.ndarray, expected: np.ndarray) -> float:

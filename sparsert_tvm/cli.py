@@ -13,6 +13,7 @@ from contextlib import contextmanager, nullcontext
 import click
 
 from . import build
+from .errors import last_line
 
 
 def parse_target(name: str):
@@ -87,13 +88,13 @@ def load_model(path: str, shapes: dict | None = None, batch: int | None = None):
     except click.ClickException:
         raise
     except Exception as error:  # noqa: BLE001 - any parse failure is the user's file
-        raise click.ClickException(f"cannot read {path}: {_last_line(error)}") from error
+        raise click.ClickException(f"cannot read {path}: {last_line(error)}") from error
     if batch is not None:
         shapes = {**with_batch(declared(model), batch), **(shapes or {})}
     try:
         return convert(model, shapes)
     except Exception as error:  # noqa: BLE001 - the frontends raise many kinds
-        raise click.ClickException(f"TVM cannot import {path}: {_last_line(error)}") from error
+        raise click.ClickException(f"TVM cannot import {path}: {last_line(error)}") from error
 
 
 def with_batch(declared: dict, batch: int) -> dict:
@@ -104,11 +105,6 @@ def with_batch(declared: dict, batch: int) -> dict:
             if dims and all(d is not None and d > 0 for d in dims[1:])}
 
 
-def _last_line(error: Exception) -> str:
-    text = str(error).strip()
-    return text.splitlines()[-1] if text else type(error).__name__
-
-
 @contextmanager
 def user_errors():
     """Turns the library's expected failures into one-line CLI errors."""
@@ -117,7 +113,7 @@ def user_errors():
     try:
         yield
     except (SparseRTError, ValueError, TypeError) as error:
-        raise click.ClickException(_last_line(error)) from error
+        raise click.ClickException(last_line(error)) from error
 
 
 @contextmanager
@@ -203,12 +199,12 @@ def run(module, inputs, output, device):
     try:
         vm = relax.VirtualMachine(tvm.runtime.load_module(module), dev)
     except Exception as error:  # noqa: BLE001 - not a module, or built for another device
-        raise click.ClickException(f"cannot load {module} on {dev}: {_last_line(error)}") from error
+        raise click.ClickException(f"cannot load {module} on {dev}: {last_line(error)}") from error
     arrays = [np.load(path) for path in inputs]
     try:
         result = vm["main"](*[tvm.runtime.tensor(a, dev) for a in arrays])
     except Exception as error:  # noqa: BLE001 - wrong shapes / dtypes / counts
-        raise click.ClickException(f"the model rejected its inputs: {_last_line(error)}") from error
+        raise click.ClickException(f"the model rejected its inputs: {last_line(error)}") from error
     first = result.numpy() if hasattr(result, "numpy") else result[0].numpy()
     click.echo(f"output: shape {first.shape}, dtype {first.dtype}, mean {first.mean():.6g}, max |x| {np.abs(first).max():.6g}")
     if output:

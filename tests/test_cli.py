@@ -181,8 +181,9 @@ def test_tflite_files_go_through_the_same_commands(tmp_path):
     path.write_bytes(m.build([x], [y]))
     result = invoke("inspect", path, "--target", "llvm")
     assert result.exit_code == 0 and "1 of 1 candidates sparse" in result.output
-    result = invoke("bench", path, "--target", "llvm")
+    result = invoke("bench", path, "--target", "llvm", "--batch", 2, "--json", tmp_path / "bench.json")
     assert result.exit_code == 0 and "sparse (sparsert)" in result.output
+    assert json.loads((tmp_path / "bench.json").read_text())["inputs"] == [[2, 32]]  # the file says 4
     (tmp_path / "junk.tflite").write_bytes(b"junk")
     result = invoke("inspect", tmp_path / "junk.tflite")
     assert result.exit_code == 1 and "junk.tflite" in result.output and "Traceback" not in result.output

@@ -6,11 +6,17 @@ evaluator. The split comes from the VM's instrumentation hook: every call the VM
 timed between two device synchronisations, so the split's total is a little above the
 end-to-end time (each call pays a synchronisation), and the VM's own bookkeeping
 (allocations, shape checks) is left out of it; it says where the kernel time goes, the
-end-to-end figure says how fast the model is.
+end-to-end figure says how fast the model is. (TVM 0.27's ``VirtualMachine`` has no
+``profile=`` option and its runtime no VM profiler, hence the hook.)
+
+On CUDA each build is also compiled with TVM's CUDA-graph rewrite
+(``relax.backend.use_cuda_graph``), which captures the static launch sequence once and
+replays it; its latency is reported beside the plain one, or why it could not be used.
 """
 
 from __future__ import annotations
 
+import functools
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -20,7 +26,10 @@ import tvm
 from tvm import relax
 
 from . import build
+from .errors import last_line
 from .report import SparsityReport
+
+CUDA_GRAPH_CONFIG = {"relax.backend.use_cuda_graph": True}
 
 
 @dataclass
@@ -37,6 +46,8 @@ class BuildTimes:
     compile_s: float
     end_to_end_us: float
     calls: list[CallTime] = field(default_factory=list)
+    cuda_graph_us: float | None = None  # the same build with TVM's CUDA-graph rewrite
+    cuda_graph_note: str = ""  # why there is no CUDA-graph figure
 
     def top(self, n: int = 10) -> list[CallTime]:
         return sorted(self.calls, key=lambda c: -c.us)[:n]
@@ -95,42 +106,74 @@ class BenchResult:
         return self.dense.end_to_end_us / self.sparse.end_to_end_us
 
 
-def bench(mod: tvm.IRModule, target, inputs: list[np.ndarray], density_threshold=None, **options) -> BenchResult:
-    """Builds ``mod`` dense and sparse for ``target``, compares their outputs and times both."""
+def bench(mod: tvm.IRModule, target, inputs: list[np.ndarray], density_threshold=None, progress=None,
+          **options) -> BenchResult:
+    """Builds ``mod`` dense and sparse for ``target``, compares their outputs and times both
+    (on CUDA, with and without CUDA graphs); ``progress(message)`` hears each step."""
+    say = progress or (lambda message: None)
     device = tvm.cuda(0) if target.kind.name == "cuda" else tvm.cpu(0)
     arrays = [tvm.runtime.tensor(a, device) for a in inputs]
-    results, outputs = [], []
     report = SparsityReport()
-    for label in ("dense (TVM)", "sparse (sparsert)"):
+    builders = {
+        "dense (TVM)": lambda report: tvm.compile(mod, target),
+        "sparse (sparsert)": lambda report: build.compile(mod, target, density_threshold, report=report, **options),
+    }
+    results, outputs = [], []
+    for label, builder in builders.items():
+        say(f"{label}: compiling")
         start = time.perf_counter()
-        if label.startswith("dense"):
-            executable = tvm.compile(mod, target)
-        else:
-            executable = build.compile(mod, target, density_threshold, report=report, **options)
+        executable = builder(report)
         compile_s = time.perf_counter() - start
         vm = relax.VirtualMachine(executable, device)
         outputs.append(_first_output(vm["main"](*arrays)))
+        say(f"{label}: timing")
         times = BuildTimes(label, compile_s, end_to_end_us(vm, device, arrays))
         times.calls = call_times(executable, device, arrays)  # a VM of its own: it stays instrumented
+        if target.kind.name == "cuda":
+            say(f"{label}: compiling and timing with CUDA graphs")
+            graph_times = with_cuda_graph(functools.partial(builder, None), device, arrays, outputs[-1])
+            times.cuda_graph_us, times.cuda_graph_note = graph_times
         results.append(times)
     expected, got = outputs
-    error = float(np.abs(got - expected).max() / max(1.0, float(np.abs(expected).max()))) if expected.size else 0.0
-    return BenchResult(results[0], results[1], report, error)
+    return BenchResult(results[0], results[1], report, relative_error(got, expected))
+
+
+def with_cuda_graph(builder, device, arrays, expected: np.ndarray) -> tuple[float | None, str]:
+    """Latency of ``builder()``'s executable built under TVM's CUDA-graph rewrite, or why not.
+
+    Any failure (TVM's rewrite, the capture, a wrong output) is reported rather than raised:
+    the plain figures stand without it.
+    """
+    try:
+        with tvm.transform.PassContext(config=CUDA_GRAPH_CONFIG):
+            executable = builder()
+        vm = relax.VirtualMachine(executable, device)
+        error = relative_error(_first_output(vm["main"](*arrays)), expected)
+        if not error < 1e-4:
+            return None, f"output differs from the plain build (relative error {error:.1e})"
+        return end_to_end_us(vm, device, arrays), ""
+    except Exception as error:  # noqa: BLE001 - whatever fails, the report says what
+        return None, last_line(error)
+
+
+def relative_error(got: np.ndarray, expected: np.ndarray) -> float:
+    """Largest absolute difference, relative to the output's scale (at least 1)."""
+    return float(np.abs(got - expected).max() / max(1.0, float(np.abs(expected).max()))) if expected.size else 0.0
 
 
 def _first_output(value) -> np.ndarray:
     return value.numpy() if hasattr(value, "numpy") else value[0].numpy()
 
 
-def onnxruntime_us(path: str, inputs: list[np.ndarray], target, runs: int = 50) -> float | None:
-    """onnxruntime's median latency on the same device kind, or None where it is not installed."""
+def onnxruntime_us(path: str, inputs: list[np.ndarray], target, runs: int = 50) -> tuple[float | None, str]:
+    """onnxruntime's median latency on the same device kind, or None and why not."""
     try:
         import onnxruntime
     except ImportError:
-        return None
+        return None, "not installed (pip install onnxruntime, or onnxruntime-gpu for CUDA)"
     providers = ["CUDAExecutionProvider"] if target.kind.name == "cuda" else ["CPUExecutionProvider"]
     if not set(providers) <= set(onnxruntime.get_available_providers()):
-        return None
+        return None, f"this onnxruntime has no {providers[0]}"
     session = onnxruntime.InferenceSession(path, providers=providers)
     feed = dict(zip([i.name for i in session.get_inputs()], inputs))
     session.run(None, feed)
@@ -139,11 +182,12 @@ def onnxruntime_us(path: str, inputs: list[np.ndarray], target, runs: int = 50) 
         start = time.perf_counter()
         session.run(None, feed)
         samples.append(time.perf_counter() - start)
-    return float(np.median(samples)) * 1e6
+    return float(np.median(samples)) * 1e6, ""
 
 
-def table(result: BenchResult, onnxruntime: float | None = None, top: int = 8, width: int = 120) -> str:
-    """End-to-end figures, the split by kind of call, and the slowest calls of each build."""
+def table(result: BenchResult, onnxruntime: tuple[float | None, str] | None = None, top: int = 8, width: int = 120) -> str:
+    """End-to-end figures (with CUDA graphs and onnxruntime where measured), the split by kind
+    of call with its total, and the slowest calls of each build."""
     import io
 
     from rich.console import Console
@@ -156,19 +200,34 @@ def table(result: BenchResult, onnxruntime: float | None = None, top: int = 8, w
     summary = Table(title="end to end (Relax VM time evaluator, median)", title_justify="left")
     for column in ("build", "latency", "vs dense TVM", "compile"):
         summary.add_column(column, justify="left" if column == "build" else "right")
+    notes = []
     for build_times in (dense, sparse):
-        speedup = dense.end_to_end_us / build_times.end_to_end_us
-        summary.add_row(build_times.label, f"{build_times.end_to_end_us:,.1f} us", f"{speedup:.2f}x",
-                        f"{build_times.compile_s:.1f} s")
+        rows = [(build_times.label, build_times.end_to_end_us, f"{build_times.compile_s:.1f} s")]
+        if build_times.cuda_graph_us is not None:
+            rows.append((f"{build_times.label} + CUDA graph", build_times.cuda_graph_us, "-"))
+            gain = build_times.end_to_end_us / build_times.cuda_graph_us
+            notes.append(f"CUDA graph, {build_times.label}: {gain:.2f}x ({'helped' if gain > 1 else 'did not help'})")
+        elif build_times.cuda_graph_note:
+            notes.append(f"CUDA graph, {build_times.label}: not used ({build_times.cuda_graph_note})")
+        for label, us, compile_time in rows:
+            summary.add_row(label, f"{us:,.1f} us", f"{dense.end_to_end_us / us:.2f}x", compile_time)
     if onnxruntime is not None:
-        summary.add_row("onnxruntime", f"{onnxruntime:,.1f} us", f"{dense.end_to_end_us / onnxruntime:.2f}x", "-")
+        us, note = onnxruntime
+        if us is None:
+            notes.append(f"onnxruntime: {note}")
+        else:
+            summary.add_row("onnxruntime", f"{us:,.1f} us", f"{dense.end_to_end_us / us:.2f}x", "-")
     console.print(summary)
+    for note in notes:
+        console.print(note)
     split = Table(title="kernel time split (each call timed between two device syncs)", title_justify="left")
     for column in ("kind", *(b.label for b in (dense, sparse))):
         split.add_column(column, justify="left" if column == "kind" else "right")
     kinds = {**dense.by_kind(), **sparse.by_kind()}
     for kind in sorted(kinds):
         split.add_row(kind, *(f"{b.by_kind().get(kind, 0.0):,.1f} us" for b in (dense, sparse)))
+    split.add_section()
+    split.add_row("total", *(f"{sum(b.by_kind().values()):,.1f} us" for b in (dense, sparse)))
     console.print(split)
     for build_times in (dense, sparse):
         calls = Table(title=f"slowest calls, {build_times.label}", title_justify="left")
@@ -180,13 +239,17 @@ def table(result: BenchResult, onnxruntime: float | None = None, top: int = 8, w
     return buffer.getvalue()
 
 
-def plot(dense: BuildTimes, sparse: BuildTimes, path: str) -> None:
-    """Stacked bars of each build's time by kind of call."""
+def require_matplotlib():
     try:
         import matplotlib
     except ImportError as error:
         raise ValueError("--plot needs matplotlib: pip install 'sparsert-tvm[plot]'") from error
-    matplotlib.use("Agg")
+    return matplotlib
+
+
+def plot(dense: BuildTimes, sparse: BuildTimes, path: str) -> None:
+    """Stacked bars of each build's time by kind of call."""
+    require_matplotlib().use("Agg")
     import matplotlib.pyplot as plt
 
     builds = (dense, sparse)

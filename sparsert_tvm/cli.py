@@ -13,6 +13,7 @@ from contextlib import contextmanager, nullcontext
 import click
 
 from . import build
+from .errors import last_line
 
 
 def parse_target(name: str):
@@ -48,8 +49,12 @@ def read_onnx(path: str):
         raise click.ClickException(f"cannot read ONNX model {path}: {error}") from error
 
 
-def load_model(path: str, shapes: dict | None = None):
-    """An ONNX or TFLite (``.tflite``) file imported into Relax, or a one-line error."""
+def load_model(path: str, shapes: dict | None = None, batch: int | None = None):
+    """An ONNX or TFLite (``.tflite``) file imported into Relax, or a one-line error.
+
+    ``shapes`` fixes inputs' shapes by name; ``batch`` sets the first dimension of every other
+    input whose remaining dimensions the file declares.
+    """
     if path.endswith(".tflite"):
         import tflite
         from tvm.relax.frontend.tflite import from_tflite
@@ -57,7 +62,12 @@ def load_model(path: str, shapes: dict | None = None):
         def read():
             return tflite.Model.GetRootAsModel(open(path, "rb").read(), 0)
 
-        def convert(model):
+        def declared(model):
+            graph = model.Subgraphs(0)
+            tensors = [graph.Tensors(int(i)) for i in graph.InputsAsNumpy()]
+            return {t.Name().decode(): [int(d) for d in t.ShapeAsNumpy()] for t in tensors}
+
+        def convert(model, shapes):
             return from_tflite(model, shape_dict=shapes)
     else:
         from tvm.relax.frontend.onnx import from_onnx
@@ -65,7 +75,12 @@ def load_model(path: str, shapes: dict | None = None):
         def read():
             return read_onnx(path)
 
-        def convert(model):
+        def declared(model):
+            weights = {init.name for init in model.graph.initializer}
+            return {i.name: [d.dim_value if d.HasField("dim_value") else None for d in i.type.tensor_type.shape.dim]
+                    for i in model.graph.input if i.name not in weights}
+
+        def convert(model, shapes):
             return from_onnx(model, shape_dict=shapes, keep_params_in_input=False)
 
     try:
@@ -73,16 +88,21 @@ def load_model(path: str, shapes: dict | None = None):
     except click.ClickException:
         raise
     except Exception as error:  # noqa: BLE001 - any parse failure is the user's file
-        raise click.ClickException(f"cannot read {path}: {_last_line(error)}") from error
+        raise click.ClickException(f"cannot read {path}: {last_line(error)}") from error
+    if batch is not None:
+        shapes = {**with_batch(declared(model), batch), **(shapes or {})}
     try:
-        return convert(model)
+        return convert(model, shapes)
     except Exception as error:  # noqa: BLE001 - the frontends raise many kinds
-        raise click.ClickException(f"TVM cannot import {path}: {_last_line(error)}") from error
+        raise click.ClickException(f"TVM cannot import {path}: {last_line(error)}") from error
 
 
-def _last_line(error: Exception) -> str:
-    text = str(error).strip()
-    return text.splitlines()[-1] if text else type(error).__name__
+def with_batch(declared: dict, batch: int) -> dict:
+    """The declared input shapes with ``batch`` as their first dimension, where the rest is static."""
+    if batch < 1:
+        raise click.BadParameter(f"{batch} is not a batch size", param_hint="--batch")
+    return {name: [batch, *dims[1:]] for name, dims in declared.items()
+            if dims and all(d is not None and d > 0 for d in dims[1:])}
 
 
 @contextmanager
@@ -93,7 +113,7 @@ def user_errors():
     try:
         yield
     except (SparseRTError, ValueError, TypeError) as error:
-        raise click.ClickException(_last_line(error)) from error
+        raise click.ClickException(last_line(error)) from error
 
 
 @contextmanager
@@ -101,8 +121,8 @@ def step(message: str):
     """A spinner on stderr while a long step runs."""
     from rich.console import Console
 
-    with Console(stderr=True).status(message):
-        yield
+    with Console(stderr=True).status(message) as status:
+        yield status
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -115,6 +135,7 @@ threshold_option = click.option(
 )
 target_option = click.option("--target", default="auto", show_default=True, help="auto, cuda or llvm")
 shape_option = click.option("--input-shape", multiple=True, metavar="NAME:1x3x224x224", help="fix an input's shape")
+batch_option = click.option("--batch", type=int, help="first dimension of every input (--input-shape wins where both apply)")
 
 
 @main.command()
@@ -122,12 +143,13 @@ shape_option = click.option("--input-shape", multiple=True, metavar="NAME:1x3x22
 @target_option
 @threshold_option
 @shape_option
-def inspect(model, target, density_threshold, input_shape):
+@batch_option
+def inspect(model, target, density_threshold, input_shape, batch):
     """Show, per weight layer of an ONNX or TFLite MODEL, what would become a sparse kernel and why."""
     from .passes import SparsifyWeights
     from .report import report_of
 
-    mod = load_model(model, parse_input_shapes(input_shape))
+    mod = load_model(model, parse_input_shapes(input_shape), batch)
     with user_errors():
         checked = SparsifyWeights(parse_target(target), density_threshold, dry_run=True)(mod)
     click.echo(report_of(checked).table(), nl=False)
@@ -139,13 +161,14 @@ def inspect(model, target, density_threshold, input_shape):
 @target_option
 @threshold_option
 @shape_option
+@batch_option
 @click.option("--tune", is_flag=True, help="autotune every sparse layer on this GPU (CUDA only; results kept in the tuning database)")
 @click.option("--tuning-db", type=click.Path(dir_okay=False), help="tuning database file (default: tuning.json in the kernel cache)")
-def compile(model, output, target, density_threshold, input_shape, tune, tuning_db):  # noqa: A001 - the command's name
+def compile(model, output, target, density_threshold, input_shape, batch, tune, tuning_db):  # noqa: A001 - the command's name
     """Compile an ONNX or TFLite MODEL with sparse kernels into a deployable module."""
     from .report import SparsityReport
 
-    mod = load_model(model, parse_input_shapes(input_shape))
+    mod = load_model(model, parse_input_shapes(input_shape), batch)
     report = SparsityReport()
     resolved = parse_target(target)
     options = {"tune": True} if tune else {}
@@ -176,12 +199,12 @@ def run(module, inputs, output, device):
     try:
         vm = relax.VirtualMachine(tvm.runtime.load_module(module), dev)
     except Exception as error:  # noqa: BLE001 - not a module, or built for another device
-        raise click.ClickException(f"cannot load {module} on {dev}: {_last_line(error)}") from error
+        raise click.ClickException(f"cannot load {module} on {dev}: {last_line(error)}") from error
     arrays = [np.load(path) for path in inputs]
     try:
         result = vm["main"](*[tvm.runtime.tensor(a, dev) for a in arrays])
     except Exception as error:  # noqa: BLE001 - wrong shapes / dtypes / counts
-        raise click.ClickException(f"the model rejected its inputs: {_last_line(error)}") from error
+        raise click.ClickException(f"the model rejected its inputs: {last_line(error)}") from error
     first = result.numpy() if hasattr(result, "numpy") else result[0].numpy()
     click.echo(f"output: shape {first.shape}, dtype {first.dtype}, mean {first.mean():.6g}, max |x| {np.abs(first).max():.6g}")
     if output:
@@ -193,27 +216,36 @@ def run(module, inputs, output, device):
 @target_option
 @threshold_option
 @shape_option
+@batch_option
 @click.option("--top", default=8, show_default=True, help="slowest calls listed per build")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="write the figures as JSON")
 @click.option("--plot", type=click.Path(dir_okay=False), help="write a PNG of the time split (needs matplotlib)")
-def bench_command(model, target, density_threshold, input_shape, top, json_path, plot):
-    """Time an ONNX or TFLite MODEL end to end, sparse against TVM's dense build, with the time split."""
+def bench_command(model, target, density_threshold, input_shape, batch, top, json_path, plot):
+    """Time an ONNX or TFLite MODEL end to end, sparse against TVM's dense build (and onnxruntime
+    where installed), with each build's kernel time split."""
     import dataclasses
     import json
 
     from . import bench
 
-    mod = load_model(model, parse_input_shapes(input_shape))
+    if plot:
+        with user_errors():
+            bench.require_matplotlib()  # before minutes of building, not after
+    mod = load_model(model, parse_input_shapes(input_shape), batch)
     inputs = random_inputs(mod)
     resolved = parse_target(target)
-    with user_errors(), step(f"building and timing for {resolved.kind.name}"):
-        result = bench.bench(mod, resolved, inputs, density_threshold)
-        onnxruntime_us = bench.onnxruntime_us(model, inputs, resolved) if not model.endswith(".tflite") else None
+    with user_errors(), step(f"building and timing for {resolved.kind.name}") as status:
+        result = bench.bench(mod, resolved, inputs, density_threshold, progress=status.update)
+        onnxruntime = None
+        if not model.endswith(".tflite"):
+            status.update("timing onnxruntime")
+            onnxruntime = bench.onnxruntime_us(model, inputs, resolved)
     click.echo(result.report.summary())
-    click.echo(bench.table(result, onnxruntime_us, top), nl=False)
+    click.echo(bench.table(result, onnxruntime, top), nl=False)
     if json_path:
-        figures = {"model": model, "target": resolved.kind.name, "onnxruntime_us": onnxruntime_us,
-                   "max_rel_error": result.max_rel_error,
+        us, note = onnxruntime or (None, "not applicable to TFLite files")
+        figures = {"model": model, "target": resolved.kind.name, "inputs": [list(a.shape) for a in inputs],
+                   "onnxruntime_us": us, "onnxruntime_note": note, "max_rel_error": result.max_rel_error,
                    "builds": [dataclasses.asdict(b) for b in (result.dense, result.sparse)]}
         with open(json_path, "w") as f:
             json.dump(figures, f, indent=1)

@@ -28,3 +28,10 @@ class ToolchainError(SparseRTError):
 @tvm_ffi.register_error
 class RuntimeUnavailable(SparseRTError):
     """The machine lacks a runtime the target needs (e.g. TVM's CUDA runtime)."""
+
+
+def last_line(error: BaseException) -> str:
+    """The last line of an error's message (TVM's errors end with the one that says what
+    failed, after a C++ backtrace), or its type's name."""
+    text = str(error).strip()
+    return text.splitlines()[-1] if text else type(error).__name__

@@ -15,7 +15,7 @@ from tvm import relax
 from tvm.relax.frontend.onnx import from_onnx
 
 from helpers import CPU_TARGET, assert_close
-from sparsert_tvm import models
+from sparsert_tvm import bench, models
 from sparsert_tvm.cli import main as cli
 from sparsert_tvm.prune import magnitude_prune, prune_model
 
@@ -104,20 +104,64 @@ def test_run_reports_user_errors_in_one_line(dense_convnet, tmp_path):
     assert result.exit_code == 1 and "CUDA targets only" in result.output and "Traceback" not in result.output
 
 
-def test_bench_times_sparse_against_dense_with_the_split(tmp_path):
+@pytest.fixture
+def small_mobilenet(tmp_path):
     path = tmp_path / "small.onnx"
     model = models.mobilenet_v1(np.random.default_rng(0), width=0.25, depth=2, size=16, classes=10)
     onnx.save(prune_model(model, 0.9)[0], path)
-    result = invoke("bench", path, "--target", "llvm", "--json", tmp_path / "bench.json", "--plot", tmp_path / "split.png")
+    return path
+
+
+def test_bench_times_sparse_against_dense_with_the_split(small_mobilenet, tmp_path):
+    result = invoke("bench", small_mobilenet, "--target", "llvm", "--batch", 2, "--json", tmp_path / "bench.json",
+                    "--plot", tmp_path / "split.png")
     assert result.exit_code == 0, result.output
     assert "dense (TVM)" in result.output and "sparse (sparsert)" in result.output
+    assert "onnxruntime" in result.output  # its latency, or why there is none
     figures = json.loads((tmp_path / "bench.json").read_text())
+    assert figures["inputs"] == [[2, 3, 16, 16]]  # --batch replaced the file's batch of 1
     dense, sparse = figures["builds"]
     assert dense["end_to_end_us"] > 0 and sparse["end_to_end_us"] > 0
     assert 0 <= figures["max_rel_error"] < 1e-4  # the sparse build computed what the dense one did
     assert {c["kind"] for c in sparse["calls"]} == {"sparse kernel", "TVM kernel"}
     assert not any(c["kind"] == "sparse kernel" for c in dense["calls"])
+    total = sum(c["us"] for c in sparse["calls"])
+    assert "total" in result.output and f"{total:,.1f} us" in result.output
+    assert dense["cuda_graph_us"] is None and sparse["cuda_graph_note"] == ""  # CUDA graphs are tried on CUDA only
     assert (tmp_path / "split.png").stat().st_size > 0
+
+
+@pytest.mark.gpu
+def test_bench_on_the_gpu_tries_cuda_graphs(gpu_target, small_mobilenet, tmp_path):
+    result = invoke("bench", small_mobilenet, "--target", "cuda", "--json", tmp_path / "bench.json")
+    assert result.exit_code == 0, result.output
+    for build in json.loads((tmp_path / "bench.json").read_text())["builds"]:
+        assert (build["cuda_graph_us"] is None) != (build["cuda_graph_note"] == "")  # a time, or why not
+        assert f"CUDA graph, {build['label']}" in result.output
+
+
+def test_cuda_graph_variant_reports_a_failure_instead_of_raising():
+    mod = from_onnx(models.mlp(np.random.default_rng(0), batch=4), keep_params_in_input=False)
+    x = np.random.default_rng(1).standard_normal((4, 64)).astype("float32")
+    arrays = [tvm.runtime.tensor(x)]
+    plain = tvm.compile(mod, CPU_TARGET)  # stands in for the CUDA-graph build, which needs a GPU
+    expected = relax.VirtualMachine(plain, tvm.cpu())["main"](*arrays).numpy()
+
+    def failing_build():
+        raise RuntimeError("capture failed\nCheck failed: stream is capturing")
+
+    assert bench.with_cuda_graph(failing_build, tvm.cpu(), arrays, expected) == (None, "Check failed: stream is capturing")
+    us, note = bench.with_cuda_graph(lambda: plain, tvm.cpu(), arrays, expected)
+    assert us > 0 and note == ""
+    us, note = bench.with_cuda_graph(lambda: plain, tvm.cpu(), arrays, expected + 1)
+    assert us is None and "output differs" in note
+
+
+def test_batch_option_is_checked(small_mobilenet):
+    result = invoke("inspect", small_mobilenet, "--target", "llvm", "--batch", 0)
+    assert result.exit_code == 2 and "not a batch size" in result.output and "Traceback" not in result.output
+    result = invoke("inspect", small_mobilenet, "--target", "llvm", "--batch", 4)
+    assert result.exit_code == 0 and "4*64" in result.output  # N = batch * 8x8 pixels
 
 
 def test_bench_needs_static_shapes(dense_convnet):
@@ -137,8 +181,9 @@ def test_tflite_files_go_through_the_same_commands(tmp_path):
     path.write_bytes(m.build([x], [y]))
     result = invoke("inspect", path, "--target", "llvm")
     assert result.exit_code == 0 and "1 of 1 candidates sparse" in result.output
-    result = invoke("bench", path, "--target", "llvm")
+    result = invoke("bench", path, "--target", "llvm", "--batch", 2, "--json", tmp_path / "bench.json")
     assert result.exit_code == 0 and "sparse (sparsert)" in result.output
+    assert json.loads((tmp_path / "bench.json").read_text())["inputs"] == [[2, 32]]  # the file says 4
     (tmp_path / "junk.tflite").write_bytes(b"junk")
     result = invoke("inspect", tmp_path / "junk.tflite")
     assert result.exit_code == 1 and "junk.tflite" in result.output and "Traceback" not in result.output

@@ -3,7 +3,8 @@ into biases), at any width, depth and input size so that tests can build small v
 
 Prune them with ``sparsert_tvm.prune.prune_model``; residual branches end in a convolution
 scaled down (``gain``) so that the activations of a randomly initialised deep network stay
-of order one.
+of order one. ``features_output=True`` adds the last feature map (the classifier's input)
+as a second output: global pooling averages most of a wrong pixel away, the map does not.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ def _scaled(channels: int, width: float) -> int:
     return max(8, int(round(channels * width / 8)) * 8)
 
 
-def resnet50(rng, width=1.0, blocks=RESNET50_BLOCKS, size=224, batch=1, classes=1000) -> onnx.ModelProto:
+def resnet50(rng, width=1.0, blocks=RESNET50_BLOCKS, size=224, batch=1, classes=1000, features_output=False
+             ) -> onnx.ModelProto:
     """Bottleneck ResNet (v1.5: the stride sits on the 3x3 convolution)."""
     g = GraphBuilder(rng)
     stem = _scaled(64, width)
@@ -43,10 +45,11 @@ def resnet50(rng, width=1.0, blocks=RESNET50_BLOCKS, size=224, batch=1, classes=
             x = g.node("Relu", [g.node("Add", [h, shortcut])])
             cin = cout
     out = g.classifier(x, cin, classes)
-    return g.model((batch, 3, size, size), out, (batch, classes), "resnet50")
+    return g.model((batch, 3, size, size), out, (batch, classes), "resnet50", [x] if features_output else [])
 
 
-def mobilenet_v1(rng, width=1.0, size=224, batch=1, classes=1000, depth=None) -> onnx.ModelProto:
+def mobilenet_v1(rng, width=1.0, size=224, batch=1, classes=1000, depth=None, features_output=False
+                 ) -> onnx.ModelProto:
     """Depthwise-separable blocks: 3x3 depthwise + ReLU, 1x1 pointwise + ReLU (the first
     ``depth`` of the 13 blocks, all by default)."""
     g = GraphBuilder(rng)
@@ -58,10 +61,11 @@ def mobilenet_v1(rng, width=1.0, size=224, batch=1, classes=1000, depth=None) ->
         x = g.conv(x, cin, cout, kernel=1)
         cin = cout
     out = g.classifier(x, cin, classes)
-    return g.model((batch, 3, size, size), out, (batch, classes), "mobilenet_v1")
+    return g.model((batch, 3, size, size), out, (batch, classes), "mobilenet_v1", [x] if features_output else [])
 
 
-def mobilenet_v2(rng, width=1.0, size=224, batch=1, classes=1000, depth=None) -> onnx.ModelProto:
+def mobilenet_v2(rng, width=1.0, size=224, batch=1, classes=1000, depth=None, features_output=False
+                 ) -> onnx.ModelProto:
     """Inverted residuals: 1x1 expansion + ReLU6, 3x3 depthwise + ReLU6, linear 1x1 projection
     (the first ``depth`` of the 7 stages, all by default)."""
     g = GraphBuilder(rng)
@@ -80,7 +84,7 @@ def mobilenet_v2(rng, width=1.0, size=224, batch=1, classes=1000, depth=None) ->
     last = _scaled(1280, max(1.0, width))
     x = g.conv(x, cin, last, 1, act="relu6")
     out = g.classifier(x, last, classes)
-    return g.model((batch, 3, size, size), out, (batch, classes), "mobilenet_v2")
+    return g.model((batch, 3, size, size), out, (batch, classes), "mobilenet_v2", [x] if features_output else [])
 
 
 def random_input(model: onnx.ModelProto, seed: int = 0) -> np.ndarray:

@@ -72,7 +72,9 @@ class GraphBuilder:
         weight = self.he((classes, channels), channels)
         return self.node("Gemm", [flat, self.constant(weight, "w"), self.bias(classes)], "logits", transB=1)
 
-    def model(self, x_shape, output: str, out_shape, name: str) -> onnx.ModelProto:
+    def model(self, x_shape, output: str, out_shape, name: str, extra_outputs=()) -> onnx.ModelProto:
+        """The model of the nodes so far; ``extra_outputs`` are intermediate values that become
+        outputs too, after ``output`` (their shapes come from ONNX's shape inference)."""
         graph = helper.make_graph(
             self.nodes,
             name,
@@ -81,5 +83,8 @@ class GraphBuilder:
             initializer=self.initializers,
         )
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+        if extra_outputs:
+            inferred = {v.name: v for v in onnx.shape_inference.infer_shapes(model).graph.value_info}
+            model.graph.output.extend(inferred[extra] for extra in extra_outputs)
         onnx.checker.check_model(model)
         return model

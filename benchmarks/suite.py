@@ -9,7 +9,8 @@ cases' candidates are assembled up front by a pool of processes. ``--deadline`` 
 starting new cases after that many seconds and ``--resume`` skips the cases a previous
 partial run of the same JSON holds, so a long suite can run in several calls.
 ``compile_s`` is the time to generate and assemble the default config's kernel without the
-kernel cache (measured by the pool where it assembled ahead, else by the timed build).
+kernel cache (measured by the pool where it assembled ahead, else by an untuned build; null
+for a tuned case the pool did not reach: its tune_s includes the compiles).
 ``summarize.py`` turns the JSON into tables and a plot.
 """
 
@@ -83,7 +84,9 @@ def run_case(case, config, dense: DenseTimes, tune: TuneOptions | None, compile_
         row["us"]["sparsert"] = us
         row["correct"] = error < TOLERANCE[case.dtype]
         row["max_rel_error"] = error
-        row.update(compile_s=compile_s or info["compile_s"], tune_s=info["tune_s"], code_bytes=info["code_bytes"], params=info["params"])
+        if compile_s is None and not info["tune_s"]:  # else the build found the tuner's cubin
+            compile_s = info["compile_s"]
+        row.update(compile_s=compile_s, tune_s=info["tune_s"], code_bytes=info["code_bytes"], params=info["params"])
     except Exception:  # noqa: BLE001 - recorded, the suite goes on
         row["us"]["sparsert"] = None
         row["error"] = traceback.format_exc(limit=3)
@@ -121,13 +124,14 @@ def assemble_ahead(cases, limit: int, jobs: int, timeout: float | None = None) -
         return {}, 0.0
     arch = cuda_arch(cuda_target())
     jobs_list = [(case, limit, arch) for case, config in cases if config is None]
-    end = time.perf_counter() + (timeout or float("inf"))
+    end = time.perf_counter() + (timeout or 0.0)
     compile_s, seconds = {}, 0.0
     with multiprocessing.get_context("spawn").Pool(jobs) as pool:
         results = pool.imap_unordered(_assemble_candidates, jobs_list)
         for _ in jobs_list:
+            left = None if timeout is None else max(0.0, end - time.perf_counter())
             try:
-                name, default_s, work_s = results.next(timeout=max(0.0, end - time.perf_counter()))
+                name, default_s, work_s = results.next(timeout=left)
             except multiprocessing.TimeoutError:
                 break  # the rest are assembled when their case runs
             compile_s[name] = default_s

@@ -1,9 +1,11 @@
 """How good is the tuner's cost model? Times every config of the search space for a few layers.
 
     python benchmarks/tuning_space.py --out benchmarks/results/tuning-space-h100.json
+    python benchmarks/tuning_space.py --family conv --grid --out benchmarks/results/tuning-space-conv-h100.json
 
-For each layer, all configs the generator accepts (up to --limit, ranked by the model) are
-compiled and timed with CUDA graphs. The summary says how often the model's top-k holds the
+For each layer, all configs the generator accepts (up to --limit, ranked by the model; with
+--grid, every rows x threads x columns-per-thread choice instead) are compiled and timed
+with CUDA graphs. The summary says how often the model's top-k holds the
 measured best, and how much the best beats the untuned default: that is what sets the
 tuner's default number of candidates. ptxas -O1 against -O3 is timed for the default too.
 """
@@ -22,7 +24,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from harness import SpmmCase, graph_timer, sparse_problem  # noqa: E402
+from harness import ConvCase, SpmmCase, graph_timer, sparse_problem  # noqa: E402
 
 from sparsert_tvm.build import cuda_target  # noqa: E402
 from sparsert_tvm.problem import Layout  # noqa: E402
@@ -30,7 +32,7 @@ from sparsert_tvm.schedules.cuda.rule import CudaSpmmRule  # noqa: E402
 from sparsert_tvm.tuning import space  # noqa: E402
 from sparsert_tvm.tuning.tuner import Tuner  # noqa: E402
 
-LAYERS = [  # name, M, K, layout, columns, images
+SPMM_LAYERS = [  # name, M, K, layout, columns, images
     ("resnet50-1x1-256x64-s56", 256, 64, Layout.CHANNELS, 3136, 1),
     ("resnet50-1x1-512x128-s28", 512, 128, Layout.CHANNELS, 784, 1),
     ("resnet50-1x1-1024x256-s14-b8", 1024, 256, Layout.CHANNELS, 196, 8),
@@ -38,6 +40,42 @@ LAYERS = [  # name, M, K, layout, columns, images
     ("bert-fc-768x768-n8", 768, 768, Layout.ROWS, 8, 1),
     ("bert-fc-3072x768-n128", 3072, 768, Layout.ROWS, 128, 1),
 ]
+CONV_LAYERS = [  # name, channels (in = out), input size, images: ResNet-50's 3x3 layers
+    ("resnet50-3x3-stage1", 64, 56, 1),
+    ("resnet50-3x3-stage2", 128, 28, 1),
+    ("resnet50-3x3-stage3", 256, 14, 1),
+    ("resnet50-3x3-stage4", 512, 7, 1),
+    ("resnet50-3x3-stage2-b8", 128, 28, 8),
+    ("resnet50-3x3-stage3-b8", 256, 14, 8),
+]
+GRID = {"rows_per_block": (1, 2, 4, 8, 16), "threads_per_block": (32, 64, 128, 256), "columns_per_thread": (1, 2)}
+
+
+def layer_cases(family: str, dtype: str, density: float, rng):
+    if family == "spmm":
+        for name, m, k, layout, columns, images in SPMM_LAYERS:
+            weight = ((rng.random((m, k)) < density) * rng.standard_normal((m, k))).astype("float32")
+            yield SpmmCase(name, name.split("-")[0], weight, layout, columns, dtype, images)
+    else:
+        for name, channels, size, images in CONV_LAYERS:
+            shape = (channels, channels, 3, 3)
+            filters = ((rng.random(shape) < density) * rng.standard_normal(shape)).astype("float32")
+            yield ConvCase(name, "resnet50-3x3", filters, (size, size), 1, 1, dtype, images)
+
+
+def grid_configs(problem, default, check):
+    configs = [default]
+    for rows in GRID["rows_per_block"]:
+        for threads in GRID["threads_per_block"]:
+            for cols in GRID["columns_per_thread"]:
+                config = dataclasses.replace(default, rows_per_block=rows, threads_per_block=threads, columns_per_thread=cols)
+                try:
+                    check(problem, config)
+                except Exception:  # noqa: BLE001 - configs the generator rejects are skipped
+                    continue
+                if config not in configs and rows * cols <= space.MAX_ACCUMULATORS:
+                    configs.append(config)
+    return configs
 
 
 def main():
@@ -45,16 +83,21 @@ def main():
     parser.add_argument("--out", required=True)
     parser.add_argument("--limit", type=int, default=16)
     parser.add_argument("--density", type=float, default=0.1)
+    parser.add_argument("--family", choices=["spmm", "conv"], default="spmm")
+    parser.add_argument("--grid", action="store_true", help="time the whole grid, not the model's top --limit")
+    parser.add_argument("--dtypes", default="float32,float16")
     args = parser.parse_args()
     rng = np.random.default_rng(0)
     rule, target = CudaSpmmRule(), cuda_target()
     rows = []
-    for dtype in ("float32", "float16"):
-        for name, m, k, layout, columns, images in LAYERS:
-            weight = ((rng.random((m, k)) < args.density) * rng.standard_normal((m, k))).astype("float32")
-            case = SpmmCase(name, name.split("-")[0], weight, layout, columns, dtype, images)
+    for dtype in args.dtypes.split(","):
+        for case in layer_cases(args.family, dtype, args.density, rng):
+            name, (m, k, n) = case.name, case.shape
             problem = sparse_problem(case)
-            configs = space.candidates(problem, rule.check, args.limit)
+            if args.grid:
+                configs = grid_configs(problem, rule.default_config(problem, target), rule.check)
+            else:
+                configs = space.candidates(problem, rule.check, args.limit)
             timer = graph_timer(case)
             start = time.perf_counter()
             Tuner(rule, target, None)._assemble_ahead(problem, configs, "probe")
@@ -67,7 +110,7 @@ def main():
             start = time.perf_counter()
             built = rule.build(problem, o1, target, "probe")
             o1_compile_s = time.perf_counter() - start
-            row = {"case": name, "dtype": dtype, "M": m, "K": k, "N": columns * images, "nnz": problem.weight.nnz,
+            row = {"case": name, "dtype": dtype, "M": m, "K": k, "N": n, "nnz": problem.weight.nnz,
                    "timings": timings, "assemble_all_s": compile_s, "o1_us": timer(built, target), "o1_compile_s": o1_compile_s}
             rows.append(row)
             us = [t["us"] for t in timings]

@@ -48,7 +48,7 @@ CONV_LAYERS = [  # name, channels (in = out), input size, images: ResNet-50's 3x
     ("resnet50-3x3-stage2-b8", 128, 28, 8),
     ("resnet50-3x3-stage3-b8", 256, 14, 8),
 ]
-GRID = {"rows_per_block": (1, 2, 4, 8, 16), "threads_per_block": (32, 64, 128, 256), "columns_per_thread": (1, 2)}
+GRID = {"rows_per_block": (1, 2, 4, 8, 16), "threads_per_block": (32, 64, 128, 256)}
 
 
 def layer_cases(family: str, dtype: str, density: float, rng):
@@ -63,11 +63,11 @@ def layer_cases(family: str, dtype: str, density: float, rng):
             yield ConvCase(name, "resnet50-3x3", filters, (size, size), 1, 1, dtype, images)
 
 
-def grid_configs(problem, default, check):
+def grid_configs(problem, default, check, columns_per_thread):
     configs = [default]
     for rows in GRID["rows_per_block"]:
         for threads in GRID["threads_per_block"]:
-            for cols in GRID["columns_per_thread"]:
+            for cols in columns_per_thread:
                 config = dataclasses.replace(default, rows_per_block=rows, threads_per_block=threads, columns_per_thread=cols)
                 try:
                     check(problem, config)
@@ -86,16 +86,21 @@ def main():
     parser.add_argument("--family", choices=["spmm", "conv"], default="spmm")
     parser.add_argument("--grid", action="store_true", help="time the whole grid, not the model's top --limit")
     parser.add_argument("--dtypes", default="float32,float16")
+    parser.add_argument("--layers", default="", help="comma-separated names: only these layers")
+    parser.add_argument("--columns-per-thread", default="1,2", help="grid values of columns_per_thread")
     args = parser.parse_args()
     rng = np.random.default_rng(0)
     rule, target = CudaSpmmRule(), cuda_target()
     rows = []
     for dtype in args.dtypes.split(","):
         for case in layer_cases(args.family, dtype, args.density, rng):
+            if args.layers and case.name not in args.layers.split(","):
+                continue
             name, (m, k, n) = case.name, case.shape
             problem = sparse_problem(case)
             if args.grid:
-                configs = grid_configs(problem, rule.default_config(problem, target), rule.check)
+                columns = tuple(int(c) for c in args.columns_per_thread.split(","))
+                configs = grid_configs(problem, rule.default_config(problem, target), rule.check, columns)
             else:
                 configs = space.candidates(problem, rule.check, args.limit)
             timer = graph_timer(case)

@@ -14,6 +14,8 @@ from ..schedules.config import CpuSpmmConfig, CudaSpmmConfig
 
 # Blocks needed to give every SM of a large GPU (132 on an H100) a couple of blocks.
 _TARGET_BLOCKS = 264
+# Threads that keep an H100 busy (about 768 per SM) where each has a long serial stream.
+_TARGET_THREADS = 100_000
 
 
 def default_vector_width(problem: SpmmProblem) -> int:
@@ -31,6 +33,9 @@ def default_cuda_config(problem: SpmmProblem) -> CudaSpmmConfig:
     width = default_vector_width(problem)
     columns = problem.static_columns
     vectors = None if columns is None else -(-columns // width)
+    images = problem.static_batch or 1
+    if problem.window is not None:
+        return _window_config(problem, vectors, images, width)
     # No more threads than columns need; up to 64 columns, one-warp blocks: on the H100 the
     # tuner picked them for 7x7 layers (49 columns) and they ran 1.2x faster than 64-thread
     # blocks there (benchmarks/results/spmm-paper-*-h100.json).
@@ -39,11 +44,23 @@ def default_cuda_config(problem: SpmmProblem) -> CudaSpmmConfig:
     else:
         threads = 32 if vectors <= 64 else min(128, -(-vectors // 32) * 32)
     column_tiles = 1 if vectors is None else -(-vectors // threads)
-    images = problem.static_batch or 1
     # Every row group reads all of X again (from L2): as many rows per block as the grid
     # allows while it still gives every SM a couple of blocks.
     rows = 16
     while rows > 1 and -(-problem.M // rows) * column_tiles * images < _TARGET_BLOCKS:
+        rows //= 2
+    return CudaSpmmConfig(rows_per_block=rows, threads_per_block=threads, vector_width=width)
+
+
+def _window_config(problem: SpmmProblem, vectors: int, images: int, width: int) -> CudaSpmmConfig:
+    """Convolutions through a window have 9-49x the nonzeros per row of a 1x1 layer, so a
+    thread's serial work grows fast with its rows: blocks of up to 256 threads and as few
+    rows as keep about 100k threads busy. On ResNet-50's 3x3 layers at batch 1 this ran
+    1.4x and 2.1x faster than the 1x1 rule (benchmarks/results/tuning-space-conv-h100.json)."""
+    threads = 32 if vectors <= 64 else 256 if vectors > 128 else 128
+    column_tiles = -(-vectors // threads)
+    rows = 16
+    while rows > 1 and -(-problem.M // rows) * column_tiles * images * threads < _TARGET_THREADS:
         rows //= 2
     return CudaSpmmConfig(rows_per_block=rows, threads_per_block=threads, vector_width=width)
 

@@ -174,9 +174,12 @@ def onnxruntime_us(path: str, inputs: list[np.ndarray], target, runs: int = 50) 
     providers = ["CUDAExecutionProvider"] if target.kind.name == "cuda" else ["CPUExecutionProvider"]
     if not set(providers) <= set(onnxruntime.get_available_providers()):
         return None, f"this onnxruntime has no {providers[0]}"
-    session = onnxruntime.InferenceSession(path, providers=providers)
-    feed = dict(zip([i.name for i in session.get_inputs()], inputs))
-    session.run(None, feed)
+    try:  # an older onnxruntime may not read the file (IR version, opset)
+        session = onnxruntime.InferenceSession(path, providers=providers)
+        feed = dict(zip([i.name for i in session.get_inputs()], inputs))
+        session.run(None, feed)
+    except Exception as error:  # noqa: BLE001 - a contender that cannot run is reported, not fatal
+        return None, f"onnxruntime {onnxruntime.__version__} failed: {last_line(error)}"
     samples = []
     for _ in range(runs):
         start = time.perf_counter()

@@ -187,3 +187,19 @@ def test_tflite_files_go_through_the_same_commands(tmp_path):
     (tmp_path / "junk.tflite").write_bytes(b"junk")
     result = invoke("inspect", tmp_path / "junk.tflite")
     assert result.exit_code == 1 and "junk.tflite" in result.output and "Traceback" not in result.output
+
+
+def test_an_onnxruntime_that_cannot_read_the_model_is_reported_not_fatal(monkeypatch):
+    import types
+
+    from sparsert_tvm.bench import onnxruntime_us
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("Unsupported model IR version: 14, max supported IR version: 13")
+
+    fake = types.SimpleNamespace(
+        __version__="1.0", get_available_providers=lambda: ["CPUExecutionProvider"], InferenceSession=refuse
+    )
+    monkeypatch.setitem(sys.modules, "onnxruntime", fake)
+    us, why = onnxruntime_us("model.onnx", [], CPU_TARGET)
+    assert us is None and "IR version" in why and "onnxruntime 1.0 failed" in why

@@ -51,10 +51,10 @@ def build_launcher(built: BuiltKernel, target):
     return lib, name
 
 
-def time_with_evaluator(built: BuiltKernel, target, symbolic_size: int = 1, min_ms: float = 20.0) -> float:
+def time_with_evaluator(built: BuiltKernel, target, symbolic_size: int = 1, min_ms: int = 20) -> float:
     """Microseconds per launch: the best of five repeats of about ``min_ms`` each."""
     device = tvm.cuda(0)
     lib, name = build_launcher(built, target)
     args = operands(built, device, symbolic_size)
-    evaluator = lib.time_evaluator(name, device, number=20, repeat=5, min_repeat_ms=min_ms)
+    evaluator = lib.time_evaluator(name, device, number=20, repeat=5, min_repeat_ms=int(min_ms))  # TVM takes an int
     return float(min(evaluator(*args).results)) * 1e6

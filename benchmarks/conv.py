@@ -80,7 +80,12 @@ def quick_suite(dtype):
     return [(case, config) for case, config in paper_suite(dtype) if case.images == 1 and "d0.1" in case.name][:4]
 
 
-SUITES = {"paper": paper_suite, "quick": quick_suite}
+def resnet50_suite(dtype):
+    """The paper suite's ResNet-50 cases only."""
+    return [(case, config) for case, config in paper_suite(dtype) if case.group.startswith("resnet50")]
+
+
+SUITES = {"paper": paper_suite, "resnet50": resnet50_suite, "quick": quick_suite}
 
 
 if __name__ == "__main__":

@@ -106,13 +106,15 @@ def test_cpu_tilings(layout, tiling):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("width", [1, 2])
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("name", ["3x3", "3x3/2", "7x7/2"])
-def test_float16_on_the_gpu(gpu_target, layout, name):
+@pytest.mark.parametrize("name", ["3x3", "3x3/2", "5x5"])
+def test_float16_on_the_gpu(gpu_target, layout, name, width):
+    """float16 windows, scalar (the default) and paired in f16x2 registers."""
     rng = np.random.default_rng(7)
     case = conv(rng, name, layout, dtype="float16", epilogue=("bias", "relu"))
-    (layer,) = check(case, gpu_target)
-    assert layer.params["vector_width"] == (2 if case.out_shape(1)[3 if layout == "NCHW" else 2] % 2 == 0 else 1)
+    (layer,) = check(case, gpu_target, kernel_config={"vector_width": width, "threads_per_block": 32})
+    assert layer.params["vector_width"] == width
 
 
 def test_float16_stays_dense_on_the_cpu():

@@ -78,3 +78,18 @@ class SparseMatrix:
         h.update(f"{self.dtype}:{self.shape}".encode())
         h.update(self.dense.tobytes())
         return h.hexdigest()
+
+
+def ungrouped_filters(filters: np.ndarray, groups: int) -> np.ndarray:
+    """A grouped convolution's OIHW filters as the ungrouped filters they equal: output
+    channel ``o`` of group ``g`` reads input channels ``g * C/groups ...`` through its own
+    filter and has zeros elsewhere. The kernels then treat it as any sparse convolution."""
+    if groups == 1:
+        return filters
+    out_channels, group_channels = filters.shape[:2]
+    full = np.zeros((out_channels, group_channels * groups, *filters.shape[2:]), filters.dtype)
+    per_group = out_channels // groups
+    for g in range(groups):
+        outputs = slice(g * per_group, (g + 1) * per_group)
+        full[outputs, g * group_channels : (g + 1) * group_channels] = filters[outputs]
+    return full

@@ -13,7 +13,7 @@ from helpers import sparse_matrix
 
 @dataclass
 class ConvCase:
-    """``act(conv2d(x, W) + bias [+ residual])`` with a sparse ``W[M, C, kh, kw]``.
+    """``act(conv2d(x, W) + bias [+ residual])`` with a sparse ``W[M, C / groups, kh, kw]``.
 
     NCHW data takes an OIHW kernel (PyTorch, ONNX); NHWC data an HWIO kernel (TFLite after
     import) unless ``kernel_layout`` says otherwise. ``batch`` None is symbolic.
@@ -28,6 +28,7 @@ class ConvCase:
     epilogue: tuple[str, ...] = ()
     bias: np.ndarray | None = None
     kernel_layout: str | None = None
+    groups: int = 1
 
     @property
     def M(self):  # noqa: N802
@@ -35,7 +36,7 @@ class ConvCase:
 
     @property
     def channels(self):
-        return self.weight.shape[1]
+        return self.weight.shape[1] * self.groups
 
     @property
     def dtype(self):
@@ -65,7 +66,7 @@ class ConvCase:
                 value = builder.emit(
                     relax.op.nn.conv2d(
                         x, relax.const(weight), strides=self.stride, padding=self.padding,
-                        data_layout=self.layout, kernel_layout=kernel_layout,
+                        groups=self.groups, data_layout=self.layout, kernel_layout=kernel_layout,
                     )
                 )
                 for op in self.epilogue:
@@ -102,7 +103,10 @@ class ConvCase:
         kh, kw = self.weight.shape[2:]
         sh, sw = self.stride
         windows = np.lib.stride_tricks.sliding_window_view(x, (kh, kw), axis=(2, 3))[:, :, ::sh, ::sw]
-        out = np.einsum("bcyxij,mcij->bmyx", windows, self.weight.astype(np.float64))
+        g = self.groups
+        windows = windows.reshape(windows.shape[0], g, -1, *windows.shape[2:])
+        filters = self.weight.astype(np.float64).reshape(g, self.M // g, -1, kh, kw)
+        out = np.einsum("bgcyxij,gmcij->bgmyx", windows, filters).reshape(x.shape[0], self.M, *windows.shape[3:5])
         if "bias" in self.epilogue:
             out = out + self.bias.astype(np.float64)[None, :, None, None]
         if self.layout == "NHWC":
@@ -117,7 +121,9 @@ class ConvCase:
         return out
 
 
-def make_conv(rng, m, c, kernel, size, density, dtype="float32", **options) -> ConvCase:
-    weight = sparse_matrix(rng, (m, c * kernel[0] * kernel[1]), density, dtype=dtype).reshape(m, c, *kernel)
+def make_conv(rng, m, c, kernel, size, density, dtype="float32", groups=1, **options) -> ConvCase:
+    """``c`` input channels, split into ``groups``."""
+    shape = (m, c // groups, *kernel)
+    weight = sparse_matrix(rng, (m, int(np.prod(shape[1:]))), density, dtype=dtype).reshape(shape)
     bias = rng.standard_normal(m).astype(dtype) if "bias" in options.get("epilogue", ()) else None
-    return ConvCase(weight, size, bias=bias, **options)
+    return ConvCase(weight, size, bias=bias, groups=groups, **options)

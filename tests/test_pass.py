@@ -154,8 +154,6 @@ def _dynamic_spatial():
         _float16,
         _dynamic_spatial,
         _conv("dilation [2, 2]", weight_shape=(6, 8, 3, 3), dilation=2),
-        _conv("grouped convolution (groups=2)", weight_shape=(6, 4, 1, 1), groups=2),
-        _conv("depthwise convolution", weight_shape=(8, 1, 1, 1), groups=8),
         _conv("data layout NCHW4c", x_shape=(1, 2, 5, 5, 4), weight_shape=(6, 8, 1, 1), data_layout="NCHW4c"),
     ],
     ids=lambda make: make.__name__ if hasattr(make, "__name__") else "conv",

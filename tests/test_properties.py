@@ -104,7 +104,7 @@ def test_any_convolution_matches_tvm_dense(params):
     dense = relax.VirtualMachine(tvm.compile(mod, CPU_TARGET), tvm.cpu())["main"](tvm.runtime.tensor(arrays[0])).numpy()
     compiled = Compiled(mod, CPU_TARGET, density_threshold=threshold)
     limit = sp.DEFAULT_DENSITY_THRESHOLD[Layout.CHANNELS] if threshold is None else threshold
-    supported = dtype == "float32" and groups == 1  # any kernel size, stride and padding
+    supported = dtype == "float32"  # any kernel size, stride, padding and grouping
     assert [layer.sparse for layer in compiled.report] == [supported and np.count_nonzero(weight) / weight.size <= limit]
     tolerance = 1e-2 if dtype == "float16" else 1e-5
     np.testing.assert_allclose(compiled(*arrays), dense, rtol=tolerance, atol=tolerance * max(1.0, float(np.abs(dense).max())))

@@ -1,7 +1,7 @@
 """Finding the operators the pass can rewrite, and what each of them computes.
 
-A candidate is a matmul or a convolution (any kernel size, stride and padding) whose weight is a constant, followed along the
-dataflow (not the textual order) by the epilogue it can absorb: bias adds, one residual
+A candidate is a matmul or a convolution (any kernel size, stride, padding and grouping) whose
+weight is a constant, followed along the dataflow (not the textual order) by the epilogue it can absorb: bias adds, one residual
 add and ReLU/ReLU6/clip, as long as each intermediate value has no other user. Operators
 that cannot be rewritten are still candidates, with the reason.
 """
@@ -18,7 +18,7 @@ import tvm_ffi
 from tvm import relax, tirx
 
 from ..problem import BiasAdd, Clip, ConvWindow, Layout, ResidualAdd, SpmmProblem
-from ..weights import SparseMatrix
+from ..weights import SparseMatrix, ungrouped_filters
 from .constants import constant_value
 
 _ESCAPES = None  # user entry for a value returned from the function
@@ -35,6 +35,20 @@ class Candidate:
     weight: SparseMatrix | None = None
     problem: SpmmProblem | None = None
     reason: str | None = None  # why it cannot be rewritten, if it cannot
+    groups: int = 1  # of a grouped convolution, whose weight is held block-diagonal
+
+    @property
+    def weight_shape(self) -> tuple[int, int]:
+        """``[M, K]`` of the weight as the model holds it (one group's inputs per row)."""
+        m, k = self.weight.shape
+        return m, k // self.groups
+
+    @property
+    def density(self) -> float:
+        """Nonzeros over the weights the model holds (a grouped weight's zeros outside its
+        groups do not count)."""
+        m, k = self.weight_shape
+        return self.weight.nnz / (m * k) if m * k else 0.0
 
     @property
     def tail(self) -> relax.Var:
@@ -128,11 +142,12 @@ def _analyse_conv2d(candidate: Candidate, call, var2val):
     kh, kw = w.shape[2:]
     stride = tuple(int(s) for s in attrs.strides)
     strided = "" if stride == (1, 1) else f" /{stride[0]}" if stride[0] == stride[1] else f" /{stride[0]}x{stride[1]}"
-    candidate.op = f"conv2d {kh}x{kw}{strided} {layout}"
-    candidate.weight = SparseMatrix.from_dense(w.reshape(w.shape[0], -1))
-    if int(attrs.groups) != 1:
-        kind = "depthwise" if w.shape[1] == 1 else "grouped"
-        raise _Rejected(f"{kind} convolution (groups={int(attrs.groups)}) stays with TVM")
+    groups = candidate.groups = int(attrs.groups)
+    grouping = "" if groups == 1 else " depthwise" if w.shape[1] == 1 else f" groups={groups}"
+    candidate.op = f"conv2d {kh}x{kw}{strided}{grouping} {layout}"
+    if groups < 1 or w.shape[0] % groups:
+        raise _Rejected(f"{w.shape[0]} output channels do not split into {groups} groups")
+    candidate.weight = SparseMatrix.from_dense(ungrouped_filters(w, groups).reshape(w.shape[0], -1))
     if any(int(d) != 1 for d in attrs.dilation):
         raise _Rejected(f"dilation {[int(d) for d in attrs.dilation]}")
     if layout not in ("NCHW", "NHWC"):
@@ -157,7 +172,7 @@ def _analyse_conv2d(candidate: Candidate, call, var2val):
     if not all(isinstance(d, tirx.IntImm) for d in spatial):
         raise _Rejected(f"{kh}x{kw} convolution of a dynamic spatial size")
     window = ConvWindow(
-        channels=w.shape[1],
+        channels=w.shape[1] * groups,
         kernel=(kh, kw),
         stride=stride,
         padding=padding,

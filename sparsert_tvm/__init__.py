@@ -7,7 +7,7 @@ Data flow: Relax IR in (``passes``), each constant sparse weight analysed (``wei
 
 from .build import compile, default_target
 from .errors import RuntimeUnavailable, SparseRTError, ToolchainError, UnsupportedProblem
-from .passes import DEFAULT_DENSITY_THRESHOLD, SparsifyWeights
+from .passes import DEFAULT_DENSITY_THRESHOLD, SMALL_CONVOLUTION_NNZ, SparsifyWeights
 from .report import LayerReport, SparsityReport, report_of
 from .schedules import CpuSpmmConfig, CudaSpmmConfig
 from .tuning.database import TuningDatabase
@@ -15,6 +15,7 @@ from .tuning.tuner import TuneOptions
 
 __all__ = [
     "DEFAULT_DENSITY_THRESHOLD",
+    "SMALL_CONVOLUTION_NNZ",
     "CpuSpmmConfig",
     "CudaSpmmConfig",
     "LayerReport",

@@ -4,9 +4,11 @@ import dataclasses
 
 import numpy as np
 import pytest
+import tvm
 
 from conv_cases import ConvCase, make_conv
 from helpers import CPU_TARGET, Compiled, assert_close
+from sparsert_tvm import SparsifyWeights, report_of
 from sparsert_tvm.passes.candidates import find_candidates
 from sparsert_tvm.schedules.config import CudaSpmmConfig
 from sparsert_tvm.schedules.cuda.ptx import emit_spmm_ptx
@@ -75,6 +77,48 @@ def test_empty_filters_and_unused_channels(target):
     case.weight[:5] = 0  # filters without nonzeros: only the bias
     case.weight[:, 2] = 0  # an input channel nothing reads
     check(case, target)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("name", ["3x3", "3x3/2", "1x1/2", "5x5"])
+@pytest.mark.parametrize("groups, m, channels", [(2, 8, 6), (6, 6, 6), (4, 8, 4)], ids=["grouped", "depthwise", "x2"])
+def test_grouped_and_depthwise(target, layout, name, groups, m, channels):
+    """A grouped convolution's weight is held block-diagonal: each output channel must read
+    its own group's inputs only."""
+    case = conv(np.random.default_rng(12), name, layout, 0.7, m=m, channels=channels, groups=groups, epilogue=("bias", "relu"))
+    (layer,) = check(case, target)
+    assert ("depthwise" in layer.op) == (groups == channels)
+    assert tuple(layer.weight_shape) == (m, channels // groups * int(np.prod(case.weight.shape[2:])))
+    assert layer.density == np.count_nonzero(case.weight) / case.weight.size
+
+
+def test_grouped_pointwise(target):
+    rng = np.random.default_rng(13)
+    check(make_conv(rng, 8, 4, (1, 1), (5, 6), 0.5, groups=2, batch=None, epilogue=("residual",)), target)
+
+
+def test_small_dense_convolutions_are_unrolled_on_cuda_only():
+    """With the default threshold, a dense depthwise or stem convolution is rewritten on CUDA
+    (TVM's dense one is slower there); a large dense one, a dense 1x1 or an explicit
+    threshold keeps TVM's."""
+    rng = np.random.default_rng(14)
+    cuda = tvm.target.Target({"kind": "cuda", "arch": "sm_90"})
+    cases = {
+        "depthwise": conv(rng, "3x3", "NCHW", 1.0, m=32, channels=32, groups=32),
+        "stem": conv(rng, "7x7/2", "NCHW", 1.0, m=16, channels=3),
+        "pointwise": make_conv(rng, 32, 32, (1, 1), (4, 4), 1.0),
+        "large": make_conv(rng, 64, 64, (3, 3), (4, 4), 1.0, padding=(1, 1, 1, 1)),
+    }
+
+    def decisions(target, threshold=None):
+        return {
+            name: report_of(SparsifyWeights(target, threshold, dry_run=True)(case.module())).layers[0].sparse
+            for name, case in cases.items()
+        }
+
+    assert decisions(cuda) == {"depthwise": True, "stem": True, "pointwise": False, "large": False}
+    assert not any(decisions(cuda, 0.5).values())
+    assert not any(decisions(CPU_TARGET).values())
 
 
 CUDA_TILINGS = [
@@ -156,6 +200,19 @@ def test_emulated_windows(name, layout, config, dtype):
     out, _ = emulate(problem, config, rng, arrays)
     assert out.dtype == np.dtype(dtype)
     assert_close(out, case.reference(arrays), dtype)
+
+
+@pytest.mark.parametrize("config", EMULATED_CONFIGS, ids=["plain", "two-columns-segmented", "vectors"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_emulated_depthwise(layout, config):
+    rng = np.random.default_rng(15)
+    case = conv(rng, "3x3/2", layout, 1.0, m=6, channels=6, groups=6, batch=2, epilogue=("bias", "relu6"))
+    problem = problem_of(case)
+    if problem.window.output_size[1] % config.vector_width:
+        config = dataclasses.replace(config, vector_width=1)
+    arrays = case.inputs(rng, 2)
+    out, _ = emulate(problem, config, rng, arrays)
+    assert_close(out, case.reference(arrays))
 
 
 def test_only_taps_that_can_read_padding_are_predicated():

@@ -23,6 +23,12 @@ from .candidates import Candidate, find_candidates
 # there), matmuls / fully connected layers up to about 15% (1.5x at 10%, 0.84x at 20%).
 DEFAULT_DENSITY_THRESHOLD = {Layout.CHANNELS: 0.3, Layout.ROWS: 0.15}
 
+# On CUDA, convolutions through a window or in groups (stems, depthwise layers) with at most
+# this many weights are rewritten at any density when the caller gives no threshold: TVM's
+# untuned dense convolutions run them several times slower than the unrolled kernel
+# (benchmarks/results/conv-small-h100.md), which for so few weights builds in about a second.
+SMALL_CONVOLUTION_NNZ = 32768
+
 _OPTIONS = ("kernel_config", "dry_run", "tune", "tuning_database")
 
 
@@ -36,7 +42,9 @@ def SparsifyWeights(target, density_threshold: float | None = None, **options) -
     density_threshold : float in [0, 1], optional
         Weights with this density (nonzeros / size) or less are rewritten. By default,
         ``DEFAULT_DENSITY_THRESHOLD[layout]``: 0.3 for NCHW convolutions, 0.15 for
-        matmuls and NHWC convolutions.
+        matmuls and NHWC convolutions; and on CUDA, convolutions through a window or in
+        groups with at most ``SMALL_CONVOLUTION_NNZ`` weights (stems, depthwise layers)
+        at any density.
     kernel_config : dict or config object, optional
         Overrides of the kernel tiling applied to every rewritten layer (fields of
         ``CudaSpmmConfig`` or ``CpuSpmmConfig``).
@@ -149,9 +157,11 @@ class _SparsifyWeights:
             return None
         problem = candidate.problem
         threshold = DEFAULT_DENSITY_THRESHOLD[problem.layout] if self.threshold is None else self.threshold
-        if candidate.weight.density > threshold:
-            layer.reason = f"density {candidate.weight.density:.3f} above threshold {threshold:g}"
+        small = self.threshold is None and self.target.kind.name == "cuda" and _is_small_convolution(candidate)
+        if candidate.density > threshold and not small:
+            layer.reason = f"density {candidate.density:.3f} above threshold {threshold:g}"
             return None
+        rewritten = "rewritten" if candidate.density <= threshold else "rewritten as a small convolution (any density)"
         if self.rule.transposes_input(problem):
             problem = dataclasses.replace(problem, x_transposed=True)
         config, source = self._config(problem)
@@ -160,7 +170,7 @@ class _SparsifyWeights:
         try:
             self.rule.check(problem, config)
             if self.dry_run:
-                layer.decision, layer.reason = "sparse", "would be rewritten (dry run)"
+                layer.decision, layer.reason = "sparse", f"would be {rewritten} (dry run)"
                 return None
             name = _unique_name(candidate, taken)
             if source == "default" and self.tuner is not None and self.tuner.options is not None:
@@ -172,7 +182,7 @@ class _SparsifyWeights:
             layer.reason = str(unsupported)
             return None
         taken.add(name)
-        layer.decision, layer.reason, layer.kernel = "sparse", "rewritten", name
+        layer.decision, layer.reason, layer.kernel = "sparse", rewritten, name
         layer.params = built.params | {"config_source": source} | tuning
         layer.code_bytes, layer.compile_s = built.code_bytes, built.compile_seconds
         return built
@@ -189,6 +199,11 @@ class _SparsifyWeights:
         return (tuned, "database") if tuned is not None else (config, "default")
 
 
+def _is_small_convolution(candidate: Candidate) -> bool:
+    problem = candidate.problem
+    return (problem.window is not None or candidate.groups > 1) and candidate.weight.nnz <= SMALL_CONVOLUTION_NNZ
+
+
 def _layer_report(candidate: Candidate) -> LayerReport:
     layer = LayerReport(
         function=candidate.function,
@@ -199,9 +214,9 @@ def _layer_report(candidate: Candidate) -> LayerReport:
     )
     if candidate.weight is not None:
         weight = candidate.weight
-        layer.weight_shape = tuple(int(d) for d in weight.shape)
+        layer.weight_shape = candidate.weight_shape
         layer.M, layer.K = layer.weight_shape
-        layer.nnz, layer.density = weight.nnz, weight.density
+        layer.nnz, layer.density = weight.nnz, candidate.density
     if candidate.problem is not None:
         problem = candidate.problem
         layer.input_shape = "x".join(_format_dim(d) for d in problem.x_shape)

@@ -42,6 +42,15 @@ LARGE_KERNELS = {
 }
 
 
+# Layers of MobileNet v1 (224x224) that pruning leaves dense: the stem and the depthwise
+# convolutions, as (channels, input size, stride); with ResNet-50's 7x7 stem.
+MOBILENET_V1_DEPTHWISE = [
+    (32, 112, 1), (64, 112, 2), (128, 56, 1), (128, 56, 2), (256, 28, 1), (256, 28, 2), (512, 14, 1),
+    (512, 14, 2), (1024, 7, 1),
+]
+DENSE_STEMS = {"mobilenet-v1-stem-3x3-s2": (32, 3, 3, 224, 2), "resnet50-stem-7x7-s2": (64, 3, 7, 224, 2)}
+
+
 def uniform(shape, density, seed=0):
     """A uniform random mask, seeded by shape and density."""
     rng = np.random.default_rng([*shape, int(density * 1000), seed])
@@ -75,6 +84,27 @@ def paper_suite(dtype):
     return sorted(cases, key=lambda pair: (not pair[0].group.startswith("resnet50"), pair[0].images))
 
 
+def small_suite(dtype):
+    """Dense layers that ``SMALL_CONVOLUTION_NNZ`` rewrites (stems, depthwise) and the dense
+    crossover of a 3x3 layer (ResNet-50 stage 2 at densities up to 1), batch 1 and 8: where
+    the unrolled kernel beats TVM's dense convolution, and cuDNN."""
+    cases = []
+    for batch in (1, 8):
+        for name, (m, c, k, size, stride) in DENSE_STEMS.items():
+            filters = uniform((m, c, k, k), 1.0)
+            cases.append(ConvCase(f"{name}-b{batch}", "dense-stem", filters, (size, size), stride, k // 2, dtype, batch))
+        for channels, size, stride in MOBILENET_V1_DEPTHWISE:
+            filters = uniform((channels, 1, 3, 3), 1.0)
+            name = f"mobilenet-v1-dw-{channels}-{size}{'-s2' if stride == 2 else ''}-b{batch}"
+            cases.append(ConvCase(name, "depthwise", filters, (size, size), stride, 1, dtype, batch, groups=channels))
+        for density in (0.2, 0.3, 0.5, 1.0):
+            m, c, k, size, stride = RESNET50_3X3["stage2"]
+            filters = uniform((m, c, k, k), density)
+            name = f"resnet50-3x3-stage2-d{density}-b{batch}"
+            cases.append(ConvCase(name, "crossover", filters, (size, size), stride, 1, dtype, batch))
+    return [(case, None) for case in cases]
+
+
 def quick_suite(dtype):
     """Four ResNet-50 layers at 90%, batch 1: a smoke run."""
     return [(case, config) for case, config in paper_suite(dtype) if case.images == 1 and "d0.1" in case.name][:4]
@@ -85,7 +115,7 @@ def resnet50_suite(dtype):
     return [(case, config) for case, config in paper_suite(dtype) if case.group.startswith("resnet50")]
 
 
-SUITES = {"paper": paper_suite, "resnet50": resnet50_suite, "quick": quick_suite}
+SUITES = {"paper": paper_suite, "resnet50": resnet50_suite, "small": small_suite, "quick": quick_suite}
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from sparsert_tvm.problem import ConvWindow, Layout, SpmmProblem
 from sparsert_tvm.schedules.cuda.rule import CudaSpmmRule
 from sparsert_tvm.tuning.measure import build_launcher
 from sparsert_tvm.tuning.tuner import TuneOptions, Tuner
-from sparsert_tvm.weights import SparseMatrix
+from sparsert_tvm.weights import SparseMatrix, ungrouped_filters
 
 ROTATE = 4  # distinct input/output buffers cycled through inside a graph
 
@@ -79,6 +79,10 @@ class SpmmCase:
         return m, k, self.columns * self.images
 
     @property
+    def density(self) -> float:
+        return float(np.count_nonzero(self.weight)) / self.weight.size
+
+    @property
     def dense_key(self):
         """What a dense contender's time depends on (not the weight's values)."""
         return (self.shape, self.columns, self.layout, self.dtype)
@@ -133,41 +137,54 @@ class ConvCase:
 
     name: str
     group: str
-    filters: np.ndarray  # W[M, C, kh, kw]
+    filters: np.ndarray  # W[M, C / groups, kh, kw]
     size: tuple[int, int]  # input H, W
     stride: int = 1
     padding: int = 0
     dtype: str = "float32"
     images: int = 1
+    groups: int = 1
 
     kind = "conv"
     libraries = {"cudnn_fp32": "fp32", "cudnn_tf32": "tf32", "cudnn_fp16": "fp16"}
 
     @property
+    def channels(self) -> int:
+        return self.filters.shape[1] * self.groups
+
+    @property
     def weight(self) -> np.ndarray:
-        return self.filters.reshape(self.filters.shape[0], -1)
+        """``A[M, K]`` as the kernel sees it (a grouped weight held block-diagonal)."""
+        return ungrouped_filters(self.filters, self.groups).reshape(self.filters.shape[0], -1)
 
     @property
     def window(self) -> ConvWindow:
         p, s = self.padding, self.stride
         kernel = tuple(self.filters.shape[2:])
-        return ConvWindow(self.filters.shape[1], kernel, (s, s), (p, p, p, p), tuple(self.size), channels_last=False)
+        return ConvWindow(self.channels, kernel, (s, s), (p, p, p, p), tuple(self.size), channels_last=False)
 
     @property
     def shape(self):
+        """``M``, ``K`` (the taps one output channel reads) and ``N``."""
         oh, ow = self.window.output_size
-        return (*self.weight.shape, self.images * oh * ow)
+        m = self.filters.shape[0]
+        return m, self.filters[0].size, self.images * oh * ow
+
+    @property
+    def density(self) -> float:
+        """Of the filters the model holds (not of the block-diagonal ``weight``)."""
+        return float(np.count_nonzero(self.filters)) / self.filters.size
 
     @property
     def dense_key(self):
-        return (self.filters.shape, self.size, self.stride, self.padding, self.images, self.dtype)
+        return (self.filters.shape, self.size, self.stride, self.padding, self.images, self.dtype, self.groups)
 
     @property
     def torch_dtype(self):
         return getattr(torch, self.dtype)
 
     def x_shape(self):
-        return (self.images, self.filters.shape[1], *self.size)
+        return (self.images, self.channels, *self.size)
 
     def y_shape(self):
         return (self.images, self.filters.shape[0], *self.window.output_size)
@@ -186,12 +203,15 @@ class ConvCase:
         return torch.tensor(self.filters, device="cuda", dtype=dtype)
 
     def dense_product(self, w, x):
-        return torch.nn.functional.conv2d(x, w, stride=self.stride, padding=self.padding)
+        return torch.nn.functional.conv2d(x, w, stride=self.stride, padding=self.padding, groups=self.groups)
 
     def tvm_dense(self):
         from tvm import relax
 
-        return (lambda x, w: relax.op.nn.conv2d(x, w, strides=self.stride, padding=self.padding)), self.filters, True
+        def conv(x, w):
+            return relax.op.nn.conv2d(x, w, strides=self.stride, padding=self.padding, groups=self.groups)
+
+        return conv, self.filters, True
 
 
 def _random_inputs(shape, dtype):

@@ -72,7 +72,7 @@ def run_case(case, config, dense: DenseTimes, tune: TuneOptions | None, compile_
     m, k, n = case.shape
     row = {
         "case": case.name, "group": case.group, "kind": case.kind, "M": m, "K": k, "N": n,
-        "density": round(float(np.count_nonzero(case.weight)) / case.weight.size, 4), "dtype": case.dtype,
+        "density": round(case.density, 4), "dtype": case.dtype,
         "us": {}, "correct": False, "compile_s": None, "tune_s": 0.0, "code_bytes": None, "params": {},
     }
     expected = reference(case)

@@ -105,7 +105,7 @@ def _assemble_worker(args):
 def test_concurrent_compiles_share_the_cache_safely(tmp_path, monkeypatch):
     rng = np.random.default_rng(4)
     problem = SpmmProblem(SparseMatrix.from_dense(sparse_matrix(rng, (32, 32), 0.2)), Layout.ROWS, "float32", (4, 32), (4, 32))
-    units = emit_spmm_ptx(problem, sp.CudaSpmmConfig(max_nnz_per_segment=60), "k", "sm_90").units
+    units = emit_spmm_ptx(problem, sp.CudaSpmmConfig(max_instructions_per_segment=150), "k", "sm_90").units
     with multiprocessing.get_context("spawn").Pool(4) as pool:
         cubins = pool.map(_assemble_worker, [(str(tmp_path), units)] * 4)
     assert len(set(cubins)) == 1

@@ -125,7 +125,7 @@ CUDA_TILINGS = [
     {"rows_per_block": 1, "threads_per_block": 32},
     {"rows_per_block": 5, "columns_per_thread": 2, "threads_per_block": 32},
     {"rows_per_block": 3, "vector_width": 2, "threads_per_block": 32},
-    {"max_nnz_per_segment": 30},  # many separately assembled segments
+    {"max_instructions_per_segment": 90},  # many separately assembled segments
 ]
 CPU_TILINGS = [{"vector_lanes": 4}, {"vector_lanes": 8, "rows_per_chunk": 3, "max_nnz_per_segment": 30}]
 
@@ -179,7 +179,7 @@ def problem_of(case: ConvCase):
 
 EMULATED_CONFIGS = [
     CudaSpmmConfig(rows_per_block=4, threads_per_block=32),
-    CudaSpmmConfig(rows_per_block=3, threads_per_block=32, columns_per_thread=2, max_nnz_per_segment=40),
+    CudaSpmmConfig(rows_per_block=3, threads_per_block=32, columns_per_thread=2, max_instructions_per_segment=150),
     CudaSpmmConfig(rows_per_block=2, threads_per_block=32, vector_width=2),
 ]
 
@@ -235,6 +235,6 @@ def test_window_kernels_assemble(dtype, width):
     rng = np.random.default_rng(11)
     problem = problem_of(conv(rng, "3x3/2", "NHWC", 0.3, m=16, channels=8, dtype=dtype, epilogue=("bias", "relu")))
     config = CudaSpmmConfig(rows_per_block=4, threads_per_block=32, columns_per_thread=2, vector_width=width)
-    kernel = emit_spmm_ptx(problem, dataclasses.replace(config, max_nnz_per_segment=200), "k", "sm_90")
+    kernel = emit_spmm_ptx(problem, dataclasses.replace(config, max_instructions_per_segment=600), "k", "sm_90")
     assert len(kernel.units) > 2
     assert assemble(kernel.units, "sm_90", 3)

@@ -85,7 +85,7 @@ def test_emulated_kernel_matches_numpy(layout, density):
     [
         CudaSpmmConfig(rows_per_block=1, threads_per_block=32),
         CudaSpmmConfig(rows_per_block=8, threads_per_block=32, columns_per_thread=3, balance_rows=False),
-        CudaSpmmConfig(rows_per_block=3, threads_per_block=64, columns_per_thread=2, max_nnz_per_segment=25),
+        CudaSpmmConfig(rows_per_block=3, threads_per_block=64, columns_per_thread=2, max_instructions_per_segment=80),
     ],
     ids=["one-row", "eight-rows-three-columns", "segmented"],
 )
@@ -225,11 +225,11 @@ def test_float32_vector_of_eight_is_rejected():
     "layout, config, dtype",
     [
         (Layout.ROWS, CudaSpmmConfig(), "float32"),
-        (Layout.ROWS, CudaSpmmConfig(columns_per_thread=4, max_nnz_per_segment=100), "float32"),
+        (Layout.ROWS, CudaSpmmConfig(columns_per_thread=4, max_instructions_per_segment=300), "float32"),
         (Layout.CHANNELS, CudaSpmmConfig(rows_per_block=8, columns_per_thread=2), "float32"),
         (Layout.CHANNELS, CudaSpmmConfig(vector_width=4, columns_per_thread=2), "float32"),
         (Layout.ROWS, CudaSpmmConfig(vector_width=2), "float16"),
-        (Layout.CHANNELS, CudaSpmmConfig(vector_width=8, max_nnz_per_segment=100), "float16"),
+        (Layout.CHANNELS, CudaSpmmConfig(vector_width=8, max_instructions_per_segment=300), "float16"),
         (Layout.CHANNELS, CudaSpmmConfig(columns_per_thread=2), "float16"),
     ],
 )

@@ -74,7 +74,7 @@ def test_uneven_pruned_rows(target):
         {"rows_per_block": 1},
         {"rows_per_block": 8, "columns_per_thread": 2, "balance_rows": False},
         {"columns_per_thread": 4, "threads_per_block": 32},
-        {"max_nnz_per_segment": 40},  # many separately assembled segments
+        {"max_instructions_per_segment": 100},  # many separately assembled segments
     ],
     ids=str,
 )

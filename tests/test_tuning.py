@@ -194,3 +194,17 @@ def test_a_failing_candidate_is_skipped_but_a_failing_default_is_an_error(monkey
 
     with pytest.raises(sp.ToolchainError):
         _tuner_with(monkeypatch, tmp_path, broken, max_candidates=3).tune(problem, "k")
+
+
+def test_a_record_of_other_config_fields_counts_as_missing(monkeypatch, tmp_path):
+    """Records written before a config field was renamed must not break compiles."""
+    problem = channels_problem(np.random.default_rng(9))
+    tuner = _tuner_with(monkeypatch, tmp_path, lambda built, target: 1.0)
+    stale = default_cuda_config(problem).as_dict()
+    stale["max_nnz_per_segment"] = stale.pop("max_instructions_per_segment")
+    record = TuningRecord(config=stale, us=1.0, default_us=1.0, candidates=1, tune_s=0.0, problem="", target="sm_90")
+    tuner.database.put(problem_key(problem, tuner.arch), record)
+    assert tuner.lookup(problem) is None
+    record.config = default_cuda_config(problem).as_dict()
+    tuner.database.put(problem_key(problem, tuner.arch), record)
+    assert tuner.lookup(problem) == default_cuda_config(problem)

@@ -30,10 +30,12 @@ class CudaSpmmConfig:
     # Rows are packed into blocks of similar nonzero counts (heaviest blocks launch first)
     # instead of consecutive runs of rows.
     balance_rows: bool = True
-    # The unrolled code is cut into functions of at most this many FMA instructions
-    # (nonzeros x columns per thread x registers per vector), assembled separately and
-    # linked: ptxas time grows faster than linearly with function size.
-    max_nnz_per_segment: int = 16384
+    # The unrolled code is cut into functions of about this many instructions (FMAs and
+    # loads), assembled separately and in parallel, then linked: ptxas time grows faster
+    # than linearly with function size. On 2 cores 4k beat 16k, 8k and 2k: ResNet-50's
+    # 512x512 3x3 layer at 10% built in 26 s instead of 65 s at 16k, for 1.4% more machine
+    # code (benchmarks/results/segments-2core.md).
+    max_instructions_per_segment: int = 4096
     # ptxas optimisation level (0-3).
     ptxas_opt_level: int = 3
     # Larger weights stay dense: about 70 s of ptxas on 2 cores and 30 MB of code at the cap.
@@ -41,7 +43,7 @@ class CudaSpmmConfig:
 
     def __post_init__(self):
         _check_positive(self, "rows_per_block", "threads_per_block", "columns_per_thread", "vector_width")
-        _check_positive(self, "max_nnz_per_segment", "max_layer_nnz")
+        _check_positive(self, "max_instructions_per_segment", "max_layer_nnz")
         if self.threads_per_block > 1024 or self.threads_per_block % 32:
             raise ValueError("threads_per_block must be a multiple of 32 and at most 1024")
         if self.vector_width not in (1, 2, 4, 8):

@@ -37,17 +37,16 @@ def group_rows(row_nnz: np.ndarray, rows_per_group: int, balance: bool) -> list[
     return [tuple(sorted(groups[g])) for g in order]
 
 
-def split_by_nnz(groups: list[tuple[int, ...]], row_nnz: np.ndarray, max_nnz: int) -> list[list[tuple[int, ...]]]:
-    """Consecutive runs of ``groups`` holding at most ``max_nnz`` nonzeros each (a group
-    larger than that gets a run of its own). Code generators compile each run as a
-    separate function: compilers' time grows faster than linearly with function size."""
+def split_by_cost(items: list, costs, max_cost: int) -> list[list]:
+    """Consecutive runs of ``items`` whose ``costs`` add up to at most ``max_cost`` each (an
+    item costing more than that gets a run of its own). Code generators compile each run as
+    a separate function: compilers' time grows faster than linearly with function size."""
     runs, current, load = [], [], 0
-    for group in groups:
-        group_nnz = int(sum(row_nnz[m] for m in group))
-        if current and load + group_nnz > max_nnz:
+    for item, cost in zip(items, costs, strict=True):
+        if current and load + cost > max_cost:
             runs.append(current)
             current, load = [], 0
-        current.append(group)
-        load += group_nnz
+        current.append(item)
+        load += cost
     runs.append(current)
     return runs

@@ -76,8 +76,15 @@ class Tuner:
         self.arch = cuda_arch(target)
 
     def lookup(self, problem: SpmmProblem) -> CudaSpmmConfig | None:
+        """The recorded config, or None; a record written by a version whose config had
+        other fields counts as missing (the layer is tuned again if tuning is on)."""
         record = self.database.get(problem_key(problem, self.arch))
-        return None if record is None else self.rule.config_class(**record.config)
+        if record is None:
+            return None
+        try:
+            return self.rule.config_class(**record.config)
+        except (TypeError, ValueError):
+            return None
 
     def tune(self, problem: SpmmProblem, name: str) -> TuningRecord:
         options = self.options or TuneOptions()

@@ -23,7 +23,7 @@ from tvm.script.ir_builder import tirx as T
 from ...problem import BiasAdd, Clip, ResidualAdd, SpmmProblem
 from ..base import KERNEL_ATTR, OPAQUE_PATTERN, kernel_columns_and_batch, operand_shapes, require_dtype
 from ..config import CpuSpmmConfig
-from ..row_groups import split_by_nnz
+from ..row_groups import split_by_cost
 
 SUPPORTED_DTYPES = ("float32",)
 # Staging buffers larger than this go to the heap (TVM's workspace) instead of the stack.
@@ -36,8 +36,7 @@ def cpu_spmm_kernel(problem: SpmmProblem, config: CpuSpmmConfig, name: str) -> t
     x_dims, y_dims = operand_shapes(problem)
     columns, batch = kernel_columns_and_batch(problem, x_dims)
     ys = problem.y_strides()
-    rows = [(m,) for m in range(problem.M)]
-    segments = [[m for (m,) in run] for run in split_by_nnz(rows, problem.weight.row_nnz, config.max_nnz_per_segment)]
+    segments = split_by_cost(list(range(problem.M)), problem.weight.row_nnz.tolist(), config.max_nnz_per_segment)
     # Epilogue ops up to the residual add run on whole vectors, the rest as each value is stored.
     split = next((i for i, op in enumerate(problem.epilogue) if isinstance(op, ResidualAdd)), len(problem.epilogue))
     vector_ops, store_ops = problem.epilogue[:split], problem.epilogue[split:]

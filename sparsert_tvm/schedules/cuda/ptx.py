@@ -36,7 +36,7 @@ from ...errors import UnsupportedProblem
 from ...problem import BiasAdd, Clip, Layout, ResidualAdd, SpmmProblem
 from ..base import require_dtype
 from ..config import CudaSpmmConfig
-from ..row_groups import group_rows, split_by_nnz
+from ..row_groups import group_rows, split_by_cost
 
 PTX_VERSION = "8.0"
 SUPPORTED_DTYPES = ("float32", "float16")
@@ -137,10 +137,9 @@ def emit_spmm_ptx(problem: SpmmProblem, config: CudaSpmmConfig, name: str, arch:
     check_vectorization(problem, config)
     groups = group_rows(problem.weight.row_nnz, config.rows_per_block, config.balance_rows)
     emitter = _Emitter(problem, config, arch)
-    # Every nonzero becomes one FMA per owned register: bound the instructions per segment.
-    per_segment = max(1, config.max_nnz_per_segment // (config.columns_per_thread * emitter.lanes))
-    segments = split_by_nnz(groups, problem.weight.row_nnz, per_segment)
     emitter.check_offsets()
+    costs = [emitter.instructions(rows) for rows in groups]
+    segments = split_by_cost(groups, costs, config.max_instructions_per_segment)
 
     if len(segments) == 1:
         units = (emitter.entry(name, inline_groups=groups),)
@@ -209,6 +208,16 @@ class _Emitter:
         if largest > _MAX_IMMEDIATE_OFFSET:
             raise UnsupportedProblem("tensor too large for 32-bit immediate load offsets")
 
+    def instructions(self, rows) -> int:
+        """About how many instructions ``_group(rows)`` emits: an FMA per nonzero and owned
+        register, and the loads of each needed activation vector (a window's pixels one by
+        one, each zeroed first where it may read padding)."""
+        weight = self.problem.weight
+        needed = len(np.unique(np.concatenate([weight.row(m)[0] for m in rows]))) if rows else 0
+        nnz = int(sum(weight.row_nnz[m] for m in rows))
+        loads = 2 * self.config.vector_width if self.window is not None else self.lanes
+        return self.cols * (nnz * self.lanes + needed * loads)
+
     # -- units -----------------------------------------------------------------------
     def header(self) -> list[str]:
         return [f".version {PTX_VERSION}", f".target {self.arch}", ".address_size 64", ""]
@@ -266,7 +275,10 @@ class _Emitter:
             "ld.param.u64 %pr, [s_pr];",
             "ld.param.u32 %col0, [s_col0];",
             "ld.param.u32 %ncols, [s_ncols];",
-            "ld.param.u32 %g, [s_g];",
+            # Not a parameter: ptxas keeps global-memory descriptors in uniform registers
+            # after the dispatch only where the branch index is known uniform; from a
+            # parameter it converts one per predicated load (2 extra instructions each).
+            "mov.u32 %g, %ctaid.y;",
         ]
         lines += self._column_setup()
         lines += self._dispatch(groups, first=first, exit_label="DONE")
@@ -278,7 +290,7 @@ class _Emitter:
     def _segment_params() -> str:
         return (
             "(.param .b64 s_px, .param .b64 s_py, .param .b64 s_pr, "
-            ".param .b32 s_col0, .param .b32 s_ncols, .param .b32 s_g)"
+            ".param .b32 s_col0, .param .b32 s_ncols)"
         )
 
     def _declarations(self) -> list[str]:
@@ -404,7 +416,7 @@ class _Emitter:
         for s, bound in enumerate(bounds[:-1]):
             lines += [f"setp.lt.u32 %p0, %g, {bound};", f"@%p0 bra CALL{s};"]
         lines.append(f"bra.uni CALL{len(bounds) - 1};")
-        args = [("b64", "%px"), ("b64", "%py"), ("b64", "%pr"), ("b32", "%col0"), ("b32", "%ncols"), ("b32", "%g")]
+        args = [("b64", "%px"), ("b64", "%py"), ("b64", "%pr"), ("b32", "%col0"), ("b32", "%ncols")]
         for s in range(len(bounds)):
             lines += [f"CALL{s}:", "{"]
             for i, (kind, reg) in enumerate(args):

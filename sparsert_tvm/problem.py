@@ -180,6 +180,12 @@ class SpmmProblem:
         return self.weight.shape[1]
 
     @property
+    def images_apart(self) -> bool:
+        """Whether each image has columns of its own (NCHW, or any convolution through a
+        window) rather than all rows of X being columns of one product."""
+        return self.layout is Layout.CHANNELS or self.window is not None
+
+    @property
     def has_residual(self) -> bool:
         return any(isinstance(op, ResidualAdd) for op in self.epilogue)
 

@@ -126,6 +126,7 @@ CUDA_TILINGS = [
     {"rows_per_block": 5, "columns_per_thread": 2, "threads_per_block": 32},
     {"rows_per_block": 3, "vector_width": 2, "threads_per_block": 32},
     {"max_instructions_per_segment": 90},  # many separately assembled segments
+    {"fold_batch": True, "rows_per_block": 2, "threads_per_block": 64},  # blocks across images
 ]
 CPU_TILINGS = [{"vector_lanes": 4}, {"vector_lanes": 8, "rows_per_chunk": 3, "max_nnz_per_segment": 30}]
 
@@ -181,11 +182,16 @@ EMULATED_CONFIGS = [
     CudaSpmmConfig(rows_per_block=4, threads_per_block=32),
     CudaSpmmConfig(rows_per_block=3, threads_per_block=32, columns_per_thread=2, max_instructions_per_segment=150),
     CudaSpmmConfig(rows_per_block=2, threads_per_block=32, vector_width=2),
+    # Blocks across images: vectors of one thread in different images.
+    CudaSpmmConfig(rows_per_block=3, threads_per_block=32, columns_per_thread=3, fold_batch=True),
+    CudaSpmmConfig(rows_per_block=2, threads_per_block=32, vector_width=2, fold_batch=True,
+                   max_instructions_per_segment=150),
 ]
+EMULATED_IDS = ["plain", "two-columns-segmented", "vectors", "folded-three-columns", "folded-vectors-segmented"]
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
-@pytest.mark.parametrize("config", EMULATED_CONFIGS, ids=["plain", "two-columns-segmented", "vectors"])
+@pytest.mark.parametrize("config", EMULATED_CONFIGS, ids=EMULATED_IDS)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("name", GEOMETRIES)
 def test_emulated_windows(name, layout, config, dtype):
@@ -202,7 +208,7 @@ def test_emulated_windows(name, layout, config, dtype):
     assert_close(out, case.reference(arrays), dtype)
 
 
-@pytest.mark.parametrize("config", EMULATED_CONFIGS, ids=["plain", "two-columns-segmented", "vectors"])
+@pytest.mark.parametrize("config", EMULATED_CONFIGS, ids=EMULATED_IDS)
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_emulated_depthwise(layout, config):
     rng = np.random.default_rng(15)

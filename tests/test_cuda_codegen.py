@@ -65,6 +65,8 @@ def emulate(problem: SpmmProblem, config: CudaSpmmConfig, rng, inputs=None):
         buffers["x"] = np.ascontiguousarray(x.reshape(-1, problem.K).T)
     columns = problem.static_columns
     batch = 1 if problem.x_transposed else problem.static_batch
+    if kernel.folds_batch:  # as the launch wrapper does
+        columns, batch = columns * batch, 1
     grid = (-(-columns // kernel.columns_per_block), kernel.row_groups, batch)
     PtxProgram(*kernel.units).launch("k", grid, kernel.threads, args + ["y", columns], buffers)
     return buffers["y"], problem.reference(x, buffers.get("r"))
@@ -289,17 +291,51 @@ def test_launch_wrapper_and_cuda_build(monkeypatch):
     rng = np.random.default_rng(6)
     case = make_case(rng, "conv_nchw", 40, 16, 0.2, (None, 16, 6, 6), ("bias", "residual", "relu"))
     target = tvm.target.Target({"kind": "cuda", "arch": "sm_90"}, host=CPU_TARGET)
-    out = sp.SparsifyWeights(target, 1.0)(case.module())
-    (layer,) = sp.report_of(out).layers
-    (kernel,) = made
-    wrapper = out[layer.kernel]
-    script = wrapper.script()
-    assert f'T.call_packed("{kernel.name}"' in script
-    assert kernel.name != layer.kernel  # the wrapper finds the kernel by name
-    assert f"{kernel.row_groups}, d0, {kernel.threads})" in script  # grid y, batch as grid z, block
-    assert layer.code_bytes > 0 and layer.params["row_groups"] == kernel.row_groups
-    without_kernels = out.without_attr("external_mods")
-    assert tvm.compile(without_kernels, target, tir_pipeline=sp.build.register_pipeline()) is not None
+    # A symbolic batch is folded into the columns by default: one launch row of 36 * d0
+    # columns; unfolded, the batch is the grid's z dimension.
+    for tiling, grid_tail in [(None, "T.int64(1), {threads})"), ({"fold_batch": False}, "d0, {threads})")]:
+        made.clear()
+        out = sp.SparsifyWeights(target, 1.0, kernel_config=tiling)(case.module())
+        (layer,) = sp.report_of(out).layers
+        (kernel,) = made
+        script = out[layer.kernel].script()
+        assert f'T.call_packed("{kernel.name}"' in script
+        assert kernel.name != layer.kernel  # the wrapper finds the kernel by name
+        assert kernel.folds_batch == layer.params["fold_batch"] == (tiling is None)
+        assert f"{kernel.row_groups}, {grid_tail.format(threads=kernel.threads)}" in script  # grid y, z, block
+        assert layer.code_bytes > 0 and layer.params["row_groups"] == kernel.row_groups
+        without_kernels = out.without_attr("external_mods")
+        assert tvm.compile(without_kernels, target, tir_pipeline=sp.build.register_pipeline()) is not None
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        CudaSpmmConfig(rows_per_block=2, threads_per_block=32, fold_batch=True),
+        CudaSpmmConfig(rows_per_block=3, threads_per_block=32, columns_per_thread=3, fold_batch=True),
+        CudaSpmmConfig(rows_per_block=4, threads_per_block=32, vector_width=4, fold_batch=True),
+        CudaSpmmConfig(threads_per_block=32, columns_per_thread=2, fold_batch=True, max_instructions_per_segment=60),
+    ],
+    ids=["plain", "three-columns", "vectors", "segmented"],
+)
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_emulated_folded_batch(config, dtype):
+    """NCHW with the batch folded into the columns: 5 images of 4x5 pixels, so blocks and
+    a thread's vectors cross image borders."""
+    rng = np.random.default_rng(12)
+    problem = problem_for(rng, Layout.CHANNELS, 19, 24, 0.3, (5, 24, 4, 5), ("bias", "residual", "relu6"), dtype=dtype)
+    kernel = emit_spmm_ptx(problem, config, "k", "sm_90")
+    assert kernel.folds_batch
+    out, ref = emulate(problem, config, rng)
+    tolerance = 2e-2 if dtype == "float16" else 1e-5
+    np.testing.assert_allclose(out.astype(np.float64), ref.astype(np.float64), rtol=tolerance, atol=tolerance)
+
+
+def test_folding_needs_a_batch_dimension():
+    rng = np.random.default_rng(13)
+    problem = problem_for(rng, Layout.ROWS, 8, 8, 0.5, (6, 8))
+    with pytest.raises(UnsupportedProblem, match="fold_batch"):
+        emit_spmm_ptx(problem, CudaSpmmConfig(fold_batch=True), "k", "sm_90")
 
 
 @pytest.mark.parametrize("columns_per_thread", [1, 3])

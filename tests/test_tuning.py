@@ -1,5 +1,6 @@
 """The autotuner: its search space, its database, and the pass using both."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -49,6 +50,24 @@ def test_candidates_respect_what_the_layout_allows():
     assert {c.vector_width for c in configs} == {1}
     # Eight columns fill a quarter warp: no block of more than one warp is worth timing.
     assert {c.threads_per_block for c in configs} == {32}
+
+
+def test_folding_the_batch_is_in_the_space_where_images_are_apart():
+    rng = np.random.default_rng(3)
+    check = cuda_rule.CudaSpmmRule().check
+    batched = channels_problem(rng, images=8, spatial=(7, 7))
+    assert default_cuda_config(batched).fold_batch
+    assert {c.fold_batch for c in space.candidates(batched, check, 200)} == {False, True}
+    single = channels_problem(rng, images=1)
+    assert not default_cuda_config(single).fold_batch
+    assert {c.fold_batch for c in space.candidates(single, check, 200)} == {False}
+    weight = SparseMatrix.from_dense(sparse_matrix(rng, (32, 24), 0.2))
+    rows = SpmmProblem(weight, Layout.ROWS, "float32", (8, 24), (8, 32))  # its rows are the columns already
+    assert {c.fold_batch for c in space.candidates(rows, check, 200)} == {False}
+    # Eight 7x7 images as grid rows leave lanes idle in every image's last block: folded costs less.
+    folded = sp.CudaSpmmConfig(rows_per_block=2, threads_per_block=32, fold_batch=True)
+    unfolded = dataclasses.replace(folded, fold_batch=False)
+    assert space.estimated_cost(batched, folded) < space.estimated_cost(batched, unfolded)
 
 
 def test_cost_model_prefers_filling_the_machine():

@@ -27,6 +27,11 @@ class CudaSpmmConfig:
     threads_per_block: int = 128
     columns_per_thread: int = 1
     vector_width: int = 1
+    # Where images are computed apart (NCHW, convolutions through a window), their columns
+    # form one range that blocks tile across image borders, instead of each image being a
+    # row of the grid: small images (7x7, 14x14) then fill whole blocks, and the blocks of
+    # a row group, which run the same code, are neighbours in the launch.
+    fold_batch: bool = False
     # Rows are packed into blocks of similar nonzero counts (heaviest blocks launch first)
     # instead of consecutive runs of rows.
     balance_rows: bool = True

@@ -1,7 +1,7 @@
 """The search space of the CUDA kernel's tiling, pruned and ranked before anything is timed.
 
-Every combination of rows per block, threads, columns per thread and vector width that the
-generator accepts is scored with a rough model of the H100-class machine; the tuner only
+Every combination of rows per block, threads, columns per thread, vector width and (where
+images are computed apart) folding the batch into the columns that the generator accepts is scored with a rough model of the H100-class machine; the tuner only
 compiles and times the best few. The model counts what the unrolled code makes the
 machine do: instructions issued (FMAs plus one load per needed activation vector, shared
 by the rows of a block), how many of them the busiest block issues in a row (the tail of
@@ -53,12 +53,14 @@ def candidates(problem: SpmmProblem, check, limit: int, machine: Machine = Machi
     rejects.
     """
     default = default_cuda_config(problem)
+    folds = (False, True) if problem.images_apart and problem.static_batch != 1 else (False,)
     scored = {}
-    for rows, threads, cols, width in itertools.product(
-        ROWS_PER_BLOCK, THREADS, COLUMNS_PER_THREAD, VECTOR_WIDTHS[problem.dtype]
+    for rows, threads, cols, width, fold in itertools.product(
+        ROWS_PER_BLOCK, THREADS, COLUMNS_PER_THREAD, VECTOR_WIDTHS[problem.dtype], folds
     ):
         config = dataclasses.replace(
-            default, rows_per_block=rows, threads_per_block=threads, columns_per_thread=cols, vector_width=width
+            default, rows_per_block=rows, threads_per_block=threads, columns_per_thread=cols, vector_width=width,
+            fold_batch=fold,
         )
         cost = estimated_cost(problem, config, machine)
         if cost is None:
@@ -80,6 +82,9 @@ def estimated_cost(problem: SpmmProblem, config: CudaSpmmConfig, machine: Machin
     if accumulators > MAX_ACCUMULATORS or config.columns_per_thread * lanes > MAX_CODE_MULTIPLIER:
         return None
     columns = problem.static_columns or SYMBOLIC_COLUMNS
+    images = problem.static_batch or 1
+    if config.fold_batch:
+        columns, images = columns * images, 1
     per_block = config.threads_per_block * config.columns_per_thread * config.vector_width
     # Blocks of more than a warp only where at least half their columns exist.
     if config.threads_per_block > 32 and per_block > 2 * columns:
@@ -88,7 +93,6 @@ def estimated_cost(problem: SpmmProblem, config: CudaSpmmConfig, machine: Machin
     loads, fmas = _group_work(problem.weight, config.rows_per_block, config.balance_rows)
     per_thread = config.columns_per_thread * (loads + lanes * fmas)  # instructions of each group
     warps = config.threads_per_block // 32
-    images = problem.static_batch or 1
     blocks = tiles * len(per_thread) * images
     issued = tiles * images * warps * float(per_thread.sum())
     registers = (accumulators + 2 * config.columns_per_thread * lanes + 24) * config.threads_per_block

@@ -2,7 +2,8 @@
 
 Launch: ``gridDim = (ceil(columns / columns_per_block), row_groups, batch)``, ``blockDim =
 threads``. Block ``(bx, g, b)`` computes the rows of group ``g`` (selected with one indirect
-branch, ``brx.idx``) for its tile of columns of image ``b``. A thread owns
+branch, ``brx.idx``) for its tile of columns of image ``b``. With ``fold_batch`` the images'
+columns form one range instead (``gridDim.z = 1``) and each owned vector finds its image. A thread owns
 ``columns_per_thread`` *vectors* of ``vector_width`` neighbouring columns, ``threads *
 vector_width`` columns apart, and keeps one accumulator per (row of the group, owned
 column); it walks the group's nonzero columns ``k`` in order, loads ``X[b, k, vector]`` once
@@ -54,6 +55,9 @@ class PtxKernel:
     threads: int  # blockDim.x
     columns_per_block: int
     param_types: tuple[str, ...]  # TVM argument types of the kernel parameters
+    # The batch is folded into the columns (``p_ncols`` = images x columns per image, one
+    # launch row) rather than the grid's z dimension.
+    folds_batch: bool = False
 
     @property
     def ptx_bytes(self) -> int:
@@ -113,7 +117,10 @@ class _ElementType:
 
 
 def check_vectorization(problem: SpmmProblem, config: CudaSpmmConfig) -> None:
-    """Raises ``UnsupportedProblem`` if ``config.vector_width`` cannot be used for ``problem``."""
+    """Raises ``UnsupportedProblem`` if ``config.vector_width`` or ``config.fold_batch``
+    cannot be used for ``problem``."""
+    if config.fold_batch and not problem.images_apart:
+        raise UnsupportedProblem("fold_batch: this layout has no batch dimension of its own (its rows are the columns)")
     width = config.vector_width
     if width == 1:
         return
@@ -160,6 +167,7 @@ def emit_spmm_ptx(problem: SpmmProblem, config: CudaSpmmConfig, name: str, arch:
         threads=config.threads_per_block,
         columns_per_block=config.threads_per_block * config.columns_per_thread * config.vector_width,
         param_types=emitter.param_types,
+        folds_batch=emitter.folds_batch,
     )
 
 
@@ -170,6 +178,8 @@ class _Emitter:
     first column; ``%pv<c>``: whether owned vector ``c`` exists; ``%a<(i*C+c)*R+l>``:
     accumulator register ``l`` of group row ``i`` and vector ``c``; ``%x<c*R+l>``,
     ``%t<c*R+l>``: loaded activations and residuals; ``%h<2>``: halves being (un)packed.
+    With the batch folded into the columns, vector ``c`` may lie in another image than the
+    thread's first one: it gets its own bases ``%pxw<c>``, ``%pyw<c>``, ``%prw<c>``.
     """
 
     def __init__(self, problem: SpmmProblem, config: CudaSpmmConfig, arch: str):
@@ -185,6 +195,7 @@ class _Emitter:
         self.x_strides = problem.x_strides()
         self.y_strides = problem.y_strides()
         self.window = problem.window
+        self.folds_batch = config.fold_batch
         self.param_types = ("handle",) * (3 if problem.has_residual else 2) + ("int32",)
 
     # -- offsets ---------------------------------------------------------------------
@@ -196,6 +207,14 @@ class _Emitter:
         s = self.y_strides
         return (m * s.k + c * self.vector_stride * s.n) * self.es
 
+    def x_address(self, k: int, c: int) -> tuple[str, int]:
+        """Base register and immediate offset of column ``k`` of X for vector ``c``."""
+        return ("%pxw" + str(c), self.x_offset(k, 0)) if self.folds_batch else ("%px", self.x_offset(k, c))
+
+    def y_address(self, m: int, c: int, base: str = "%py") -> tuple[str, int]:
+        """Base register (of Y, or of the residual with ``base="%pr"``) and offset of row ``m``."""
+        return (f"{base}w{c}", self.y_offset(m, 0)) if self.folds_batch else (base, self.y_offset(m, c))
+
     def check_offsets(self):
         last, width = self.cols - 1, self.config.vector_width
         if self.window is None:
@@ -205,6 +224,8 @@ class _Emitter:
             last_tap = win.tap_offset(self.problem.K - 1) + width * win.stride[1] * win.pixel_stride
             x_largest = max(win.image_size, last_tap) * self.es
         largest = max(x_largest, self.y_offset(self.problem.M - 1, last) + width * self.y_strides.n * self.es)
+        if self.folds_batch:  # image offsets come from a 32-bit multiply
+            largest = max(largest, self.x_strides.batch * self.es, self.y_strides.batch * self.es)
         if largest > _MAX_IMMEDIATE_OFFSET:
             raise UnsupportedProblem("tensor too large for 32-bit immediate load offsets")
 
@@ -250,12 +271,15 @@ class _Emitter:
         if cfg.vector_width > 1:
             lines.append(f"mul.lo.u32 %col0, %col0, {cfg.vector_width};")
         lines += ["setp.ge.u32 %p0, %col0, %ncols;", "@%p0 bra DONE;"]
-        if p.layout is Layout.CHANNELS or self.window is not None:
-            lines += ["mov.u32 %r3, %ctaid.z;", "cvt.u64.u32 %rd4, %r3;"]
-            lines += self._advance("%rd4", self.x_strides.batch, self.y_strides.batch)
-        lines += ["cvt.u64.u32 %rd5, %col0;"]
-        # A window's columns are not linear in X: segments find the windows from %px and %col0.
-        lines += self._advance("%rd5", None if self.window else self.x_strides.n, self.y_strides.n)
+        if self.folds_batch:
+            pass  # columns are not linear across images: each vector finds its own bases
+        else:
+            if p.images_apart:
+                lines += ["mov.u32 %r3, %ctaid.z;", "cvt.u64.u32 %rd4, %r3;"]
+                lines += self._advance("%rd4", self.x_strides.batch, self.y_strides.batch)
+            lines += ["cvt.u64.u32 %rd5, %col0;"]
+            # A window's columns are not linear in X: segments find the windows from %px and %col0.
+            lines += self._advance("%rd5", None if self.window else self.x_strides.n, self.y_strides.n)
         lines += ["mov.u32 %g, %ctaid.y;"]
         if inline_groups is not None:
             lines += self._column_setup()
@@ -308,13 +332,16 @@ class _Emitter:
             f".reg .{reg} %x<{values}>;",
             f".reg .{reg} %t<{values}>;",
         ]
+        if self.folds_batch:
+            lines += [".reg .b32 %img, %pix;", f".reg .b64 %pyw<{self.cols}>, %prw<{self.cols}>;"]
+        if self.folds_batch or self.window is not None:
+            lines += [f".reg .b64 %pxw<{self.cols}>;"]
         if self.problem.dtype == "float16":
             lines += [f".reg .{reg} %w;", ".reg .b16 %h<2>;"]
         if self.window is not None:
             (kh, kw), per_vector = self.window.kernel, self.cols * self.config.vector_width
             lines += [
                 ".reg .b32 %oy, %ox, %iy, %ix;",
-                f".reg .b64 %pxw<{self.cols}>;",
                 f".reg .pred %qy<{kh * self.cols}>;",
                 f".reg .pred %qx<{kw * per_vector}>;",
                 f".reg .pred %q<{kh * kw * per_vector}>;",
@@ -336,24 +363,49 @@ class _Emitter:
         lines = []
         for c in range(self.cols):
             lines += [f"add.u32 %colc, %col0, {c * self.vector_stride};", f"setp.lt.u32 %pv{c}, %colc, %ncols;"]
+            pixel, x_base = "%colc", "%px"
+            if self.folds_batch:
+                lines += self._image_setup(c)
+                pixel, x_base = "%pix", f"%pxw{c}"
             if self.window is not None:
-                lines += self._window_setup(c)
+                lines += self._window_setup(c, pixel, x_base)
         return lines
 
-    def _window_setup(self, c: int) -> list[str]:
-        """``%pxw<c>``: address of the window of vector ``c``'s first pixel (``%colc``), and the
-        predicates of the taps that may read padding."""
+    def _image_setup(self, c: int) -> list[str]:
+        """Folded batch: the image ``%img`` and pixel ``%pix`` of vector ``c``'s first column,
+        and its bases: ``%pxw<c>`` (the image's X, or the pixel's for a linear layout),
+        ``%pyw<c>`` and ``%prw<c>`` (its place in Y and the residual)."""
+        xs, ys, es = self.x_strides, self.y_strides, self.es
+        lines = [
+            f"div.u32 %img, %colc, {self.problem.static_columns};",
+            f"mul.lo.u32 %r3, %img, {self.problem.static_columns};",
+            "sub.u32 %pix, %colc, %r3;",
+            f"mul.wide.u32 %rd6, %img, {xs.batch * es};",
+            f"add.s64 %pxw{c}, %px, %rd6;",
+            f"mul.wide.u32 %rd7, %img, {ys.batch * es};",
+            f"mul.wide.u32 %rd6, %pix, {ys.n * es};",
+            "add.s64 %rd7, %rd7, %rd6;",
+            f"add.s64 %pyw{c}, %py, %rd7;",
+            f"add.s64 %prw{c}, %pr, %rd7;",
+        ]
+        if self.window is None:
+            lines += [f"mul.wide.u32 %rd6, %pix, {xs.n * es};", f"add.s64 %pxw{c}, %pxw{c}, %rd6;"]
+        return lines
+
+    def _window_setup(self, c: int, pixel: str, x_base: str) -> list[str]:
+        """``%pxw<c>``: address of the window of vector ``c``'s first pixel (``pixel``, in the
+        image at ``x_base``), and the predicates of the taps that may read padding."""
         win, width = self.window, self.config.vector_width
         (h, w), (kh, kw), (sh, sw) = win.input_size, win.kernel, win.stride
         lines = [
-            f"div.u32 %oy, %colc, {win.output_size[1]};",
-            f"rem.u32 %ox, %colc, {win.output_size[1]};",
+            f"div.u32 %oy, {pixel}, {win.output_size[1]};",
+            f"rem.u32 %ox, {pixel}, {win.output_size[1]};",
             f"mul.lo.u32 %iy, %oy, {sh};",
             f"mul.lo.u32 %ix, %ox, {sw};",
             f"mul.lo.u32 %r3, %iy, {win.row_stride};",
             f"mad.lo.u32 %r3, %ix, {win.pixel_stride}, %r3;",
             f"mul.wide.u32 %rd6, %r3, {self.es};",
-            f"add.s64 %pxw{c}, %px, %rd6;",
+            f"add.s64 %pxw{c}, {x_base}, %rd6;",
         ]
         if win.padding_offset:
             lines.append(f"sub.s64 %pxw{c}, %pxw{c}, {win.padding_offset * self.es};")
@@ -464,7 +516,7 @@ class _Emitter:
         return lines
 
     def _epilogue(self, accumulators: list[str], m: int, c: int) -> list[str]:
-        arith, offset = self.element.arith, self.y_offset(m, c)
+        arith = self.element.arith
         lines = []
 
         def apply(op: str, value: float):
@@ -477,14 +529,14 @@ class _Emitter:
                 apply("add", op.values[m])
             elif isinstance(op, ResidualAdd):
                 residual = self._registers("t", c * self.lanes)
-                lines += self._load(residual, "%pr", offset, self.y_strides.n, c)
+                lines += self._load(residual, *self.y_address(m, c, "%pr"), self.y_strides.n, c)
                 lines += [f"add.{arith} {acc}, {acc}, {t};" for acc, t in zip(accumulators, residual)]
             elif isinstance(op, Clip):
                 if math.isfinite(op.lo):
                     apply("max", op.lo)
                 if math.isfinite(op.hi):
                     apply("min", op.hi)
-        lines += self._store(accumulators, offset, c)
+        lines += self._store(accumulators, m, c)
         return lines
 
     # -- memory ----------------------------------------------------------------------
@@ -498,7 +550,7 @@ class _Emitter:
         """
         registers = self._registers("x", c * self.lanes)
         if self.window is None:
-            return self._load(registers, "%px", self.x_offset(k, c), self.x_strides.n, c), [None] * self.lanes
+            return self._load(registers, *self.x_address(k, c), self.x_strides.n, c), [None] * self.lanes
         # Window: one load per pixel (a vector's windows are neighbours but rarely aligned).
         win, packed = self.window, self.element.columns_per_register == 2
         _, ky, kx = win.tap(k)
@@ -525,8 +577,8 @@ class _Emitter:
     def _load(self, registers: list[str], base: str, offset: int, stride: int, c: int) -> list[str]:
         return self._access(True, registers, base, offset, stride, c)
 
-    def _store(self, registers: list[str], offset: int, c: int) -> list[str]:
-        return self._access(False, registers, "%py", offset, self.y_strides.n, c)
+    def _store(self, registers: list[str], m: int, c: int) -> list[str]:
+        return self._access(False, registers, *self.y_address(m, c), self.y_strides.n, c)
 
     def _access(self, load: bool, registers: list[str], base: str, offset: int, stride: int, c: int) -> list[str]:
         """Moves one vector between registers and memory: one instruction where its columns

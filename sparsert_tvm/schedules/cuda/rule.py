@@ -115,20 +115,25 @@ def launch_wrapper(problem: SpmmProblem, kernel: PtxKernel, name: str) -> tirx.P
             with T.sblock("root"):
                 T.reads(*[buf[tuple(slice(0, d) for d in buf.shape)] for buf in operands])
                 T.writes(y[tuple(slice(0, d) for d in y_dims)])
-                grid_x = tirx.ceildiv(columns, kernel.columns_per_block)
+                if kernel.folds_batch:  # one range of columns over all images
+                    columns, images = columns * batch, tirx.IntImm("int64", 1)
+                else:
+                    images = batch
                 launch = tirx.call_packed(
                     kernel.name,
                     *[buf.data for buf in operands],
                     y.data,
                     tirx.Cast("int32", columns),
-                    grid_x,
+                    tirx.ceildiv(columns, kernel.columns_per_block),
                     kernel.row_groups,
-                    batch,
+                    images,
                     kernel.threads,
                 )
-                # The grid's z dimension holds the batch; a larger batch would not launch.
-                with T.Assert(batch <= _MAX_GRID_YZ, f"sparse kernel {kernel.name}: batch exceeds {_MAX_GRID_YZ}"):
-                    with T.If(tirx.all(columns > 0, batch > 0)):
-                        with T.Then():
-                            T.evaluate(launch)
+                # The grid's z dimension holds the batch; a larger batch would not launch. The
+                # kernel's column count is 32-bit.
+                with T.Assert(images <= _MAX_GRID_YZ, f"sparse kernel {kernel.name}: batch exceeds {_MAX_GRID_YZ}"):
+                    with T.Assert(columns < 2**31, f"sparse kernel {kernel.name}: more than 2**31 columns"):
+                        with T.If(tirx.all(columns > 0, images > 0)):
+                            with T.Then():
+                                T.evaluate(launch)
     return builder.get()

@@ -91,8 +91,10 @@ def check_against_dense(model, target, sparsity=0.9):
 @pytest.mark.parametrize("name", sorted(SMALL))
 def test_small_models_match_the_dense_build_on_the_cpu(name, sparsity):
     report = check_against_dense(SMALL[name](np.random.default_rng(1)), CPU_TARGET, sparsity)
-    for layer in report.sparse_layers:
-        assert abs(layer.density - (1 - sparsity)) < 0.02
+    for layer in report.sparse_layers:  # the pruned layers, and the dense stem as a small convolution
+        assert abs(layer.density - (1 - sparsity)) < 0.02 or "small convolution" in layer.reason, layer
+    stems = [layer for layer in report.sparse_layers if "small convolution" in layer.reason]
+    assert len(stems) == (0 if name.startswith("bert") else 1)
 
 
 @pytest.mark.gpu

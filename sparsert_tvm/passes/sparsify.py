@@ -23,10 +23,14 @@ from .candidates import Candidate, find_candidates
 # there), matmuls / fully connected layers up to about 15% (1.5x at 10%, 0.84x at 20%).
 DEFAULT_DENSITY_THRESHOLD = {Layout.CHANNELS: 0.3, Layout.ROWS: 0.15}
 
-# On CUDA, convolutions through a window or in groups (stems, depthwise layers) with at most
-# this many weights are rewritten at any density when the caller gives no threshold: TVM's
-# untuned dense convolutions run them several times slower than the unrolled kernel
-# (benchmarks/results/conv-small-h100.md), which for so few weights builds in about a second.
+# Convolutions through a window with at most this many weights (stems) are rewritten at any
+# density when the caller gives no threshold, and on CUDA grouped ones too (depthwise layers):
+# so few weights build in about a second. On the 2-core CPU machine the unrolled kernel ran
+# dense stems 1.8x (MobileNet) and 15x (ResNet-50) faster than TVM's build, but depthwise
+# layers 4-9x slower (it stages every input channel's taps for each output channel;
+# benchmarks/results/small-conv-cpu-2core.md). On CUDA, TVM's dense MobileNet ran 4.5x
+# slower than PyTorch (1.8 ms against 0.4 ms on the H100, see issue [e2e]); our kernels for
+# dense stems and depthwise layers are not yet timed there (benchmarks/conv.py --suite small).
 SMALL_CONVOLUTION_NNZ = 32768
 
 _OPTIONS = ("kernel_config", "dry_run", "tune", "tuning_database")
@@ -42,9 +46,9 @@ def SparsifyWeights(target, density_threshold: float | None = None, **options) -
     density_threshold : float in [0, 1], optional
         Weights with this density (nonzeros / size) or less are rewritten. By default,
         ``DEFAULT_DENSITY_THRESHOLD[layout]``: 0.3 for NCHW convolutions, 0.15 for
-        matmuls and NHWC convolutions; and on CUDA, convolutions through a window or in
-        groups with at most ``SMALL_CONVOLUTION_NNZ`` weights (stems, depthwise layers)
-        at any density.
+        matmuls and NHWC convolutions; and convolutions through a window with at most
+        ``SMALL_CONVOLUTION_NNZ`` weights (stems) at any density, on CUDA grouped ones
+        (depthwise layers) too.
     kernel_config : dict or config object, optional
         Overrides of the kernel tiling applied to every rewritten layer (fields of
         ``CudaSpmmConfig`` or ``CpuSpmmConfig``).
@@ -157,7 +161,7 @@ class _SparsifyWeights:
             return None
         problem = candidate.problem
         threshold = DEFAULT_DENSITY_THRESHOLD[problem.layout] if self.threshold is None else self.threshold
-        small = self.threshold is None and self.target.kind.name == "cuda" and _is_small_convolution(candidate)
+        small = self.threshold is None and _is_small_convolution(candidate, self.target.kind.name == "cuda")
         if candidate.density > threshold and not small:
             layer.reason = f"density {candidate.density:.3f} above threshold {threshold:g}"
             return None
@@ -199,9 +203,12 @@ class _SparsifyWeights:
         return (tuned, "database") if tuned is not None else (config, "default")
 
 
-def _is_small_convolution(candidate: Candidate) -> bool:
+def _is_small_convolution(candidate: Candidate, cuda: bool) -> bool:
+    """Rewritten at any density (see ``SMALL_CONVOLUTION_NNZ``)."""
     problem = candidate.problem
-    return (problem.window is not None or candidate.groups > 1) and candidate.weight.nnz <= SMALL_CONVOLUTION_NNZ
+    grouped = candidate.groups > 1
+    kind = (problem.window is not None or grouped) if cuda else (problem.window is not None and not grouped)
+    return kind and candidate.weight.nnz <= SMALL_CONVOLUTION_NNZ
 
 
 def _layer_report(candidate: Candidate) -> LayerReport:

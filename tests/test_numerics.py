@@ -127,6 +127,16 @@ def test_cpu_tilings(config):
         check(case, CPU_TARGET, batches=(1, 5, 19), kernel_config=config)
 
 
+@pytest.mark.parametrize("lanes", [4, 16, 32])
+@pytest.mark.parametrize("spatial", [(4, 8), (5, 3)], ids=["whole-tiles", "partial-tile"])
+def test_cpu_vector_stores(lanes, spatial):
+    """NCHW outputs in whole tiles of columns are stored as vectors straight from the sums;
+    otherwise staged and stored one by one with the last tile's bounds check."""
+    rng = np.random.default_rng(12)
+    case = make_case(rng, "conv_nchw", 37, 48, 0.2, (None, 48, *spatial), ("bias", "residual", "relu6"))
+    check(case, CPU_TARGET, batches=(1, 3), kernel_config={"vector_lanes": lanes})
+
+
 def test_1d_activation(target):
     rng = np.random.default_rng(8)
     case = Case("matmul", sparse_matrix(rng, (10, 12), 0.3), (12,))

@@ -77,15 +77,36 @@ def cpu_spmm_kernel(problem: SpmmProblem, config: CpuSpmmConfig, name: str) -> t
                                     for i, m in enumerate(chunk):
                                         acc = _row_sum(problem, m, xt, lane, lanes)
                                         T.buffer_store(yt, _apply(vector_ops, acc, m, dtype), [i * lanes + lane])
-                                with T.serial(0, lanes) as lane:
-                                    n = tile * lanes + lane
-                                    with T.If(n < columns):
-                                        with T.Then():
-                                            for i, m in enumerate(chunk):
-                                                offset = b * ys.batch + m * ys.k + n * ys.n
-                                                value = _apply(store_ops, yt[i * lanes + lane], m, dtype, r_flat, offset)
-                                                T.buffer_store(y_flat, value, [offset])
+                                _store_tile(problem, chunk, store_ops, yt, y_flat, r_flat, b, tile, lanes, columns)
     return builder.get()
+
+
+def _store_tile(problem: SpmmProblem, rows, ops, yt, y_flat, r_flat, b, tile, lanes: int, columns):
+    """``yt`` (the rows' sums) to ``Y``, the epilogue's ``ops`` applied: a vector per row
+    for a whole tile whose columns are neighbours in Y, else one column at a time up to the
+    last one."""
+    ys, dtype = problem.y_strides(), problem.dtype
+
+    def store(lane, n):
+        for i, m in enumerate(rows):
+            offset = b * ys.batch + m * ys.k + n * ys.n
+            T.buffer_store(y_flat, _apply(ops, yt[i * lanes + lane], m, dtype, r_flat, offset), [offset])
+
+    def one_by_one():
+        with T.serial(0, lanes) as lane:
+            with T.If(tile * lanes + lane < columns):
+                with T.Then():
+                    store(lane, tile * lanes + lane)
+
+    if ys.n != 1:
+        one_by_one()
+        return
+    with T.If((tile + 1) * lanes <= columns):
+        with T.Then():
+            with T.vectorized(0, lanes) as lane:
+                store(lane, tile * lanes + lane)
+        with T.Else():
+            one_by_one()
 
 
 def _compute_and_store(problem: SpmmProblem, rows, xt, y_flat, r_flat, b, tile, lanes: int):

@@ -2,9 +2,9 @@
 
 Launch: ``gridDim = (ceil(columns / columns_per_block), row_groups, batch)``, ``blockDim =
 threads``. Block ``(bx, g, b)`` computes the rows of group ``g`` (selected with one indirect
-branch, ``brx.idx``) for its tile of columns of image ``b``. With ``fold_batch`` the images'
-columns form one range instead (``gridDim.z = 1``) and each owned vector finds its image. A thread owns
-``columns_per_thread`` *vectors* of ``vector_width`` neighbouring columns, ``threads *
+branch, ``brx.idx``) for its tile of columns of image ``b``. With ``fold_batch`` the
+images' columns form one range instead (``gridDim.z = 1``) and each owned vector finds its
+image. A thread owns ``columns_per_thread`` *vectors* of ``vector_width`` neighbouring columns, ``threads *
 vector_width`` columns apart, and keeps one accumulator per (row of the group, owned
 column); it walks the group's nonzero columns ``k`` in order, loads ``X[b, k, vector]`` once
 (one vector load) and issues the FMAs of every row of the group that has a nonzero at ``k``.
@@ -232,7 +232,7 @@ class _Emitter:
     def instructions(self, rows) -> int:
         """About how many instructions ``_group(rows)`` emits: an FMA per nonzero and owned
         register, and the loads of each needed activation vector (a window's pixels one by
-        one, each zeroed first where it may read padding)."""
+        one, some zeroed first where they may read padding)."""
         weight = self.problem.weight
         needed = len(np.unique(np.concatenate([weight.row(m)[0] for m in rows]))) if rows else 0
         nnz = int(sum(weight.row_nnz[m] for m in rows))
@@ -271,9 +271,8 @@ class _Emitter:
         if cfg.vector_width > 1:
             lines.append(f"mul.lo.u32 %col0, %col0, {cfg.vector_width};")
         lines += ["setp.ge.u32 %p0, %col0, %ncols;", "@%p0 bra DONE;"]
-        if self.folds_batch:
-            pass  # columns are not linear across images: each vector finds its own bases
-        else:
+        # Folded, columns are not linear across images: each vector finds its own bases.
+        if not self.folds_batch:
             if p.images_apart:
                 lines += ["mov.u32 %r3, %ctaid.z;", "cvt.u64.u32 %rd4, %r3;"]
                 lines += self._advance("%rd4", self.x_strides.batch, self.y_strides.batch)

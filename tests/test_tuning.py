@@ -9,6 +9,7 @@ import tvm
 import sparsert_tvm as sp
 from helpers import CPU_TARGET, Compiled, assert_close, make_case, sparse_matrix
 from sparsert_tvm.problem import Layout, SpmmProblem
+from sparsert_tvm.schedules.config import CudaSpmmConfig
 from sparsert_tvm.schedules.cuda import rule as cuda_rule
 from sparsert_tvm.tuning import default_cuda_config, space
 from sparsert_tvm.tuning.database import TuningDatabase, TuningRecord, problem_key
@@ -33,10 +34,12 @@ def test_candidates_start_with_the_default_and_are_all_valid(dtype):
     assert len(configs) == len(set(configs)) == 12
     for config in configs:
         rule.check(problem, config)  # raises if the generator would reject it
+        if not isinstance(config, CudaSpmmConfig):
+            continue
         lanes = config.vector_width // 2 if dtype == "float16" and config.vector_width % 2 == 0 else config.vector_width
         assert config.rows_per_block * config.columns_per_thread * lanes <= space.MAX_ACCUMULATORS
         assert config.columns_per_thread * lanes <= space.MAX_CODE_MULTIPLIER
-    assert {c.vector_width for c in configs} != {1}  # vector loads are in the space
+    assert {c.vector_width for c in configs if isinstance(c, CudaSpmmConfig)} != {1}  # vector loads are in the space
     costs = [space.estimated_cost(problem, c) for c in configs[1:]]
     assert costs == sorted(costs)
 
@@ -45,7 +48,7 @@ def test_candidates_respect_what_the_layout_allows():
     rng = np.random.default_rng(1)
     weight = SparseMatrix.from_dense(sparse_matrix(rng, (32, 24), 0.2))
     row_major = SpmmProblem(weight, Layout.ROWS, "float32", (8, 24), (8, 32))  # not transposed
-    configs = space.candidates(row_major, cuda_rule.CudaSpmmRule().check, 50)
+    configs = [c for c in space.candidates(row_major, cuda_rule.CudaSpmmRule().check, 50) if isinstance(c, CudaSpmmConfig)]
     assert {c.vector_width for c in configs} == {1}
     # Eight columns fill a quarter warp: no block of more than one warp is worth timing.
     assert {c.threads_per_block for c in configs} == {32}

@@ -7,8 +7,9 @@ execution reaches the label, and a divergent backward branch (a loop whose trip 
 differs between warps) parks the threads leaving the loop until the others leave it too.
 Initialised module arrays (``.global`` / ``.const``) are memory like the buffers given, and
 ``shfl.sync`` exchanges registers within each warp of 32 threads (all lanes must take part).
-Memory accesses outside the given buffers raise, so addressing bugs fail loudly. It checks the generator's logic (addresses, dispatch,
-epilogue, segments), not ptxas or the hardware: the GPU tests do that.
+Memory accesses outside the given buffers raise, so addressing bugs fail loudly. It checks
+the generators' logic (addresses, dispatch, loops, reductions, epilogue, segments), not
+ptxas or the hardware: the GPU tests do that.
 """
 
 from __future__ import annotations

@@ -112,7 +112,8 @@ def test_symbolic_columns_and_batch():
 def test_transposed_and_leading_dimensions():
     rng = np.random.default_rng(5)
     weight = sparse_matrix(rng, (17, 30), 0.3)
-    check(problem(rng, Layout.ROWS, weight, (20, 30), ("bias",), transposed=True), CudaCsrConfig(columns_per_block=8), rng)
+    transposed = problem(rng, Layout.ROWS, weight, (20, 30), ("bias",), transposed=True)
+    check(transposed, CudaCsrConfig(columns_per_block=8), rng)
     check(problem(rng, Layout.ROWS, weight, (2, 3, 30), ("residual",)), CudaCsrConfig(columns_per_block=4), rng)
 
 
@@ -138,6 +139,21 @@ def test_float16_accumulates_in_float32(layout):
     # float32 sums rounded once: within one float16 ulp of the float64 answer, where a
     # float16 accumulation of 150 products is off by ~1e-2 (test_cuda_codegen).
     np.testing.assert_allclose(out.astype(np.float64), ref.astype(np.float64), rtol=1e-3, atol=1e-3)
+
+
+def test_emulator_is_loud_about_partial_warps_and_array_bounds():
+    def program(body):
+        lines = [".global .align 4 .b32 k_data[2] = {", "1,2", "};", ".visible .entry k(.param .u64 p_y)", "{"]
+        return PtxProgram("\n".join(lines + ["mov.u32 %r1, %tid.x;"] + body + ["DONE:", "ret;", "}"]))
+
+    half_warp = ["setp.lt.u32 %p0, %r1, 16;", "@%p0 bra DONE;", "shfl.sync.bfly.b32 %r2, %r1, 1, 31, -1;"]
+    with pytest.raises(AssertionError, match="16 of 32 lanes"):
+        program(half_warp).launch("k", (1, 1, 1), 32, [0], {})
+    past_the_end = ["mov.u64 %rd1, k_data;", "mul.wide.u32 %rd2, %r1, 4;", "add.s64 %rd1, %rd1, %rd2;",
+                    "ld.global.nc.u32 %r3, [%rd1];"]
+    with pytest.raises(IndexError, match="past the end of k_data"):
+        program(past_the_end).launch("k", (1, 1, 1), 32, [0], {})
+    program(past_the_end).launch("k", (1, 1, 1), 2, [0], {})  # two threads read the two elements
 
 
 # -- the layout and the text -------------------------------------------------------------
@@ -189,6 +205,10 @@ def test_what_the_csr_kernel_rejects():
         rule.check(dense, CudaCsrConfig(max_layer_nnz=255))
     with pytest.raises(UnsupportedProblem, match="float32, float16"):
         rule.check(problem(rng, Layout.ROWS, np.eye(4), (2, 4), dtype="float64"), CudaCsrConfig())
+    # Offsets from 32-bit indices are 64-bit, but the strides themselves must fit in 32 bits.
+    huge = problem(rng, Layout.CHANNELS, sparse_matrix(rng, (4, 4), 0.5), (1, 4, 2**31, 1))
+    with pytest.raises(UnsupportedProblem, match="32-bit strides"):
+        rule.check(huge, CudaCsrConfig())
     for bad in ({"rows_per_block": 33}, {"columns_per_block": 17}, {"unroll": 3}, {"columns_per_block": 0}):
         with pytest.raises(ValueError):
             CudaCsrConfig(**bad)
@@ -219,7 +239,9 @@ def test_ptxas_assembles_a_large_layer(dtype, capsys):
 def test_no_spills_at_the_widest_tile_of_the_tuning_space(tmp_path):
     rng = np.random.default_rng(13)
     p = problem(rng, Layout.ROWS, sparse_matrix(rng, (64, 512), 0.1), (16, 512), ("bias", "residual"))
-    widest = CudaCsrConfig(rows_per_block=8, columns_per_block=max(space.CSR_COLUMNS_PER_BLOCK), unroll=max(space.CSR_UNROLL))
+    widest = CudaCsrConfig(
+        rows_per_block=8, columns_per_block=max(space.CSR_COLUMNS_PER_BLOCK), unroll=max(space.CSR_UNROLL)
+    )
     kernel = emit_csr_ptx(p, widest, "k", "sm_90")
     path = tmp_path / "k.ptx"
     path.write_text(kernel.units[0])
@@ -329,7 +351,8 @@ def test_tuner_times_csr_candidates(tmp_path, monkeypatch):
     again = sp.SparsifyWeights(CUDA, 1.0, tuning_database=tmp_path / "t.json")(case.module())
     (reused,) = sp.report_of(again).layers
     assert reused.params["config_source"] == "database"
-    assert {k: reused.params[k] for k in CudaCsrConfig().as_dict()} == {k: layer.params[k] for k in CudaCsrConfig().as_dict()}
+    fields = CudaCsrConfig().as_dict()
+    assert {k: reused.params[k] for k in fields} == {k: layer.params[k] for k in fields}
 
 
 @needs_ptxas
@@ -350,7 +373,8 @@ def test_pass_with_a_csr_kernel_config(monkeypatch, kernel_config):
     assert layer.params["config_source"] == "kernel_config" and layer.params["columns_per_block"] == 4
     assert layer.code_bytes > 0 and layer.params["row_groups"] == kernel.row_groups
     script = out[layer.kernel].script()
-    assert f'T.call_packed("{kernel.name}"' in script and f"{kernel.row_groups}, T.int64(1), {kernel.threads})" in script
+    assert f'T.call_packed("{kernel.name}"' in script
+    assert f"{kernel.row_groups}, T.int64(1), {kernel.threads})" in script  # grid y, one image, block
     assert "kernel=csr" in sp.report_of(out).table()
     assert f"0 nonzeros unrolled, {layer.nnz:,} read from arrays" in sp.report_of(out).summary()
     assert tvm.compile(out.without_attr("external_mods"), CUDA, tir_pipeline=sp.build.register_pipeline()) is not None

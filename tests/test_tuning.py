@@ -48,7 +48,8 @@ def test_candidates_respect_what_the_layout_allows():
     rng = np.random.default_rng(1)
     weight = SparseMatrix.from_dense(sparse_matrix(rng, (32, 24), 0.2))
     row_major = SpmmProblem(weight, Layout.ROWS, "float32", (8, 24), (8, 32))  # not transposed
-    configs = [c for c in space.candidates(row_major, cuda_rule.CudaSpmmRule().check, 50) if isinstance(c, CudaSpmmConfig)]
+    configs = space.candidates(row_major, cuda_rule.CudaSpmmRule().check, 50)
+    configs = [c for c in configs if isinstance(c, CudaSpmmConfig)]
     assert {c.vector_width for c in configs} == {1}
     # Eight columns fill a quarter warp: no block of more than one warp is worth timing.
     assert {c.threads_per_block for c in configs} == {32}

@@ -83,7 +83,8 @@ class SparseKernelRule(abc.ABC):
 
 def require_nnz_at_most(problem: SpmmProblem, cap: int, what: str, why: str) -> None:
     if problem.weight.nnz > cap:
-        raise UnsupportedProblem(f"{problem.weight.nnz:,} nonzeros exceed {what} of {cap:,} (kernel_config max_layer_nnz); {why}")
+        nnz = problem.weight.nnz
+        raise UnsupportedProblem(f"{nnz:,} nonzeros exceed {what} of {cap:,} (kernel_config max_layer_nnz); {why}")
 
 
 def require_dtype(problem: SpmmProblem, dtypes, generator: str) -> None:

@@ -77,7 +77,9 @@ def candidates(problem: SpmmProblem, check, limit: int, machine: Machine = Machi
     unrolled = default_cuda_config(problem, CudaSpmmConfig.KERNEL)
     csr = default_cuda_config(problem, CudaCsrConfig.KERNEL)
     space = [
-        dataclasses.replace(unrolled, rows_per_block=rows, threads_per_block=threads, columns_per_thread=cols, vector_width=width)
+        dataclasses.replace(
+            unrolled, rows_per_block=rows, threads_per_block=threads, columns_per_thread=cols, vector_width=width
+        )
         for rows, threads, cols, width in itertools.product(
             ROWS_PER_BLOCK, THREADS, COLUMNS_PER_THREAD, VECTOR_WIDTHS[problem.dtype]
         )

@@ -54,7 +54,9 @@ def check_csr(problem: SpmmProblem, config: CudaCsrConfig) -> None:
     require_dtype(problem, SUPPORTED_DTYPES, "the CUDA generator")
     require_nnz_at_most(problem, config.max_layer_nnz, "the CSR kernel's cap", "its arrays are PTX text and cubin data")
     if problem.window is not None:
-        raise UnsupportedProblem("the CSR kernel reads X by column offsets: convolutions through a window need the unrolled kernel")
+        raise UnsupportedProblem(
+            "the CSR kernel reads X by column offsets: convolutions through a window need the unrolled kernel"
+        )
     es = _element_bytes(problem)
     xs, ys = problem.x_strides(), problem.y_strides()
     # Products of a 32-bit index with these are 64-bit (mul.wide.u32), the column offsets

@@ -73,7 +73,7 @@ def measure_cuda(m: int, k: int, density: float, arch: str, gpu: bool) -> dict:
     weight = random_weight(m, k, density)
     n = tirx.Var("n", "int64")
     problem = SpmmProblem(SparseMatrix.from_dense(weight), Layout.ROWS, "float32", (n, k), (n, m))
-    config = default_cuda_config(problem)
+    config = default_cuda_config(problem, "unrolled")
     row = {"target": "cuda", "M": m, "K": k, "density": density, "nnz": int(np.count_nonzero(weight)), "arch": arch}
 
     start = time.perf_counter()

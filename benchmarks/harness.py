@@ -248,7 +248,7 @@ def time_sparsert(case, config=None, tune: TuneOptions | None = None, tune_nnz_l
     tune_s, tuning = 0.0, {}
     if config is None and tune is not None and problem.weight.nnz <= tune_nnz_limit:
         record = Tuner(rule, target, tune).tune(problem, "bench")
-        config, tune_s = rule.config_class(**record.config), record.tune_s
+        config, tune_s = rule.config_from_dict(record.config), record.tune_s
         tuning = {"default_us": record.default_us, "candidates": record.candidates}
     config = config or rule.default_config(problem, target)
     rule.check(problem, config)  # as the pass would: layers over the code-size cap stay dense

@@ -56,7 +56,7 @@ def machine_instructions(cubin: bytes) -> int | None:
 
 def measure(name: str, size: int) -> dict:
     problem = LAYERS[name]()
-    config = dataclasses.replace(default_cuda_config(problem), max_instructions_per_segment=size)
+    config = dataclasses.replace(default_cuda_config(problem, "unrolled"), max_instructions_per_segment=size)
     start = time.perf_counter()
     kernel = emit_spmm_ptx(problem, config, "k", "sm_90")
     emitted = time.perf_counter()

@@ -3,11 +3,13 @@
     python benchmarks/spmm.py --suite paper --dtype float32 --out benchmarks/results/spmm-paper-fp32-h100.json
 
 Contenders: sparsert, cuBLAS fp32 / TF32 / fp16 and cuSPARSE CSR (torch), TVM's dense
-kernel. How cases run and what the options do: suite.py.
+kernel. How cases run and what the options do: suite.py. ``--suite csr`` puts the unrolled
+and the data-driven (CSR) kernel side by side on fully connected layers at small N.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -16,10 +18,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import layers  # noqa: E402
 import suite  # noqa: E402
-from harness import SpmmCase  # noqa: E402
+from harness import SpmmCase, sparse_problem  # noqa: E402
 
 from sparsert_tvm.problem import Layout  # noqa: E402
 from sparsert_tvm.schedules.config import CudaSpmmConfig  # noqa: E402
+from sparsert_tvm.tuning import default_cuda_config  # noqa: E402
 
 REAL_WEIGHTS = Path(__file__).resolve().parents[1] / ".data" / "resnet50_3x3_pruned.npz"
 
@@ -54,6 +57,21 @@ def rows_suite(dtype):
             for rows in (1, 2, 4):
                 config = CudaSpmmConfig(rows_per_block=rows, threads_per_block=32)
                 cases.append((SpmmCase(f"fc{m}x{k}-n{n}-r{rows}", "bert-fc", weight, Layout.ROWS, n, dtype), config))
+    return cases
+
+
+def csr_suite(dtype):
+    """Both CUDA kernels' untuned defaults on BERT / GPT-2 / BERT-large FC shapes at N = 1..32:
+    where does reading the nonzeros from memory beat streaming them as code?"""
+    cases = []
+    for density in (0.05, 0.1, 0.2):
+        for m, k in ((768, 768), (3072, 768), (768, 3072), (4096, 1024), (1024, 4096)):
+            weight = uniform(m, k, density)
+            for n in (1, 2, 4, 8, 32):
+                case = SpmmCase(f"fc{m}x{k}-n{n}-d{density}", "bert-fc", weight, Layout.ROWS, n, dtype)
+                for kernel in ("unrolled", "csr"):
+                    config = default_cuda_config(sparse_problem(case), kernel)
+                    cases.append((dataclasses.replace(case, name=f"{case.name}-{kernel}"), config))
     return cases
 
 
@@ -104,7 +122,7 @@ def _priority(case: SpmmCase) -> int:
     return 1 if case.images > 1 else 0
 
 
-SUITES = {"threshold": threshold_suite, "rows": rows_suite, "paper": paper_suite}
+SUITES = {"threshold": threshold_suite, "rows": rows_suite, "paper": paper_suite, "csr": csr_suite}
 
 
 if __name__ == "__main__":

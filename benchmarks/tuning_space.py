@@ -29,7 +29,7 @@ from harness import ConvCase, SpmmCase, graph_timer, sparse_problem  # noqa: E40
 from sparsert_tvm.build import cuda_target  # noqa: E402
 from sparsert_tvm.problem import Layout  # noqa: E402
 from sparsert_tvm.schedules.cuda.rule import CudaSpmmRule  # noqa: E402
-from sparsert_tvm.tuning import space  # noqa: E402
+from sparsert_tvm.tuning import default_cuda_config, space  # noqa: E402
 from sparsert_tvm.tuning.tuner import Tuner  # noqa: E402
 
 SPMM_LAYERS = [  # name, M, K, layout, columns, images
@@ -100,7 +100,7 @@ def main():
             problem = sparse_problem(case)
             if args.grid:
                 columns = tuple(int(c) for c in args.columns_per_thread.split(","))
-                configs = grid_configs(problem, rule.default_config(problem, target), rule.check, columns)
+                configs = grid_configs(problem, default_cuda_config(problem, "unrolled"), rule.check, columns)
             else:
                 configs = space.candidates(problem, rule.check, args.limit)
             timer = graph_timer(case)

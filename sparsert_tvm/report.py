@@ -88,10 +88,12 @@ class SparsityReport:
 
     def summary(self) -> str:
         sparse = self.sparse_layers
+        read = sum(layer.nnz for layer in sparse if layer.params.get("kernel") == "csr")
         return (
             f"{len(sparse)} of {len(self.layers)} candidates sparse, "
-            f"{sum(layer.nnz for layer in sparse):,} nonzeros unrolled, "
-            f"{sum(layer.compile_s for layer in sparse):.1f}s kernel generation"
+            f"{sum(layer.nnz for layer in sparse) - read:,} nonzeros unrolled, "
+            + (f"{read:,} read from arrays (CSR kernels), " if read else "")
+            + f"{sum(layer.compile_s for layer in sparse):.1f}s kernel generation"
         )
 
 
@@ -104,9 +106,12 @@ def report_of(mod) -> SparsityReport:
 
 
 _SHOWN_PARAMS = {
+    "kernel": "kernel",
     "rows_per_block": "rows",
     "threads_per_block": "threads",
     "columns_per_thread": "cols/thread",
+    "columns_per_block": "cols/block",
+    "unroll": "unroll",
     "vector_width": "vec",
     "row_groups": "blocks.y",
     "segments": "segments",

@@ -3,9 +3,13 @@
 CI has no GPU, so this runs generated kernels on the CPU: every thread of a block executes
 in lock step (registers are numpy arrays over the block's threads), predicates mask
 individual threads, and a divergent forward branch parks the threads that take it until
-execution reaches the label. Memory accesses outside the given buffers raise, so
-addressing bugs fail loudly. It checks the generator's logic (addresses, dispatch,
-epilogue, segments), not ptxas or the hardware: the GPU tests do that.
+execution reaches the label, and a divergent backward branch (a loop whose trip count
+differs between warps) parks the threads leaving the loop until the others leave it too.
+Initialised module arrays (``.global`` / ``.const``) are memory like the buffers given, and
+``shfl.sync`` exchanges registers within each warp of 32 threads (all lanes must take part).
+Memory accesses outside the given buffers raise, so addressing bugs fail loudly. It checks
+the generators' logic (addresses, dispatch, loops, reductions, epilogue, segments), not
+ptxas or the hardware: the GPU tests do that.
 """
 
 from __future__ import annotations
@@ -19,7 +23,9 @@ import numpy as np
 _TOKEN = re.compile(r"\s*,\s*")
 _BRACES = re.compile(r"\{([^}]*)\}")
 # Register and memory types: numpy dtype of the bits a register holds.
-_TYPES = {"f32": np.float32, "b32": np.uint32, "b16": np.uint16, "u32": np.uint32, "u64": np.uint64}
+_TYPES = {"f32": np.float32, "b32": np.uint32, "b16": np.uint16, "u16": np.uint16, "u32": np.uint32, "u64": np.uint64}
+_ARRAY = re.compile(r"\.(?:global|const) \.align \d+ \.(\w+) (\w+)\[(\d+)\] = \{(.*)$")
+_WARP = 32
 
 
 @dataclass
@@ -34,15 +40,29 @@ class _Function:
 class PtxProgram:
     def __init__(self, *units: str):
         self.functions: dict[str, _Function] = {}
+        self.arrays: dict[str, np.ndarray] = {}  # initialised module arrays, by name
         for unit in units:
             self._parse(unit)
 
     # -- parsing ---------------------------------------------------------------------
     def _parse(self, text: str):
         current = None
+        array = None  # (name, type, size, initialiser text so far) while one is being read
         for raw in text.splitlines():
             line = raw.split("//")[0].strip()
             if not line:
+                continue
+            if array is None:
+                declared = _ARRAY.match(line)
+                if declared:
+                    kind, name, size, rest = declared.groups()
+                    array = (name, kind, int(size), [rest])
+            else:
+                array[3].append(line)
+            if array is not None:
+                if line.endswith("};"):
+                    self._add_array(*array)
+                    array = None
                 continue
             header = re.match(r"\.visible \.(entry|func) (\w+)\((.*)\)$", line)
             if header:
@@ -69,10 +89,18 @@ class PtxProgram:
             rest = _BRACES.sub(lambda m: "{" + ";".join(_TOKEN.split(m.group(1).strip())) + "}", rest)
             current.body.append((guard, opcode, _TOKEN.split(rest.strip()) if rest else []))
 
+    def _add_array(self, name: str, kind: str, size: int, parts: list[str]):
+        items = "".join(parts).rstrip("};").strip().rstrip(",")
+        data = np.array([int(v, 0) for v in items.split(",")], dtype=_TYPES[kind])
+        assert len(data) == size, f"array {name}: {len(data)} initialisers for {size} elements"
+        self.arrays[name] = data
+
     # -- execution -------------------------------------------------------------------
     def launch(self, entry: str, grid, block: int, args: list, buffers: dict[str, np.ndarray]):
         """Runs ``entry`` over ``grid`` with ``args`` (buffer names or ints)."""
-        memory = _Memory(buffers)
+        clash = set(buffers) & set(self.arrays)
+        assert not clash, f"buffers named like module arrays: {clash}"
+        memory = _Memory(buffers | {name: data.copy() for name, data in self.arrays.items()})
         values = [memory.address(a) if isinstance(a, str) else a for a in args]
         gx, gy, gz = grid
         for z in range(gz):
@@ -100,6 +128,8 @@ class PtxProgram:
                 return np.broadcast_to(np.asarray(special[operand], np.uint64), (threads,))
             if operand.startswith("0f"):
                 return np.full(threads, struct.unpack("<f", bytes.fromhex(operand[2:])[::-1])[0], np.float32)
+            if operand in memory.bases:  # a module array: its address
+                return np.full(threads, memory.address(operand), np.uint64)
             if operand.startswith("%"):
                 # Never written (a load no thread executed): undefined on hardware. NaN here,
                 # so a store of it shows up in the comparison with numpy.
@@ -155,9 +185,20 @@ class PtxProgram:
                 a, b = value(ops[1]), value(ops[2])
                 result = a * b if op.startswith("mul") else (a - b if op.startswith("sub") else a + b)
                 write(ops[0], result & (0xFFFFFFFF if op.endswith("32") else 0xFFFFFFFFFFFFFFFF), mask)
-            elif op in ("setp.ge.u32", "setp.lt.u32"):
-                a, b = value(ops[1]), value(ops[2])
-                write(ops[0], a >= b if op == "setp.ge.u32" else a < b, mask)
+            elif op in _COMPARISONS:
+                write(ops[0], _COMPARISONS[op](value(ops[1]), value(ops[2])), mask)
+            elif op in ("shr.u32", "and.b32"):
+                a, b = value(ops[1]).astype(np.uint64), value(ops[2]).astype(np.uint64)
+                write(ops[0], (a >> b if op == "shr.u32" else a & b) & 0xFFFFFFFF, mask)
+            elif op in ("selp.f32", "selp.b32"):
+                write(ops[0], np.where(value(ops[3]), value(ops[1]), value(ops[2])), mask)
+            elif op == "shfl.sync.bfly.b32":
+                assert ops[3:] == ["31", "-1"], "only whole-warp butterflies are emulated"
+                write(ops[0], _butterfly(value(ops[1]), int(ops[2], 0), mask), mask)
+            elif op == "cvt.f32.f16":
+                write(ops[0], value(ops[1]).astype(np.uint16).view(np.float16).astype(np.float32), mask)
+            elif op == "cvt.rn.f16.f32":
+                write(ops[0], _as_f32(value(ops[1])).astype(np.float16).view(np.uint16), mask)
             elif op in ("bra", "bra.uni"):
                 target = fn.labels[ops[0]]
                 if guard is None or (mask == active).all():
@@ -165,16 +206,20 @@ class PtxProgram:
                     continue
                 if not mask.any():
                     continue
-                assert target > pc, "only forward divergent branches are emulated"
-                parked[target] = parked.get(target, np.zeros(threads, bool)) | mask
-                active = active & ~mask
+                if target > pc:  # the takers wait at the target
+                    parked[target] = parked.get(target, np.zeros(threads, bool)) | mask
+                    active = active & ~mask
+                else:  # a loop some threads leave: they wait right after it
+                    parked[pc] = parked.get(pc, np.zeros(threads, bool)) | (active & ~mask)
+                    active = mask.copy()
+                    pc = target
             elif op == "brx.idx":
                 index = np.unique(value(ops[0])[active])
                 assert len(index) == 1, "brx.idx index must be uniform"
                 targets = fn.tables[ops[1]]
                 assert index[0] < len(targets), "brx.idx index out of range"
                 pc = fn.labels[targets[int(index[0])]]
-            elif op.startswith("ld.global.nc."):
+            elif op.startswith(("ld.global.nc.", "ld.const.")):
                 kind = _TYPES[op[-3:]]
                 for i, dest in enumerate(_names(ops[0])):
                     write(dest, memory.load(_address(ops[1], value, i * kind().itemsize), mask, kind), mask)
@@ -195,6 +240,35 @@ class PtxProgram:
                 return
             else:
                 raise NotImplementedError(f"PTX emulator: {op}")
+
+
+_COMPARISONS = {
+    "setp.ge.u32": np.greater_equal,
+    "setp.lt.u32": np.less,
+    "setp.eq.u32": np.equal,
+    "setp.ne.u32": np.not_equal,
+}
+
+
+def _butterfly(source: np.ndarray, lane_mask: int, mask: np.ndarray) -> np.ndarray:
+    """``shfl.sync.bfly`` with every lane of the warp taking part: lane ``l`` reads lane
+    ``l ^ lane_mask`` of its own warp."""
+    threads = len(source)
+    warps = np.unique(np.nonzero(mask)[0] // _WARP)
+    for w in warps:
+        lanes = mask[w * _WARP : (w + 1) * _WARP]
+        if len(lanes) != _WARP or not lanes.all():
+            raise AssertionError(f"shfl.sync in warp {w} with {int(lanes.sum())} of {_WARP} lanes active")
+    partner = np.arange(threads) ^ lane_mask
+    return source[partner]
+
+
+def _as_f32(bits_or_floats: np.ndarray) -> np.ndarray:
+    """A register as float32: 32-bit integer registers hold float bits (``.b32`` operands of
+    float instructions), float registers their value."""
+    if bits_or_floats.dtype == np.uint32:
+        return bits_or_floats.view(np.float32)
+    return bits_or_floats.astype(np.float32)
 
 
 def _names(operand: str) -> list[str]:
@@ -220,7 +294,7 @@ def _arithmetic(op: str, operands: list[np.ndarray]) -> np.ndarray:
         return _FLOAT_OPS[op.split(".")[0]](wide[0], wide[1])
 
     if kind == "f32":
-        return compute([o.astype(np.float32) for o in operands]).astype(np.float32)
+        return compute([_as_f32(o) for o in operands]).astype(np.float32)
 
     def halves(bits, shift):
         if bits.dtype == np.float32:  # a never-written register (NaN): NaN halves

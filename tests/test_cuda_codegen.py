@@ -2,6 +2,7 @@
 TVM (launch wrapper, module build), cached."""
 
 import dataclasses
+import math
 import os
 import shutil
 import struct
@@ -39,15 +40,24 @@ def problem_for(rng, layout, m, k, density, x_shape, epilogue=(), weight=None, d
             ops.append(ResidualAdd())
         elif op == "relu6":
             ops.append(Clip(0.0, 6.0))
+        elif op == "relu":
+            ops.append(Clip(0.0, math.inf))
+        elif op == "clip":
+            ops.append(Clip(-0.5, 0.5))
     y_shape = list(x_shape)
     y_shape[1 if layout is Layout.CHANNELS else -1] = m
     return SpmmProblem(SparseMatrix.from_dense(weight), layout, dtype, tuple(x_shape), tuple(y_shape), tuple(ops))
 
 
-def emulate(problem: SpmmProblem, config: CudaSpmmConfig, rng, inputs=None):
-    """Runs the generated PTX in the emulator on ``inputs`` (X and the residual; random if
-    None); returns (output, numpy reference)."""
-    kernel = emit_spmm_ptx(problem, config, "k", "sm_90")
+def emulate(problem: SpmmProblem, config, rng, inputs=None, x_shape=None):
+    """Runs the generated PTX (of either kernel, by the config's type) in the emulator on
+    ``inputs`` (X and the residual; random if None); returns (output, numpy reference).
+    A problem with symbolic dimensions runs at ``x_shape``."""
+    kernel = cuda_rule.emit_ptx(problem, config, "k", "sm_90")
+    if x_shape is not None:
+        y_shape = list(x_shape)
+        y_shape[1 if problem.layout is Layout.CHANNELS else -1] = problem.M
+        problem = dataclasses.replace(problem, x_shape=tuple(x_shape), y_shape=tuple(y_shape))
     x_shape = tuple(int(d) for d in problem.x_shape)
     y_shape = tuple(int(d) for d in problem.y_shape)
     dtype = problem.dtype

@@ -51,7 +51,9 @@ def SparsifyWeights(target, density_threshold: float | None = None, **options) -
         (depthwise layers) too.
     kernel_config : dict or config object, optional
         Overrides of the kernel tiling applied to every rewritten layer (fields of
-        ``CudaSpmmConfig`` or ``CpuSpmmConfig``).
+        ``CudaSpmmConfig`` or ``CpuSpmmConfig``), or a whole config. On CUDA a
+        ``CudaCsrConfig``, or a dict with ``"kernel": "csr"`` and its fields, selects the
+        data-driven kernel; a dict without ``"kernel"`` holds fields of the unrolled one.
     dry_run : bool, optional
         Decide and report, but generate nothing and leave the module's functions as they
         are (what ``sparsert inspect`` shows).
@@ -70,7 +72,7 @@ def SparsifyWeights(target, density_threshold: float | None = None, **options) -
     if rule is None:
         raise ValueError(f"no sparse kernels for target kind {target.kind.name!r}; use cuda or llvm")
     threshold = _check_threshold(density_threshold)
-    kernel_config = _check_kernel_config(options.get("kernel_config"), rule.config_class)
+    kernel_config = _check_kernel_config(options.get("kernel_config"), rule)
     tuner = _tuner(rule, target, options.get("tune", False), options.get("tuning_database"))
     return _SparsifyWeights(target, rule, threshold, kernel_config, bool(options.get("dry_run", False)), tuner)
 
@@ -102,19 +104,26 @@ def _check_threshold(value) -> float | None:
     return float(value)
 
 
-def _check_kernel_config(config, config_class):
+def _check_kernel_config(config, rule):
     """Validates overrides up front, rather than failing inside the pass."""
     if config is None:
         return None
     if dataclasses.is_dataclass(config):
-        if not isinstance(config, config_class):
-            raise TypeError(f"kernel_config is a {type(config).__name__}; this target takes {config_class.__name__}")
+        if not rule.accepts(config):
+            takes = " or ".join(c.__name__ for c in rule.config_classes or (rule.config_class,))
+            raise TypeError(f"kernel_config is a {type(config).__name__}; this target takes {takes}")
         return config
-    fields = {f.name for f in dataclasses.fields(config_class)}
+    # A CUDA dict may name its kernel ({"kernel": "csr", ...}); the fields are that config's.
+    kind = {"kernel": config["kernel"]} if "kernel" in config else {}
+    try:
+        config_class = type(rule.config_from_dict(kind))
+    except TypeError:  # a rule with one kind of kernel: "kernel" is just an unknown field
+        config_class, kind = rule.config_class, {}
+    fields = {f.name for f in dataclasses.fields(config_class)} | set(kind)
     unknown = set(config) - fields
     if unknown:
         raise TypeError(f"unknown kernel_config field(s) {sorted(unknown)} for {config_class.__name__}: {sorted(fields)}")
-    config_class(**config)  # raises ValueError on bad values
+    rule.config_from_dict(config)  # raises ValueError on bad values
     return dict(config)
 
 
@@ -179,7 +188,7 @@ class _SparsifyWeights:
             name = _unique_name(candidate, taken)
             if source == "default" and self.tuner is not None and self.tuner.options is not None:
                 record = self.tuner.tune(problem, name)
-                config, source = self.rule.config_class(**record.config), "tuned"
+                config, source = self.rule.config_from_dict(record.config), "tuned"
                 tuning = {"tune_s": round(record.tune_s, 3), "tuned_us": record.us, "default_us": record.default_us}
             built = self.rule.build(problem, config, self.target, name)
         except UnsupportedProblem as unsupported:
@@ -198,7 +207,7 @@ class _SparsifyWeights:
         if overrides is not None:
             if dataclasses.is_dataclass(overrides):
                 return overrides, "kernel_config"
-            return dataclasses.replace(config, **overrides), "kernel_config"
+            return self.rule.with_overrides(problem, config, overrides), "kernel_config"
         tuned = self.tuner.lookup(problem) if self.tuner is not None else None
         return (tuned, "database") if tuned is not None else (config, "default")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+import dataclasses
 from dataclasses import dataclass, field
 
 import tvm
@@ -37,17 +38,28 @@ class SparseKernelRule(abc.ABC):
 
     #: Element types the generated kernels compute in.
     dtypes: tuple[str, ...] = ()
-    #: The config dataclass of this rule's kernels.
+    #: The config dataclass of this rule's kernels ...
     config_class: type = object
+    #: ... and every config dataclass it takes (some rules generate several kinds of kernel).
+    config_classes: tuple[type, ...] = ()
 
     def check(self, problem: SpmmProblem, config) -> None:
         """Raises ``UnsupportedProblem`` if the rule will not generate ``problem``'s kernel."""
         require_dtype(problem, self.dtypes, self.__class__.__name__)
-        if problem.weight.nnz > config.max_layer_nnz:
-            raise UnsupportedProblem(
-                f"{problem.weight.nnz:,} nonzeros exceed the unrolled-code cap of {config.max_layer_nnz:,} "
-                "(kernel_config max_layer_nnz); compile time and code size grow with every nonzero"
-            )
+        require_nnz_at_most(
+            problem, config.max_layer_nnz, "the unrolled-code cap", "compile time and code size grow with every nonzero"
+        )
+
+    def accepts(self, config) -> bool:
+        return isinstance(config, self.config_classes or (self.config_class,))
+
+    def config_from_dict(self, fields: dict):
+        """The config that ``config.as_dict()`` wrote (tuning records)."""
+        return self.config_class(**fields)
+
+    def with_overrides(self, problem: SpmmProblem, config, overrides: dict):
+        """``config`` (the layer's default) with the fields of a ``kernel_config`` dict."""
+        return dataclasses.replace(config, **overrides)
 
     def transposes_input(self, problem: SpmmProblem) -> bool:
         """Whether the kernel wants ``X`` transposed to ``[K, N]`` (done in Relax, before it)."""
@@ -67,6 +79,12 @@ class SparseKernelRule(abc.ABC):
 
         Raises ``UnsupportedProblem`` when the problem is outside what the rule handles.
         """
+
+
+def require_nnz_at_most(problem: SpmmProblem, cap: int, what: str, why: str) -> None:
+    if problem.weight.nnz > cap:
+        nnz = problem.weight.nnz
+        raise UnsupportedProblem(f"{nnz:,} nonzeros exceed {what} of {cap:,} (kernel_config max_layer_nnz); {why}")
 
 
 def require_dtype(problem: SpmmProblem, dtypes, generator: str) -> None:

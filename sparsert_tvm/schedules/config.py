@@ -8,10 +8,25 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import ClassVar
+
+
+class _CudaKernelConfig:
+    """What both CUDA configs share: ``as_dict()`` names the kernel, so that a tuning record
+    says which config class to rebuild (``cuda_config_from_dict``)."""
+
+    KERNEL: ClassVar[str]
+
+    def as_dict(self) -> dict:
+        return {"kernel": self.KERNEL} | dataclasses.asdict(self)
+
+    def _check_opt_level(self):
+        if not 0 <= self.ptxas_opt_level <= 3:
+            raise ValueError("ptxas_opt_level must be in 0..3")
 
 
 @dataclass(frozen=True)
-class CudaSpmmConfig:
+class CudaSpmmConfig(_CudaKernelConfig):
     """Tiling of the unrolled CUDA kernel.
 
     A thread block owns ``rows_per_block`` rows of ``A`` (one register accumulator per row
@@ -22,6 +37,8 @@ class CudaSpmmConfig:
     vector instruction (float16 pairs them in ``f16x2`` registers); it needs columns that
     are adjacent in memory and a column count divisible by the width.
     """
+
+    KERNEL: ClassVar[str] = "unrolled"
 
     rows_per_block: int = 4
     threads_per_block: int = 128
@@ -53,11 +70,59 @@ class CudaSpmmConfig:
             raise ValueError("threads_per_block must be a multiple of 32 and at most 1024")
         if self.vector_width not in (1, 2, 4, 8):
             raise ValueError("vector_width must be 1, 2, 4 or 8")
-        if not 0 <= self.ptxas_opt_level <= 3:
-            raise ValueError("ptxas_opt_level must be in 0..3")
+        self._check_opt_level()
 
-    def as_dict(self) -> dict:
-        return dataclasses.asdict(self)
+
+@dataclass(frozen=True)
+class CudaCsrConfig(_CudaKernelConfig):
+    """Tiling of the data-driven (CSR) CUDA kernel, for layers where unrolling does not pay.
+
+    The nonzeros' values and column indices are read from arrays in the module instead of
+    being instructions. A warp owns one row of ``A``, a block ``rows_per_block`` rows (of
+    similar lengths, heaviest first, with ``sort_rows``) and ``columns_per_block``
+    neighbouring columns of the product: each lane takes every 32nd nonzero of the row and
+    keeps one accumulator per column; a warp reduction sums the lanes. ``unroll`` chunks of
+    32 nonzeros are loaded per loop trip, so that several loads are in flight at once.
+    """
+
+    KERNEL: ClassVar[str] = "csr"
+
+    rows_per_block: int = 4
+    columns_per_block: int = 1
+    unroll: int = 2
+    sort_rows: bool = True
+    ptxas_opt_level: int = 3
+    # The arrays cost about 6 bytes per nonzero in the cubin and 20 in the PTX text.
+    max_layer_nnz: int = 4_000_000
+
+    def __post_init__(self):
+        _check_positive(self, "rows_per_block", "columns_per_block", "unroll", "max_layer_nnz")
+        if self.rows_per_block > 32:
+            raise ValueError("rows_per_block must be at most 32 (one warp per row, 1024 threads)")
+        if self.columns_per_block > 16:
+            raise ValueError("columns_per_block must be at most 16 (one accumulator per column and lane)")
+        if self.unroll not in (1, 2, 4, 8):
+            raise ValueError("unroll must be 1, 2, 4 or 8")
+        self._check_opt_level()
+
+    @property
+    def threads_per_block(self) -> int:
+        return 32 * self.rows_per_block
+
+
+CudaConfig = CudaSpmmConfig | CudaCsrConfig
+CUDA_CONFIGS: dict[str, type] = {c.KERNEL: c for c in (CudaSpmmConfig, CudaCsrConfig)}
+
+
+def cuda_config_from_dict(fields: dict) -> CudaConfig:
+    """The config that ``as_dict()`` wrote; a dict without ``"kernel"`` is the unrolled one
+    (tuning records from before the CSR kernel). Raises TypeError on unknown fields and
+    ValueError on an unknown kernel or bad values."""
+    fields = dict(fields)
+    kernel = fields.pop("kernel", CudaSpmmConfig.KERNEL)
+    if kernel not in CUDA_CONFIGS:
+        raise ValueError(f"unknown CUDA kernel {kernel!r}; known: {sorted(CUDA_CONFIGS)}")
+    return CUDA_CONFIGS[kernel](**fields)
 
 
 @dataclass(frozen=True)
@@ -85,7 +150,7 @@ class CpuSpmmConfig:
         return dataclasses.asdict(self)
 
 
-KernelConfig = CudaSpmmConfig | CpuSpmmConfig
+KernelConfig = CudaSpmmConfig | CudaCsrConfig | CpuSpmmConfig
 
 
 def _check_positive(config, *names):

@@ -50,3 +50,11 @@ def split_by_cost(items: list, costs, max_cost: int) -> list[list]:
         load += cost
     runs.append(current)
     return runs
+
+
+def group_rows_by_length(row_nnz: np.ndarray, rows_per_group: int) -> list[tuple[int, ...]]:
+    """Rows sorted by nonzero count, heaviest first (ties by index), in runs of
+    ``rows_per_group``: kernels whose rows run side by side (a warp each) then finish together,
+    and the long blocks start first."""
+    order = sorted(range(len(row_nnz)), key=lambda r: (-int(row_nnz[r]), r))
+    return [tuple(order[i : i + rows_per_group]) for i in range(0, len(order), rows_per_group)]

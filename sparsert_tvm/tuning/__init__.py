@@ -11,8 +11,8 @@ import dataclasses
 
 import tvm_ffi
 
-from ..problem import SpmmProblem
-from ..schedules.config import CpuSpmmConfig, CudaSpmmConfig
+from ..problem import Layout, SpmmProblem
+from ..schedules.config import CpuSpmmConfig, CudaConfig, CudaCsrConfig, CudaSpmmConfig
 
 # Blocks needed to give every SM of a large GPU (132 on an H100) a couple of blocks.
 _TARGET_BLOCKS = 264
@@ -43,7 +43,57 @@ def folds_batch_by_default(problem: SpmmProblem) -> bool:
     return problem.images_apart and problem.static_batch != 1
 
 
-def default_cuda_config(problem: SpmmProblem) -> CudaSpmmConfig:
+# The CSR kernel is the default only for fully connected layers with at most this many
+# columns (a matrix-vector product, or nearly) and at least this many nonzeros. NOT YET
+# MEASURED ON A GPU; the case rests on the H100 measurements of the unrolled kernel and of
+# cuSPARSE's generic CSR (benchmarks/results/spmm-paper-fp32-h100.json, density 0.1): at
+# N = 1 the unrolled kernel took 13.6-30.9 us on BERT/GPT-2 layers of 177k-420k nonzeros,
+# where cuSPARSE, reading 8 bytes per nonzero from memory, took 9.1-11.2 us; on 104k
+# nonzeros and fewer the unrolled kernel was the faster. The unrolled time is the code
+# stream, flat in N (the same at N = 8 as at N = 1), while a CSR kernel reads the same ~6
+# bytes per nonzero at any N and only adds an activation load and an FMA per column.
+CSR_DEFAULT_MAX_COLUMNS = 4
+CSR_DEFAULT_MIN_NNZ = 150_000
+
+
+def prefers_csr(problem: SpmmProblem) -> bool:
+    columns = problem.static_columns
+    return (
+        problem.layout is Layout.ROWS
+        and problem.window is None
+        and columns is not None
+        and columns <= CSR_DEFAULT_MAX_COLUMNS
+        and problem.weight.nnz >= CSR_DEFAULT_MIN_NNZ
+    )
+
+
+def default_cuda_config(problem: SpmmProblem, kernel: str | None = None) -> CudaConfig:
+    """The untuned config of ``kernel`` ("unrolled" or "csr"), or by default of the kernel
+    the heuristics prefer for ``problem`` (``prefers_csr``)."""
+    if kernel is None:
+        kernel = CudaCsrConfig.KERNEL if prefers_csr(problem) else CudaSpmmConfig.KERNEL
+    if kernel == CudaCsrConfig.KERNEL:
+        return default_csr_config(problem)
+    if kernel != CudaSpmmConfig.KERNEL:
+        raise ValueError(f"unknown CUDA kernel {kernel!r}")
+    return default_unrolled_config(problem)
+
+
+def default_csr_config(problem: SpmmProblem) -> CudaCsrConfig:
+    """One column tile up to 16 columns (each tile reads the arrays again), 4 for a symbolic
+    count; chunks in flight per trip as many as the longest row has (up to 4: its chain of
+    loads is the launch's tail); four rows per block, fewer where the grid would not give
+    every SM a couple of blocks."""
+    columns = problem.static_columns
+    tile = 4 if columns is None else min(16, columns)
+    longest = -(-int(problem.weight.row_nnz.max(initial=0)) // 32)
+    unroll = 4 if longest >= 4 else 2 if longest >= 2 else 1
+    tiles = -(-(columns or tile) // tile)
+    rows = _rows_filling_the_machine(problem, 4, tiles * (problem.static_batch or 1))
+    return CudaCsrConfig(rows_per_block=rows, columns_per_block=tile, unroll=unroll)
+
+
+def default_unrolled_config(problem: SpmmProblem) -> CudaSpmmConfig:
     width = default_vector_width(problem)
     fold = folds_batch_by_default(problem)
     columns = problem.static_columns
@@ -63,10 +113,16 @@ def default_cuda_config(problem: SpmmProblem) -> CudaSpmmConfig:
     column_tiles = 1 if vectors is None else -(-vectors // threads)
     # Every row group reads all of X again (from L2): as many rows per block as the grid
     # allows while it still gives every SM a couple of blocks.
-    rows = 16
-    while rows > 1 and -(-problem.M // rows) * column_tiles * images < _TARGET_BLOCKS:
-        rows //= 2
+    rows = _rows_filling_the_machine(problem, 16, column_tiles * images)
     return CudaSpmmConfig(rows_per_block=rows, threads_per_block=threads, vector_width=width, fold_batch=fold)
+
+
+def _rows_filling_the_machine(problem: SpmmProblem, most: int, blocks_per_row_group: int) -> int:
+    """Up to ``most`` rows per block, halved while the grid has fewer than ``_TARGET_BLOCKS``."""
+    rows = most
+    while rows > 1 and -(-problem.M // rows) * blocks_per_row_group < _TARGET_BLOCKS:
+        rows //= 2
+    return rows
 
 
 def _window_config(problem: SpmmProblem, vectors: int, images: int, width: int) -> CudaSpmmConfig:

@@ -1,11 +1,15 @@
-"""The search space of the CUDA kernel's tiling, pruned and ranked before anything is timed.
+"""The search space of the CUDA kernels' tiling, pruned and ranked before anything is timed.
 
 Every combination of rows per block, threads, columns per thread, vector width and (where
-images are computed apart) folding the batch into the columns that the generator accepts is scored with a rough model of the H100-class machine; the tuner only
-compiles and times the best few. The model counts what the unrolled code makes the
-machine do: instructions issued (FMAs plus one load per needed activation vector, shared
-by the rows of a block), how many of them the busiest block issues in a row (the tail of
-the launch), and how many warps can be resident to hide latency.
+images are computed apart) folding the batch into the columns that the generator accepts,
+and of the CSR kernel's rows per block, columns per block and unrolling, is scored with a
+rough model of the H100-class machine in cycles; the tuner only compiles and times the
+best few. For the unrolled code the model counts instructions issued (FMAs plus one load
+per needed activation vector, shared by the rows of a block), how many of them the busiest
+block issues in a row (the tail of the launch), how many warps can be resident to hide
+latency, and the code itself streaming into the SMs (once per column tile and image). For
+the CSR kernel: instructions per chunk of 32 nonzeros, the bytes of its arrays (once per
+column tile and image) and the chain of dependent loads of the longest row.
 """
 
 from __future__ import annotations
@@ -19,7 +23,8 @@ import numpy as np
 
 from ..errors import UnsupportedProblem
 from ..problem import SpmmProblem
-from ..schedules.config import CudaSpmmConfig
+from ..schedules.config import CudaConfig, CudaCsrConfig, CudaSpmmConfig
+from ..schedules.cuda.csr_layout import LANES, MAX_U16_COLUMNS
 from ..schedules.row_groups import group_rows
 from . import default_cuda_config
 
@@ -34,6 +39,12 @@ MAX_ACCUMULATORS = 64
 MAX_CODE_MULTIPLIER = 4
 # Columns assumed for a symbolic column count.
 SYMBOLIC_COLUMNS = 256
+# The CSR kernel's space (configs of equal cost keep this order: 4 rows first).
+CSR_ROWS_PER_BLOCK = (4, 2, 8, 1)
+CSR_COLUMNS_PER_BLOCK = (1, 2, 4, 8, 16)
+CSR_UNROLL = (1, 2, 4)
+# Bytes of machine code per instruction (sm_90).
+INSTRUCTION_BYTES = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,24 +55,43 @@ class Machine:
     warps_per_sm: int = 64
     registers_per_sm: int = 65536
     blocks_per_sm: int = 32
+    # Unrolled code an SM takes in per cycle: on the H100, kernels of more than 500 KB of
+    # code ran at a median 390 GB/s of cubin bytes times column tiles (160-1280 GB/s over
+    # the 108 such cases of benchmarks/results/spmm-{paper-fp32,threshold}-h100.json), i.e.
+    # 1.7 bytes per SM and cycle at 1.75 GHz.
+    fetch_bytes_per_cycle: float = 1.7
+    # Bytes per cycle from memory, the whole GPU (about 2.6 TB/s at 1.75 GHz).
+    memory_bytes_per_cycle: float = 1500.0
+    # Cycles of a global load that misses L1.
+    load_latency: int = 500
 
 
-def candidates(problem: SpmmProblem, check, limit: int, machine: Machine = Machine()) -> list[CudaSpmmConfig]:
-    """Up to ``limit`` configs, best estimate first; the untuned default is always among them.
+def candidates(problem: SpmmProblem, check, limit: int, machine: Machine = Machine()) -> list[CudaConfig]:
+    """Up to ``limit`` configs of both kernels, best estimate first; the untuned default is
+    always among them.
 
     ``check(problem, config)`` raises ``UnsupportedProblem`` for configs the generator
     rejects.
     """
     default = default_cuda_config(problem)
+    unrolled = default_cuda_config(problem, CudaSpmmConfig.KERNEL)
+    csr = default_cuda_config(problem, CudaCsrConfig.KERNEL)
     folds = (False, True) if problem.images_apart and problem.static_batch != 1 else (False,)
-    scored = {}
-    for rows, threads, cols, width, fold in itertools.product(
-        ROWS_PER_BLOCK, THREADS, COLUMNS_PER_THREAD, VECTOR_WIDTHS[problem.dtype], folds
-    ):
-        config = dataclasses.replace(
-            default, rows_per_block=rows, threads_per_block=threads, columns_per_thread=cols, vector_width=width,
+    space = [
+        dataclasses.replace(
+            unrolled, rows_per_block=rows, threads_per_block=threads, columns_per_thread=cols, vector_width=width,
             fold_batch=fold,
         )
+        for rows, threads, cols, width, fold in itertools.product(
+            ROWS_PER_BLOCK, THREADS, COLUMNS_PER_THREAD, VECTOR_WIDTHS[problem.dtype], folds
+        )
+    ]
+    space += [
+        dataclasses.replace(csr, rows_per_block=rows, columns_per_block=cols, unroll=unroll)
+        for rows, cols, unroll in itertools.product(CSR_ROWS_PER_BLOCK, CSR_COLUMNS_PER_BLOCK, CSR_UNROLL)
+    ]
+    scored = {}
+    for config in space:
         cost = estimated_cost(problem, config, machine)
         if cost is None:
             continue
@@ -72,11 +102,29 @@ def candidates(problem: SpmmProblem, check, limit: int, machine: Machine = Machi
         scored[config] = cost
     ranked = sorted(scored, key=scored.get)
     chosen = [default] + [c for c in ranked if c != default]
-    return chosen[: max(1, limit)]
+    return _with_both_kernels(chosen, max(1, limit), scored)
 
 
-def estimated_cost(problem: SpmmProblem, config: CudaSpmmConfig, machine: Machine = Machine()) -> float | None:
+def _with_both_kernels(chosen: list, limit: int, cost: dict) -> list:
+    """The first ``limit`` of ``chosen``, where each kernel keeps at least a third of the
+    places it has candidates for: the CSR kernel's model is not yet checked against a GPU,
+    so neither kernel is ruled out by the model alone."""
+    picked = chosen[:limit]
+    for kernel in (CudaSpmmConfig.KERNEL, CudaCsrConfig.KERNEL):
+        share = min(limit // 3, sum(c.KERNEL == kernel for c in chosen))
+        extra = [c for c in chosen[limit:] if c.KERNEL == kernel][: share - sum(c.KERNEL == kernel for c in picked)]
+        for config in extra:
+            others = [i for i in range(1, len(picked)) if picked[i].KERNEL != kernel]
+            if len(others) <= limit // 3:  # the other kernel keeps its share too
+                break
+            picked[others[-1]] = config
+    return picked[:1] + sorted(picked[1:], key=lambda c: cost[c])
+
+
+def estimated_cost(problem: SpmmProblem, config: CudaConfig, machine: Machine = Machine()) -> float | None:
     """A relative time estimate (cycles, roughly), or None for configs not worth trying."""
+    if isinstance(config, CudaCsrConfig):
+        return _csr_cost(problem, config, machine)
     lanes = _registers_per_vector(problem.dtype, config.vector_width)
     accumulators = config.rows_per_block * config.columns_per_thread * lanes
     if accumulators > MAX_ACCUMULATORS or config.columns_per_thread * lanes > MAX_CODE_MULTIPLIER:
@@ -107,7 +155,55 @@ def estimated_cost(problem: SpmmProblem, config: CudaSpmmConfig, machine: Machin
     # Each wave lasts about as long as its slowest block's serial instruction stream; a
     # lone warp issues about one instruction every four cycles.
     tail = waves * float(per_thread.max()) * 4.0 / min(4, resident * warps)
-    return max(throughput, tail)
+    # Each block streams its group's code once: all of it through all the SMs, and the
+    # longest group's through one SM per wave.
+    code = INSTRUCTION_BYTES * per_thread
+    fetch = max(
+        tiles * images * float(code.sum()) / (machine.sms * machine.fetch_bytes_per_cycle),
+        math.ceil(blocks / machine.sms) * float(code.max()) / machine.fetch_bytes_per_cycle,
+    )
+    return max(throughput, tail, fetch)
+
+
+def _csr_cost(problem: SpmmProblem, config: CudaCsrConfig, machine: Machine) -> float | None:
+    """Cycles of the CSR kernel: instructions, bytes of its arrays, and the longest row's
+    chain of dependent loads (index, then activation, per trip of ``unroll`` chunks)."""
+    columns = problem.static_columns or SYMBOLIC_COLUMNS
+    cols, unroll = config.columns_per_block, config.unroll
+    if cols > 1 and cols >= 2 * columns:  # a tile of mostly missing columns
+        return None
+    chunks = _row_chunks(problem.weight)
+    if unroll > 1 and unroll > chunks.max(initial=0):
+        return None
+    tiles, images = math.ceil(columns / cols), problem.static_batch or 1
+    converts = 1 + cols if problem.dtype == "float16" else 0
+    per_chunk = 4 + 2 * cols + converts + 3 / unroll  # value, index, address, loads and FMAs, loop
+    padded_cols = 1 << (cols - 1).bit_length()
+    per_warp = 40 + 4 * padded_cols + 2 * (5 - padded_cols.bit_length() + 1)  # slot, reduction, epilogue
+    issued = tiles * images * (float(chunks.sum()) * per_chunk + problem.M * per_warp)
+    throughput = issued / (machine.sms * 2.0)
+    element_bytes = (4 if problem.dtype == "float32" else 2) + (2 if problem.K <= MAX_U16_COLUMNS else 4)
+    memory = tiles * images * float(chunks.sum()) * LANES * element_bytes / machine.memory_bytes_per_cycle
+    longest = int(chunks.max(initial=0))
+    trips = longest // unroll + longest % unroll
+    registers = (padded_cols + unroll * (cols + 4) + 24) * config.threads_per_block
+    resident = min(
+        machine.blocks_per_sm,
+        machine.warps_per_sm // config.rows_per_block,
+        max(1, machine.registers_per_sm // registers),
+    )
+    blocks = math.ceil(problem.M / config.rows_per_block) * tiles * images
+    waves = math.ceil(blocks / (machine.sms * resident))
+    # The longest warp waits for its loads (the slot, each trip's index then activation,
+    # the residual and the store) and issues its instructions.
+    serial = (2 * trips + 3) * machine.load_latency
+    serial += (longest * per_chunk + per_warp) * 4.0 / min(4, resident * config.rows_per_block)
+    return max(throughput, memory, waves * serial)
+
+
+@lru_cache(maxsize=256)
+def _row_chunks(weight) -> np.ndarray:
+    return -(-weight.row_nnz // LANES)
 
 
 def _registers_per_vector(dtype: str, width: int) -> int:

@@ -22,10 +22,9 @@ from .. import cache
 from ..errors import SparseRTError
 from ..problem import SpmmProblem
 from ..schedules.base import BuiltKernel
-from ..schedules.config import CudaSpmmConfig
+from ..schedules.config import CudaConfig
 from ..schedules.cuda.assemble import assemble
-from ..schedules.cuda.ptx import emit_spmm_ptx
-from ..schedules.cuda.rule import cuda_arch
+from ..schedules.cuda.rule import cuda_arch, emit_ptx
 from . import space
 from .database import TuningDatabase, TuningRecord, default_path, problem_key
 from .measure import time_with_evaluator
@@ -75,14 +74,15 @@ class Tuner:
         self.database = open_database(database if database is not None else options and options.database)
         self.arch = cuda_arch(target)
 
-    def lookup(self, problem: SpmmProblem) -> CudaSpmmConfig | None:
+    def lookup(self, problem: SpmmProblem) -> CudaConfig | None:
         """The recorded config, or None; a record written by a version whose config had
-        other fields counts as missing (the layer is tuned again if tuning is on)."""
+        other fields (or an unknown kernel) counts as missing (the layer is tuned again if
+        tuning is on)."""
         record = self.database.get(problem_key(problem, self.arch))
         if record is None:
             return None
         try:
-            return self.rule.config_class(**record.config)
+            return self.rule.config_from_dict(record.config)
         except (TypeError, ValueError):
             return None
 
@@ -128,11 +128,11 @@ class Tuner:
             list(pool.map(lambda config: assemble_candidate(problem, config, name, self.arch, jobs=2), configs))
 
 
-def assemble_candidate(problem: SpmmProblem, config: CudaSpmmConfig, name: str, arch: str, jobs: int = 1) -> None:
+def assemble_candidate(problem: SpmmProblem, config: CudaConfig, name: str, arch: str, jobs: int = 1) -> None:
     """Puts the cubin of one candidate in the kernel cache, where ``rule.build(problem, config,
     target, name)`` will find it. A candidate that fails is left for its own build to report."""
     try:
-        kernel = emit_spmm_ptx(problem, config, f"{name}_kernel", arch)
+        kernel = emit_ptx(problem, config, f"{name}_kernel", arch)
         assemble(kernel.units, arch, config.ptxas_opt_level, jobs=jobs)
     except SparseRTError:
         pass

@@ -73,6 +73,40 @@ def f16_bits(value: float) -> int:
     return int(np.array(value, np.float16).view(np.uint16))
 
 
+def clip_bounds(op: Clip) -> list[tuple[str, float]]:
+    """The ``max`` / ``min`` instructions (and their operand) that ``op`` needs."""
+    return [(name, bound) for name, bound in (("max", op.lo), ("min", op.hi)) if math.isfinite(bound)]
+
+
+# -- what every kernel of this package starts with: the launch signature of the wrapper
+def ptx_header(arch: str) -> list[str]:
+    return [f".version {PTX_VERSION}", f".target {arch}", ".address_size 64", ""]
+
+
+def param_types(problem: SpmmProblem) -> tuple[str, ...]:
+    """TVM argument types of ``(x, [residual], y, ncols)``."""
+    return ("handle",) * (3 if problem.has_residual else 2) + ("int32",)
+
+
+def entry_declaration(name: str, has_residual: bool, threads: int) -> list[str]:
+    params = ["p_x"] + (["p_r"] if has_residual else []) + ["p_y"]
+    decl = ", ".join(f".param .u64 {q}" for q in params) + ", .param .u32 p_ncols"
+    return [f".visible .entry {name}({decl})", f".maxntid {threads}, 1, 1", "{"]
+
+
+def load_operands(has_residual: bool) -> list[str]:
+    """``%px``, ``%py``, ``%pr`` (global addresses of X, Y, the residual) and ``%ncols``."""
+    lines = [
+        "ld.param.u64 %rd1, [p_x];",
+        "ld.param.u64 %rd2, [p_y];",
+        "cvta.to.global.u64 %px, %rd1;",
+        "cvta.to.global.u64 %py, %rd2;",
+    ]
+    if has_residual:
+        lines += ["ld.param.u64 %rd3, [p_r];", "cvta.to.global.u64 %pr, %rd3;"]
+    return lines + ["ld.param.u32 %ncols, [p_ncols];"]
+
+
 @dataclass(frozen=True)
 class _ElementType:
     """How a vector of ``width`` neighbouring columns sits in registers.
@@ -196,7 +230,7 @@ class _Emitter:
         self.y_strides = problem.y_strides()
         self.window = problem.window
         self.folds_batch = config.fold_batch
-        self.param_types = ("handle",) * (3 if problem.has_residual else 2) + ("int32",)
+        self.param_types = param_types(problem)
 
     # -- offsets ---------------------------------------------------------------------
     def x_offset(self, k: int, c: int) -> int:
@@ -241,29 +275,19 @@ class _Emitter:
 
     # -- units -----------------------------------------------------------------------
     def header(self) -> list[str]:
-        return [f".version {PTX_VERSION}", f".target {self.arch}", ".address_size 64", ""]
+        return ptx_header(self.arch)
 
     def entry(self, name, inline_groups=None, segment_bounds=None) -> str:
         p, cfg = self.problem, self.config
         lines = self.header()
         if segment_bounds is not None:
             lines += [f".extern .func {name}_seg{s}{self._segment_params()};" for s in range(len(segment_bounds))]
-        params = ["p_x"] + (["p_r"] if p.has_residual else []) + ["p_y"]
-        decl = ", ".join(f".param .u64 {q}" for q in params) + ", .param .u32 p_ncols"
-        lines += [f".visible .entry {name}({decl})", f".maxntid {cfg.threads_per_block}, 1, 1", "{"]
+        lines += entry_declaration(name, p.has_residual, cfg.threads_per_block)
         lines += self._declarations()
-        lines += [
-            "ld.param.u64 %rd1, [p_x];",
-            "ld.param.u64 %rd2, [p_y];",
-            "cvta.to.global.u64 %px, %rd1;",
-            "cvta.to.global.u64 %py, %rd2;",
-        ]
-        if p.has_residual:
-            lines += ["ld.param.u64 %rd3, [p_r];", "cvta.to.global.u64 %pr, %rd3;"]
-        else:
+        lines += load_operands(p.has_residual)
+        if not p.has_residual:
             lines += ["mov.u64 %pr, 0;"]  # segments take it as an argument either way
         lines += [
-            "ld.param.u32 %ncols, [p_ncols];",
             "mov.u32 %r1, %ctaid.x;",
             "mov.u32 %r2, %tid.x;",
             f"mad.lo.u32 %col0, %r1, {cfg.threads_per_block * self.cols}, %r2;",
@@ -531,10 +555,8 @@ class _Emitter:
                 lines += self._load(residual, *self.y_address(m, c, "%pr"), self.y_strides.n, c)
                 lines += [f"add.{arith} {acc}, {acc}, {t};" for acc, t in zip(accumulators, residual)]
             elif isinstance(op, Clip):
-                if math.isfinite(op.lo):
-                    apply("max", op.lo)
-                if math.isfinite(op.hi):
-                    apply("min", op.hi)
+                for instruction, bound in clip_bounds(op):
+                    apply(instruction, bound)
         lines += self._store(accumulators, m, c)
         return lines
 

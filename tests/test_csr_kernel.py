@@ -1,0 +1,428 @@
+"""The data-driven (CSR) CUDA kernel: emulated against numpy, assembled with ptxas, chosen
+through the config, the tuning space, the database and the pass; on the GPU where there is one."""
+
+import dataclasses
+import subprocess
+import time
+
+import numpy as np
+import pytest
+import tvm
+from tvm import tirx
+
+import sparsert_tvm as sp
+from helpers import CPU_TARGET, make_case, pruned_matrix, sparse_matrix
+from ptx_emulator import PtxProgram
+from sparsert_tvm.errors import UnsupportedProblem
+from sparsert_tvm.problem import Layout, SpmmProblem
+from sparsert_tvm.schedules.config import CudaCsrConfig, CudaSpmmConfig, cuda_config_from_dict
+from sparsert_tvm.schedules.cuda import rule as cuda_rule
+from sparsert_tvm.schedules.cuda.assemble import assemble, find_tool
+from sparsert_tvm.schedules.cuda.csr_layout import LANES, NO_ROW, csr_layout
+from sparsert_tvm.schedules.cuda.csr_ptx import emit_csr_ptx
+from sparsert_tvm.tuning import default_cuda_config, prefers_csr, space
+from sparsert_tvm.tuning.database import TuningDatabase, TuningRecord, problem_key
+from sparsert_tvm.tuning.tuner import TuneOptions, Tuner
+from sparsert_tvm.weights import SparseMatrix
+from test_conv import conv, problem_of
+from test_cuda_codegen import emulate, needs_ptxas, problem_for
+from test_numerics import check as check_module
+
+CUDA = tvm.target.Target({"kind": "cuda", "arch": "sm_90"}, host=CPU_TARGET)
+
+
+def problem(rng, layout, weight, x_shape, epilogue=(), dtype="float32", transposed=False):
+    p = problem_for(rng, layout, *weight.shape, 0, x_shape, epilogue, weight=weight, dtype=dtype)
+    return dataclasses.replace(p, x_transposed=transposed)
+
+
+def check(problem, config, rng, x_shape=None, tolerance=1e-5):
+    out, ref = emulate(problem, config, rng, x_shape=x_shape)
+    assert not np.isnan(out).any()  # every output element written
+    np.testing.assert_allclose(out.astype(np.float64), ref.astype(np.float64), rtol=tolerance, atol=tolerance)
+
+
+# -- numerics in the emulator ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("density", [0.0, 0.01, 0.1, 1.0])
+@pytest.mark.parametrize("columns", [1, 3, 8, 37])
+def test_rows_layout_densities_and_column_tiles(density, columns):
+    rng = np.random.default_rng(0)
+    weight = sparse_matrix(rng, (37, 83), density)  # odd M and K; 37 rows fill no block of 4
+    p = problem(rng, Layout.ROWS, weight, (columns, 83), ("bias", "residual", "relu6"))
+    for tile in (1, 4, 16):  # 37 columns: 10 tiles of 4, the last partial
+        check(p, CudaCsrConfig(rows_per_block=4, columns_per_block=tile), rng)
+
+
+@pytest.mark.parametrize("density", [0.0, 0.1, 1.0])
+@pytest.mark.parametrize("x_shape", [(1, 40, 1, 1), (3, 40, 5, 3)], ids=str)
+def test_channels_layout_with_batch(density, x_shape):
+    rng = np.random.default_rng(1)
+    weight = sparse_matrix(rng, (19, 40), density)
+    p = problem(rng, Layout.CHANNELS, weight, x_shape, ("bias", "residual", "relu"))
+    for config in (CudaCsrConfig(columns_per_block=2, unroll=1), CudaCsrConfig(rows_per_block=3, columns_per_block=16)):
+        check(p, config, rng)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        CudaCsrConfig(rows_per_block=1, columns_per_block=1, unroll=1),
+        CudaCsrConfig(rows_per_block=3, columns_per_block=5, unroll=2),
+        CudaCsrConfig(rows_per_block=8, columns_per_block=16, unroll=4, sort_rows=False),
+        CudaCsrConfig(rows_per_block=32, columns_per_block=2, unroll=8),
+    ],
+    ids=lambda c: f"r{c.rows_per_block}c{c.columns_per_block}u{c.unroll}{'' if c.sort_rows else '-unsorted'}",
+)
+def test_uneven_and_empty_rows(config):
+    """Rows from empty to ten chunks in one block: warps run different trip counts."""
+    rng = np.random.default_rng(2)
+    weight = pruned_matrix(rng, (45, 400), 0.15)
+    weight[[0, 7, 8, 44]] = 0
+    weight[3] = rng.standard_normal(400)  # a dense row: 13 chunks
+    p = problem(rng, Layout.ROWS, weight, (6, 400), ("bias", "residual"))
+    check(p, config, rng)
+
+
+EPILOGUES = [(), ("bias",), ("residual",), ("relu",), ("relu6",), ("clip",), ("bias", "residual", "relu"),
+             ("residual", "bias", "clip"), ("bias", "relu", "bias")]
+
+
+@pytest.mark.parametrize("epilogue", EPILOGUES, ids=lambda e: "+".join(e) or "none")
+@pytest.mark.parametrize("layout", [Layout.ROWS, Layout.CHANNELS])
+def test_every_epilogue(layout, epilogue):
+    rng = np.random.default_rng(3)
+    weight = sparse_matrix(rng, (21, 70), 0.2)
+    x_shape = (5, 70) if layout is Layout.ROWS else (2, 70, 2, 3)
+    check(problem(rng, layout, weight, x_shape, epilogue), CudaCsrConfig(rows_per_block=2, columns_per_block=4), rng)
+
+
+def test_symbolic_columns_and_batch():
+    rng = np.random.default_rng(4)
+    weight = sparse_matrix(rng, (23, 64), 0.2)
+    n = tirx.Var("n", "int64")
+    rows = problem(rng, Layout.ROWS, weight, (n, 64), ("bias", "residual", "relu"))
+    channels = problem(rng, Layout.CHANNELS, weight, (n, 64, 3, 3), ("residual",))
+    for columns in (1, 5, 37):
+        check(rows, CudaCsrConfig(columns_per_block=4), rng, x_shape=(columns, 64))
+    check(channels, CudaCsrConfig(columns_per_block=4), rng, x_shape=(3, 64, 3, 3))
+
+
+def test_transposed_and_leading_dimensions():
+    rng = np.random.default_rng(5)
+    weight = sparse_matrix(rng, (17, 30), 0.3)
+    transposed = problem(rng, Layout.ROWS, weight, (20, 30), ("bias",), transposed=True)
+    check(transposed, CudaCsrConfig(columns_per_block=8), rng)
+    check(problem(rng, Layout.ROWS, weight, (2, 3, 30), ("residual",)), CudaCsrConfig(columns_per_block=4), rng)
+
+
+def test_wide_weights_read_32_bit_indices():
+    rng = np.random.default_rng(6)
+    weight = sparse_matrix(rng, (5, 70_000), 0.002)
+    p = problem(rng, Layout.ROWS, weight, (2, 70_000), ("bias",))
+    text = emit_csr_ptx(p, CudaCsrConfig(columns_per_block=2), "k", "sm_90").units[0]
+    assert "ld.global.nc.u32 %k0" in text and ".b32 k_indices" in text
+    check(p, CudaCsrConfig(columns_per_block=2), rng)
+
+
+@pytest.mark.parametrize("layout", [Layout.ROWS, Layout.CHANNELS])
+def test_float16_accumulates_in_float32(layout):
+    rng = np.random.default_rng(7)
+    weight = sparse_matrix(rng, (29, 300), 0.5)
+    x_shape = (3, 300) if layout is Layout.ROWS else (2, 300, 2, 2)
+    p = problem(rng, layout, weight, x_shape, ("bias", "residual", "relu6"), dtype="float16")
+    text = emit_csr_ptx(p, CudaCsrConfig(columns_per_block=4), "k", "sm_90").units[0]
+    assert ".b16 k_values" in text and "fma.rn.f32" in text and "f16x2" not in text
+    out, ref = emulate(p, CudaCsrConfig(columns_per_block=4), rng)
+    assert out.dtype == np.float16
+    # float32 sums rounded once: within one float16 ulp of the float64 answer, where a
+    # float16 accumulation of 150 products is off by ~1e-2 (test_cuda_codegen).
+    np.testing.assert_allclose(out.astype(np.float64), ref.astype(np.float64), rtol=1e-3, atol=1e-3)
+
+
+def test_emulator_is_loud_about_partial_warps_and_array_bounds():
+    def program(body):
+        lines = [".global .align 4 .b32 k_data[2] = {", "1,2", "};", ".visible .entry k(.param .u64 p_y)", "{"]
+        return PtxProgram("\n".join(lines + ["mov.u32 %r1, %tid.x;"] + body + ["DONE:", "ret;", "}"]))
+
+    half_warp = ["setp.lt.u32 %p0, %r1, 16;", "@%p0 bra DONE;", "shfl.sync.bfly.b32 %r2, %r1, 1, 31, -1;"]
+    with pytest.raises(AssertionError, match="16 of 32 lanes"):
+        program(half_warp).launch("k", (1, 1, 1), 32, [0], {})
+    past_the_end = ["mov.u64 %rd1, k_data;", "mul.wide.u32 %rd2, %r1, 4;", "add.s64 %rd1, %rd1, %rd2;",
+                    "ld.global.nc.u32 %r3, [%rd1];"]
+    with pytest.raises(IndexError, match="past the end of k_data"):
+        program(past_the_end).launch("k", (1, 1, 1), 32, [0], {})
+    program(past_the_end).launch("k", (1, 1, 1), 2, [0], {})  # two threads read the two elements
+
+
+# -- the layout and the text -------------------------------------------------------------
+
+
+def test_layout_pads_rows_with_their_last_column_and_marks_missing_slots():
+    weight = np.zeros((5, 100), np.float32)
+    weight[0, [3, 50]] = 1.0
+    weight[2, :40] = 2.0
+    weight[4, 99] = 3.0  # row 1 and row 3 stay empty
+    p = problem(np.random.default_rng(8), Layout.ROWS, weight, (1, 100), ("bias",))
+    layout = csr_layout(p, rows_per_block=2, sort_rows=True)
+    assert layout.groups == ((2, 0), (4, 1), (3,))  # heaviest first
+    first, chunks, rows = layout.slots[:, 0], layout.slots[:, 1], layout.slots[:, 2]
+    assert rows.tolist() == [2, 0, 4, 1, 3, NO_ROW]
+    assert chunks.tolist() == [2, 1, 1, 0, 0, 0] and layout.padded_nnz == 4 * LANES
+    row0 = slice(first[1], first[1] + LANES)
+    assert layout.indices[row0].tolist() == [3, 50] + [50] * (LANES - 2)
+    assert layout.values[row0].tolist() == [1.0, 1.0] + [0.0] * (LANES - 2)
+    bias = np.asarray(p.epilogue[0].values, np.float32)
+    assert layout.slots[:5, 3].view(np.float32).tolist() == bias[[2, 0, 4, 1, 3]].tolist()
+
+
+def test_values_are_data_not_instructions():
+    rng = np.random.default_rng(9)
+    small, large = (problem(rng, Layout.ROWS, sparse_matrix(rng, (64, 256), d), (4, 256)) for d in (0.01, 0.5))
+    config = CudaCsrConfig(columns_per_block=4, unroll=2)
+    texts = [emit_csr_ptx(p, config, "k", "sm_90").units[0] for p in (small, large)]
+    assert texts[0].count("fma.rn.f32") == texts[1].count("fma.rn.f32") == 3 * 4  # (2 + 1 chunks) x 4 columns
+    assert ".const .align 16 .b32 k_slots" in texts[0] and "ld.const.v4.u32" in texts[0]
+    assert "shfl.sync.bfly.b32" in texts[0] and "brx.idx" not in texts[0]
+
+
+def test_large_slot_tables_live_in_global_memory():
+    rng = np.random.default_rng(10)
+    p = problem(rng, Layout.ROWS, sparse_matrix(rng, (3000, 8), 0.5), (1, 8), ("bias",))  # 48 KB of slots
+    text = emit_csr_ptx(p, CudaCsrConfig(), "k", "sm_90").units[0]
+    assert ".global .align 16 .b32 k_slots" in text and "ld.global.nc.v4.u32" in text
+
+
+def test_what_the_csr_kernel_rejects():
+    rng = np.random.default_rng(11)
+    windowed = problem_of(conv(rng, "3x3", "NCHW", 0.3, batch=1))
+    rule = cuda_rule.CudaSpmmRule()
+    with pytest.raises(UnsupportedProblem, match="window"):
+        rule.check(windowed, CudaCsrConfig())
+    dense = problem(rng, Layout.ROWS, sparse_matrix(rng, (16, 16), 1.0), (2, 16))
+    with pytest.raises(UnsupportedProblem, match="CSR kernel's cap"):
+        rule.check(dense, CudaCsrConfig(max_layer_nnz=255))
+    with pytest.raises(UnsupportedProblem, match="float32, float16"):
+        rule.check(problem(rng, Layout.ROWS, np.eye(4), (2, 4), dtype="float64"), CudaCsrConfig())
+    # Offsets from 32-bit indices are 64-bit, but the strides themselves must fit in 32 bits.
+    huge = problem(rng, Layout.CHANNELS, sparse_matrix(rng, (4, 4), 0.5), (1, 4, 2**31, 1))
+    with pytest.raises(UnsupportedProblem, match="32-bit strides"):
+        rule.check(huge, CudaCsrConfig())
+    for bad in ({"rows_per_block": 33}, {"columns_per_block": 17}, {"unroll": 3}, {"columns_per_block": 0}):
+        with pytest.raises(ValueError):
+            CudaCsrConfig(**bad)
+
+
+@needs_ptxas
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_ptxas_assembles_a_large_layer(dtype, capsys):
+    """1024x4096 at 10% (BERT-large's FC2): about 420k nonzeros in the module's arrays."""
+    rng = np.random.default_rng(12)
+    weight = sparse_matrix(rng, (1024, 4096), 0.1)
+    p = problem(rng, Layout.ROWS, weight, (8, 4096), ("bias", "residual", "relu"), dtype=dtype)
+    config = CudaCsrConfig(columns_per_block=8, unroll=4)
+    start = time.perf_counter()
+    kernel = emit_csr_ptx(p, config, "k", "sm_90")
+    emitted = time.perf_counter()
+    cubin = assemble(kernel.units, "sm_90")
+    assembled = time.perf_counter()
+    assert cubin[:4] == b"\x7fELF"
+    element = 4 if dtype == "float32" else 2
+    assert len(cubin) < (element + 2) * p.weight.nnz * 1.3  # the arrays and little else
+    with capsys.disabled():
+        print(f"\n  CSR {dtype} 1024x4096 @10% ({p.weight.nnz:,} nnz): PTX {kernel.ptx_bytes / 1e6:.1f} MB in "
+              f"{emitted - start:.2f} s, ptxas {assembled - emitted:.2f} s, cubin {len(cubin) / 1e6:.2f} MB")
+
+
+@needs_ptxas
+def test_no_spills_at_the_widest_tile_of_the_tuning_space(tmp_path):
+    rng = np.random.default_rng(13)
+    p = problem(rng, Layout.ROWS, sparse_matrix(rng, (64, 512), 0.1), (16, 512), ("bias", "residual"))
+    widest = CudaCsrConfig(
+        rows_per_block=8, columns_per_block=max(space.CSR_COLUMNS_PER_BLOCK), unroll=max(space.CSR_UNROLL)
+    )
+    kernel = emit_csr_ptx(p, widest, "k", "sm_90")
+    path = tmp_path / "k.ptx"
+    path.write_text(kernel.units[0])
+    command = [find_tool("ptxas"), "-arch=sm_90", "-v", str(path), "-o", str(tmp_path / "k.cubin")]
+    info = subprocess.run(command, capture_output=True, text=True)
+    assert info.returncode == 0 and "0 bytes spill stores" in info.stderr, info.stderr
+
+
+# -- configs, defaults, tuning, the pass --------------------------------------------------
+
+
+def test_config_dicts_name_their_kernel():
+    csr = CudaCsrConfig(rows_per_block=2, columns_per_block=8, unroll=4)
+    assert csr.as_dict()["kernel"] == "csr" and CudaSpmmConfig().as_dict()["kernel"] == "unrolled"
+    assert cuda_config_from_dict(csr.as_dict()) == csr
+    assert cuda_config_from_dict(CudaSpmmConfig(rows_per_block=2).as_dict()) == CudaSpmmConfig(rows_per_block=2)
+    legacy = {k: v for k, v in CudaSpmmConfig(vector_width=2).as_dict().items() if k != "kernel"}
+    assert cuda_config_from_dict(legacy) == CudaSpmmConfig(vector_width=2)  # records from before the key
+    with pytest.raises(ValueError, match="unknown CUDA kernel"):
+        cuda_config_from_dict({"kernel": "dense"})
+    with pytest.raises(TypeError):
+        cuda_config_from_dict({"kernel": "csr", "threads_per_block": 64})
+    assert sp.CudaCsrConfig is CudaCsrConfig
+
+
+def fc(rng, m, k, columns, density=0.1):
+    weight = SparseMatrix.from_dense(sparse_matrix(rng, (m, k), density))
+    return SpmmProblem(weight, Layout.ROWS, "float32", (columns, k), (columns, m))
+
+
+def test_csr_is_the_default_only_for_large_matrix_vector_layers():
+    rng = np.random.default_rng(14)
+    big = fc(rng, 1536, 1024, 1)  # about 157k nonzeros
+    assert prefers_csr(big) and isinstance(default_cuda_config(big), CudaCsrConfig)
+    assert default_cuda_config(big).columns_per_block == 1
+    assert prefers_csr(dataclasses.replace(big, x_shape=(4, 1024), y_shape=(4, 1536)))
+    assert not prefers_csr(dataclasses.replace(big, x_shape=(8, 1024), y_shape=(8, 1536)))
+    n = tirx.Var("n", "int64")
+    assert not prefers_csr(dataclasses.replace(big, x_shape=(n, 1024), y_shape=(n, 1536)))
+    assert not prefers_csr(fc(rng, 768, 768, 1))  # 59k nonzeros: the unrolled kernel was faster than cuSPARSE
+    channels = SpmmProblem(big.weight, Layout.CHANNELS, "float32", (1, 1024, 1, 1), (1, 1536, 1, 1))
+    assert not prefers_csr(channels)
+    assert isinstance(default_cuda_config(big, "unrolled"), CudaSpmmConfig)
+    with pytest.raises(ValueError, match="unknown CUDA kernel"):
+        default_cuda_config(big, "dense")
+
+
+def test_tuning_space_holds_valid_csr_candidates():
+    rng = np.random.default_rng(15)
+    p = fc(rng, 256, 512, 3)
+    rule = cuda_rule.CudaSpmmRule()
+    configs = space.candidates(p, rule.check, 200)
+    csr = [c for c in configs if isinstance(c, CudaCsrConfig)]
+    assert csr and any(isinstance(c, CudaSpmmConfig) for c in configs)
+    for config in csr:
+        rule.check(p, config)
+        assert config.columns_per_block < 2 * 3 or config.columns_per_block == 1  # no tile of mostly missing columns
+    costs = [space.estimated_cost(p, c) for c in configs[1:]]
+    assert costs == sorted(costs)
+    # Windowed convolutions get no CSR candidate (the kernel rejects them).
+    windowed = problem_of(conv(rng, "3x3", "NCHW", 0.3, batch=1))
+    assert not [c for c in space.candidates(windowed, rule.check, 200) if isinstance(c, CudaCsrConfig)]
+
+
+def test_cost_model_puts_the_code_stream_against_the_arrays():
+    """N = 1 on a BERT-sized layer: the unrolled code streams ~16 bytes per nonzero (what the
+    H100 measurements show as its time), the CSR kernel reads ~6; at N = 512 it is the other
+    way round (every 16 columns read the arrays and X again)."""
+    rng = np.random.default_rng(16)
+    p = fc(rng, 3072, 768, 1)
+    best = space.candidates(p, cuda_rule.CudaSpmmRule().check, 5)[1]
+    assert isinstance(best, CudaCsrConfig)
+    unrolled_us = space.estimated_cost(p, default_cuda_config(p, "unrolled")) / 1750
+    assert 8 < unrolled_us < 30  # measured: 16.4 us (tuned)
+    wide = dataclasses.replace(p, x_shape=(512, 768), y_shape=(512, 3072), x_transposed=True)
+    assert isinstance(space.candidates(wide, cuda_rule.CudaSpmmRule().check, 3)[1], CudaSpmmConfig)
+
+
+def test_database_round_trip_of_a_csr_config(tmp_path, monkeypatch):
+    monkeypatch.setattr(cuda_rule, "create_cuda_module", lambda cubin, kernel: None)
+    p = fc(np.random.default_rng(17), 64, 96, 2)
+    config = CudaCsrConfig(rows_per_block=2, columns_per_block=2, unroll=1)
+    tuner = Tuner(cuda_rule.CudaSpmmRule(), CUDA, TuneOptions(progress=False, database=tmp_path / "t.json"))
+    record = TuningRecord(config=config.as_dict(), us=1.0, default_us=2.0, candidates=2, tune_s=0.1)
+    tuner.database.put(problem_key(p, tuner.arch), record)
+    reread = Tuner(cuda_rule.CudaSpmmRule(), CUDA, None, database=TuningDatabase(tmp_path / "t.json"))
+    assert reread.lookup(p) == config
+    record.config = config.as_dict() | {"kernel": "sparse-tensor-core"}  # a kernel this version lacks
+    tuner.database.put(problem_key(p, tuner.arch), record)
+    assert Tuner(cuda_rule.CudaSpmmRule(), CUDA, None, database=tmp_path / "t.json").lookup(p) is None
+
+
+@needs_ptxas
+def test_tuner_times_csr_candidates(tmp_path, monkeypatch):
+    """Timing is faked (no GPU here): the fake prefers CSR configs, which the tuner records."""
+    monkeypatch.setattr(cuda_rule, "create_cuda_module", lambda cubin, kernel: None)
+
+    def timer(built, target):
+        return 1.0 if built.params["kernel"] == "csr" else 5.0
+
+    rng = np.random.default_rng(18)
+    case = make_case(rng, "matmul_t", 96, 128, 0.1, (2, 128), ("bias",))
+    options = TuneOptions(max_candidates=40, timer=timer, progress=False, database=tmp_path / "t.json")
+    out = sp.SparsifyWeights(CUDA, 1.0, tune=options)(case.module())
+    (layer,) = sp.report_of(out).layers
+    assert layer.params["config_source"] == "tuned" and layer.params["kernel"] == "csr"
+    again = sp.SparsifyWeights(CUDA, 1.0, tuning_database=tmp_path / "t.json")(case.module())
+    (reused,) = sp.report_of(again).layers
+    assert reused.params["config_source"] == "database"
+    fields = CudaCsrConfig().as_dict()
+    assert {k: reused.params[k] for k in fields} == {k: layer.params[k] for k in fields}
+
+
+@needs_ptxas
+@pytest.mark.parametrize(
+    "kernel_config",
+    [CudaCsrConfig(rows_per_block=2, columns_per_block=4), {"kernel": "csr", "columns_per_block": 4}],
+    ids=["instance", "dict"],
+)
+def test_pass_with_a_csr_kernel_config(monkeypatch, kernel_config):
+    made = []
+    monkeypatch.setattr(cuda_rule, "create_cuda_module", lambda cubin, kernel: made.append(kernel) or None)
+    rng = np.random.default_rng(19)
+    case = make_case(rng, "matmul", 40, 64, 0.2, (None, 64), ("bias", "residual", "relu"))
+    out = sp.SparsifyWeights(CUDA, 1.0, kernel_config=kernel_config)(case.module())
+    (layer,) = sp.report_of(out).layers
+    (kernel,) = made
+    assert layer.decision == "sparse" and layer.params["kernel"] == "csr"
+    assert layer.params["config_source"] == "kernel_config" and layer.params["columns_per_block"] == 4
+    assert layer.code_bytes > 0 and layer.params["row_groups"] == kernel.row_groups
+    script = out[layer.kernel].script()
+    assert f'T.call_packed("{kernel.name}"' in script
+    assert f"{kernel.row_groups}, T.int64(1), {kernel.threads})" in script  # grid y, one image, block
+    assert "kernel=csr" in sp.report_of(out).table()
+    assert f"0 nonzeros unrolled, {layer.nnz:,} read from arrays" in sp.report_of(out).summary()
+    assert tvm.compile(out.without_attr("external_mods"), CUDA, tir_pipeline=sp.build.register_pipeline()) is not None
+
+
+def test_bad_csr_kernel_configs():
+    with pytest.raises(TypeError, match="unknown kernel_config field.*CudaCsrConfig"):
+        sp.SparsifyWeights(CUDA, 0.5, kernel_config={"kernel": "csr", "threads_per_block": 64})
+    with pytest.raises(TypeError, match="unknown kernel_config field.*CudaSpmmConfig"):
+        sp.SparsifyWeights(CUDA, 0.5, kernel_config={"columns_per_block": 4})  # no "kernel": the unrolled one
+    with pytest.raises(ValueError, match="unknown CUDA kernel"):
+        sp.SparsifyWeights(CUDA, 0.5, kernel_config={"kernel": "dense"})
+    with pytest.raises(ValueError, match="unroll"):
+        sp.SparsifyWeights(CUDA, 0.5, kernel_config={"kernel": "csr", "unroll": 3})
+    with pytest.raises(TypeError, match="CudaSpmmConfig or CudaCsrConfig"):
+        sp.SparsifyWeights(CUDA, 0.5, kernel_config=sp.CpuSpmmConfig())
+    with pytest.raises(TypeError, match="CpuSpmmConfig"):
+        sp.SparsifyWeights(CPU_TARGET, 0.5, kernel_config=CudaCsrConfig())
+    with pytest.raises(TypeError, match="unknown kernel_config field"):
+        sp.SparsifyWeights(CPU_TARGET, 0.5, kernel_config={"kernel": "csr"})
+
+
+# -- on the GPU ---------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize(
+    "kind, x_shape, config",
+    [
+        ("matmul", (None, 96), {"kernel": "csr", "columns_per_block": 4}),
+        ("matmul_t", (3, 96), {"kernel": "csr", "columns_per_block": 3, "unroll": 1}),
+        ("matmul_t", (37, 96), {"kernel": "csr", "columns_per_block": 16, "rows_per_block": 8}),
+        ("conv_nchw", (None, 96, 3, 5), {"kernel": "csr", "columns_per_block": 8}),
+        ("conv_nhwc", (2, 3, 5, 96), {"kernel": "csr", "columns_per_block": 2, "sort_rows": False}),
+    ],
+    ids=str,
+)
+def test_csr_modules_on_the_gpu(gpu_target, dtype, kind, x_shape, config):
+    rng = np.random.default_rng(20)
+    case = make_case(rng, kind, 45, 96, 0.15, x_shape, ("bias", "residual", "relu6"), dtype=dtype)
+    report = check_module(case, gpu_target, batches=(1, 5, 300) if None in x_shape else (None,), kernel_config=config)
+    assert report.layers[0].params["kernel"] == "csr"
+
+
+@pytest.mark.gpu
+def test_csr_default_on_a_large_matrix_vector_layer(gpu_target):
+    rng = np.random.default_rng(21)
+    case = make_case(rng, "matmul_t", 1536, 1024, 0.1, (1, 1024), ("bias", "relu"))
+    (layer,) = check_module(case, gpu_target, batches=(None,), density_threshold=None).layers
+    assert layer.params["kernel"] == "csr" and layer.params["config_source"] == "default"

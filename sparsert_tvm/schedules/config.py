@@ -54,9 +54,9 @@ class CudaSpmmConfig(_CudaKernelConfig):
     balance_rows: bool = True
     # The unrolled code is cut into functions of about this many instructions (FMAs and
     # loads), assembled separately and in parallel, then linked: ptxas time grows faster
-    # than linearly with function size. On 2 cores 4k beat 16k, 8k and 2k: ResNet-50's
-    # 512x512 3x3 layer at 10% built in 26 s instead of 65 s at 16k, for 1.4% more machine
-    # code (benchmarks/results/segments-2core.md).
+    # than linearly with function size. On 2 cores 4k was best or near it on 3x3, 1x1 and FC
+    # layers: ResNet-50's 512x512 3x3 layer at 10% built in 27 s instead of 80 s at 16k, for
+    # 2% more machine code (benchmarks/results/segments-2core.md).
     max_instructions_per_segment: int = 4096
     # ptxas optimisation level (0-3).
     ptxas_opt_level: int = 3

@@ -165,6 +165,9 @@ def _first_output(value) -> np.ndarray:
     return value.numpy() if hasattr(value, "numpy") else value[0].numpy()
 
 
+_WARMUP_RUNS = 10
+
+
 def onnxruntime_us(path: str, inputs: list[np.ndarray], target, runs: int = 50) -> tuple[float | None, str]:
     """onnxruntime's median latency on the same device kind, or None and why not."""
     try:
@@ -177,7 +180,8 @@ def onnxruntime_us(path: str, inputs: list[np.ndarray], target, runs: int = 50) 
     try:  # an older onnxruntime may not read the file (IR version, opset)
         session = onnxruntime.InferenceSession(path, providers=providers)
         feed = dict(zip([i.name for i in session.get_inputs()], inputs))
-        session.run(None, feed)
+        for _ in range(_WARMUP_RUNS):  # its first runs allocate and spin up threads
+            session.run(None, feed)
     except Exception as error:  # noqa: BLE001 - a contender that cannot run is reported, not fatal
         return None, f"onnxruntime {onnxruntime.__version__} failed: {last_line(error)}"
     samples = []

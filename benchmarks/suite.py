@@ -26,7 +26,6 @@ import time
 import traceback
 from pathlib import Path
 
-import numpy as np
 import torch
 from harness import graph_timer, reference, sparse_problem, time_sparsert, time_torch, time_tvm_dense
 

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ...errors import UnsupportedProblem
-from ...problem import BiasAdd, Clip, Layout, ResidualAdd, SpmmProblem
+from ...problem import BiasAdd, Clip, ResidualAdd, SpmmProblem
 from ..base import require_dtype
 from ..config import CudaSpmmConfig
 from ..row_groups import group_rows, split_by_cost

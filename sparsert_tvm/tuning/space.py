@@ -26,7 +26,7 @@ from ..problem import SpmmProblem
 from ..schedules.config import CudaConfig, CudaCsrConfig, CudaSpmmConfig
 from ..schedules.cuda.csr_layout import LANES, MAX_U16_COLUMNS
 from ..schedules.row_groups import group_rows
-from . import default_cuda_config
+from . import default_cuda_config, folds_batch_by_default
 
 ROWS_PER_BLOCK = (1, 2, 4, 8, 16)
 THREADS = (32, 64, 128, 256)
@@ -76,7 +76,7 @@ def candidates(problem: SpmmProblem, check, limit: int, machine: Machine = Machi
     default = default_cuda_config(problem)
     unrolled = default_cuda_config(problem, CudaSpmmConfig.KERNEL)
     csr = default_cuda_config(problem, CudaCsrConfig.KERNEL)
-    folds = (False, True) if problem.images_apart and problem.static_batch != 1 else (False,)
+    folds = (False, True) if folds_batch_by_default(problem) else (False,)  # only where folding changes anything
     space = [
         dataclasses.replace(
             unrolled, rows_per_block=rows, threads_per_block=threads, columns_per_thread=cols, vector_width=width,

@@ -2,6 +2,7 @@
 
     python benchmarks/tuning_space.py --out benchmarks/results/tuning-space-h100.json
     python benchmarks/tuning_space.py --family conv --grid --out benchmarks/results/tuning-space-conv-h100.json
+    python benchmarks/tuning_space.py --family conv --vary max_instructions_per_segment=4096,65536 --out ...
 
 For each layer, all configs the generator accepts (up to --limit, ranked by the model; with
 --grid, every rows x threads x columns-per-thread choice instead) are compiled and timed
@@ -45,8 +46,10 @@ CONV_LAYERS = [  # name, channels (in = out), input size, images: ResNet-50's 3x
     ("resnet50-3x3-stage2", 128, 28, 1),
     ("resnet50-3x3-stage3", 256, 14, 1),
     ("resnet50-3x3-stage4", 512, 7, 1),
+    ("resnet50-3x3-stage1-b8", 64, 56, 8),
     ("resnet50-3x3-stage2-b8", 128, 28, 8),
     ("resnet50-3x3-stage3-b8", 256, 14, 8),
+    ("resnet50-3x3-stage4-b8", 512, 7, 8),
 ]
 GRID = {"rows_per_block": (1, 2, 4, 8, 16), "threads_per_block": (32, 64, 128, 256)}
 
@@ -78,6 +81,19 @@ def grid_configs(problem, default, check, columns_per_thread):
     return configs
 
 
+def varied_configs(default, vary: str):
+    """The default config, then one copy per value of ``FIELD=v1,v2,...``."""
+    field, _, values = vary.partition("=")
+    kind = type(getattr(default, field))
+    parse = (lambda v: v.lower() in ("1", "true")) if kind is bool else kind
+    configs = [default]
+    for value in values.split(","):
+        config = dataclasses.replace(default, **{field: parse(value)})
+        if config not in configs:
+            configs.append(config)
+    return configs
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True)
@@ -85,6 +101,7 @@ def main():
     parser.add_argument("--density", type=float, default=0.1)
     parser.add_argument("--family", choices=["spmm", "conv"], default="spmm")
     parser.add_argument("--grid", action="store_true", help="time the whole grid, not the model's top --limit")
+    parser.add_argument("--vary", default="", help="FIELD=v1,v2: the default and copies with FIELD set to each value")
     parser.add_argument("--dtypes", default="float32,float16")
     parser.add_argument("--layers", default="", help="comma-separated names: only these layers")
     parser.add_argument("--columns-per-thread", default="1,2", help="grid values of columns_per_thread")
@@ -98,7 +115,9 @@ def main():
                 continue
             name, (m, k, n) = case.name, case.shape
             problem = sparse_problem(case)
-            if args.grid:
+            if args.vary:
+                configs = varied_configs(default_cuda_config(problem, "unrolled"), args.vary)
+            elif args.grid:
                 columns = tuple(int(c) for c in args.columns_per_thread.split(","))
                 configs = grid_configs(problem, default_cuda_config(problem, "unrolled"), rule.check, columns)
             else:

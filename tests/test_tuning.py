@@ -12,6 +12,7 @@ from helpers import CPU_TARGET, Compiled, assert_close, make_case, sparse_matrix
 from sparsert_tvm.problem import Layout, SpmmProblem
 from sparsert_tvm.schedules.config import CudaSpmmConfig
 from sparsert_tvm.schedules.cuda import rule as cuda_rule
+from sparsert_tvm import tuning
 from sparsert_tvm.tuning import default_cuda_config, space
 from sparsert_tvm.tuning.database import TuningDatabase, TuningRecord, problem_key
 from sparsert_tvm.tuning.tuner import TuneOptions
@@ -24,6 +25,16 @@ CUDA = tvm.target.Target({"kind": "cuda", "arch": "sm_90"}, host=CPU_TARGET)
 def channels_problem(rng, m=64, k=48, spatial=(6, 8), dtype="float32", images=2):
     weight = SparseMatrix.from_dense(sparse_matrix(rng, (m, k), 0.1).astype(dtype))
     return SpmmProblem(weight, Layout.CHANNELS, dtype, (images, k, *spatial), (images, m, *spatial))
+
+
+def test_segments_grow_with_the_accumulators_of_a_thread():
+    problem = channels_problem(np.random.default_rng(0))
+    configs = [c for c in space.candidates(problem, cuda_rule.CudaSpmmRule().check, 64) if isinstance(c, CudaSpmmConfig)]
+    configs.append(default_cuda_config(problem, CudaSpmmConfig.KERNEL))
+    budgets = {(c.rows_per_block * c.columns_per_thread, c.max_instructions_per_segment) for c in configs}
+    assert len({accumulators for accumulators, _ in budgets}) > 2
+    for accumulators, budget in budgets:
+        assert budget == min(tuning.MAX_SEGMENT_INSTRUCTIONS, tuning.SEGMENT_INSTRUCTIONS_PER_ACCUMULATOR * accumulators)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])

@@ -56,7 +56,9 @@ class CudaSpmmConfig(_CudaKernelConfig):
     # loads), assembled separately and in parallel, then linked: ptxas time grows faster
     # than linearly with function size. On 2 cores 4k was best or near it on 3x3, 1x1 and FC
     # layers: ResNet-50's 512x512 3x3 layer at 10% built in 27 s instead of 80 s at 16k, for
-    # 2% more machine code (benchmarks/results/segments-2core.md).
+    # 2% more machine code (benchmarks/results/segments-2core.md). But segments run slower
+    # than inline code the more accumulators a thread holds: the tuner's configs scale it
+    # with them (``tuning.with_segment_budget``).
     max_instructions_per_segment: int = 4096
     # ptxas optimisation level (0-3).
     ptxas_opt_level: int = 3

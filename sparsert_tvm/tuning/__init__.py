@@ -94,6 +94,27 @@ def default_csr_config(problem: SpmmProblem) -> CudaCsrConfig:
 
 
 def default_unrolled_config(problem: SpmmProblem) -> CudaSpmmConfig:
+    return with_segment_budget(_unrolled_tiling(problem))
+
+
+# Instructions per segment for each accumulator a thread holds, and the most per segment.
+SEGMENT_INSTRUCTIONS_PER_ACCUMULATOR = 4096
+MAX_SEGMENT_INSTRUCTIONS = 65536
+
+
+def with_segment_budget(config: CudaSpmmConfig) -> CudaSpmmConfig:
+    """``config`` with segments sized for its tiling. Segments are functions of the call
+    ABI, and ptxas gives those many more registers (80-160) than the inline kernel needs
+    (about 32): blocks per SM fall, the more so the more accumulators a thread holds. On
+    the H200 (ResNet-50 3x3 layers, benchmarks/results/segments-vary-h200.json), 4k-
+    instruction segments made 8-16 rows per block 1.7-2x slower than one function, and
+    1-4 rows 0-16%. A thread's accumulators therefore buy its segments room."""
+    accumulators = config.rows_per_block * config.columns_per_thread
+    budget = min(MAX_SEGMENT_INSTRUCTIONS, SEGMENT_INSTRUCTIONS_PER_ACCUMULATOR * accumulators)
+    return dataclasses.replace(config, max_instructions_per_segment=budget)
+
+
+def _unrolled_tiling(problem: SpmmProblem) -> CudaSpmmConfig:
     width = default_vector_width(problem)
     fold = folds_batch_by_default(problem)
     columns = problem.static_columns

@@ -26,7 +26,7 @@ from ..problem import SpmmProblem
 from ..schedules.config import CudaConfig, CudaCsrConfig, CudaSpmmConfig
 from ..schedules.cuda.csr_layout import LANES, MAX_U16_COLUMNS
 from ..schedules.row_groups import group_rows
-from . import default_cuda_config, folds_batch_by_default
+from . import default_cuda_config, folds_batch_by_default, with_segment_budget
 
 ROWS_PER_BLOCK = (1, 2, 4, 8, 16)
 THREADS = (32, 64, 128, 256)
@@ -78,10 +78,10 @@ def candidates(problem: SpmmProblem, check, limit: int, machine: Machine = Machi
     csr = default_cuda_config(problem, CudaCsrConfig.KERNEL)
     folds = (False, True) if folds_batch_by_default(problem) else (False,)  # only where folding changes anything
     space = [
-        dataclasses.replace(
+        with_segment_budget(dataclasses.replace(
             unrolled, rows_per_block=rows, threads_per_block=threads, columns_per_thread=cols, vector_width=width,
             fold_batch=fold,
-        )
+        ))
         for rows, threads, cols, width, fold in itertools.product(
             ROWS_PER_BLOCK, THREADS, COLUMNS_PER_THREAD, VECTOR_WIDTHS[problem.dtype], folds
         )

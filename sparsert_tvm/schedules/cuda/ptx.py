@@ -516,23 +516,15 @@ class _Emitter:
                 by_column.setdefault(k, []).append((i, v))
         fma = f"fma.rn.{self.element.arith}"
         for k in sorted(by_column):
-            # A load feeding one FMA that may read padding skips the FMA instead of zeroing
-            # the register first: one instruction fewer (one row per block is the usual
-            # tiling of 3x3 layers, so this is most of their loads).
-            skip = len(by_column[k]) == 1 and self.element.columns_per_register == 1
-            guards = []
             for c in range(cols):
-                loaded, lane_guards = self._load_x(k, c, zero_padding=not skip)
-                lines += loaded
-                guards += lane_guards
+                lines += self._load_x(k, c)
             for i, v in by_column[k]:
                 setup, operand = self.element.constant(v)
                 lines += setup
                 for c in range(cols):
                     for l in range(lanes):
-                        acc, x = f"%a{(i * cols + c) * lanes + l}", c * lanes + l
-                        guard = f"@{guards[x]} " if skip and guards[x] else ""
-                        lines.append(f"{guard}{fma} {acc}, %x{x}, {operand}, {acc};")
+                        acc = f"%a{(i * cols + c) * lanes + l}"
+                        lines.append(f"{fma} {acc}, %x{c * lanes + l}, {operand}, {acc};")
         for i, m in enumerate(rows):
             for c in range(cols):
                 lines += self._epilogue(self._registers("a", (i * cols + c) * lanes), m, c)
@@ -561,39 +553,35 @@ class _Emitter:
         return lines
 
     # -- memory ----------------------------------------------------------------------
-    def _load_x(self, k: int, c: int, zero_padding: bool = True) -> tuple[list[str], list[str | None]]:
+    def _load_x(self, k: int, c: int) -> list[str]:
         """Loads the activations of column ``k`` of ``A`` for owned vector ``c`` into ``%x``.
 
-        Returns the instructions and, per register, the predicate under which it was loaded
-        (None: always). Through a window, a tap that may read padding is loaded under its
-        predicate, into a register zeroed first if ``zero_padding``; otherwise the caller
-        must skip its uses where the predicate is false.
+        Through a window, a tap that may read padding is loaded under its predicate into a
+        register zeroed first. The zeroing is not an instruction to save: skipping the FMA
+        under the same predicate instead makes the load a partial definition of a reused
+        register, and ptxas then issues the loads one at a time (2.3x slower on the H200).
         """
         registers = self._registers("x", c * self.lanes)
         if self.window is None:
-            return self._load(registers, *self.x_address(k, c), self.x_strides.n, c), [None] * self.lanes
+            return self._load(registers, *self.x_address(k, c), self.x_strides.n, c)
         # Window: one load per pixel (a vector's windows are neighbours but rarely aligned).
         win, packed = self.window, self.element.columns_per_register == 2
         _, ky, kx = win.tap(k)
-        lines, guards = [], []
+        lines = []
         for j in range(self.config.vector_width):
             offset = (win.tap_offset(k) + j * win.stride[1] * win.pixel_stride) * self.es
             dest = f"%h{j % 2}" if packed else registers[j]
             kind = "b16" if packed else self.element.reg
             terms = self._tap_terms(ky, kx, c, j)
-            if terms and terms != [f"%pv{c}"]:  # may read padding
+            if terms and terms != [f"%pv{c}"]:  # may read padding: zero unless inside
+                zero = "0f00000000" if kind == "f32" else "0"
                 predicate = terms[0] if len(terms) == 1 else self._tap_predicate(ky, kx, c, j)
-                if zero_padding:
-                    zero = "0f00000000" if kind == "f32" else "0"
-                    lines.append(f"mov.{kind} {dest}, {zero};")
-                lines.append(f"@{predicate} ld.global.nc.{kind} {dest}, [%pxw{c}+{offset}];")
-                guards.append(None if zero_padding else predicate)
+                lines += [f"mov.{kind} {dest}, {zero};", f"@{predicate} ld.global.nc.{kind} {dest}, [%pxw{c}+{offset}];"]
             else:
                 lines.append(f"{self._guard(c)}ld.global.nc.{kind} {dest}, [%pxw{c}+{offset}];")
-                guards.append(None)
             if packed and j % 2:
                 lines.append(f"mov.b32 {registers[j // 2]}, {{%h0, %h1}};")
-        return lines, guards
+        return lines
 
     def _load(self, registers: list[str], base: str, offset: int, stride: int, c: int) -> list[str]:
         return self._access(True, registers, base, offset, stride, c)

@@ -43,17 +43,15 @@ def folds_batch_by_default(problem: SpmmProblem) -> bool:
     return problem.images_apart and problem.static_batch != 1
 
 
-# The CSR kernel is the default only for fully connected layers with at most this many
-# columns (a matrix-vector product, or nearly) and at least this many nonzeros. NOT YET
-# MEASURED ON A GPU; the case rests on the H100 measurements of the unrolled kernel and of
-# cuSPARSE's generic CSR (benchmarks/results/spmm-paper-fp32-h100.json, density 0.1): at
-# N = 1 the unrolled kernel took 13.6-30.9 us on BERT/GPT-2 layers of 177k-420k nonzeros,
-# where cuSPARSE, reading 8 bytes per nonzero from memory, took 9.1-11.2 us; on 104k
-# nonzeros and fewer the unrolled kernel was the faster. The unrolled time is the code
-# stream, flat in N (the same at N = 8 as at N = 1), while a CSR kernel reads the same ~6
-# bytes per nonzero at any N and only adds an activation load and an FMA per column.
-CSR_DEFAULT_MAX_COLUMNS = 4
-CSR_DEFAULT_MIN_NNZ = 150_000
+# The CSR kernel is the default for fully connected layers with at most this many columns
+# and at least this many nonzeros. On the H200 (benchmarks/results/spmm-csr-h200.json,
+# BERT/GPT-2 layers of 29k-236k nonzeros at 5% and 10%) it beat the unrolled kernel on
+# every layer at N <= 8, by 1.4x at 29k nonzeros and 4-6x from 118k (2.5-7.8 us against
+# 3.5-18 us: the unrolled time is its code streaming in, flat in N), and lost to it on
+# every layer at N = 32 (1.3-2x), where each warp's rows read N activations per nonzero.
+# Below 29k nonzeros it is not measured.
+CSR_DEFAULT_MAX_COLUMNS = 8
+CSR_DEFAULT_MIN_NNZ = 25_000
 
 
 def prefers_csr(problem: SpmmProblem) -> bool:

@@ -98,7 +98,15 @@ def test_small_models_match_the_dense_build_on_the_cpu(name, sparsity):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("name", ["mobilenet_v1", "bert_base_2_layers"])
+@pytest.mark.parametrize("sparsity", [0.9, 0.95])
+@pytest.mark.parametrize("name", sorted(SMALL))
+def test_small_models_match_the_dense_build_on_the_gpu(gpu_target, name, sparsity):
+    report = check_against_dense(SMALL[name](np.random.default_rng(1)), gpu_target, sparsity)
+    assert report.sparse_layers
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["mobilenet_v1", "mobilenet_v2", "resnet50", "bert_base_2_layers"])
 def test_full_size_models_match_the_dense_build_on_the_gpu(gpu_target, name):
     build, sparse, _ = FULL_SIZE[name]
     report = check_against_dense(build(np.random.default_rng(2)), gpu_target)

@@ -37,6 +37,16 @@ def test_segments_grow_with_the_accumulators_of_a_thread():
         assert budget == min(tuning.MAX_SEGMENT_INSTRUCTIONS, tuning.SEGMENT_INSTRUCTIONS_PER_ACCUMULATOR * accumulators)
 
 
+def test_kernel_config_overrides_resize_segments_unless_they_set_them():
+    problem = channels_problem(np.random.default_rng(0))
+    rule = cuda_rule.CudaSpmmRule()
+    default = default_cuda_config(problem, CudaSpmmConfig.KERNEL)
+    wide = rule.with_overrides(problem, default, {"rows_per_block": 16})
+    assert wide.max_instructions_per_segment == tuning.MAX_SEGMENT_INSTRUCTIONS
+    exact = rule.with_overrides(problem, default, {"rows_per_block": 16, "max_instructions_per_segment": 300})
+    assert exact.max_instructions_per_segment == 300
+
+
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 def test_candidates_start_with_the_default_and_are_all_valid(dtype):
     problem = channels_problem(np.random.default_rng(0), dtype=dtype)

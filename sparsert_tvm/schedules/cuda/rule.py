@@ -22,7 +22,7 @@ from tvm.script.ir_builder import tirx as T
 
 from ...errors import RuntimeUnavailable, UnsupportedProblem
 from ...problem import Layout, SpmmProblem
-from ...tuning import default_cuda_config
+from ...tuning import default_cuda_config, with_segment_budget
 from ..base import OPAQUE_PATTERN, BuiltKernel, SparseKernelRule, kernel_columns_and_batch, operand_shapes
 from ..config import CudaConfig, CudaCsrConfig, CudaSpmmConfig, cuda_config_from_dict
 from .assemble import assemble
@@ -91,7 +91,10 @@ class CudaSpmmRule(SparseKernelRule):
         kernel = fields.pop("kernel", CudaSpmmConfig.KERNEL)
         if config.KERNEL != kernel:
             config = default_cuda_config(problem, kernel)
-        return dataclasses.replace(config, **fields)
+        config = dataclasses.replace(config, **fields)
+        if isinstance(config, CudaSpmmConfig) and "max_instructions_per_segment" not in fields:
+            config = with_segment_budget(config)  # sized for the tiling asked for
+        return config
 
     def transposes_input(self, problem):
         # Threads own columns: with X row-major ([N, K]) a warp's loads hit 32 rows, each in

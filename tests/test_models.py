@@ -97,6 +97,18 @@ def test_small_models_match_the_dense_build_on_the_cpu(name, sparsity):
     assert len(stems) == (0 if name.startswith("bert") else 1)
 
 
+def test_the_cpu_build_fuses_what_tvm_keeps():
+    # MobileNet's depthwise convolutions stay with TVM on the CPU: their bias and ReLU must
+    # not be passes of their own (tvm.compile's generic CPU pipeline fuses nothing).
+    from sparsert_tvm.bench import call_times
+
+    pruned, mod = pruned_module(SMALL["mobilenet_v1"](np.random.default_rng(1)))
+    x = tvm.runtime.tensor(models.random_input(pruned, seed=0))
+    symbols = {call.name for call in call_times(sp.compile(mod, CPU_TARGET), tvm.cpu(0), [x], runs=1)}
+    assert any(s.startswith("fused_conv2d") and "relu" in s for s in symbols), symbols
+    assert not any(s.startswith(("add", "relu")) for s in symbols), symbols
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("sparsity", [0.9, 0.95])
 @pytest.mark.parametrize("name", sorted(SMALL))

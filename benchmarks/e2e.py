@@ -1,4 +1,4 @@
-"""python benchmarks/e2e.py --out benchmarks/results/e2e-h100.json [--models ...] [--batches 1 8] [--resume]
+"""python benchmarks/e2e.py --out benchmarks/results/e2e-h200.json [--models ...] [--batches 1 8] [--resume]
 
 End-to-end latency of whole pruned models on the GPU: sparsert against TVM's dense build and
 PyTorch, every contender in this process on the same input.

@@ -95,6 +95,16 @@ def test_small_models_match_the_dense_build_on_the_cpu(name, sparsity):
         assert abs(layer.density - (1 - sparsity)) < 0.02 or "small convolution" in layer.reason, layer
     stems = [layer for layer in report.sparse_layers if "small convolution" in layer.reason]
     assert len(stems) == (0 if name.startswith("bert") else 1)
+    # Every layer the report calls sparse is a kernel call in the module (projection shortcuts
+    # and their bottleneck's last convolution meet in one residual add: both must stay).
+    _, mod = pruned_module(SMALL[name](np.random.default_rng(1)), sparsity)
+    out = sp.SparsifyWeights(CPU_TARGET)(mod)
+    calls = [gv for gv in out.get_global_vars() if gv.name_hint.startswith("sparsert_")]
+    assert len(calls) == len(report.sparse_layers)
+    remaining = []
+    relax.analysis.post_order_visit(out["main"], lambda e: isinstance(e, relax.Call) and isinstance(
+        e.op, tvm.ir.Op) and e.op.name in ("relax.nn.conv2d", "relax.matmul") and remaining.append(e))
+    assert len(remaining) == len(report.layers) - len(report.sparse_layers)
 
 
 def test_the_cpu_build_fuses_what_tvm_keeps():

@@ -246,3 +246,28 @@ def test_report_table_lists_every_candidate():
     text = report.table()
     assert "conv2d 1x1 NCHW" in text and "bias+relu" in text and "sparse" in text
     assert sp.SparsityReport.from_json(report.to_json()) == report
+
+
+def test_two_operators_meeting_in_one_residual_add_are_both_rewritten(target):
+    # A bottleneck's last 1x1 convolution and its projection shortcut: relu(conv_a(h) + bias_a
+    # + conv_b(x) + bias_b). Both may fuse the add; one kernel must, the other stops before it.
+    rng = np.random.default_rng(RNG_SEED)
+    w_a, w_b = (sparse_matrix(rng, (16, 8), 0.3).reshape(16, 8, 1, 1) for _ in range(2))
+    bias_a, bias_b = (rng.standard_normal((1, 16, 1, 1)).astype("float32") for _ in range(2))
+    h = relax.Var("h", relax.TensorType((2, 8, 3, 3), "float32"))
+    x = relax.Var("x", relax.TensorType((2, 8, 3, 3), "float32"))
+
+    def body(bb):
+        a = bb.emit(relax.op.add(bb.emit(relax.op.nn.conv2d(h, relax.const(w_a))), relax.const(bias_a)))
+        b = bb.emit(relax.op.add(bb.emit(relax.op.nn.conv2d(x, relax.const(w_b))), relax.const(bias_b)))
+        return relax.op.nn.relu(bb.emit(relax.op.add(a, b)))
+
+    mod = build([h, x], body)
+    out, report = sparsify(mod, target=target)
+    assert ops_in(out["main"]) == ["relax.call_tir", "relax.call_tir"]
+    assert [layer.decision for layer in report.layers] == ["sparse", "sparse"]
+    assert sorted(layer.epilogue for layer in report.layers) == [["bias"], ["bias", "residual", "relu"]]
+    arrays = [rng.standard_normal((2, 8, 3, 3)).astype("float32") for _ in range(2)]
+    a = np.einsum("mc,ncyx->nmyx", w_a[:, :, 0, 0], arrays[0]) + bias_a
+    b = np.einsum("mc,ncyx->nmyx", w_b[:, :, 0, 0], arrays[1]) + bias_b
+    assert_close(Compiled(mod, target)(*arrays), np.maximum(a + b, 0))

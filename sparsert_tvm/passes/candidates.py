@@ -79,7 +79,33 @@ def find_candidates(name: str, func: relax.Function) -> list[Candidate]:
             except _Rejected as rejected:
                 candidate.reason = str(rejected)
             found.append(candidate)
+    _share_out_epilogues(found)
     return found
+
+
+def _share_out_epilogues(found: list[Candidate]) -> None:
+    """Two candidates can meet in one residual add: a bottleneck's last convolution and its
+    projection shortcut. Only one kernel can compute it: the candidate whose root comes
+    later keeps the add and what follows, since its residual (the other's output) is then
+    ready; the other stops before it."""
+    position = {candidate.root: i for i, candidate in enumerate(found)}  # found in binding order
+    owner = set()
+    for candidate in sorted(found, key=lambda c: position[c.root], reverse=True):
+        for i, member in enumerate(candidate.members[1:], start=1):
+            if member in owner:
+                _truncate_epilogue(candidate, i)
+                break
+        owner.update(candidate.members[1:])
+
+
+def _truncate_epilogue(candidate: Candidate, members: int) -> None:
+    """Keeps the first ``members`` bindings of ``candidate`` (its root and the epilogue ops
+    that follow it directly)."""
+    candidate.members = candidate.members[:members]
+    epilogue = candidate.problem.epilogue[: members - 1]
+    if not any(isinstance(op, ResidualAdd) for op in epilogue):
+        candidate.residual = None
+    candidate.problem = dataclasses.replace(candidate.problem, epilogue=epilogue)
 
 
 def _users_and_blocks(func):

@@ -152,6 +152,8 @@ class _SparsifyWeights:
                 built = self._kernel_for(candidate, layer, taken)
                 if built is None:
                     continue
+                # Candidates own disjoint bindings (find_candidates shares out the epilogues).
+                assert candidate.tail not in plan, f"two kernels would replace {candidate.tail.name}"
                 kernel_gv = rewriter.builder_.add_func(built.func, layer.kernel)
                 external += built.external_modules
                 plan[candidate.tail] = _Planned(kernel_gv, candidate, built.problem.x_transposed)

@@ -148,7 +148,8 @@ def _window_config(problem: SpmmProblem, vectors: int, images: int, width: int) 
     """Convolutions through a window have 9-49x the nonzeros per row of a 1x1 layer, so a
     thread's serial work grows fast with its rows: blocks of up to 256 threads and as few
     rows as keep about 100k threads busy. On ResNet-50's 3x3 layers at batch 1 this ran
-    1.4x and 2.1x faster than the 1x1 rule (benchmarks/results/tuning-space-conv-h100.json)."""
+    1.4x and 2.1x faster than the 1x1 rule on the H100 (``benchmarks/tuning_space.py --family
+    conv --grid``; that run's JSON was not kept)."""
     threads = 32 if vectors <= 64 else 256 if vectors > 128 else 128
     column_tiles = -(-vectors // threads)
     rows = 16

@@ -17,9 +17,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import suite  # noqa: E402
-from harness import ConvCase  # noqa: E402
+from harness import ConvCase, real_weights  # noqa: E402
 
-REAL_WEIGHTS = Path(__file__).resolve().parents[1] / ".data" / "resnet50_3x3_pruned.npz"
 
 # (out channels, in channels, kernel, input size, stride): padding keeps "same" sizes.
 RESNET50_3X3 = {  # torchvision's ResNet-50 (v1.5: the stride is on the 3x3)
@@ -68,11 +67,9 @@ def paper_suite(dtype):
             case = ConvCase(f"{name}-b{batch}", group, filters, (size, size), stride, padding, dtype, batch)
             cases.append((case, None))
 
-    if REAL_WEIGHTS.exists():
-        real = np.load(REAL_WEIGHTS)
-        for key in sorted(real.files):  # s91_stage1 ...
-            m, c, k, size, stride = RESNET50_3X3[key.split("_")[1]]
-            add(f"resnet50-3x3-real-{key}", "resnet50-3x3-real", real[key].astype("float32"), size, stride)
+    for key, filters in real_weights().items():  # s91_stage1 ...
+        m, c, k, size, stride = RESNET50_3X3[key.split("_")[1]]
+        add(f"resnet50-3x3-real-{key}", "resnet50-3x3-real", filters, size, stride)
     for density in (0.1, 0.05):
         for stage, (m, c, k, size, stride) in RESNET50_3X3.items():
             add(f"resnet50-3x3-{stage}-d{density}", "resnet50-3x3", uniform((m, c, k, k), density), size, stride)

@@ -18,13 +18,12 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import layers  # noqa: E402
 import suite  # noqa: E402
-from harness import SpmmCase, sparse_problem  # noqa: E402
+from harness import SpmmCase, real_weights, sparse_problem  # noqa: E402
 
 from sparsert_tvm.problem import Layout  # noqa: E402
 from sparsert_tvm.schedules.config import CudaSpmmConfig  # noqa: E402
 from sparsert_tvm.tuning import default_cuda_config  # noqa: E402
 
-REAL_WEIGHTS = Path(__file__).resolve().parents[1] / ".data" / "resnet50_3x3_pruned.npz"
 
 
 def uniform(m, k, density, seed=0):
@@ -101,14 +100,11 @@ def paper_suite(dtype):
         for m, k in layers.FC_NETWORKS["bert_base-fc"]:
             for n in (8, 128):
                 add(f"bert_base-fc-{m}x{k}-n{n}-d{density}", "bert_base-fc", uniform(m, k, density), Layout.ROWS, n)
-    if REAL_WEIGHTS.exists():
-        real = np.load(REAL_WEIGHTS)
-        for key in sorted(real.files):
-            weight = real[key].astype("float32")
-            weight = weight.reshape(weight.shape[0], -1)  # im2col form [out, in * 3 * 3]
-            s = layers.REAL_3X3[key.split("_")[1]]
-            for batch in (1, 8):
-                add(f"real-{key}-im2col-s{s}-b{batch}", "resnet50-3x3-real-im2col", weight, Layout.CHANNELS, s, batch)
+    for key, weight in real_weights().items():
+        weight = weight.reshape(weight.shape[0], -1)  # im2col form [out, in * 3 * 3]
+        s = layers.REAL_3X3[key.split("_")[1]]
+        for batch in (1, 8):
+            add(f"real-{key}-im2col-s{s}-b{batch}", "resnet50-3x3-real-im2col", weight, Layout.CHANNELS, s, batch)
     return sorted(cases, key=lambda case: _priority(case[0]))
 
 

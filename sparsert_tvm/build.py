@@ -43,14 +43,30 @@ def compile(  # noqa: A001 - mirrors tvm.compile
     mod = SparsifyWeights(target, density_threshold, **options)(mod)
     if report is not None:
         report.layers.extend(report_of(mod).layers)
-    return tvm.compile(mod, target, relax_pipeline=relax_pipeline(target), tir_pipeline=register_pipeline())
+    return tvm.compile(mod, target, relax_pipeline=relax_pipeline(mod, target), tir_pipeline=register_pipeline())
 
 
-def relax_pipeline(target: tvm.target.Target):
-    """TVM's fusing CPU pipeline on the CPU; elsewhere what ``tvm.compile`` picks itself."""
-    if target.kind.name == "llvm":
+def relax_pipeline(mod: tvm.IRModule, target: tvm.target.Target):
+    """TVM's fusing CPU pipeline on the CPU; elsewhere, and for modules calling packed
+    functions, what ``tvm.compile`` picks itself (TVM keeps its CPU pipeline off by default
+    because its fusion can drop a ``call_pure_packed`` whose result is unused but whose
+    side effect is not)."""
+    if target.kind.name == "llvm" and not _calls_packed_functions(mod):
         return relax.get_default_pipeline(target)
     return "default"
+
+
+def _calls_packed_functions(mod: tvm.IRModule) -> bool:
+    found = []
+
+    def visit(expr):
+        if isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op) and expr.op.name == "relax.call_pure_packed":
+            found.append(expr)
+
+    for func in mod.functions.values():
+        if isinstance(func, relax.Function):
+            relax.analysis.post_order_visit(func, visit)
+    return bool(found)
 
 
 def default_target() -> tvm.target.Target:

@@ -271,3 +271,14 @@ def test_two_operators_meeting_in_one_residual_add_are_both_rewritten(target):
     a = np.einsum("mc,ncyx->nmyx", w_a[:, :, 0, 0], arrays[0]) + bias_a
     b = np.einsum("mc,ncyx->nmyx", w_b[:, :, 0, 0], arrays[1]) + bias_b
     assert_close(Compiled(mod, target)(*arrays), np.maximum(a + b, 0))
+
+
+def test_cpu_builds_fuse_unless_the_module_calls_packed_functions():
+    from sparsert_tvm.build import relax_pipeline
+
+    x = relax.Var("x", relax.TensorType((2, 4), "float32"))
+    plain = build([x], lambda bb: relax.op.nn.relu(x))
+    assert relax_pipeline(plain, CPU_TARGET) != "default"  # TVM's fusing CPU pipeline
+    packed = build([x], lambda bb: relax.call_pure_packed("test.identity", x, ty_args=x.ty))
+    assert relax_pipeline(packed, CPU_TARGET) == "default"
+    assert relax_pipeline(plain, tvm.target.Target("cuda")) == "default"

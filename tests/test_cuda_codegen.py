@@ -98,8 +98,10 @@ def test_emulated_kernel_matches_numpy(layout, density):
         CudaSpmmConfig(rows_per_block=1, threads_per_block=32),
         CudaSpmmConfig(rows_per_block=8, threads_per_block=32, columns_per_thread=3, balance_rows=False),
         CudaSpmmConfig(rows_per_block=3, threads_per_block=64, columns_per_thread=2, max_instructions_per_segment=80),
+        CudaSpmmConfig(rows_per_block=2, threads_per_block=1024),
+        CudaSpmmConfig(rows_per_block=2, threads_per_block=512, max_instructions_per_segment=80),
     ],
-    ids=["one-row", "eight-rows-three-columns", "segmented"],
+    ids=["one-row", "eight-rows-three-columns", "segmented", "1024-threads", "512-threads-segmented"],
 )
 @pytest.mark.parametrize("layout", [Layout.ROWS, Layout.CHANNELS])
 def test_emulated_tilings(layout, config):
@@ -110,6 +112,14 @@ def test_emulated_tilings(layout, config):
     problem = problem_for(rng, layout, 29, 40, 0, x_shape, ("bias", "residual"), weight=weight)
     out, ref = emulate(problem, config, rng)
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_segmented_kernels_refuse_blocks_nvlink_cannot_give_their_registers():
+    rng = np.random.default_rng(1)
+    problem = problem_for(rng, Layout.CHANNELS, 29, 40, 0.3, (1, 40, 9, 4))
+    with pytest.raises(UnsupportedProblem, match="at most 512 threads"):
+        emit_spmm_ptx(problem, CudaSpmmConfig(threads_per_block=1024, max_instructions_per_segment=80), "k", "sm_90")
+    assert len(emit_spmm_ptx(problem, CudaSpmmConfig(threads_per_block=1024), "k", "sm_90").units) == 1
 
 
 def test_values_are_immediates_and_each_needed_activation_is_loaded_once():

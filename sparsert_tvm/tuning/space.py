@@ -29,7 +29,9 @@ from ..schedules.row_groups import group_rows
 from . import default_cuda_config, folds_batch_by_default, with_segment_budget
 
 ROWS_PER_BLOCK = (1, 2, 4, 8, 16)
-THREADS = (32, 64, 128, 256)
+# 512 and 1024: blocks whose warps share each instruction fetched, which the cost model
+# favours for batch-8 convolutions (not yet measured, so not in any default).
+THREADS = (32, 64, 128, 256, 512, 1024)
 COLUMNS_PER_THREAD = (1, 2)
 VECTOR_WIDTHS = {"float32": (1, 2, 4), "float16": (1, 2, 4, 8)}
 # Accumulator registers per thread beyond which ptxas starts spilling.

@@ -43,6 +43,7 @@ PTX_VERSION = "8.0"
 SUPPORTED_DTYPES = ("float32", "float16")
 _MAX_IMMEDIATE_OFFSET = 2**31 - 1
 _MAX_VECTOR_REGISTERS = 4  # ld/st .v4 of 32-bit registers
+_MAX_SEGMENTED_THREADS = 512
 
 
 @dataclass(frozen=True)
@@ -181,6 +182,13 @@ def emit_spmm_ptx(problem: SpmmProblem, config: CudaSpmmConfig, name: str, arch:
     emitter.check_offsets()
     costs = [emitter.instructions(rows) for rows in groups]
     segments = split_by_cost(groups, costs, config.max_instructions_per_segment)
+    if len(segments) > 1 and config.threads_per_block > _MAX_SEGMENTED_THREADS:
+        # Segment functions take 70-80 registers under the call ABI: nvlink refuses them
+        # in blocks that allow only 64.
+        raise UnsupportedProblem(
+            f"{len(segments)} segments need blocks of at most {_MAX_SEGMENTED_THREADS} threads, not "
+            f"{config.threads_per_block} (raise max_instructions_per_segment for one function)"
+        )
 
     if len(segments) == 1:
         units = (emitter.entry(name, inline_groups=groups),)

@@ -17,6 +17,7 @@ import argparse
 import dataclasses
 import datetime
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -28,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from harness import ConvCase, SpmmCase, graph_timer, sparse_problem  # noqa: E402
 
 from sparsert_tvm.build import cuda_target  # noqa: E402
+from sparsert_tvm.errors import SparseRTError, last_line  # noqa: E402
 from sparsert_tvm.problem import Layout  # noqa: E402
 from sparsert_tvm.schedules.cuda.rule import CudaSpmmRule  # noqa: E402
 from sparsert_tvm.tuning import default_cuda_config, space  # noqa: E402
@@ -128,8 +130,14 @@ def main():
             compile_s = time.perf_counter() - start
             timings = []
             for config in configs:
-                built = rule.build(problem, config, target, "probe")
-                timings.append({"config": config.as_dict(), "cost": space.estimated_cost(problem, config), "us": timer(built, target)})
+                try:
+                    us = timer(rule.build(problem, config, target, "probe"), target)
+                except SparseRTError as error:  # e.g. segments in 1024-thread blocks: recorded, not timed
+                    us, config_note = None, last_line(error)
+                else:
+                    config_note = None
+                timings.append({"config": config.as_dict(), "cost": space.estimated_cost(problem, config), "us": us,
+                                "note": config_note})
             o1 = dataclasses.replace(configs[0], ptxas_opt_level=1)
             start = time.perf_counter()
             built = rule.build(problem, o1, target, "probe")
@@ -137,7 +145,7 @@ def main():
             row = {"case": name, "dtype": dtype, "M": m, "K": k, "N": n, "nnz": problem.weight.nnz,
                    "timings": timings, "assemble_all_s": compile_s, "o1_us": timer(built, target), "o1_compile_s": o1_compile_s}
             rows.append(row)
-            us = [t["us"] for t in timings]
+            us = [math.inf if t["us"] is None else t["us"] for t in timings]
             best = int(np.argmin(us))
             print(f"{name} {dtype}: default {us[0]:.2f} us, best {us[best]:.2f} us (model rank {best}), "
                   f"-O1 {row['o1_us']:.2f} us; {len(us)} configs assembled in {compile_s:.1f} s; "
@@ -145,6 +153,25 @@ def main():
             # Written after every layer: a run cut short keeps what it measured.
             result = {"device": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(), "layers": rows}
             Path(args.out).write_text(json.dumps(result, indent=1))
+            Path(args.out).with_suffix(".md").write_text("\n".join(markdown(result)) + "\n")
+
+
+def markdown(result: dict) -> list[str]:
+    """Per layer, the timed configs fastest first, with the fields that differ between them."""
+    lines = [f"# Tuning space: {result['device']}, {result['date']}", "",
+             "Microseconds per call (CUDA graphs); the model's estimate is relative.", ""]
+    for row in result["layers"]:
+        timings = row["timings"]
+        fields = [f for f in timings[0]["config"] if len({str(t["config"].get(f)) for t in timings}) > 1]
+        lines += [f"## {row['case']} ({row['dtype']}, {row['M']}x{row['K']}, N = {row['N']}, {row['nnz']:,} nonzeros)", "",
+                  "| " + " | ".join([*fields, "us", "model", "default"]) + " |", "|" + " --- |" * (len(fields) + 3)]
+        ranked = sorted(enumerate(timings), key=lambda it: math.inf if it[1]["us"] is None else it[1]["us"])
+        for i, t in ranked:
+            us = t["note"] if t["us"] is None else f"{t['us']:.2f}"
+            cost = "-" if t["cost"] is None else f"{t['cost']:,.0f}"
+            lines.append("| " + " | ".join([*(str(t["config"].get(f)) for f in fields), us, cost, "yes" if i == 0 else ""]) + " |")
+        lines.append("")
+    return lines
 
 
 if __name__ == "__main__":

@@ -88,9 +88,8 @@ def _share_out_epilogues(found: list[Candidate]) -> None:
     projection shortcut. Only one kernel can compute it: the candidate whose root comes
     later keeps the add and what follows, since its residual (the other's output) is then
     ready; the other stops before it."""
-    position = {candidate.root: i for i, candidate in enumerate(found)}  # found in binding order
     owner = set()
-    for candidate in sorted(found, key=lambda c: position[c.root], reverse=True):
+    for candidate in reversed(found):  # found in binding order: later roots first
         for i, member in enumerate(candidate.members[1:], start=1):
             if member in owner:
                 _truncate_epilogue(candidate, i)

@@ -29,8 +29,9 @@ DEFAULT_DENSITY_THRESHOLD = {Layout.CHANNELS: 0.3, Layout.ROWS: 0.15}
 # dense stems 1.8x (MobileNet) and 15x (ResNet-50) faster than TVM's build, but depthwise
 # layers 4-9x slower (it stages every input channel's taps for each output channel;
 # benchmarks/results/small-conv-cpu-2core.md). On CUDA, TVM's dense MobileNet ran 4.5x
-# slower than PyTorch (1.8 ms against 0.4 ms on the H100, see issue [e2e]); our kernels for
-# dense stems and depthwise layers are not yet timed there (benchmarks/conv.py --suite small).
+# slower than PyTorch (1.8 ms against 0.4 ms on the H100, see issue [e2e]); with our kernels
+# for its stem and depthwise layers too, it ran in 127 us on the H200 (PyTorch: 307 us;
+# benchmarks/results/e2e-h200.md). Layer by layer they are not yet timed against cuDNN.
 SMALL_CONVOLUTION_NNZ = 32768
 
 _OPTIONS = ("kernel_config", "dry_run", "tune", "tuning_database")

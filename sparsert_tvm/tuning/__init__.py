@@ -35,11 +35,11 @@ def default_vector_width(problem: SpmmProblem) -> int:
 def folds_batch_by_default(problem: SpmmProblem) -> bool:
     """Several (or a symbolic number of) images are folded into one range of columns.
 
-    Not yet timed on a GPU. The case for it, from the H100 runs: at batch 8 ResNet-50's 3x3
-    layers took 4-8x their batch-1 time (stage 4, 7x7 pixels: 7.6x) while cuDNN took 2.5x.
-    As grid rows, each image of 49 pixels got a block of its own, a third of its lanes
-    idle, and the blocks running the same row group's code were hundreds apart in the
-    launch; folded, blocks are full and share the code they stream."""
+    Unfolded, at batch 8 on the H100, ResNet-50's 3x3 layers took 4-8x their batch-1 time
+    (stage 4, 7x7 pixels: 7.6x) while cuDNN took 2.5x: each image of 49 pixels got a block of
+    its own, a third of its lanes idle, and the blocks running the same row group's code were
+    hundreds apart in the launch. Folded, on the H200, stage 2 at batch 8 ran 1.4x faster and
+    stage 1 3% slower (benchmarks/results/fold-vary-h200.md)."""
     return problem.images_apart and problem.static_batch != 1
 
 

@@ -274,7 +274,7 @@ class _Emitter:
     def instructions(self, rows) -> int:
         """About how many instructions ``_group(rows)`` emits: an FMA per nonzero and owned
         register, and the loads of each needed activation vector (a window's pixels one by
-        one, some zeroed first where they may read padding)."""
+        one, each zeroed first where it may read padding)."""
         weight = self.problem.weight
         needed = len(np.unique(np.concatenate([weight.row(m)[0] for m in rows]))) if rows else 0
         nnz = int(sum(weight.row_nnz[m] for m in rows))

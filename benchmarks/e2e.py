@@ -5,7 +5,7 @@ PyTorch, every contender in this process on the same input.
 
 Each model of ``sparsert_tvm.models`` (random weights, batch norm folded) is magnitude-pruned
 per layer by ``sparsert_tvm.prune.prune_model`` (stem and depthwise convolutions kept dense,
-its defaults) and imported by TVM's ONNX frontend with the weights as constants. Contenders:
+its defaults; ``keep_scale`` so that the output still depends on the input) and imported by TVM's ONNX frontend with the weights as constants. Contenders:
 
   sparsert, sparsert_cuda_graph      sparsert_tvm.compile (default thresholds) on the Relax VM,
                                      and built with TVM's CUDA-graph rewrite
@@ -164,7 +164,7 @@ def wall_time_us(step, runs: int) -> float:
 
 
 def run_entry(name: str, sparsity: float, batch: int, where: Where, args, say) -> dict:
-    model, pruned_layers = prune_model(build_model(name, batch, args.small), sparsity)
+    model, pruned_layers = prune_model(build_model(name, batch, args.small), sparsity, keep_scale=True)
     mod = from_onnx(model, keep_params_in_input=False)
     x = models.random_input(model)
     entry = {"model": name, "sparsity": sparsity, "batch": batch, "input": list(x.shape),

@@ -277,7 +277,9 @@ def random_inputs(mod) -> list:
 @click.option("--prune-first-conv/--keep-first-conv", default=False, show_default=True)
 @click.option("--prune-depthwise/--keep-depthwise", default=False, show_default=True)
 @click.option("--prune-classifier/--keep-classifier", default=True, show_default=True)
-def prune(model, sparsity, output, prune_first_conv, prune_depthwise, prune_classifier):
+@click.option("--keep-scale", is_flag=True, help="scale each pruned layer back to its weight norm "
+              "(for randomly initialised models, whose signal would otherwise fade with depth)")
+def prune(model, sparsity, output, prune_first_conv, prune_depthwise, prune_classifier, keep_scale):
     """Magnitude-prune the Conv / Gemm / MatMul weights of an ONNX MODEL (unstructured)."""
     import onnx
 
@@ -285,7 +287,8 @@ def prune(model, sparsity, output, prune_first_conv, prune_depthwise, prune_clas
 
     with user_errors():
         pruned, layers = prune_model(
-            read_onnx(model), sparsity, first_conv=prune_first_conv, depthwise=prune_depthwise, classifier=prune_classifier
+            read_onnx(model), sparsity, first_conv=prune_first_conv, depthwise=prune_depthwise, classifier=prune_classifier,
+            keep_scale=keep_scale,
         )
     onnx.save(pruned, output)
     for layer in layers:

@@ -31,8 +31,12 @@ def dense_convnet(tmp_path):
     return path
 
 
+def initializers(path) -> dict:
+    return {i.name: numpy_helper.to_array(i) for i in onnx.load(path).graph.initializer if len(i.dims) == 4}
+
+
 def weight_densities(path) -> dict:
-    return {i.name: np.count_nonzero(numpy_helper.to_array(i)) / np.prod(i.dims) for i in onnx.load(path).graph.initializer if len(i.dims) == 4}
+    return {name: np.count_nonzero(w) / w.size for name, w in initializers(path).items()}
 
 
 def test_magnitude_prune_keeps_the_largest():
@@ -52,6 +56,18 @@ def test_prune_keeps_first_conv_unless_asked(dense_convnet, tmp_path):
     result = invoke("prune", dense_convnet, "--sparsity", 0.9, "--prune-first-conv", "-o", out)
     assert abs(weight_densities(out)["w1"] - 0.1) < 0.02
     assert invoke("prune", dense_convnet, "--sparsity", 1.5, "-o", out).exit_code == 1
+
+
+def test_prune_can_keep_each_layers_weight_norm(dense_convnet, tmp_path):
+    plain, scaled = tmp_path / "plain.onnx", tmp_path / "scaled.onnx"
+    assert invoke("prune", dense_convnet, "--sparsity", 0.9, "-o", plain).exit_code == 0
+    assert invoke("prune", dense_convnet, "--sparsity", 0.9, "--keep-scale", "-o", scaled).exit_code == 0
+    original, plain, scaled = (initializers(path) for path in (dense_convnet, plain, scaled))
+    for name in ("w2", "w3", "w4"):
+        np.testing.assert_array_equal(plain[name] != 0, scaled[name] != 0)
+        np.testing.assert_allclose(np.linalg.norm(scaled[name]), np.linalg.norm(original[name]), rtol=1e-5)
+        assert np.linalg.norm(plain[name]) < 0.9 * np.linalg.norm(original[name])
+    np.testing.assert_array_equal(scaled["w1"], original["w1"])  # kept dense: untouched
 
 
 def test_compile_run_and_deploy_with_the_runtime_only(target, dense_convnet, tmp_path):

@@ -29,9 +29,10 @@ from ..schedules.row_groups import group_rows
 from . import default_cuda_config, folds_batch_by_default, with_segment_budget
 
 ROWS_PER_BLOCK = (1, 2, 4, 8, 16)
-# 512 and 1024: blocks whose warps share each instruction fetched, which the cost model
-# favours for batch-8 convolutions (not yet measured, so not in any default).
-THREADS = (32, 64, 128, 256, 512, 1024)
+# Not 512 or 1024: the cost model's fetch term expected their warps to share each
+# instruction fetched, but on ResNet-50's batch-8 3x3 layers they ran 1.0-1.5x slower than
+# 256 (benchmarks/results/threads-vary-h200.md), and they would crowd out better candidates.
+THREADS = (32, 64, 128, 256)
 COLUMNS_PER_THREAD = (1, 2)
 VECTOR_WIDTHS = {"float32": (1, 2, 4), "float16": (1, 2, 4, 8)}
 # Accumulator registers per thread beyond which ptxas starts spilling.

@@ -26,9 +26,9 @@ DEFAULT_DENSITY_THRESHOLD = {Layout.CHANNELS: 0.3, Layout.ROWS: 0.15}
 # Convolutions through a window with at most this many weights (stems) are rewritten at any
 # density when the caller gives no threshold, and on CUDA grouped ones too (depthwise layers):
 # so few weights build in about a second. On the 2-core CPU machine the unrolled kernel ran
-# dense stems 1.8x (MobileNet) and 15x (ResNet-50) faster than TVM's build, but depthwise
-# layers 4-9x slower (it stages every input channel's taps for each output channel;
-# benchmarks/results/small-conv-cpu-2core.md). On CUDA, TVM's dense MobileNet ran 4.5x
+# dense stems 2.1x (MobileNet) and 19x (ResNet-50) faster than TVM's build, depthwise layers
+# 1.4x faster at 14x14 but 2x slower at 56x56 (benchmarks/results/small-conv-cpu-2core.md),
+# so on the CPU they stay with TVM. On CUDA, TVM's dense MobileNet ran 4.5x
 # slower than PyTorch (1.8 ms against 0.4 ms on the H100, see issue [e2e]); with our kernels
 # for its stem and depthwise layers too, it ran in 127 us on the H200 (PyTorch: 307 us;
 # benchmarks/results/e2e-h200.md). Layer by layer they are not yet timed against cuDNN.

@@ -132,11 +132,11 @@ class CpuSpmmConfig:
     """Tiling of the unrolled CPU kernel.
 
     The product's columns are processed ``vector_lanes`` at a time (one SIMD vector per
-    accumulator). Consecutive rows of ``A`` holding at most ``max_nnz_per_segment``
-    nonzeros form a segment, a parallel loop of its own (LLVM's code generation is
-    super-linear in function size); within a segment, rows are unrolled in chunks of
-    ``rows_per_chunk`` whose results are written out before the next chunk starts, so the
-    staging tile stays in L1.
+    accumulator; through an NCHW window, no more than an output row holds). Consecutive
+    rows of ``A`` holding at most ``max_nnz_per_segment`` nonzeros form a segment, a
+    parallel loop of its own (LLVM's code generation is super-linear in function size);
+    within a segment, rows are unrolled in chunks of ``rows_per_chunk`` whose results are
+    written out before the next chunk starts, so the staging tile stays in L1.
     """
 
     vector_lanes: int = 16

@@ -1,13 +1,15 @@
 """CPU: an unrolled TIR kernel per weight, vectorised over the product's columns.
 
-For each tile of ``vector_lanes`` columns, the tile of ``X`` is staged (transposed for the
-ROWS layout; for a convolution's window, gathered from the input with zeros in the padding)
-into a small buffer ``xt[k, lane]``; every row of ``A`` then becomes one
-vector expression over that buffer, with the nonzero values as constants and the column
-indices as fixed offsets, stored as a vector where the tile's columns are neighbours in
-``Y`` and the tiles are whole; else written to ``yt``, which a scalar loop stores to ``Y``
-with the bounds check of the last tile. Rows are unrolled in chunks so that ``yt`` stays small, and
-cut into segments, one parallel loop (one LLVM function) each, to bound compile time.
+For each tile of ``vector_lanes`` columns, every row of ``A`` becomes one vector
+expression over the tile's inputs, with the nonzero values as constants and the column
+indices as fixed offsets. Without a window (or through an NHWC one) the tile of ``X`` is
+first staged into a small buffer ``xt[k, lane]`` (transposed for the ROWS layout, gathered
+with zeros in the padding through a window); through an NCHW window, tiles are pieces of
+output rows read straight from a zero-padded copy of the image (``_RowTiles``). Sums are
+stored as vectors where the tile's columns are neighbours in ``Y`` and the tiles are whole;
+else written to ``yt``, which a scalar loop stores to ``Y`` with the bounds check of the
+last tile. Rows are unrolled in chunks so that ``yt`` stays small, and cut into segments,
+one parallel loop (one LLVM function) each, to bound compile time.
 
 All rows share a single vectorised loop per chunk: TVM's lowering passes are linear in the
 size of such a body but quadratic in the number of separate loops.
@@ -33,17 +35,20 @@ _STACK_BYTES = 128 * 1024
 
 def cpu_spmm_kernel(problem: SpmmProblem, config: CpuSpmmConfig, name: str) -> tirx.PrimFunc:
     require_dtype(problem, SUPPORTED_DTYPES, "the CPU generator")
-    dtype, lanes = problem.dtype, config.vector_lanes
+    dtype = problem.dtype
     x_dims, y_dims = operand_shapes(problem)
     columns, batch = kernel_columns_and_batch(problem, x_dims)
-    ys = problem.y_strides()
+    window = problem.window
+    nchw_window = window is not None and not window.channels_last
+    tiling = _RowTiles(window, config.vector_lanes) if nchw_window else _ColumnTiles(problem, columns, config.vector_lanes)
+    lanes = tiling.lanes
     segments = split_by_cost(list(range(problem.M)), problem.weight.row_nnz.tolist(), config.max_nnz_per_segment)
     # Epilogue ops up to the residual add run on whole vectors, the rest as each value is stored.
     split = next((i for i, op in enumerate(problem.epilogue) if isinstance(op, ResidualAdd)), len(problem.epilogue))
     vector_ops, store_ops = problem.epilogue[:split], problem.epilogue[split:]
     # Whole tiles of columns that are neighbours in Y (NCHW) are stored as vectors straight
     # from the sums: 2.5x faster than staging them in ``yt`` and storing one by one.
-    direct = ys.n == 1 and problem.static_columns is not None and problem.static_columns % lanes == 0
+    direct = problem.y_strides().n == 1 and tiling.always_whole
 
     with IRBuilder() as builder:
         with T.prim_func():
@@ -59,65 +64,174 @@ def cpu_spmm_kernel(problem: SpmmProblem, config: CpuSpmmConfig, name: str) -> t
                 y_flat = _flat_view(y)
                 r_flat = _flat_view(residual) if residual is not None else None
                 with T.serial(0, batch) as b:
+                    source = tiling.prepare(problem, x_flat, b)
                     for segment in segments:
-                        with _tile_loop(columns, lanes, problem.static_columns) as tile:
-                            xt = _scratch(problem.K * lanes, dtype)
+                        with tiling.loop(problem.static_columns) as tile:
+                            read = tiling.reader(problem, source, x_flat, b, tile)
                             yt = None if direct else _scratch(min(config.rows_per_chunk, len(segment)) * lanes, dtype)
-                            with T.serial(0, problem.K) as k:
-                                with T.vectorized(0, lanes) as lane:
-                                    n = tile * lanes + lane
-                                    value = _x_element(problem, x_flat, b, k, n, columns)
-                                    T.buffer_store(xt, value, [k * lanes + lane])
                             for lo in range(0, len(segment), config.rows_per_chunk):
                                 chunk = segment[lo : lo + config.rows_per_chunk]
                                 if direct:
-                                    _compute_and_store(problem, chunk, xt, y_flat, r_flat, b, tile, lanes)
+                                    _compute_and_store(problem, chunk, read, y_flat, r_flat, b, tiling.first(tile), lanes)
                                     continue
                                 with T.vectorized(0, lanes) as lane:
                                     for i, m in enumerate(chunk):
-                                        acc = _row_sum(problem, m, xt, lane, lanes)
+                                        acc = _row_sum(problem, m, lambda k, lane=lane: read(k, lane))
                                         T.buffer_store(yt, _apply(vector_ops, acc, m, dtype), [i * lanes + lane])
-                                _store_tile(problem, chunk, store_ops, yt, y_flat, r_flat, b, tile, lanes, columns)
+                                _store_tile(problem, chunk, store_ops, yt, y_flat, r_flat, b, tiling, tile)
     return builder.get()
 
 
-def _store_tile(problem: SpmmProblem, rows, ops, yt, y_flat, r_flat, b, tile, lanes: int, columns):
+class _ColumnTiles:
+    """Tiles of ``lanes`` consecutive columns of the product, each staged (transposed for
+    the ROWS layout; through an NHWC window, gathered with zeros in the padding) into
+    ``xt[k, lane]`` before its rows are computed."""
+
+    def __init__(self, problem: SpmmProblem, columns, lanes: int):
+        self.columns, self.lanes = columns, lanes
+        self.always_whole = problem.static_columns is not None and problem.static_columns % lanes == 0
+
+    def prepare(self, problem, x_flat, b):
+        return None
+
+    def loop(self, static_columns):
+        tiles = tirx.ceildiv(self.columns, self.lanes)
+        if static_columns is not None and static_columns <= self.lanes:
+            return T.serial(0, tiles)  # a single tile (small static N) needs no thread pool
+        return T.parallel(0, tiles)
+
+    def reader(self, problem, source, x_flat, b, tile):
+        lanes = self.lanes
+        xt = _scratch(problem.K * lanes, problem.dtype)
+        with T.serial(0, problem.K) as k:
+            with T.vectorized(0, lanes) as lane:
+                T.buffer_store(xt, _x_element(problem, x_flat, b, k, tile * lanes + lane, self.columns), [k * lanes + lane])
+        return lambda k, lane: xt[k * lanes + lane]
+
+    def first(self, tile):
+        """The tile's first column."""
+        return tile * self.lanes
+
+    def whole(self, tile):
+        return (tile + 1) * self.lanes <= self.columns
+
+    def valid(self, tile, lane):
+        return tile * self.lanes + lane < self.columns
+
+
+class _RowTiles:
+    """NCHW convolutions through a window: tiles of ``lanes`` neighbouring pixels of one
+    output row, read straight from a copy of the image with its padding zeros written out.
+
+    Tap ``(c, ky, kx)`` of a tile is then one contiguous vector at a fixed offset from the
+    tile's origin: no per-lane index arithmetic, no bounds checks and no staging, so a
+    depthwise layer costs its nine taps per pixel, not every channel's. With a column
+    stride ``s`` the copy's rows are split into ``s`` phases (columns ``s q + p`` at ``p
+    wq + q``) so that the taps stay contiguous (LLVM takes minutes over strided vectors).
+    Rows are long enough for the last tile's lanes past the row's end, whose results are
+    dropped."""
+
+    def __init__(self, window, lanes: int):
+        (self.h, self.w), (self.kh, self.kw), (self.sh, self.sw) = window.input_size, window.kernel, window.stride
+        self.top, self.left = window.padding[0], window.padding[1]
+        self.channels = window.channels
+        self.oh, self.ow = window.output_size
+        self.lanes = min(lanes, 1 << max(0, self.ow - 1).bit_length())  # no wider than a row
+        self.tiles_per_row = -(-self.ow // self.lanes)
+        self.hp = (self.oh - 1) * self.sh + self.kh  # padded rows and columns the taps read
+        padded_width = (self.tiles_per_row * self.lanes - 1) * self.sw + self.kw
+        self.wq = -(-padded_width // self.sw)  # columns per phase
+        self.row = self.sw * self.wq
+        self.always_whole = self.ow % self.lanes == 0
+
+    def prepare(self, problem, x_flat, b):
+        """The image, padded with zeros, as ``xp[c, hp, phase, wq]``."""
+        hp, row, wq, sw, dtype = self.hp, self.row, self.wq, self.sw, problem.dtype
+        rows, cols = min(self.h, hp - self.top), min(self.w, row - self.left)
+        xp = T.alloc_buffer((self.channels * hp * row,), dtype, scope="global")
+        image = b * problem.x_strides().batch
+        with T.parallel(0, self.channels) as c:
+            for py in [*range(self.top), *range(self.top + rows, hp)]:
+                _fill(xp, (c * hp + py) * row, row, _zero(dtype))
+            with T.serial(0, rows) as iy:
+                start, source = (c * hp + iy + self.top) * row, image + (c * self.h + iy) * self.w
+                for phase in range(sw):  # padded column sw * q + phase is image column sw * q + phase - left
+                    lo = min(wq, max(0, -(-(self.left - phase) // sw)))
+                    hi = min(wq, max(lo, -(-(self.left + cols - phase) // sw)))
+                    first = source + lo * sw + phase - self.left
+                    _fill(xp, start + phase * wq, lo, _zero(dtype))
+                    _fill(xp, start + phase * wq + lo, hi - lo, lambda i, first=first: x_flat[first + i * sw])
+                    _fill(xp, start + phase * wq + hi, wq - hi, _zero(dtype))
+        return xp
+
+    def loop(self, static_columns):
+        return T.parallel(0, self.oh * self.tiles_per_row)
+
+    def reader(self, problem, xp, x_flat, b, tile):
+        oy, ox0 = tirx.floordiv(tile, self.tiles_per_row), tirx.floormod(tile, self.tiles_per_row) * self.lanes
+        origin = oy * self.sh * self.row + ox0
+        offsets = []
+        for k in range(problem.K):
+            c, ky, kx = problem.window.tap(k)
+            offsets.append((c * self.hp + ky) * self.row + kx % self.sw * self.wq + kx // self.sw)
+        return lambda k, lane: xp[origin + offsets[k] + lane]
+
+    def first(self, tile):
+        return tirx.floordiv(tile, self.tiles_per_row) * self.ow + tirx.floormod(tile, self.tiles_per_row) * self.lanes
+
+    def whole(self, tile):
+        return tirx.floormod(tile, self.tiles_per_row) * self.lanes + self.lanes <= self.ow
+
+    def valid(self, tile, lane):
+        return tirx.floormod(tile, self.tiles_per_row) * self.lanes + lane < self.ow
+
+
+def _fill(buf, start, count: int, value, width: int = 16):
+    """``buf[start + i] = value(i)`` (or a constant) for ``i < count``, in vectors of at
+    most ``width``."""
+    for lo in range(0, count, width):
+        with T.vectorized(0, min(width, count - lo)) as i:
+            T.buffer_store(buf, value(lo + i) if callable(value) else value, [start + lo + i])
+
+
+def _store_tile(problem: SpmmProblem, rows, ops, yt, y_flat, r_flat, b, tiling, tile):
     """``yt`` (the rows' sums) to ``Y``, the epilogue's ``ops`` applied: a vector per row
     for a whole tile whose columns are neighbours in Y, else one column at a time up to the
     last one."""
-    ys, dtype = problem.y_strides(), problem.dtype
+    ys, dtype, lanes = problem.y_strides(), problem.dtype, tiling.lanes
+    first = tiling.first(tile)
 
-    def store(lane, n):
+    def store(lane):
         for i, m in enumerate(rows):
-            offset = b * ys.batch + m * ys.k + n * ys.n
+            offset = b * ys.batch + m * ys.k + (first + lane) * ys.n
             T.buffer_store(y_flat, _apply(ops, yt[i * lanes + lane], m, dtype, r_flat, offset), [offset])
 
     def one_by_one():
         with T.serial(0, lanes) as lane:
-            with T.If(tile * lanes + lane < columns):
+            with T.If(tiling.valid(tile, lane)):
                 with T.Then():
-                    store(lane, tile * lanes + lane)
+                    store(lane)
 
     if ys.n != 1:
         one_by_one()
         return
-    with T.If((tile + 1) * lanes <= columns):
+    with T.If(tiling.whole(tile)):
         with T.Then():
             with T.vectorized(0, lanes) as lane:
-                store(lane, tile * lanes + lane)
+                store(lane)
         with T.Else():
             one_by_one()
 
 
-def _compute_and_store(problem: SpmmProblem, rows, xt, y_flat, r_flat, b, tile, lanes: int):
-    """Each row's sums, epilogue and vector store in one vectorised loop (whole tiles, Y's
-    columns contiguous)."""
+def _compute_and_store(problem: SpmmProblem, rows, read, y_flat, r_flat, b, first, lanes: int):
+    """Each row's sums, epilogue and vector store in one vectorised loop (whole tiles from
+    column ``first``, Y's columns contiguous)."""
     ys = problem.y_strides()
     with T.vectorized(0, lanes) as lane:
         for m in rows:
-            offset = b * ys.batch + m * ys.k + tile * lanes + lane
-            value = _apply(problem.epilogue, _row_sum(problem, m, xt, lane, lanes), m, problem.dtype, r_flat, offset)
-            T.buffer_store(y_flat, value, [offset])
+            offset = b * ys.batch + m * ys.k + first + lane
+            acc = _row_sum(problem, m, lambda k: read(k, lane))
+            T.buffer_store(y_flat, _apply(problem.epilogue, acc, m, problem.dtype, r_flat, offset), [offset])
 
 
 def _x_element(problem: SpmmProblem, x_flat, b, k, n, columns):
@@ -136,14 +250,6 @@ def _x_element(problem: SpmmProblem, x_flat, b, k, n, columns):
         inside = tirx.all(inside, iy >= 0, iy < h, ix >= 0, ix < w)
         index = b * xs.batch + channel * window.channel_stride + iy * window.row_stride + ix * window.pixel_stride
     return tirx.if_then_else(inside, x_flat[index], _zero(problem.dtype))
-
-
-def _tile_loop(columns, lanes: int, static_columns: int | None):
-    """Tiles of columns run in parallel; a single tile (small static N) needs no thread pool."""
-    tiles = tirx.ceildiv(columns, lanes)
-    if static_columns is not None and static_columns <= lanes:
-        return T.serial(0, tiles)
-    return T.parallel(0, tiles)
 
 
 def _whole(buf):
@@ -166,14 +272,14 @@ def _zero(dtype):
     return tirx.const(0, dtype)
 
 
-def _row_sum(problem: SpmmProblem, m: int, xt, lane, lanes: int, chains: int = 4):
-    """Sum of ``value * xt[k, lane]`` over row ``m``: a few independent chains of fused
+def _row_sum(problem: SpmmProblem, m: int, read, chains: int = 4):
+    """Sum of ``value * read(k)`` over row ``m``: a few independent chains of fused
     multiply-adds (instruction-level parallelism), added at the end."""
     indices, values = problem.weight.row(m)
     dtype = problem.dtype
     partial = [None] * chains
     for j, (k, v) in enumerate(zip(indices, values)):
-        x = xt[int(k) * lanes + lane]
+        x = read(int(k))
         c = tirx.const(float(v), dtype)
         acc = partial[j % chains]
         partial[j % chains] = x * c if acc is None else tirx.call_llvm_pure_intrin(dtype, "llvm.fmuladd", x, c, acc)

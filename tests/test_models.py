@@ -1,5 +1,7 @@
 """ResNet-50, MobileNet v1/v2 and a BERT encoder built in code, pruned, compiled end to end."""
 
+import os
+
 import numpy as np
 import onnx
 import pytest
@@ -133,6 +135,15 @@ def test_full_size_models_match_the_dense_build_on_the_gpu(gpu_target, name):
     build, sparse, _ = FULL_SIZE[name]
     report = check_against_dense(build(np.random.default_rng(2)), gpu_target)
     assert len(report.sparse_layers) == sparse
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("SPARSERT_FULL_SIZE"), reason="minutes per model on 2 cores: set SPARSERT_FULL_SIZE=1")
+@pytest.mark.parametrize("sparsity", [0.9, 0.95])
+@pytest.mark.parametrize("name", ["mobilenet_v1", "mobilenet_v2", "resnet50", "bert_base_2_layers"])
+def test_full_size_models_match_the_dense_build_on_the_cpu(name, sparsity):
+    report = check_against_dense(FULL_SIZE[name][0](np.random.default_rng(2)), CPU_TARGET, sparsity)
+    assert report.sparse_layers
 
 
 def test_inspect_a_full_size_model_pruned_at_95_percent_with_its_classifier_dense(tmp_path):

@@ -53,7 +53,7 @@ CONV_LAYERS = [  # name, channels (in = out), input size, images: ResNet-50's 3x
     ("resnet50-3x3-stage3-b8", 256, 14, 8),
     ("resnet50-3x3-stage4-b8", 512, 7, 8),
 ]
-GRID = {"rows_per_block": (1, 2, 4, 8, 16), "threads_per_block": (32, 64, 128, 256, 512, 1024)}
+GRID = {"rows_per_block": space.ROWS_PER_BLOCK, "threads_per_block": space.THREADS}  # the tuner's own
 
 
 def layer_cases(family: str, dtype: str, density: float, rng):

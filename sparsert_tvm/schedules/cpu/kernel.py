@@ -40,7 +40,7 @@ def cpu_spmm_kernel(problem: SpmmProblem, config: CpuSpmmConfig, name: str) -> t
     columns, batch = kernel_columns_and_batch(problem, x_dims)
     window = problem.window
     nchw_window = window is not None and not window.channels_last
-    tiling = _RowTiles(window, config.vector_lanes) if nchw_window else _ColumnTiles(problem, columns, config.vector_lanes)
+    tiling = (_RowTiles if nchw_window else _ColumnTiles)(problem, columns, config.vector_lanes)
     lanes = tiling.lanes
     segments = split_by_cost(list(range(problem.M)), problem.weight.row_nnz.tolist(), config.max_nnz_per_segment)
     # Epilogue ops up to the residual add run on whole vectors, the rest as each value is stored.
@@ -64,10 +64,10 @@ def cpu_spmm_kernel(problem: SpmmProblem, config: CpuSpmmConfig, name: str) -> t
                 y_flat = _flat_view(y)
                 r_flat = _flat_view(residual) if residual is not None else None
                 with T.serial(0, batch) as b:
-                    source = tiling.prepare(problem, x_flat, b)
+                    source = tiling.prepare(x_flat, b)
                     for segment in segments:
-                        with tiling.loop(problem.static_columns) as tile:
-                            read = tiling.reader(problem, source, x_flat, b, tile)
+                        with tiling.loop() as tile:
+                            read = tiling.reader(source, b, tile)
                             yt = None if direct else _scratch(min(config.rows_per_chunk, len(segment)) * lanes, dtype)
                             for lo in range(0, len(segment), config.rows_per_chunk):
                                 chunk = segment[lo : lo + config.rows_per_chunk]
@@ -88,20 +88,22 @@ class _ColumnTiles:
     ``xt[k, lane]`` before its rows are computed."""
 
     def __init__(self, problem: SpmmProblem, columns, lanes: int):
-        self.columns, self.lanes = columns, lanes
+        self.problem, self.columns, self.lanes = problem, columns, lanes
         self.always_whole = problem.static_columns is not None and problem.static_columns % lanes == 0
 
-    def prepare(self, problem, x_flat, b):
-        return None
+    def prepare(self, x_flat, b):
+        """What the tiles read: ``X`` itself."""
+        return x_flat
 
-    def loop(self, static_columns):
+    def loop(self):
         tiles = tirx.ceildiv(self.columns, self.lanes)
+        static_columns = self.problem.static_columns
         if static_columns is not None and static_columns <= self.lanes:
             return T.serial(0, tiles)  # a single tile (small static N) needs no thread pool
         return T.parallel(0, tiles)
 
-    def reader(self, problem, source, x_flat, b, tile):
-        lanes = self.lanes
+    def reader(self, x_flat, b, tile):
+        problem, lanes = self.problem, self.lanes
         xt = _scratch(problem.K * lanes, problem.dtype)
         with T.serial(0, problem.K) as k:
             with T.vectorized(0, lanes) as lane:
@@ -131,7 +133,8 @@ class _RowTiles:
     Rows are long enough for the last tile's lanes past the row's end, whose results are
     dropped."""
 
-    def __init__(self, window, lanes: int):
+    def __init__(self, problem: SpmmProblem, columns, lanes: int):
+        self.problem, window = problem, problem.window
         (self.h, self.w), (self.kh, self.kw), (self.sh, self.sw) = window.input_size, window.kernel, window.stride
         self.top, self.left = window.padding[0], window.padding[1]
         self.channels = window.channels
@@ -143,10 +146,15 @@ class _RowTiles:
         self.wq = -(-padded_width // self.sw)  # columns per phase
         self.row = self.sw * self.wq
         self.always_whole = self.ow % self.lanes == 0
+        self.offsets = []  # of each tap from a tile's origin
+        for k in range(problem.K):
+            c, ky, kx = window.tap(k)
+            self.offsets.append((c * self.hp + ky) * self.row + kx % self.sw * self.wq + kx // self.sw)
 
-    def prepare(self, problem, x_flat, b):
+    def prepare(self, x_flat, b):
         """The image, padded with zeros, as ``xp[c, hp, phase, wq]``."""
-        hp, row, wq, sw, dtype = self.hp, self.row, self.wq, self.sw, problem.dtype
+        problem, hp, row, wq, sw = self.problem, self.hp, self.row, self.wq, self.sw
+        dtype = problem.dtype
         rows, cols = min(self.h, hp - self.top), min(self.w, row - self.left)
         xp = T.alloc_buffer((self.channels * hp * row,), dtype, scope="global")
         image = b * problem.x_strides().batch
@@ -164,26 +172,28 @@ class _RowTiles:
                     _fill(xp, start + phase * wq + hi, wq - hi, _zero(dtype))
         return xp
 
-    def loop(self, static_columns):
+    def loop(self):
         return T.parallel(0, self.oh * self.tiles_per_row)
 
-    def reader(self, problem, xp, x_flat, b, tile):
-        oy, ox0 = tirx.floordiv(tile, self.tiles_per_row), tirx.floormod(tile, self.tiles_per_row) * self.lanes
-        origin = oy * self.sh * self.row + ox0
-        offsets = []
-        for k in range(problem.K):
-            c, ky, kx = problem.window.tap(k)
-            offsets.append((c * self.hp + ky) * self.row + kx % self.sw * self.wq + kx // self.sw)
-        return lambda k, lane: xp[origin + offsets[k] + lane]
+    def reader(self, xp, b, tile):
+        origin = self._row(tile) * self.sh * self.row + self._column(tile)
+        return lambda k, lane: xp[origin + self.offsets[k] + lane]
+
+    def _row(self, tile):
+        return tirx.floordiv(tile, self.tiles_per_row)
+
+    def _column(self, tile):
+        """The tile's first pixel within its output row."""
+        return tirx.floormod(tile, self.tiles_per_row) * self.lanes
 
     def first(self, tile):
-        return tirx.floordiv(tile, self.tiles_per_row) * self.ow + tirx.floormod(tile, self.tiles_per_row) * self.lanes
+        return self._row(tile) * self.ow + self._column(tile)
 
     def whole(self, tile):
-        return tirx.floormod(tile, self.tiles_per_row) * self.lanes + self.lanes <= self.ow
+        return self._column(tile) + self.lanes <= self.ow
 
     def valid(self, tile, lane):
-        return tirx.floormod(tile, self.tiles_per_row) * self.lanes + lane < self.ow
+        return self._column(tile) + lane < self.ow
 
 
 def _fill(buf, start, count: int, value, width: int = 16):

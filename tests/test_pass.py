@@ -282,3 +282,20 @@ def test_cpu_builds_fuse_unless_the_module_calls_packed_functions():
     packed = build([x], lambda bb: relax.call_pure_packed("test.identity", x, ty_args=x.ty))
     assert relax_pipeline(packed, CPU_TARGET) == "default"
     assert relax_pipeline(plain, tvm.target.Target("cuda")) == "default"
+
+
+def test_cpu_compile_turns_off_the_llvm_passes_unrolled_code_does_not_need(monkeypatch):
+    from sparsert_tvm.build import KERNEL_LLVM_OPTIONS, with_llvm_options
+
+    user_target = tvm.target.Target({"kind": "llvm", "cl-opt": ["-unroll-threshold=10"]})
+    target = with_llvm_options(user_target, KERNEL_LLVM_OPTIONS)
+    assert list(target.attrs["cl-opt"]) == ["-unroll-threshold=10", *KERNEL_LLVM_OPTIONS]
+    built_for, tvm_compile = [], tvm.compile
+    monkeypatch.setattr(tvm, "compile", lambda mod, target, **kw: built_for.append(target) or tvm_compile(mod, target, **kw))
+    rng = np.random.default_rng(RNG_SEED)
+    case = make_case(rng, "matmul", 8, 16, 0.3, (None, 16))
+    x = rng.standard_normal((3, 16)).astype("float32")
+    for threshold in (1.0, 0.0):  # with a kernel, then all dense
+        assert_close(Compiled(case.module(), CPU_TARGET, threshold)(x), case.reference([x]))
+    with_kernel, dense = (list(t.attrs.get("cl-opt", [])) for t in built_for)
+    assert with_kernel == list(KERNEL_LLVM_OPTIONS) and dense == []

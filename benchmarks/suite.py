@@ -6,8 +6,9 @@ run a case is recorded as null. Dense contenders do not depend on the weight's v
 their times are measured once per shape and reused by the cases sharing it. With
 ``--tune-candidates K`` our kernel is autotuned first (K configs, CUDA-graph timing); all
 cases' candidates are assembled up front by a pool of processes. ``--cases`` picks cases by
-name, ``--deadline`` stops starting new cases after that many seconds and ``--resume``
-skips the cases a previous partial run of the same JSON holds, so a long suite can run in several calls.
+name, ``--deadline`` stops starting new cases after that many seconds and ``--resume`` skips
+the cases a previous partial run of the same JSON holds, so a long suite can run in several
+calls.
 ``compile_s`` is the time to generate and assemble the default config's kernel without the
 kernel cache (measured by the pool where it assembled ahead, else by an untuned build; null
 for a tuned case the pool did not reach: its tune_s includes the compiles).
@@ -153,11 +154,10 @@ def main(suites: dict, description: str, default_suite: str):
     parser.add_argument("--cases", default=None, help="run only the cases whose name matches this regular expression")
     args = parser.parse_args()
     start = time.perf_counter()
-    cases = [(case, config) for case, config in suites[args.suite](args.dtype)
-             if args.cases is None or re.search(args.cases, case.name)]
     rows = json.loads(Path(args.resume).read_text())["cases"] if args.resume else []
     done = {row["case"] for row in rows}
-    cases = [(case, config) for case, config in cases if case.name not in done]
+    cases = [(case, config) for case, config in suites[args.suite](args.dtype)
+             if case.name not in done and (args.cases is None or re.search(args.cases, case.name))]
     tune = None
     if args.tune_candidates:  # candidates were assembled ahead, all processes at once
         tune = TuneOptions(max_candidates=args.tune_candidates, budget_s=30.0, progress=False, assemble_ahead=False)

@@ -47,7 +47,8 @@ def compile(  # noqa: A001 - mirrors tvm.compile
     """``SparsifyWeights`` followed by ``tvm.compile``; returns what ``tvm.compile`` returns.
 
     ``target`` defaults to ``default_target()``. If ``report`` is given, the layers of the
-    pass's report are appended to it. Other options go to ``SparsifyWeights``.
+    pass's report are appended to it. Other options go to ``SparsifyWeights``. On the CPU,
+    modules holding kernels are built with ``KERNEL_LLVM_OPTIONS`` added to the target.
     """
     target = default_target() if target is None else tvm.target.Target(target)
     mod = SparsifyWeights(target, density_threshold, **options)(mod)

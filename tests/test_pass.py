@@ -291,7 +291,12 @@ def test_cpu_compile_turns_off_the_llvm_passes_unrolled_code_does_not_need(monke
     target = with_llvm_options(user_target, KERNEL_LLVM_OPTIONS)
     assert list(target.attrs["cl-opt"]) == ["-unroll-threshold=10", *KERNEL_LLVM_OPTIONS]
     built_for, tvm_compile = [], tvm.compile
-    monkeypatch.setattr(tvm, "compile", lambda mod, target, **kw: built_for.append(target) or tvm_compile(mod, target, **kw))
+
+    def recording_compile(mod, target, **kwargs):
+        built_for.append(target)
+        return tvm_compile(mod, target, **kwargs)
+
+    monkeypatch.setattr(tvm, "compile", recording_compile)
     rng = np.random.default_rng(RNG_SEED)
     case = make_case(rng, "matmul", 8, 16, 0.3, (None, 16))
     x = rng.standard_normal((3, 16)).astype("float32")

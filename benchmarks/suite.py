@@ -6,9 +6,10 @@ run a case is recorded as null. Dense contenders do not depend on the weight's v
 their times are measured once per shape and reused by the cases sharing it. With
 ``--tune-candidates K`` our kernel is autotuned first (K configs, CUDA-graph timing); all
 cases' candidates are assembled up front by a pool of processes. ``--cases`` picks cases by
-name, ``--deadline`` stops starting new cases after that many seconds and ``--resume`` skips
-the cases a previous partial run of the same JSON holds, so a long suite can run in several
-calls.
+name, ``--config FIELD=V,...`` times every case with those fields of its default config
+changed (as ``kernel_config`` would), ``--deadline`` stops starting new cases after that many
+seconds and ``--resume`` skips the cases a previous partial run of the same JSON holds, so a
+long suite can run in several calls.
 ``compile_s`` is the time to generate and assemble the default config's kernel without the
 kernel cache (measured by the pool where it assembled ahead, else by an untuned build; null
 for a tuned case the pool did not reach: its tune_s includes the compiles).
@@ -98,16 +99,36 @@ def run_case(case, config, dense: DenseTimes, tune: TuneOptions | None, compile_
     return row
 
 
+def overridden_config(case, overrides: dict):
+    """The case's default config with the fields of ``overrides`` (a ``kernel_config`` dict),
+    or None (the default, or the tuner's choice) where there are none."""
+    if not overrides:
+        return None
+    rule = CudaSpmmRule()
+    problem = sparse_problem(case)
+    return rule.with_overrides(problem, rule.default_config(problem, None), overrides)
+
+
+def parse_overrides(text: str | None) -> dict:
+    """``"rows_per_block=2,fold_batch=false"`` as a ``kernel_config`` dict."""
+    overrides = {}
+    for item in filter(None, (text or "").split(",")):
+        field, _, value = item.partition("=")
+        lowered = value.lower()
+        overrides[field] = lowered == "true" if lowered in ("true", "false") else int(value) if value.isdigit() else value
+    return overrides
+
+
 def _assemble_candidates(job) -> tuple[str, float, float]:
-    """In a worker process: times the default config's kernel built without the cache, then
-    assembles every candidate of the case into the cache. Returns (case name, default's
-    compile seconds, seconds of work)."""
-    case, limit, arch = job
+    """In a worker process: times the default config's kernel (or the one ``--config`` asks
+    for) built without the cache, then assembles every candidate of the case into the cache.
+    Returns (case name, that kernel's compile seconds, seconds of work)."""
+    case, config, limit, arch = job
     start = time.perf_counter()
     rule = CudaSpmmRule()
     problem = sparse_problem(case)
-    tuned = limit and problem.weight.nnz <= TUNE_NNZ_LIMIT
-    configs = space.candidates(problem, rule.check, limit) if tuned else [rule.default_config(problem, None)]
+    tuned = config is None and limit and problem.weight.nnz <= TUNE_NNZ_LIMIT
+    configs = space.candidates(problem, rule.check, limit) if tuned else [config or rule.default_config(problem, None)]
     os.environ["SPARSERT_CACHE"] = "0"
     compiling = time.perf_counter()
     assemble_candidate(problem, configs[0], "bench", arch)
@@ -124,7 +145,7 @@ def assemble_ahead(cases, limit: int, jobs: int, timeout: float | None = None) -
     if jobs < 1:
         return {}, 0.0
     arch = cuda_arch(cuda_target())
-    jobs_list = [(case, limit, arch) for case, config in cases if config is None]
+    jobs_list = [(case, config, limit, arch) for case, config in cases]
     end = time.perf_counter() + (timeout or 0.0)
     compile_s, seconds = {}, 0.0
     with multiprocessing.get_context("spawn").Pool(jobs) as pool:
@@ -152,11 +173,13 @@ def main(suites: dict, description: str, default_suite: str):
     parser.add_argument("--deadline", type=float, default=None, help="start no case after this many seconds")
     parser.add_argument("--resume", default=None, help="JSON of a partial run: keep its cases, run the rest")
     parser.add_argument("--cases", default=None, help="run only the cases whose name matches this regular expression")
+    parser.add_argument("--config", default=None, help="FIELD=V,...: these fields of every case's default config changed")
     args = parser.parse_args()
+    overrides = parse_overrides(args.config)
     start = time.perf_counter()
     rows = json.loads(Path(args.resume).read_text())["cases"] if args.resume else []
     done = {row["case"] for row in rows}
-    cases = [(case, config) for case, config in suites[args.suite](args.dtype)
+    cases = [(case, config or overridden_config(case, overrides)) for case, config in suites[args.suite](args.dtype)
              if case.name not in done and (args.cases is None or re.search(args.cases, case.name))]
     tune = None
     if args.tune_candidates:  # candidates were assembled ahead, all processes at once
@@ -166,7 +189,7 @@ def main(suites: dict, description: str, default_suite: str):
           f"({ahead:.0f} s of work)", flush=True)
     dense = DenseTimes()
     result = {"device": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(), "suite": args.suite,
-              "dtype": args.dtype, "tune_candidates": args.tune_candidates, "cases": rows}
+              "dtype": args.dtype, "tune_candidates": args.tune_candidates, "config": overrides, "cases": rows}
     for i, (case, config) in enumerate(cases):
         if args.deadline and time.perf_counter() - start > args.deadline:
             print(f"deadline: {len(cases) - i} cases left for --resume", flush=True)

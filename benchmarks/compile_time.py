@@ -82,7 +82,7 @@ def measure_cuda(m: int, k: int, density: float, arch: str, gpu: bool) -> dict:
     row["ptx_bytes"] = kernel.ptx_bytes
     row["segments"] = max(1, len(kernel.units) - 1)
     start = time.perf_counter()
-    cubin = assemble(kernel.units, arch, config.ptxas_opt_level)
+    cubin = assemble(kernel.units, arch, **config.assembler_options())
     row["assemble_s"] = time.perf_counter() - start
     row["code_bytes"] = len(cubin)
     row["jobs"] = default_jobs()

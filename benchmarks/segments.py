@@ -60,7 +60,7 @@ def measure(name: str, size: int) -> dict:
     start = time.perf_counter()
     kernel = emit_spmm_ptx(problem, config, "k", "sm_90")
     emitted = time.perf_counter()
-    cubin = assemble(kernel.units, "sm_90", config.ptxas_opt_level)
+    cubin = assemble(kernel.units, "sm_90", **config.assembler_options())
     return {
         "layer": name, "nnz": problem.weight.nnz, "max_instructions_per_segment": size,
         "segments": max(1, len(kernel.units) - 1), "emit_s": round(emitted - start, 2),

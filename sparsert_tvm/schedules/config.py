@@ -20,6 +20,10 @@ class _CudaKernelConfig:
     def as_dict(self) -> dict:
         return {"kernel": self.KERNEL} | dataclasses.asdict(self)
 
+    def assembler_options(self) -> dict:
+        """Keyword arguments of ``cuda.assemble.assemble`` for this config's kernels."""
+        return {"opt_level": self.ptxas_opt_level}
+
     def _check_opt_level(self):
         if not 0 <= self.ptxas_opt_level <= 3:
             raise ValueError("ptxas_opt_level must be in 0..3")
@@ -60,6 +64,13 @@ class CudaSpmmConfig(_CudaKernelConfig):
     # than inline code the more accumulators a thread holds: the tuner's configs scale it
     # with them (``tuning.with_segment_budget``).
     max_instructions_per_segment: int = 4096
+    # Registers a segment may use (ptxas -func-maxrregcount). Without a cap, ptxas keeps a
+    # separately assembled function to the ABI's scratch registers (about 15), so each load
+    # is issued just before its FMA and the kernel waits on every one: on the H200 that made
+    # segmented kernels up to 2x slower than the same code in one function (ResNet-50's 3x3
+    # layers at batch 1). With room for its loads in flight a segment is scheduled like
+    # inline code; the kernel takes the largest of its functions' register counts.
+    segment_registers: int = 64
     # ptxas optimisation level (0-3).
     ptxas_opt_level: int = 3
     # Larger weights stay dense: about 70 s of ptxas on 2 cores and 30 MB of code at the cap.
@@ -72,7 +83,12 @@ class CudaSpmmConfig(_CudaKernelConfig):
             raise ValueError("threads_per_block must be a multiple of 32 and at most 1024")
         if self.vector_width not in (1, 2, 4, 8):
             raise ValueError("vector_width must be 1, 2, 4 or 8")
+        if not 24 <= self.segment_registers <= 255:
+            raise ValueError("segment_registers must be in 24..255")
         self._check_opt_level()
+
+    def assembler_options(self) -> dict:
+        return super().assembler_options() | {"function_registers": self.segment_registers}
 
 
 @dataclass(frozen=True)

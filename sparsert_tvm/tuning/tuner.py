@@ -133,7 +133,7 @@ def assemble_candidate(problem: SpmmProblem, config: CudaConfig, name: str, arch
     target, name)`` will find it. A candidate that fails is left for its own build to report."""
     try:
         kernel = emit_ptx(problem, config, f"{name}_kernel", arch)
-        assemble(kernel.units, arch, config.ptxas_opt_level, jobs=jobs)
+        assemble(kernel.units, arch, **config.assembler_options(), jobs=jobs)
     except SparseRTError:
         pass
 

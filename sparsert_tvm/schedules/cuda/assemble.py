@@ -37,21 +37,28 @@ def default_jobs() -> int:
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
 
-def assemble(units: tuple[str, ...], arch: str, opt_level: int = 3, jobs: int | None = None) -> bytes:
-    """Returns the cubin for ``units`` (``units[0]`` holds the entry point)."""
+def assemble(
+    units: tuple[str, ...], arch: str, opt_level: int = 3, jobs: int | None = None, function_registers: int | None = None
+) -> bytes:
+    """Returns the cubin for ``units`` (``units[0]`` holds the entry point). Where there are
+    several, ``function_registers`` caps the registers of the functions they define (else
+    ptxas keeps them to the call ABI's scratch registers)."""
     ptxas = find_tool("ptxas")
     tools = [ptxas] + ([find_tool("nvlink")] if len(units) > 1 else [])
-    key = cache.cache_key(arch, str(opt_level), *(_tool_version(t) for t in tools), *units)
+    flags = [f"-O{opt_level}"]
+    if function_registers is not None and len(units) > 1:
+        flags.append(f"--device-function-maxrregcount={function_registers}")
+    key = cache.cache_key(arch, *flags, *(_tool_version(t) for t in tools), *units)
     cached = cache.load("cubin", key)
     if cached is not None:
         return cached
     with tempfile.TemporaryDirectory(prefix="sparsert-") as tmp:
-        cubin = _assemble_in(Path(tmp), units, arch, opt_level, jobs or default_jobs(), tools)
+        cubin = _assemble_in(Path(tmp), units, arch, flags, jobs or default_jobs(), tools)
     cache.store("cubin", key, cubin)
     return cubin
 
 
-def _assemble_in(tmp: Path, units, arch, opt_level, jobs, tools) -> bytes:
+def _assemble_in(tmp: Path, units, arch, flags, jobs, tools) -> bytes:
     ptxas = tools[0]
     sources = []
     for i, text in enumerate(units):
@@ -60,11 +67,11 @@ def _assemble_in(tmp: Path, units, arch, opt_level, jobs, tools) -> bytes:
         sources.append(path)
     out = tmp / "kernel.cubin"
     if len(sources) == 1:
-        _run([ptxas, f"-arch={arch}", f"-O{opt_level}", str(sources[0]), "-o", str(out)])
+        _run([ptxas, f"-arch={arch}", *flags, str(sources[0]), "-o", str(out)])
         return out.read_bytes()
     # Relocatable objects assembled side by side, then one link.
     objects = [src.with_suffix(".o") for src in sources]
-    commands = [[ptxas, "-c", f"-arch={arch}", f"-O{opt_level}", str(s), "-o", str(o)] for s, o in zip(sources, objects)]
+    commands = [[ptxas, "-c", f"-arch={arch}", *flags, str(s), "-o", str(o)] for s, o in zip(sources, objects)]
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         list(pool.map(_run, commands))
     _run([tools[1], f"-arch={arch}", "-o", str(out)] + [str(o) for o in objects])

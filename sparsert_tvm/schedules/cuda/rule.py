@@ -113,7 +113,7 @@ class CudaSpmmRule(SparseKernelRule):
         kernel = emit_ptx(problem, config, f"{name}_kernel", arch)
         if kernel.row_groups > _MAX_GRID_YZ:
             raise UnsupportedProblem(f"{kernel.row_groups} row groups exceed the grid's y limit")
-        cubin = assemble(kernel.units, arch, config.ptxas_opt_level)
+        cubin = assemble(kernel.units, arch, **config.assembler_options())
         module = create_cuda_module(cubin, kernel)
         segments = len(kernel.units) - 1 if len(kernel.units) > 1 else 1
         params = config.as_dict() | {

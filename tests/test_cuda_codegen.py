@@ -117,9 +117,20 @@ def test_emulated_tilings(layout, config):
 def test_segmented_kernels_refuse_blocks_nvlink_cannot_give_their_registers():
     rng = np.random.default_rng(1)
     problem = problem_for(rng, Layout.CHANNELS, 29, 40, 0.3, (1, 40, 9, 4))
-    with pytest.raises(UnsupportedProblem, match="at most 512 threads"):
-        emit_spmm_ptx(problem, CudaSpmmConfig(threads_per_block=1024, max_instructions_per_segment=80), "k", "sm_90")
-    assert len(emit_spmm_ptx(problem, CudaSpmmConfig(threads_per_block=1024), "k", "sm_90").units) == 1
+    roomy = CudaSpmmConfig(threads_per_block=1024, max_instructions_per_segment=80, segment_registers=96)
+    with pytest.raises(UnsupportedProblem, match="at most 682 threads"):
+        emit_spmm_ptx(problem, roomy, "k", "sm_90")
+    assert len(emit_spmm_ptx(problem, dataclasses.replace(roomy, max_instructions_per_segment=4096), "k", "sm_90").units) == 1
+
+
+@needs_ptxas
+def test_segmented_kernels_of_1024_threads_link_with_64_registers():
+    rng = np.random.default_rng(1)
+    problem = problem_for(rng, Layout.CHANNELS, 32, 64, 0.3, (1, 64, 32, 32))
+    config = CudaSpmmConfig(rows_per_block=16, threads_per_block=1024, max_instructions_per_segment=128)
+    kernel = emit_spmm_ptx(problem, config, "k", "sm_90")
+    assert len(kernel.units) > 2
+    assert kernel_registers(assemble(kernel.units, "sm_90", **config.assembler_options())) <= 64
 
 
 def test_values_are_immediates_and_each_needed_activation_is_loaded_once():

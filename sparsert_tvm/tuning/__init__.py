@@ -102,11 +102,11 @@ MAX_SEGMENT_INSTRUCTIONS = 65536
 
 def with_segment_budget(config: CudaSpmmConfig) -> CudaSpmmConfig:
     """``config`` with segments sized for its tiling. Segments are functions of the call
-    ABI, and ptxas gives those many more registers (80-160) than the inline kernel needs
-    (about 32): blocks per SM fall, the more so the more accumulators a thread holds. On
-    the H200 (ResNet-50 3x3 layers, benchmarks/results/segments-vary-h200.json), 4k-
-    instruction segments made 8-16 rows per block 1.7-2x slower than one function, and
-    1-4 rows 0-16%. A thread's accumulators therefore buy its segments room."""
+    ABI and run slower than inline code: on the H200, before their registers were capped
+    higher (``segment_registers``), 4k-instruction segments made ResNet-50's 3x3 layers at
+    8-16 rows per block 1.7-2x slower than one function, and 1-4 rows 0-16%
+    (benchmarks/results/segments-vary-h200.json); with the cap they were within 0-13%
+    (segments-inline-h200.md). A thread's accumulators still buy its segments room."""
     accumulators = config.rows_per_block * config.columns_per_thread
     budget = min(MAX_SEGMENT_INSTRUCTIONS, SEGMENT_INSTRUCTIONS_PER_ACCUMULATOR * accumulators)
     return dataclasses.replace(config, max_instructions_per_segment=budget)

@@ -43,7 +43,7 @@ PTX_VERSION = "8.0"
 SUPPORTED_DTYPES = ("float32", "float16")
 _MAX_IMMEDIATE_OFFSET = 2**31 - 1
 _MAX_VECTOR_REGISTERS = 4  # ld/st .v4 of 32-bit registers
-_MAX_SEGMENTED_THREADS = 512
+_REGISTERS_PER_BLOCK = 65536
 
 
 @dataclass(frozen=True)
@@ -182,12 +182,14 @@ def emit_spmm_ptx(problem: SpmmProblem, config: CudaSpmmConfig, name: str, arch:
     emitter.check_offsets()
     costs = [emitter.instructions(rows) for rows in groups]
     segments = split_by_cost(groups, costs, config.max_instructions_per_segment)
-    if len(segments) > 1 and config.threads_per_block > _MAX_SEGMENTED_THREADS:
-        # Segment functions take 70-80 registers under the call ABI: nvlink refuses them
-        # in blocks that allow only 64.
+    most_threads = _REGISTERS_PER_BLOCK // config.segment_registers
+    if len(segments) > 1 and config.threads_per_block > most_threads:
+        # The kernel takes its segments' register count, and nvlink refuses a block of
+        # threads whose registers would not fit in one SM's register file.
         raise UnsupportedProblem(
-            f"{len(segments)} segments need blocks of at most {_MAX_SEGMENTED_THREADS} threads, not "
-            f"{config.threads_per_block} (raise max_instructions_per_segment for one function)"
+            f"{len(segments)} segments of {config.segment_registers} registers need blocks of at most "
+            f"{most_threads} threads, not {config.threads_per_block} (lower segment_registers, or raise "
+            "max_instructions_per_segment for one function)"
         )
 
     if len(segments) == 1:

@@ -33,6 +33,7 @@ import torch
 from harness import graph_timer, reference, sparse_problem, time_sparsert, time_torch, time_tvm_dense
 
 from sparsert_tvm.build import cuda_target
+from sparsert_tvm.schedules.config import CUDA_CONFIGS, CudaSpmmConfig
 from sparsert_tvm.schedules.cuda.rule import CudaSpmmRule, cuda_arch
 from sparsert_tvm.tuning import space
 from sparsert_tvm.tuning.tuner import TuneOptions, assemble_candidate
@@ -109,14 +110,19 @@ def overridden_config(case, overrides: dict):
     return rule.with_overrides(problem, rule.default_config(problem, None), overrides)
 
 
+def parse_field(config_class, field: str, text: str):
+    """``text`` as a value of ``field`` of ``config_class``, typed as its default is."""
+    kind = type(getattr(config_class(), field))
+    return text.lower() in ("1", "true") if kind is bool else kind(text)
+
+
 def parse_overrides(text: str | None) -> dict:
-    """``"rows_per_block=2,fold_batch=false"`` as a ``kernel_config`` dict."""
-    overrides = {}
-    for item in filter(None, (text or "").split(",")):
-        field, _, value = item.partition("=")
-        lowered = value.lower()
-        overrides[field] = lowered == "true" if lowered in ("true", "false") else int(value) if value.isdigit() else value
-    return overrides
+    """``"rows_per_block=2,fold_batch=false"`` as a ``kernel_config`` dict (``kernel=csr``
+    names the CSR kernel's fields)."""
+    items = dict(item.partition("=")[::2] for item in filter(None, (text or "").split(",")))
+    kernel = items.pop("kernel", CudaSpmmConfig.KERNEL)
+    overrides = {} if kernel == CudaSpmmConfig.KERNEL else {"kernel": kernel}
+    return overrides | {field: parse_field(CUDA_CONFIGS[kernel], field, value) for field, value in items.items()}
 
 
 def _assemble_candidates(job) -> tuple[str, float, float]:

@@ -27,6 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from harness import ConvCase, SpmmCase, graph_timer, sparse_problem  # noqa: E402
+from suite import parse_field  # noqa: E402
 
 from sparsert_tvm.build import cuda_target  # noqa: E402
 from sparsert_tvm.errors import SparseRTError, last_line  # noqa: E402
@@ -86,11 +87,9 @@ def grid_configs(problem, default, check, columns_per_thread):
 def varied_configs(default, vary: str):
     """The default config, then one copy per value of ``FIELD=v1,v2,...``."""
     field, _, values = vary.partition("=")
-    kind = type(getattr(default, field))
-    parse = (lambda v: v.lower() in ("1", "true")) if kind is bool else kind
     configs = [default]
     for value in values.split(","):
-        config = dataclasses.replace(default, **{field: parse(value)})
+        config = dataclasses.replace(default, **{field: parse_field(type(default), field, value)})
         if config not in configs:
             configs.append(config)
     return configs

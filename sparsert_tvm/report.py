@@ -116,6 +116,7 @@ _SHOWN_PARAMS = {
     "row_groups": "blocks.y",
     "segments": "segments",
     "x_transposed": "xT",
+    "column_phases": "phases",
     "vector_lanes": "lanes",
     "config_source": "config",
 }

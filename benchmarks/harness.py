@@ -272,24 +272,15 @@ def time_sparsert(case, config=None, tune: TuneOptions | None = None, tune_nnz_l
     built = rule.build(problem, config, target, "bench")
     lib, name = build_launcher(built, target)
     compile_s = time.perf_counter() - start
-    us, out = _time_launcher(case, built.problem, lib[name])
+    us, out = _time_launcher(case, problem, lib[name])
     info = {"compile_s": compile_s, "tune_s": tune_s, "code_bytes": built.code_bytes, "params": built.params | tuning}
     return us, out, info
 
 
 def _time_launcher(case, problem: SpmmProblem, fn):
-    """Times the kernel computing ``problem`` (``BuiltKernel.problem``) with the copy of X it
-    reads made inside the graph, as the pass makes it before the kernel: transposed, or
-    split into column phases (there one fused TVM kernel, here torch's pad and a copy)."""
     xs = case.inputs()
     ys = [torch.empty(case.y_shape(), device="cuda", dtype=case.torch_dtype) for _ in xs]
-    phases = problem.column_phases
-    if problem.x_transposed:
-        operands = [x.t().contiguous() for x in xs]
-    elif phases is not None:
-        operands = [torch.empty([int(d) for d in problem.x_shape], device="cuda", dtype=x.dtype) for x in xs]
-    else:
-        operands = xs
+    operands = [x.t().contiguous() if problem.x_transposed else x for x in xs]
     tx = [tvm.runtime.from_dlpack(x) for x in operands]
     ty = [tvm.runtime.from_dlpack(y) for y in ys]
 
@@ -297,25 +288,12 @@ def _time_launcher(case, problem: SpmmProblem, fn):
         j = i % ROTATE
         if problem.x_transposed:
             operands[j].copy_(xs[j].t())
-        elif phases is not None:
-            split_phases(phases, xs[j], operands[j])
         fn(tx[j], ty[j])
 
     us = graph_time_us(step)
     step(0)
     torch.cuda.synchronize()
     return us, ys[0].clone()
-
-
-def split_phases(phases, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """``phases.split_input(x)`` into ``out`` (returned), on the GPU (torch crops on negative pads)."""
-    top, left, bottom, right = phases.margins
-    padded = torch.nn.functional.pad(x, (left, right, top, bottom))
-    b, c, s = x.shape[0], x.shape[1], phases.phases
-    out.view(b, c, s, phases.rows, phases.phase_width).copy_(
-        padded.view(b, c, phases.rows, phases.phase_width, s).permute(0, 1, 4, 2, 3)
-    )
-    return out
 
 
 def time_torch(case, mode: str):

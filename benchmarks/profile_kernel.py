@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import conv  # noqa: E402
 import spmm  # noqa: E402
 import suite  # noqa: E402
-from harness import sparse_problem, split_phases  # noqa: E402
+from harness import sparse_problem  # noqa: E402
 
 from sparsert_tvm.build import cuda_target  # noqa: E402
 from sparsert_tvm.schedules.cuda.rule import CudaSpmmRule  # noqa: E402
@@ -51,9 +51,6 @@ def main():
     x = case.inputs()[0]
     if problem.x_transposed:
         x = x.t().contiguous()
-    phases = built.problem.column_phases
-    if phases is not None:
-        x = split_phases(phases, x, torch.empty([int(d) for d in built.problem.x_shape], device="cuda", dtype=x.dtype))
     y = torch.empty(case.y_shape(), device="cuda", dtype=case.torch_dtype)
     launch = lib[name]
     for _ in range(args.launches):

@@ -20,7 +20,6 @@ im2col buffer). Its ``Y`` is laid out as above, one image per launch row.
 
 from __future__ import annotations
 
-import dataclasses
 import enum
 import math
 from dataclasses import dataclass, field
@@ -142,90 +141,6 @@ class ConvWindow:
         return _always_inside(kx, self.padding[1], self.stride[1], self.output_size[1], self.input_size[1])
 
 
-@dataclass(frozen=True)
-class ColumnPhases:
-    """A column-strided NCHW convolution recast as one with column stride 1.
-
-    With column stride ``s``, neighbouring output pixels read input columns ``s`` apart, so a
-    warp's loads use one element in ``s`` of each memory sector. The input is first copied,
-    padding zeros written out, into ``s`` phases: padded column ``s q + p`` becomes column
-    ``q`` of channel ``c s + p`` of an image of ``(rows, phase_width)`` pixels. Tap ``(c, ky,
-    kx)`` is then tap ``(c s + kx % s, ky, kx // s)`` of a ``kh x ceil(kw / s)`` kernel with
-    column stride 1 and no padding: the same products, from loads of neighbouring elements.
-    """
-
-    window: ConvWindow  # the convolution's own
-
-    def __post_init__(self):
-        if self.window.channels_last or self.window.stride[1] < 2:
-            raise ValueError("phases split the columns of an NCHW convolution with a column stride")
-
-    @property
-    def phases(self) -> int:
-        return self.window.stride[1]
-
-    @property
-    def rows(self) -> int:
-        """Padded input rows that some tap reads."""
-        (oh, _), (kh, _), (sh, _) = self.window.output_size, self.window.kernel, self.window.stride
-        return (oh - 1) * sh + kh
-
-    @property
-    def phase_width(self) -> int:
-        ow, kw = self.window.output_size[1], self.window.kernel[1]
-        return ow - 1 + -(-kw // self.phases)
-
-    @property
-    def margins(self) -> tuple[int, int, int, int]:
-        """Zeros added (negative: rows or columns dropped) at the top, left, bottom and right
-        of the input to make the ``rows x phases * phase_width`` padded image."""
-        (h, w), (top, left, _, _) = self.window.input_size, self.window.padding
-        return top, left, self.rows - top - h, self.phases * self.phase_width - left - w
-
-    @property
-    def split_window(self) -> ConvWindow:
-        (kh, kw), s = self.window.kernel, self.phases
-        return ConvWindow(
-            channels=self.window.channels * s,
-            kernel=(kh, -(-kw // s)),
-            stride=(self.window.stride[0], 1),
-            padding=(0, 0, 0, 0),
-            input_size=(self.rows, self.phase_width),
-            channels_last=False,
-        )
-
-    def split_tap(self, k: int) -> int:
-        """Tap ``k`` of the convolution as a tap of ``split_window``."""
-        channel, ky, kx = self.window.tap(k)
-        kh, kw = self.split_window.kernel
-        return ((channel * self.phases + kx % self.phases) * kh + ky) * kw + kx // self.phases
-
-    def split_weight(self, weight: SparseMatrix) -> SparseMatrix:
-        taps = np.array([self.split_tap(k) for k in range(weight.shape[1])], dtype=np.int64)
-        split = np.zeros((weight.shape[0], self.split_window.channels * math.prod(self.split_window.kernel)), weight.dtype)
-        split[:, taps] = weight.dense
-        return SparseMatrix.from_dense(split)
-
-    def split_input(self, x: np.ndarray) -> np.ndarray:
-        """The phase-split copy of ``x[B, C, H, W]`` (numpy; the pass emits the same in Relax)."""
-        top, left, bottom, right = self.margins
-        x = x[:, :, max(0, -top) : x.shape[2] + min(0, bottom), max(0, -left) : x.shape[3] + min(0, right)]
-        x = np.pad(x, ((0, 0), (0, 0), (max(0, top), max(0, bottom)), (max(0, left), max(0, right))))
-        b, c, s = x.shape[0], x.shape[1], self.phases
-        x = x.reshape(b, c, self.rows, self.phase_width, s).transpose(0, 1, 4, 2, 3)
-        return np.ascontiguousarray(x.reshape(b, c * s, self.rows, self.phase_width))
-
-
-def split_column_phases(problem: SpmmProblem) -> SpmmProblem:
-    """``problem`` computed from the phase-split copy of its input (see ``ColumnPhases``)."""
-    phases = ColumnPhases(problem.window)
-    window = phases.split_window
-    x_shape = (problem.x_shape[0], window.channels, *window.input_size)
-    return dataclasses.replace(
-        problem, weight=phases.split_weight(problem.weight), x_shape=x_shape, window=window, column_phases=phases
-    )
-
-
 def _always_inside(tap: int, pad: int, stride: int, outputs: int, size: int) -> bool:
     return tap - pad >= 0 and (outputs - 1) * stride + tap - pad <= size - 1
 
@@ -239,8 +154,7 @@ class SpmmProblem:
     transposed to ``[K, N]`` instead, so that neighbouring columns are neighbours in memory.
     With a ``window`` (a KxK, strided or padded convolution; CHANNELS for NCHW, ROWS for
     NHWC), ``X`` is the convolution's input and the batch is always the launch's third
-    dimension; with ``column_phases`` too, it is the phase-split copy of that input
-    (``split_column_phases``) and ``window`` the recast convolution's.
+    dimension.
     """
 
     weight: SparseMatrix
@@ -251,8 +165,6 @@ class SpmmProblem:
     epilogue: tuple[EpilogueOp, ...] = field(default=())
     x_transposed: bool = False
     window: ConvWindow | None = None
-    # X is the phase-split copy of the convolution's input, made before the kernel.
-    column_phases: ColumnPhases | None = None
 
     def __post_init__(self):
         for name in ("x_shape", "y_shape"):

@@ -116,7 +116,6 @@ _SHOWN_PARAMS = {
     "row_groups": "blocks.y",
     "segments": "segments",
     "x_transposed": "xT",
-    "column_phases": "phases",
     "vector_lanes": "lanes",
     "config_source": "config",
 }

@@ -8,7 +8,7 @@ import tvm
 
 from conv_cases import ConvCase, make_conv
 from helpers import CPU_TARGET, Compiled, assert_close
-from sparsert_tvm import SparsifyWeights, build, report_of
+from sparsert_tvm import SparsifyWeights, report_of
 from sparsert_tvm.passes.candidates import find_candidates
 from sparsert_tvm.schedules.config import CudaSpmmConfig
 from sparsert_tvm.schedules.cuda.ptx import emit_spmm_ptx
@@ -198,12 +198,8 @@ EMULATED_CONFIGS = [
     CudaSpmmConfig(rows_per_block=3, threads_per_block=32, columns_per_thread=3, fold_batch=True),
     CudaSpmmConfig(rows_per_block=2, threads_per_block=32, vector_width=2, fold_batch=True,
                    max_instructions_per_segment=150),
-    # Column strides read straight from the input, through predicates, not from its phases.
-    CudaSpmmConfig(rows_per_block=3, threads_per_block=32, vector_width=2, split_column_phases=False),
 ]
-EMULATED_IDS = [
-    "plain", "two-columns-segmented", "vectors", "folded-three-columns", "folded-vectors-segmented", "strided-unsplit"
-]
+EMULATED_IDS = ["plain", "two-columns-segmented", "vectors", "folded-three-columns", "folded-vectors-segmented"]
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
@@ -271,57 +267,3 @@ def test_window_kernels_assemble(dtype, width):
     kernel = emit_spmm_ptx(problem, dataclasses.replace(config, max_instructions_per_segment=600), "k", "sm_90")
     assert len(kernel.units) > 2
     assert assemble(kernel.units, "sm_90", 3)
-
-
-# -- column phases: strided NCHW convolutions read a phase-split copy of their input ----------
-
-
-SPLIT_WINDOWS = {  # kernel, stride, padding, input size
-    "3x3/2": ((3, 3), (2, 2), (1, 1, 1, 1), (9, 8)),
-    "1x1/2-cropped": ((1, 1), (2, 2), (0, 0, 0, 0), (8, 8)),  # the last row and column are never read
-    "7x7/2": ((7, 7), (2, 2), (3, 3, 3, 3), (11, 10)),
-    "3x5/1x3-asymmetric": ((3, 5), (1, 3), (0, 2, 1, 0), (6, 13)),
-}
-
-
-@pytest.mark.parametrize("name", SPLIT_WINDOWS)
-def test_column_phases_in_relax_match_numpy(name):
-    """The Relax ops the pass emits before the kernel, run on the CPU, against numpy's split."""
-    from tvm import relax
-
-    from sparsert_tvm.passes.sparsify import _split_phases
-    from sparsert_tvm.problem import ColumnPhases, ConvWindow
-
-    kernel, stride, padding, size = SPLIT_WINDOWS[name]
-    phases = ColumnPhases(ConvWindow(3, kernel, stride, padding, size, channels_last=False))
-    x = relax.Var("x", relax.TensorType([2, 3, *size], "float32"))
-    builder = relax.BlockBuilder()
-    with builder.function("main", [x]):
-        with builder.dataflow():
-            out = builder.emit_output(_split_phases(builder, x, phases, 2))
-        builder.emit_func_output(out)
-    vm = relax.VirtualMachine(tvm.compile(builder.get(), CPU_TARGET), tvm.cpu())
-    data = np.random.default_rng(16).standard_normal((2, 3, *size)).astype("float32")
-    np.testing.assert_array_equal(vm["main"](tvm.runtime.tensor(data)).numpy(), phases.split_input(data))
-
-
-@needs_ptxas
-def test_strided_convolutions_read_column_phases(monkeypatch):
-    """The pass splits the input of a column-strided NCHW convolution (and not of an NHWC
-    one, or where the config says not to), and the kernel reads it without predicates."""
-    from sparsert_tvm.schedules.cuda import rule as cuda_rule
-
-    made = []
-    monkeypatch.setattr(cuda_rule, "create_cuda_module", lambda cubin, kernel: made.append(kernel) or None)
-    target = tvm.target.Target({"kind": "cuda", "arch": "sm_90"}, host=CPU_TARGET)
-    rng = np.random.default_rng(17)
-    for layout, tiling, split in [("NCHW", None, True), ("NCHW", {"split_column_phases": False}, False),
-                                  ("NHWC", None, False)]:
-        made.clear()
-        out = SparsifyWeights(target, 1.0, kernel_config=tiling)(conv(rng, "3x3/2", layout, epilogue=("bias",)).module())
-        (layer,) = report_of(out).layers
-        assert layer.params["column_phases"] is split
-        assert ("R.permute_dims" in out["main"].script()) is split
-        (kernel,) = made
-        assert ("@%q" in "".join(kernel.units)) is not split  # phases hold the padding zeros
-        assert tvm.compile(out.without_attr("external_mods"), target, tir_pipeline=build.register_pipeline())

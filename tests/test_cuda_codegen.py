@@ -53,8 +53,7 @@ def emulate(problem: SpmmProblem, config, rng, inputs=None, x_shape=None):
     """Runs the generated PTX (of either kernel, by the config's type) in the emulator on
     ``inputs`` (X and the residual; random if None); returns (output, numpy reference).
     A problem with symbolic dimensions runs at ``x_shape``."""
-    computed = cuda_rule.kernel_problem(problem, config)
-    kernel = cuda_rule.emit_ptx(computed, config, "k", "sm_90")
+    kernel = cuda_rule.emit_ptx(problem, config, "k", "sm_90")
     if x_shape is not None:
         y_shape = list(x_shape)
         y_shape[1 if problem.layout is Layout.CHANNELS else -1] = problem.M
@@ -74,8 +73,6 @@ def emulate(problem: SpmmProblem, config, rng, inputs=None, x_shape=None):
         args.append("r")
     if problem.x_transposed:  # the kernel reads X^T; the reference takes X
         buffers["x"] = np.ascontiguousarray(x.reshape(-1, problem.K).T)
-    if computed.column_phases is not None:  # as the pass does in Relax before the kernel
-        buffers["x"] = computed.column_phases.split_input(x)
     columns = problem.static_columns
     batch = 1 if problem.x_transposed else problem.static_batch
     if kernel.folds_batch:  # as the launch wrapper does

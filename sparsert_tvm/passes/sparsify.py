@@ -12,7 +12,7 @@ from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from ..errors import UnsupportedProblem
-from ..problem import ColumnPhases, Layout, SpmmProblem
+from ..problem import Layout
 from ..report import REPORT_ATTR, LayerReport, report_of
 from ..schedules import BuiltKernel, KernelConfig, rule_for
 from .candidates import Candidate, find_candidates
@@ -157,7 +157,7 @@ class _SparsifyWeights:
                 assert candidate.tail not in plan, f"two kernels would replace {candidate.tail.name}"
                 kernel_gv = rewriter.builder_.add_func(built.func, layer.kernel)
                 external += built.external_modules
-                plan[candidate.tail] = _Planned(kernel_gv, candidate, built.problem)
+                plan[candidate.tail] = _Planned(kernel_gv, candidate, built.problem.x_transposed)
             if plan:
                 rewriter.builder_.update_func(gv, rewriter.rewrite(func, plan))
         out = rewriter.builder_.get()
@@ -264,39 +264,19 @@ def _unique_name(candidate: Candidate, taken: set) -> str:
 class _Planned:
     kernel: tvm.ir.GlobalVar
     candidate: Candidate
-    problem: SpmmProblem  # what the kernel computes (``BuiltKernel.problem``)
+    transpose_x: bool
 
     def call(self, builder, visit) -> relax.Call:
-        """The ``call_tir`` replacing the candidate, preceded by the copy of X the kernel
-        reads: transposed, or split into column phases."""
-        problem = self.problem
-        x = visit(self.candidate.x)
-        if problem.x_transposed:
+        """The ``call_tir`` replacing the candidate, preceded by the transpose it may need."""
+        candidate = self.candidate
+        x = visit(candidate.x)
+        if self.transpose_x:
+            problem = candidate.problem
             if len(problem.x_shape) != 2:
                 x = builder.emit(relax.op.reshape(x, relax.ShapeExpr([problem.columns, problem.K])))
             x = builder.emit(relax.op.permute_dims(x))
-        if problem.column_phases is not None:
-            x = _split_phases(builder, x, problem.column_phases, problem.x_shape[0])
-        residual = self.candidate.residual
-        args = [x] + ([visit(residual)] if residual is not None else [])
-        return relax.call_tir(self.kernel, args, self.candidate.tail.ty)
-
-
-def _split_phases(builder, x, phases: ColumnPhases, batch):
-    """``phases.split_input`` in Relax ops (TVM fuses them into one kernel); ``batch`` is
-    the first dimension of ``x``."""
-    top, left, bottom, right = phases.margins
-    h, w = phases.window.input_size
-    if min(phases.margins) < 0:
-        begin, end = [max(0, -top), max(0, -left)], [h + min(0, bottom), w + min(0, right)]
-        x = builder.emit(relax.op.strided_slice(x, axes=[2, 3], begin=begin, end=end))
-    if max(phases.margins) > 0:
-        pad = [0, 0, 0, 0, max(0, top), max(0, bottom), max(0, left), max(0, right)]
-        x = builder.emit(relax.op.nn.pad(x, pad_width=pad))
-    channels, s = phases.window.channels, phases.phases
-    x = builder.emit(relax.op.reshape(x, relax.ShapeExpr([batch, channels, phases.rows, phases.phase_width, s])))
-    x = builder.emit(relax.op.permute_dims(x, [0, 1, 4, 2, 3]))
-    return builder.emit(relax.op.reshape(x, relax.ShapeExpr([batch, channels * s, phases.rows, phases.phase_width])))
+        args = [x] + ([visit(candidate.residual)] if candidate.residual is not None else [])
+        return relax.call_tir(self.kernel, args, candidate.tail.ty)
 
 
 @mutator

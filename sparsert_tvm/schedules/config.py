@@ -56,10 +56,6 @@ class CudaSpmmConfig(_CudaKernelConfig):
     # Rows are packed into blocks of similar nonzero counts (heaviest blocks launch first)
     # instead of consecutive runs of rows.
     balance_rows: bool = True
-    # NCHW convolutions with a column stride read a copy of their input split into phases
-    # (``problem.ColumnPhases``, made by one more kernel before this one), so that a warp's
-    # loads are neighbours in memory rather than a stride apart.
-    split_column_phases: bool = True
     # The unrolled code is cut into functions of about this many instructions (FMAs and
     # loads), assembled separately and in parallel, then linked: ptxas time grows faster
     # than linearly with function size. On 2 cores 4k was best or near it on 3x3, 1x1 and FC

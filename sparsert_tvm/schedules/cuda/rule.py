@@ -21,7 +21,7 @@ from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
 
 from ...errors import RuntimeUnavailable, UnsupportedProblem
-from ...problem import Layout, SpmmProblem, split_column_phases
+from ...problem import Layout, SpmmProblem
 from ...tuning import default_cuda_config, with_segment_budget
 from ..base import OPAQUE_PATTERN, BuiltKernel, SparseKernelRule, kernel_columns_and_batch, operand_shapes
 from ..config import CudaConfig, CudaCsrConfig, CudaSpmmConfig, cuda_config_from_dict
@@ -58,26 +58,10 @@ def cuda_arch(target: tvm.target.Target) -> str:
 
 
 def emit_ptx(problem: SpmmProblem, config: CudaConfig, name: str, arch: str) -> PtxKernel:
-    """The PTX of whichever kernel ``config`` describes, for ``kernel_problem(problem, config)``."""
+    """The PTX of whichever kernel ``config`` describes."""
     if isinstance(config, CudaCsrConfig):
         return emit_csr_ptx(problem, config, name, arch)
-    return emit_spmm_ptx(kernel_problem(problem, config), config, name, arch)
-
-
-def kernel_problem(problem: SpmmProblem, config: CudaConfig) -> SpmmProblem:
-    """What the kernel of ``config`` computes: ``problem``, or where the config asks and the
-    convolution has a column stride, its recast on the phase-split input."""
-    window = problem.window
-    if (
-        isinstance(config, CudaSpmmConfig)
-        and config.split_column_phases
-        and window is not None
-        and not window.channels_last
-        and window.stride[1] > 1
-        and problem.column_phases is None
-    ):
-        return split_column_phases(problem)
-    return problem
+    return emit_spmm_ptx(problem, config, name, arch)
 
 
 class CudaSpmmRule(SparseKernelRule):
@@ -96,7 +80,7 @@ class CudaSpmmRule(SparseKernelRule):
             check_csr(problem, config)  # its own cap: arrays, not code
         else:
             super().check(problem, config)
-            check_vectorization(kernel_problem(problem, config), config)
+            check_vectorization(problem, config)
 
     def config_from_dict(self, fields):
         return cuda_config_from_dict(fields)
@@ -124,7 +108,6 @@ class CudaSpmmRule(SparseKernelRule):
 
     def build(self, problem: SpmmProblem, config: CudaConfig, target, name) -> BuiltKernel:
         start = time.perf_counter()
-        problem = kernel_problem(problem, config)
         arch = cuda_arch(target)
         # The kernel must not share the wrapper's name: the wrapper finds it by name.
         kernel = emit_ptx(problem, config, f"{name}_kernel", arch)
@@ -138,7 +121,6 @@ class CudaSpmmRule(SparseKernelRule):
             "row_groups": kernel.row_groups,
             "segments": segments,
             "x_transposed": problem.x_transposed,
-            "column_phases": problem.column_phases is not None,
         }
         return BuiltKernel(
             func=launch_wrapper(problem, kernel, name),

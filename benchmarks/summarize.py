@@ -167,10 +167,14 @@ def main(path: str):
     cases = result["cases"]
     kind = cases[0]["kind"] if cases else "spmm"
     correct = sum(case["correct"] for case in cases)
+    # A case sparsert declines (e.g. over the code-size cap: the pass leaves it dense) has no
+    # time and is not "correct"; its error says why.
+    declined = sum(case["us"]["sparsert"] is None for case in cases)
+    declined_text = f", {declined} not run by sparsert (see their `error`)" if declined else ""
     text = [
         f"# {source.stem}: {result['device']}, {result['date']}",
         "",
-        f"{len(cases)} cases, {correct} correct against a float64 product. Geometric mean of "
+        f"{len(cases)} cases, {correct} correct against a float64 product{declined_text}. Geometric mean of "
         "sparsert's speedup (contender time / sparsert time), timed with CUDA graphs:",
         "",
         *summary_table(cases, kind),

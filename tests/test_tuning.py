@@ -259,3 +259,38 @@ def test_a_record_of_other_config_fields_counts_as_missing(monkeypatch, tmp_path
     record.config = default_cuda_config(problem).as_dict()
     tuner.database.put(problem_key(problem, tuner.arch), record)
     assert tuner.lookup(problem) == default_cuda_config(problem)
+
+
+@needs_ptxas
+def test_a_segmented_winner_is_also_timed_with_other_register_caps(monkeypatch, tmp_path):
+    """The cost model cannot rank segment_registers: the fake timer prefers segmented
+    kernels, and among them a cap of 96, which only the variants of the winner have."""
+    timed = []
+
+    def fake_us(params):
+        bonus = 5.0 * (params["segments"] > 1) + 2.0 * (params.get("segment_registers") == 96)
+        return 10.0 - bonus + params["rows_per_block"] / 100
+
+    problem = channels_problem(np.random.default_rng(10), m=256, k=384, spatial=(8, 8), images=1)
+    timer = lambda built, target: timed.append(built.params) or fake_us(built.params)  # noqa: E731
+    record = _tuner_with(monkeypatch, tmp_path, timer, max_candidates=3).tune(problem, "k")
+    ranked, variants = timed[:3], timed[3:]
+    winner = min(ranked, key=fake_us)
+    assert winner["segments"] > 1, "the test needs a segmented candidate"
+    assert sorted(params["segment_registers"] for params in variants) == [48, 96]
+    for params in variants:  # the winner but for the cap
+        assert {**params, "segment_registers": 64} == winner
+    assert record.candidates == 5 and record.config["segment_registers"] == 96
+    assert record.us == min(us for _, us in record.timings)
+
+
+@needs_ptxas
+def test_unsegmented_winners_and_empty_variant_lists_time_no_variants(monkeypatch, tmp_path):
+    timed = []
+    problem = channels_problem(np.random.default_rng(11))
+    record = _tuner_with(monkeypatch, tmp_path, lambda built, target: timed.append(built.params) or 1.0,
+                         max_candidates=3).tune(problem, "k")
+    assert all(params["segments"] == 1 for params in timed) and record.candidates == len(timed) == 3
+    with pytest.raises(ValueError, match="segment_registers"):
+        TuneOptions(segment_registers=(300,))
+    assert TuneOptions(segment_registers=()).segment_registers == ()

@@ -4,12 +4,15 @@ For each sparse layer the tuner first looks in the tuning database; on a miss it
 pruned search space with the cost model (``space``), assembles the top candidates in
 parallel (ptxas runs side by side; the cubins land in the kernel cache), then times them
 one by one on the device, the untuned default first, until the candidates or the layer's
-time budget run out. The winner is written to the database, so the next compile of the
-same weight, shapes and target reuses it without timing anything.
+time budget run out. Where the winner is an unrolled kernel cut into segments, it is then timed with
+other caps on its segments' registers, which the cost model cannot tell apart. The winner
+is written to the database, so the next compile of the same weight, shapes and target
+reuses it without timing anything.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -22,7 +25,7 @@ from .. import cache
 from ..errors import SparseRTError
 from ..problem import SpmmProblem
 from ..schedules.base import BuiltKernel
-from ..schedules.config import CudaConfig
+from ..schedules.config import CudaConfig, CudaSpmmConfig
 from ..schedules.cuda.assemble import assemble
 from ..schedules.cuda.rule import cuda_arch, emit_ptx
 from . import space
@@ -42,7 +45,10 @@ class TuneOptions:
     ``timer(built, target)`` returns microseconds per launch (default: TVM's time
     evaluator); ``symbolic_size`` is what symbolic dimensions are set to while timing.
     ``assemble_ahead``: run ptxas for all candidates in parallel before timing (off where
-    the caller already did).
+    the caller already did). ``segment_registers``: the register caps also timed for a
+    winner cut into segments (beyond ``max_candidates``, within the budget); on ResNet-50's
+    3x3 layers and 1x1/FC layers the best cap was 48 or 96 where it was not the default 64,
+    by up to 1.14x (benchmarks/results/segment-registers-{conv,spmm}-h200.md). ``()``: none.
     """
 
     max_candidates: int = 8
@@ -52,10 +58,13 @@ class TuneOptions:
     symbolic_size: int = 1
     progress: bool = True
     assemble_ahead: bool = True
+    segment_registers: tuple[int, ...] = (48, 96)
 
     def __post_init__(self):
         if self.max_candidates < 1 or self.budget_s <= 0 or self.symbolic_size < 1:
             raise ValueError("max_candidates and symbolic_size must be >= 1 and budget_s > 0")
+        for registers in self.segment_registers:
+            CudaSpmmConfig(segment_registers=registers)  # raises ValueError outside 24..255
 
 
 def open_database(database) -> TuningDatabase:
@@ -93,19 +102,39 @@ class Tuner:
         configs = space.candidates(problem, self.rule.check, options.max_candidates)
         if options.assemble_ahead:
             self._assemble_ahead(problem, configs, name)
-        timings = []
+        timings, segments = [], {}
+
+        def measure(config):
+            """Times ``config``; False once the layer's budget is spent (the default is always timed)."""
+            if timings and time.perf_counter() - start > options.budget_s:
+                return False
+            try:
+                built = self.rule.build(problem, config, self.target, name)
+                timings.append((config, timer(built, self.target)))
+                segments[config] = built.params.get("segments", 1)
+            except SparseRTError:
+                if not timings:  # the default must work, or tuning means nothing
+                    raise
+            return True
+
         with _progress(options.progress) as progress:
             task = progress.add_task(f"tuning {name}", total=len(configs))
             for config in configs:
-                if timings and time.perf_counter() - start > options.budget_s:
+                if not measure(config):
                     break
-                try:
-                    built = self.rule.build(problem, config, self.target, name)
-                    timings.append((config, timer(built, self.target)))
-                except SparseRTError:
-                    if not timings:  # the default must work, or tuning means nothing
-                        raise
                 progress.advance(task)
+            best = min(timings, key=lambda t: t[1])[0]
+            if segments.get(best, 1) > 1:
+                variants = [
+                    dataclasses.replace(best, segment_registers=registers)
+                    for registers in options.segment_registers
+                    if registers != best.segment_registers
+                ]
+                progress.update(task, total=len(configs) + len(variants))
+                for variant in variants:
+                    if not measure(variant):
+                        break
+                    progress.advance(task)
         best, best_us = min(timings, key=lambda t: t[1])
         record = TuningRecord(
             config=best.as_dict(),

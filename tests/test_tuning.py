@@ -285,7 +285,7 @@ def test_a_segmented_winner_is_also_timed_with_other_register_caps(monkeypatch, 
 
 
 @needs_ptxas
-def test_unsegmented_winners_and_empty_variant_lists_time_no_variants(monkeypatch, tmp_path):
+def test_unsegmented_winners_time_no_variants_and_register_caps_are_checked(monkeypatch, tmp_path):
     timed = []
     problem = channels_problem(np.random.default_rng(11))
     record = _tuner_with(monkeypatch, tmp_path, lambda built, target: timed.append(built.params) or 1.0,

@@ -4,10 +4,10 @@ For each sparse layer the tuner first looks in the tuning database; on a miss it
 pruned search space with the cost model (``space``), assembles the top candidates in
 parallel (ptxas runs side by side; the cubins land in the kernel cache), then times them
 one by one on the device, the untuned default first, until the candidates or the layer's
-time budget run out. Where the winner is an unrolled kernel cut into segments, it is then timed with
-other caps on its segments' registers, which the cost model cannot tell apart. The winner
-is written to the database, so the next compile of the same weight, shapes and target
-reuses it without timing anything.
+time budget run out. Where the winner is an unrolled kernel cut into segments, it is then
+timed with other caps on its segments' registers, which the cost model cannot tell apart.
+The winner is written to the database, so the next compile of the same weight, shapes and
+target reuses it without timing anything.
 """
 
 from __future__ import annotations

@@ -166,7 +166,7 @@ class PtxProgram:
                     write(lo, (bits & 0xFFFF).astype(np.uint16), mask)
                     write(hi, (bits >> 16).astype(np.uint16), mask)
                 elif ops[1].startswith("{"):  # pack two halves
-                    lo, hi = (value(n).astype(np.uint32) for n in _names(ops[1]))
+                    lo, hi = (_bits(value(n)) for n in _names(ops[1]))
                     write(ops[0], (lo | hi << 16).astype(np.uint32), mask)
                 else:
                     write(ops[0], value(ops[1]).astype(_TYPES[op[-3:]]), mask)
@@ -220,12 +220,14 @@ class PtxProgram:
                 assert index[0] < len(targets), "brx.idx index out of range"
                 pc = fn.labels[targets[int(index[0])]]
             elif op.startswith(("ld.global.nc.", "ld.const.")):
-                kind = _TYPES[op[-3:]]
-                for i, dest in enumerate(_names(ops[0])):
+                kind, names = _TYPES[op[-3:]], _names(ops[0])
+                memory.check_alignment(_address(ops[1], value), mask, len(names) * kind().itemsize)
+                for i, dest in enumerate(names):
                     write(dest, memory.load(_address(ops[1], value, i * kind().itemsize), mask, kind), mask)
             elif op.startswith("st.global."):
-                kind = _TYPES[op[-3:]]
-                for i, source in enumerate(_names(ops[1])):
+                kind, names = _TYPES[op[-3:]], _names(ops[1])
+                memory.check_alignment(_address(ops[0], value), mask, len(names) * kind().itemsize)
+                for i, source in enumerate(names):
                     memory.store(_address(ops[0], value, i * kind().itemsize), value(source).astype(kind), mask)
             elif op.split(".")[0] in ("fma", "add", "max", "min") and op.endswith(("f32", "f16", "f16x2")):
                 write(ops[0], _arithmetic(op, [value(o) for o in ops[1:]]), mask)
@@ -271,13 +273,18 @@ def _as_f32(bits_or_floats: np.ndarray) -> np.ndarray:
     return bits_or_floats.astype(np.float32)
 
 
+def _bits(register: np.ndarray) -> np.ndarray:
+    """A 16-bit register's bits; a never-written one (NaN) gives NaN's bits."""
+    return register.view(np.uint32) if register.dtype == np.float32 else register.astype(np.uint32)
+
+
 def _names(operand: str) -> list[str]:
     return operand.strip("{}").split(";")
 
 
 def _address(operand: str, value, extra: int = 0):
-    base, _, offset = operand.strip("[]").partition("+")
-    return value(base) + np.uint64(int(offset or 0) + extra)
+    base, _, offset = operand.strip("[]").partition("+")  # offsets may be negative: "+-8"
+    return value(base) + np.uint64((int(offset or 0) + extra) % 2**64)
 
 
 _FLOAT_OPS = {"add": np.add, "max": np.fmax, "min": np.fmin}
@@ -334,6 +341,11 @@ class _Memory:
         if (offsets + itemsize > raw.size).any():
             raise IndexError(f"access past the end of {name}")
         return raw, offsets[:, None] + np.arange(itemsize)
+
+    def check_alignment(self, addresses, mask, size):
+        """A vector access must be aligned to its whole size (the buffers' bases are)."""
+        if (addresses[mask] % np.uint64(size)).any():
+            raise IndexError(f"access of {size} bytes misaligned")
 
     def load(self, addresses, mask, kind):
         out = np.zeros(len(addresses), kind)

@@ -5,19 +5,23 @@ import dataclasses
 import numpy as np
 import pytest
 import tvm
+from hypothesis import assume, given
+from hypothesis import strategies as st
 
 from conv_cases import ConvCase, make_conv
 from helpers import CPU_TARGET, Compiled, assert_close
 from sparsert_tvm import SparsifyWeights, report_of
 from sparsert_tvm.passes.candidates import find_candidates
+from sparsert_tvm.problem import ConvWindow
 from sparsert_tvm.schedules.config import CudaSpmmConfig
 from sparsert_tvm.schedules.cuda.ptx import emit_spmm_ptx
+from sparsert_tvm.schedules.cuda.row_span import RowSpan
 from test_cuda_codegen import emulate, needs_ptxas
 
 GEOMETRIES = {  # kernel, stride, padding (top, left, bottom, right), input size
     "3x3": ((3, 3), (1, 1), (1, 1, 1, 1), (9, 8)),
     "3x3/2": ((3, 3), (2, 2), (1, 1, 1, 1), (9, 8)),
-    "3x3-valid": ((3, 3), (1, 1), (0, 0, 0, 0), (6, 7)),
+    "3x3-valid": ((3, 3), (1, 1), (0, 0, 0, 0), (5, 10)),  # width 8 out of 10: chunks narrower than 4 pixels
     "1x1/2": ((1, 1), (2, 2), (0, 0, 0, 0), (9, 8)),  # ResNet's downsampling shortcut
     "5x5": ((5, 5), (1, 1), (2, 2, 2, 2), (7, 6)),
     "7x7/2": ((7, 7), (2, 2), (3, 3, 3, 3), (11, 10)),  # ResNet's stem
@@ -137,6 +141,7 @@ CUDA_TILINGS = [
     {"rows_per_block": 1, "threads_per_block": 32},
     {"rows_per_block": 5, "columns_per_thread": 2, "threads_per_block": 32},
     {"rows_per_block": 3, "vector_width": 2, "threads_per_block": 32},
+    {"rows_per_block": 2, "vector_width": 4, "threads_per_block": 32},
     {"max_instructions_per_segment": 90},  # many separately assembled segments
     {"fold_batch": True, "rows_per_block": 2, "threads_per_block": 64},  # blocks across images
 ]
@@ -163,9 +168,8 @@ def test_cpu_tilings(layout, tiling):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("width", [1, 2])
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("name", ["3x3", "3x3/2", "5x5"])
+@pytest.mark.parametrize("name, width", [(n, w) for n in ("3x3", "3x3/2", "5x5") for w in (1, 2)] + [("3x3", 4)])
 def test_float16_on_the_gpu(gpu_target, layout, name, width):
     """float16 windows, scalar (the default) and paired in f16x2 registers."""
     rng = np.random.default_rng(7)
@@ -198,8 +202,12 @@ EMULATED_CONFIGS = [
     CudaSpmmConfig(rows_per_block=3, threads_per_block=32, columns_per_thread=3, fold_batch=True),
     CudaSpmmConfig(rows_per_block=2, threads_per_block=32, vector_width=2, fold_batch=True,
                    max_instructions_per_segment=150),
+    # Chunks of up to 4 elements, predicated as a whole at the borders.
+    CudaSpmmConfig(rows_per_block=3, threads_per_block=32, columns_per_thread=2, vector_width=4, fold_batch=True),
 ]
-EMULATED_IDS = ["plain", "two-columns-segmented", "vectors", "folded-three-columns", "folded-vectors-segmented"]
+EMULATED_IDS = [
+    "plain", "two-columns-segmented", "vectors", "folded-three-columns", "folded-vectors-segmented", "folded-wide-vectors",
+]
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
@@ -231,6 +239,41 @@ def test_emulated_depthwise(layout, config):
     arrays = case.inputs(rng, 2)
     out, _ = emulate(problem, config, rng, arrays)
     assert_close(out, case.reference(arrays))
+
+
+@st.composite
+def row_spans(draw):
+    kw, stride, pixels = draw(st.integers(1, 7)), draw(st.integers(1, 2)), draw(st.sampled_from([1, 2, 4]))
+    left, right = draw(st.integers(0, kw - 1)), draw(st.integers(0, kw - 1))
+    out_width = pixels * draw(st.integers(1, 4))
+    width = max(1, (out_width - 1) * stride + kw - left - right + draw(st.integers(0, stride - 1)))
+    window = ConvWindow(3, (1, kw), (1, stride), (0, left, 0, right), (2, width), draw(st.booleans()))
+    assume(window.output_size[1] == out_width)
+    taps = draw(st.sets(st.integers(0, kw - 1), min_size=1))
+    return RowSpan.of(window, pixels), sorted(taps)
+
+
+@given(row_spans())
+def test_row_span_loads_are_aligned_and_cover_every_tap(span_and_taps):
+    """Each load is aligned to its size in memory and lies in one chunk, the loads cover
+    every (pixel, tap) read, and a chunk is inside the input row for every vector exactly
+    when ``chunk_in_image`` says so, wholly inside or wholly outside otherwise."""
+    span, taps = span_and_taps
+    win = span.window
+    step, width = span.pixels * win.stride[1], win.input_size[1]
+    assert win.channels_last and span.chunk == 1 or step % span.chunk == 0 == width % span.chunk
+    loaded = set()
+    for q, first, size in span.loads(taps):
+        assert first % size == 0 and (span.first + first) % size == 0  # ix0 is a multiple of the chunk
+        assert q * span.chunk <= first and first + size <= (q + 1) * span.chunk <= span.length
+        loaded.update(range(first, first + size))
+    assert {span.register(j, kx) for j in range(span.pixels) for kx in taps} <= loaded
+    origins = range(0, win.output_size[1] * win.stride[1], step)
+    for q in range(span.chunks):
+        columns = [[ix0 + span.chunk_start(q) + e for e in range(span.chunk)] for ix0 in origins]
+        inside = [[0 <= x < width for x in chunk] for chunk in columns]
+        assert all(len(set(flags)) == 1 for flags in inside)  # never straddles a border
+        assert span.chunk_in_image(q) == all(flags[0] for flags in inside)
 
 
 def test_only_taps_that_can_read_padding_are_predicated():

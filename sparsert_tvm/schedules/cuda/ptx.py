@@ -10,11 +10,13 @@ column); it walks the group's nonzero columns ``k`` in order, loads ``X[b, k, ve
 (one vector load) and issues the FMAs of every row of the group that has a nonzero at ``k``.
 The epilogue runs in registers before the only store.
 
-Convolutions with a ``ConvWindow`` read their input directly: each owned vector gets a base
-address for its output pixel's window (computed once), each tap ``(channel, ky, kx)`` is an
-immediate offset from it, and taps that can fall into the padding are loaded under a
-predicate computed once per thread, into a register zeroed first: no branches and no
-im2col buffer.
+Convolutions with a ``ConvWindow`` read their input directly: each owned vector (of
+neighbouring output pixels of one row) gets a base address for its first pixel's window
+(computed once), and each kernel row ``(channel, ky)`` that the group reads is loaded once
+per vector, in aligned chunks at immediate offsets from it, into registers that its taps
+``kx`` and the vector's pixels share (``RowSpan``). Chunks that can fall into the padding
+are loaded under a predicate computed once per thread, into registers zeroed first: no
+branches and no im2col buffer.
 
 float16 kernels pack two neighbouring columns into one register and use paired
 ``fma.rn.f16x2``; they accumulate in float16, like the inputs (see ``_ElementType``).
@@ -38,6 +40,7 @@ from ...problem import BiasAdd, Clip, ResidualAdd, SpmmProblem
 from ..base import require_dtype
 from ..config import CudaSpmmConfig
 from ..row_groups import group_rows, split_by_cost
+from .row_span import RowSpan
 
 PTX_VERSION = "8.0"
 SUPPORTED_DTYPES = ("float32", "float16")
@@ -239,6 +242,7 @@ class _Emitter:
         self.x_strides = problem.x_strides()
         self.y_strides = problem.y_strides()
         self.window = problem.window
+        self.span = None if self.window is None else RowSpan.of(self.window, config.vector_width)
         self.folds_batch = config.fold_batch
         self.param_types = param_types(problem)
 
@@ -264,9 +268,9 @@ class _Emitter:
         if self.window is None:
             x_largest = self.x_offset(self.problem.K - 1, last) + width * self.x_strides.n * self.es
         else:  # window origins are 32-bit too
-            win = self.window
-            last_tap = win.tap_offset(self.problem.K - 1) + width * win.stride[1] * win.pixel_stride
-            x_largest = max(win.image_size, last_tap) * self.es
+            win, span = self.window, self.span
+            last_read = span.offset(win.channels - 1, win.kernel[0] - 1, span.length - 1) + 1
+            x_largest = max(win.image_size, last_read) * self.es
         largest = max(x_largest, self.y_offset(self.problem.M - 1, last) + width * self.y_strides.n * self.es)
         if self.folds_batch:  # image offsets come from a 32-bit multiply
             largest = max(largest, self.x_strides.batch * self.es, self.y_strides.batch * self.es)
@@ -275,13 +279,29 @@ class _Emitter:
 
     def instructions(self, rows) -> int:
         """About how many instructions ``_group(rows)`` emits: an FMA per nonzero and owned
-        register, and the loads of each needed activation vector (a window's pixels one by
-        one, each zeroed first where it may read padding)."""
+        register, and the loads of each needed activation vector (through a window, of each
+        chunk of a kernel row read, zeroed first where it may read padding, and the moves
+        pairing float16 pixels)."""
         weight = self.problem.weight
-        needed = len(np.unique(np.concatenate([weight.row(m)[0] for m in rows]))) if rows else 0
+        needed = np.unique(np.concatenate([weight.row(m)[0] for m in rows])) if rows else np.empty(0, int)
         nnz = int(sum(weight.row_nnz[m] for m in rows))
-        loads = 2 * self.config.vector_width if self.window is not None else self.lanes
-        return self.cols * (nnz * self.lanes + needed * loads)
+        if self.window is None:
+            return self.cols * (nnz + len(needed)) * self.lanes
+        span, loads = self.span, 0
+        for (_, ky), taps in self._kernel_rows(needed).items():
+            for q, _, size in span.loads(taps):
+                loads += 1 if self.window.row_in_image(ky) and span.chunk_in_image(q) else 1 + size
+        pairs = len(needed) * self.lanes if self.element.columns_per_register == 2 else 0
+        return self.cols * (nnz * self.lanes + loads + pairs)
+
+    def _kernel_rows(self, columns) -> dict[tuple[int, int], list[int]]:
+        """The taps ``kx`` of each kernel row ``(channel, ky)`` among window ``columns``, in
+        the order of the columns."""
+        rows: dict[tuple[int, int], list[int]] = {}
+        for k in columns:
+            channel, ky, kx = self.window.tap(int(k))
+            rows.setdefault((channel, ky), []).append(kx)
+        return rows
 
     # -- units -----------------------------------------------------------------------
     def header(self) -> list[str]:
@@ -372,14 +392,20 @@ class _Emitter:
         if self.problem.dtype == "float16":
             lines += [f".reg .{reg} %w;", ".reg .b16 %h<2>;"]
         if self.window is not None:
-            (kh, kw), per_vector = self.window.kernel, self.cols * self.config.vector_width
+            kh, chunks = self.window.kernel[0], self.cols * self.span.chunks
             lines += [
                 ".reg .b32 %oy, %ox, %iy, %ix;",
                 f".reg .pred %qy<{kh * self.cols}>;",
-                f".reg .pred %qx<{kw * per_vector}>;",
-                f".reg .pred %q<{kh * kw * per_vector}>;",
+                f".reg .pred %qc<{chunks}>;",
+                f".reg .pred %q<{kh * chunks}>;",
+                f".reg .{self._span_type} %s<{self.cols * self.span.length}>;",
             ]
         return lines
+
+    @property
+    def _span_type(self) -> str:
+        """Register type of one input element of a window."""
+        return "f32" if self.problem.dtype == "float32" else "b16"
 
     def _advance(self, index_reg: str, x_stride: int | None, y_stride: int) -> list[str]:
         """Moves the base addresses by ``index * stride`` elements."""
@@ -428,8 +454,8 @@ class _Emitter:
     def _window_setup(self, c: int, pixel: str, x_base: str) -> list[str]:
         """``%pxw<c>``: address of the window of vector ``c``'s first pixel (``pixel``, in the
         image at ``x_base``), and the predicates of the taps that may read padding."""
-        win, width = self.window, self.config.vector_width
-        (h, w), (kh, kw), (sh, sw) = win.input_size, win.kernel, win.stride
+        win, span = self.window, self.span
+        (h, w), kh, (sh, sw) = win.input_size, win.kernel[0], win.stride
         lines = [
             f"div.u32 %oy, {pixel}, {win.output_size[1]};",
             f"rem.u32 %ox, {pixel}, {win.output_size[1]};",
@@ -451,34 +477,30 @@ class _Emitter:
         for ky in range(kh):
             if not win.row_in_image(ky):
                 inside(f"%qy{ky * self.cols + c}", "%iy", ky - win.padding[0], h)
-        for kx in range(kw):
-            for j in range(width):
-                if not win.column_in_image(kx):
-                    inside(f"%qx{(kx * self.cols + c) * width + j}", "%ix", j * sw + kx - win.padding[1], w)
+        for q in range(span.chunks):
+            if not span.chunk_in_image(q):
+                inside(f"%qc{c * span.chunks + q}", "%ix", span.chunk_start(q), w)
         for ky in range(kh):
-            for kx in range(kw):
-                for j in range(width):
-                    terms = self._tap_terms(ky, kx, c, j)
-                    if len(terms) > 1:
-                        predicate = self._tap_predicate(ky, kx, c, j)
-                        lines.append(f"and.pred {predicate}, {terms[0]}, {terms[1]};")
-                        lines += [f"and.pred {predicate}, {predicate}, {t};" for t in terms[2:]]
+            for q in range(span.chunks):
+                terms = self._chunk_terms(ky, c, q)
+                if len(terms) > 1:
+                    predicate = self._chunk_predicate(ky, c, q)
+                    lines.append(f"and.pred {predicate}, {terms[0]}, {terms[1]};")
+                    lines += [f"and.pred {predicate}, {predicate}, {t};" for t in terms[2:]]
         return lines
 
-    def _tap_terms(self, ky: int, kx: int, c: int, j: int) -> list[str]:
-        """The predicates that must all hold for pixel ``j`` of vector ``c`` to read tap
-        ``(ky, kx)``: inside the image, and an existing vector."""
-        win, width = self.window, self.config.vector_width
+    def _chunk_terms(self, ky: int, c: int, q: int) -> list[str]:
+        """The predicates that must all hold for vector ``c`` to read chunk ``q`` of kernel
+        row ``ky``: inside the image, and an existing vector."""
         terms = [] if c == 0 else [f"%pv{c}"]
-        if not win.row_in_image(ky):
+        if not self.window.row_in_image(ky):
             terms.append(f"%qy{ky * self.cols + c}")
-        if not win.column_in_image(kx):
-            terms.append(f"%qx{(kx * self.cols + c) * width + j}")
+        if not self.span.chunk_in_image(q):
+            terms.append(f"%qc{c * self.span.chunks + q}")
         return terms
 
-    def _tap_predicate(self, ky: int, kx: int, c: int, j: int) -> str:
-        kw, width = self.window.kernel[1], self.config.vector_width
-        return f"%q{((ky * kw + kx) * self.cols + c) * width + j}"
+    def _chunk_predicate(self, ky: int, c: int, q: int) -> str:
+        return f"%q{(ky * self.cols + c) * self.span.chunks + q}"
 
     def _guard(self, c: int) -> str:
         # Vector 0 exists whenever the thread got this far.
@@ -525,16 +547,18 @@ class _Emitter:
             for k, v in zip(indices.tolist(), values.tolist()):
                 by_column.setdefault(k, []).append((i, v))
         fma = f"fma.rn.{self.element.arith}"
-        for k in sorted(by_column):
+        columns = sorted(by_column)
+        kernel_rows = self._kernel_rows(columns) if self.window is not None else {}
+        for k in columns:
             for c in range(cols):
-                lines += self._load_x(k, c)
+                lines += self._load_x(k, c, kernel_rows)
             for i, v in by_column[k]:
                 setup, operand = self.element.constant(v)
                 lines += setup
                 for c in range(cols):
                     for l in range(lanes):
                         acc = f"%a{(i * cols + c) * lanes + l}"
-                        lines.append(f"{fma} {acc}, %x{c * lanes + l}, {operand}, {acc};")
+                        lines.append(f"{fma} {acc}, {self._x_register(k, c, l)}, {operand}, {acc};")
         for i, m in enumerate(rows):
             for c in range(cols):
                 lines += self._epilogue(self._registers("a", (i * cols + c) * lanes), m, c)
@@ -563,34 +587,50 @@ class _Emitter:
         return lines
 
     # -- memory ----------------------------------------------------------------------
-    def _load_x(self, k: int, c: int) -> list[str]:
-        """Loads the activations of column ``k`` of ``A`` for owned vector ``c`` into ``%x``.
-
-        Through a window, a tap that may read padding is loaded under its predicate into a
-        register zeroed first. The zeroing is not an instruction to save: skipping the FMA
-        under the same predicate instead makes the load a partial definition of a reused
-        register, and ptxas then issues the loads one at a time (2.3x slower on the H200).
-        """
-        registers = self._registers("x", c * self.lanes)
+    def _load_x(self, k: int, c: int, kernel_rows: dict[tuple[int, int], list[int]]) -> list[str]:
+        """Puts column ``k`` of ``A`` for owned vector ``c`` where ``_x_register`` finds it:
+        loaded into ``%x``, or through a window, the kernel row's chunks (where ``k`` is the
+        first of the row's taps that the group reads, ``kernel_rows``), then float16 pixels
+        paired into ``%x``."""
         if self.window is None:
-            return self._load(registers, *self.x_address(k, c), self.x_strides.n, c)
-        # Window: one load per pixel (a vector's windows are neighbours but rarely aligned).
-        win, packed = self.window, self.element.columns_per_register == 2
-        _, ky, kx = win.tap(k)
+            return self._load(self._registers("x", c * self.lanes), *self.x_address(k, c), self.x_strides.n, c)
+        channel, ky, kx = self.window.tap(k)
+        taps = kernel_rows[(channel, ky)]
+        lines = self._load_kernel_row(channel, ky, taps, c) if kx == taps[0] else []
+        if self.element.columns_per_register == 2:
+            first = c * self.span.length
+            for l in range(self.lanes):
+                low, high = (f"%s{first + self.span.register(2 * l + h, kx)}" for h in (0, 1))
+                lines.append(f"mov.b32 %x{c * self.lanes + l}, {{{low}, {high}}};")
+        return lines
+
+    def _x_register(self, k: int, c: int, l: int) -> str:
+        """The register holding lane ``l`` of column ``k`` for vector ``c``."""
+        if self.window is None or self.element.columns_per_register == 2:
+            return f"%x{c * self.lanes + l}"
+        return f"%s{c * self.span.length + self.span.register(l, self.window.tap(k)[2])}"
+
+    def _load_kernel_row(self, channel: int, ky: int, taps: list[int], c: int) -> list[str]:
+        """Loads what ``taps`` of kernel row ``(channel, ky)`` read for vector ``c``.
+
+        A chunk that may lie in the padding is loaded under its predicate into registers
+        zeroed first. The zeroing is not an instruction to save: skipping the FMAs under the
+        same predicate instead makes the load a partial definition of a reused register, and
+        ptxas then issues the loads one at a time (2.3x slower on the H200).
+        """
+        span, kind = self.span, self._span_type
+        zero = "0f00000000" if kind == "f32" else "0"
         lines = []
-        for j in range(self.config.vector_width):
-            offset = (win.tap_offset(k) + j * win.stride[1] * win.pixel_stride) * self.es
-            dest = f"%h{j % 2}" if packed else registers[j]
-            kind = "b16" if packed else self.element.reg
-            terms = self._tap_terms(ky, kx, c, j)
+        for q, first, size in span.loads(taps):
+            registers = [f"%s{c * span.length + r}" for r in range(first, first + size)]
+            offset = span.offset(channel, ky, first) * self.es
+            load = f"ld.global.nc{_vec(registers)}.{kind} {_operand(registers)}, [%pxw{c}+{offset}];"
+            terms = self._chunk_terms(ky, c, q)
             if terms and terms != [f"%pv{c}"]:  # may read padding: zero unless inside
-                zero = "0f00000000" if kind == "f32" else "0"
-                predicate = terms[0] if len(terms) == 1 else self._tap_predicate(ky, kx, c, j)
-                lines += [f"mov.{kind} {dest}, {zero};", f"@{predicate} ld.global.nc.{kind} {dest}, [%pxw{c}+{offset}];"]
+                predicate = terms[0] if len(terms) == 1 else self._chunk_predicate(ky, c, q)
+                lines += [f"mov.{kind} {r}, {zero};" for r in registers] + [f"@{predicate} {load}"]
             else:
-                lines.append(f"{self._guard(c)}ld.global.nc.{kind} {dest}, [%pxw{c}+{offset}];")
-            if packed and j % 2:
-                lines.append(f"mov.b32 {registers[j // 2]}, {{%h0, %h1}};")
+                lines.append(self._guard(c) + load)
         return lines
 
     def _load(self, registers: list[str], base: str, offset: int, stride: int, c: int) -> list[str]:

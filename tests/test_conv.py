@@ -16,6 +16,7 @@ from sparsert_tvm.problem import ConvWindow
 from sparsert_tvm.schedules.config import CudaSpmmConfig
 from sparsert_tvm.schedules.cuda.ptx import emit_spmm_ptx
 from sparsert_tvm.schedules.cuda.row_span import RowSpan
+from sparsert_tvm.tuning import default_cuda_config
 from test_cuda_codegen import emulate, needs_ptxas
 
 GEOMETRIES = {  # kernel, stride, padding (top, left, bottom, right), input size
@@ -274,6 +275,18 @@ def test_row_span_loads_are_aligned_and_cover_every_tap(span_and_taps):
         inside = [[0 <= x < width for x in chunk] for chunk in columns]
         assert all(len(set(flags)) == 1 for flags in inside)  # never straddles a border
         assert span.chunk_in_image(q) == all(flags[0] for flags in inside)
+
+
+def test_default_window_configs_cap_registers_only_for_16_rows():
+    """Blocks of 16 rows get 64 registers (.maxnreg); fewer rows leave ptxas its choice."""
+    rng = np.random.default_rng(12)
+    many_pixels = problem_of(make_conv(rng, 64, 8, (3, 3), (56, 56), 0.1, padding=(1, 1, 1, 1), batch=8))
+    config = default_cuda_config(many_pixels)
+    assert (config.rows_per_block, config.registers) == (16, 64)
+    assert ".maxnreg 64" in emit_spmm_ptx(many_pixels, config, "k", "sm_90").units[0]
+    few_pixels = problem_of(conv(rng, "3x3", "NCHW", batch=1))
+    config = default_cuda_config(few_pixels)
+    assert config.rows_per_block < 16 and config.registers == 0
 
 
 def test_only_taps_that_can_read_padding_are_predicated():

@@ -324,6 +324,26 @@ def test_segments_get_registers_for_loads_in_flight(tmp_path, monkeypatch):
 
 
 @needs_ptxas
+def test_entry_register_cap_lets_ptxas_keep_loads_in_flight(tmp_path, monkeypatch):
+    """Uncapped, ptxas keeps a 16-row block's kernel near 32 registers (loads issued just
+    before their FMAs); ``registers`` is its .maxnreg, which ptxas fills and never exceeds."""
+    monkeypatch.setenv("SPARSERT_CACHE_DIR", str(tmp_path))
+    rng = np.random.default_rng(6)
+    problem = problem_for(rng, Layout.CHANNELS, 32, 256, 0.3, (1, 256, 1024))
+    free = CudaSpmmConfig(rows_per_block=16, max_instructions_per_segment=10**6)
+    uncapped = kernel_registers(assemble(emit_spmm_ptx(problem, free, "k", "sm_90").units, "sm_90"))
+    assert uncapped < 40
+    for registers in (40, 96):
+        kernel = emit_spmm_ptx(problem, dataclasses.replace(free, registers=registers), "k", "sm_90")
+        assert f".maxnreg {registers}" in kernel.units[0]
+        used = kernel_registers(assemble(kernel.units, "sm_90"))
+        assert uncapped < used <= registers
+    assert ".maxnreg" not in emit_spmm_ptx(problem, free, "k", "sm_90").units[0]
+    with pytest.raises(ValueError, match="do not fit"):
+        CudaSpmmConfig(threads_per_block=1024, registers=96)
+
+
+@needs_ptxas
 def test_assembly_is_cached_and_corrupt_entries_are_rebuilt(tmp_path, monkeypatch):
     monkeypatch.setenv("SPARSERT_CACHE_DIR", str(tmp_path))
     rng = np.random.default_rng(4)

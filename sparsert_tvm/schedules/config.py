@@ -11,6 +11,10 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 
+# The register file of one SM, which one block's threads must fit in.
+_REGISTERS_PER_BLOCK = 65536
+
+
 class _CudaKernelConfig:
     """What both CUDA configs share: ``as_dict()`` names the kernel, so that a tuning record
     says which config class to rebuild (``cuda_config_from_dict``)."""
@@ -71,6 +75,12 @@ class CudaSpmmConfig(_CudaKernelConfig):
     # layers at batch 1). With room for its loads in flight a segment is scheduled like
     # inline code; the kernel takes the largest of its functions' register counts.
     segment_registers: int = 64
+    # Registers a thread of the entry function gets (its .maxnreg; 0: ptxas's choice). ptxas
+    # schedules to the cap: left to itself it kept ResNet-50's stage-1 3x3 kernel at batch 8
+    # (16 rows per block, a grid of 0.4 waves) to 32 registers, issuing each load about 20
+    # instructions before its FMAs; at 64 it hoisted them about 65 ahead and the kernel ran
+    # 1.7x faster on the H200 (benchmarks/results/registers-vary-h200.md).
+    registers: int = 0
     # ptxas optimisation level (0-3).
     ptxas_opt_level: int = 3
     # Larger weights stay dense: about 70 s of ptxas on 2 cores and 30 MB of code at the cap.
@@ -85,6 +95,10 @@ class CudaSpmmConfig(_CudaKernelConfig):
             raise ValueError("vector_width must be 1, 2, 4 or 8")
         if not 24 <= self.segment_registers <= 255:
             raise ValueError("segment_registers must be in 24..255")
+        if self.registers and not 24 <= self.registers <= 255:
+            raise ValueError("registers must be 0 or in 24..255")
+        if self.registers * self.threads_per_block > _REGISTERS_PER_BLOCK:
+            raise ValueError(f"{self.threads_per_block} threads of {self.registers} registers do not fit in one SM")
         self._check_opt_level()
 
     def assembler_options(self) -> dict:

@@ -144,6 +144,9 @@ def _rows_filling_the_machine(problem: SpmmProblem, most: int, blocks_per_row_gr
     return rows
 
 
+_WINDOW_REGISTERS = 64
+
+
 def _window_config(problem: SpmmProblem, vectors: int, images: int, width: int) -> CudaSpmmConfig:
     """Convolutions through a window have 9-49x the nonzeros per row of a 1x1 layer, so a
     thread's serial work grows fast with its rows: blocks of up to 256 threads and as few
@@ -155,7 +158,10 @@ def _window_config(problem: SpmmProblem, vectors: int, images: int, width: int) 
     rows = 16
     while rows > 1 and -(-problem.M // rows) * column_tiles * images * threads < _TARGET_THREADS:
         rows //= 2
-    return CudaSpmmConfig(rows_per_block=rows, threads_per_block=threads, vector_width=width)
+    # 16 accumulators: 64 registers let ptxas keep loads in flight (1.7x on stage 1 at batch
+    # 8); with 1-8 rows the cap changed nothing beyond noise (registers-vary-h200.md).
+    registers = _WINDOW_REGISTERS if rows >= 16 else 0
+    return CudaSpmmConfig(rows_per_block=rows, threads_per_block=threads, vector_width=width, registers=registers)
 
 
 def default_cpu_config(problem: SpmmProblem, target) -> CpuSpmmConfig:

@@ -92,10 +92,10 @@ def param_types(problem: SpmmProblem) -> tuple[str, ...]:
     return ("handle",) * (3 if problem.has_residual else 2) + ("int32",)
 
 
-def entry_declaration(name: str, has_residual: bool, threads: int) -> list[str]:
+def entry_declaration(name: str, has_residual: bool, threads: int, registers: int = 0) -> list[str]:
     params = ["p_x"] + (["p_r"] if has_residual else []) + ["p_y"]
     decl = ", ".join(f".param .u64 {q}" for q in params) + ", .param .u32 p_ncols"
-    return [f".visible .entry {name}({decl})", f".maxntid {threads}, 1, 1", "{"]
+    return [f".visible .entry {name}({decl})", f".maxntid {threads}, 1, 1"] + ([f".maxnreg {registers}"] if registers else []) + ["{"]
 
 
 def load_operands(has_residual: bool) -> list[str]:
@@ -312,7 +312,9 @@ class _Emitter:
         lines = self.header()
         if segment_bounds is not None:
             lines += [f".extern .func {name}_seg{s}{self._segment_params()};" for s in range(len(segment_bounds))]
-        lines += entry_declaration(name, p.has_residual, cfg.threads_per_block)
+        # Segments may take more registers than the entry itself: the kernel needs them all.
+        registers = max(cfg.registers, cfg.segment_registers) if cfg.registers and segment_bounds else cfg.registers
+        lines += entry_declaration(name, p.has_residual, cfg.threads_per_block, registers)
         lines += self._declarations()
         lines += load_operands(p.has_residual)
         if not p.has_residual:

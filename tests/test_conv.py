@@ -16,7 +16,8 @@ from sparsert_tvm.problem import ConvWindow
 from sparsert_tvm.schedules.config import CudaSpmmConfig
 from sparsert_tvm.schedules.cuda.ptx import emit_spmm_ptx
 from sparsert_tvm.schedules.cuda.row_span import RowSpan
-from sparsert_tvm.tuning import default_cuda_config
+from sparsert_tvm.schedules.cuda.rule import CudaSpmmRule
+from sparsert_tvm.tuning import default_cuda_config, space
 from test_cuda_codegen import emulate, needs_ptxas
 
 GEOMETRIES = {  # kernel, stride, padding (top, left, bottom, right), input size
@@ -287,6 +288,10 @@ def test_default_window_configs_cap_registers_only_for_16_rows():
     few_pixels = problem_of(conv(rng, "3x3", "NCHW", batch=1))
     config = default_cuda_config(few_pixels)
     assert config.rows_per_block < 16 and config.registers == 0
+    # The tuner's candidates follow the same rule, whatever the default's rows.
+    unrolled = [c for c in space.candidates(many_pixels, CudaSpmmRule().check, 40) if c.KERNEL == "unrolled"]
+    assert {c.rows_per_block for c in unrolled} >= {16, 4}
+    assert all(c.registers == (64 if c.rows_per_block >= 16 else 0) for c in unrolled)
 
 
 def test_only_taps_that_can_read_padding_are_predicated():

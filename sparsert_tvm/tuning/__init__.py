@@ -158,10 +158,18 @@ def _window_config(problem: SpmmProblem, vectors: int, images: int, width: int) 
     rows = 16
     while rows > 1 and -(-problem.M // rows) * column_tiles * images * threads < _TARGET_THREADS:
         rows //= 2
-    # 16 accumulators: 64 registers let ptxas keep loads in flight (1.7x on stage 1 at batch
-    # 8); with 1-8 rows the cap changed nothing beyond noise (registers-vary-h200.md).
-    registers = _WINDOW_REGISTERS if rows >= 16 else 0
-    return CudaSpmmConfig(rows_per_block=rows, threads_per_block=threads, vector_width=width, registers=registers)
+    return CudaSpmmConfig(
+        rows_per_block=rows, threads_per_block=threads, vector_width=width, registers=default_registers(problem, rows)
+    )
+
+
+def default_registers(problem: SpmmProblem, rows_per_block: int) -> int:
+    """The entry's register cap (0: ptxas's choice). Window kernels of 16 rows per block get
+    64: uncapped, ptxas kept ResNet-50's stage-1 layer at batch 8 to 32 registers and its
+    loads just ahead of their FMAs, 1.7x slower on the H200; with 1-8 rows the cap changed
+    nothing beyond noise (benchmarks/results/registers-vary-h200.md). Not measured on 1x1
+    and fully connected layers, which keep ptxas's choice."""
+    return _WINDOW_REGISTERS if problem.window is not None and rows_per_block >= 16 else 0
 
 
 def default_cpu_config(problem: SpmmProblem, target) -> CpuSpmmConfig:

@@ -26,7 +26,7 @@ from ..problem import SpmmProblem
 from ..schedules.config import CudaConfig, CudaCsrConfig, CudaSpmmConfig
 from ..schedules.cuda.csr_layout import LANES, MAX_U16_COLUMNS
 from ..schedules.row_groups import group_rows
-from . import default_cuda_config, folds_batch_by_default, with_segment_budget
+from . import default_cuda_config, default_registers, folds_batch_by_default, with_segment_budget
 
 ROWS_PER_BLOCK = (1, 2, 4, 8, 16)
 # Not 512 or 1024: the cost model's fetch term expected their warps to share each
@@ -83,7 +83,7 @@ def candidates(problem: SpmmProblem, check, limit: int, machine: Machine = Machi
     space = [
         with_segment_budget(dataclasses.replace(
             unrolled, rows_per_block=rows, threads_per_block=threads, columns_per_thread=cols, vector_width=width,
-            fold_batch=fold,
+            fold_batch=fold, registers=default_registers(problem, rows),
         ))
         for rows, threads, cols, width, fold in itertools.product(
             ROWS_PER_BLOCK, THREADS, COLUMNS_PER_THREAD, VECTOR_WIDTHS[problem.dtype], folds

@@ -10,11 +10,12 @@ import tvm
 import sparsert_tvm as sp
 from helpers import CPU_TARGET, Compiled, assert_close, make_case, sparse_matrix
 from sparsert_tvm.problem import Layout, SpmmProblem
-from sparsert_tvm.schedules.config import CudaSpmmConfig
+from sparsert_tvm.schedules.config import CudaCsrConfig, CudaSpmmConfig
 from sparsert_tvm.schedules.cuda import rule as cuda_rule
 from sparsert_tvm import tuning
 from sparsert_tvm.tuning import default_cuda_config, space
 from sparsert_tvm.tuning.database import TuningDatabase, TuningRecord, problem_key
+from sparsert_tvm.tuning import tuner
 from sparsert_tvm.tuning.tuner import TuneOptions
 from sparsert_tvm.weights import SparseMatrix
 from test_cuda_codegen import needs_ptxas
@@ -109,6 +110,15 @@ def test_cost_model_prefers_filling_the_machine():
     assert space.estimated_cost(problem, many_blocks) < space.estimated_cost(problem, few_blocks)
 
 
+def test_default_1x1_configs_cap_registers_only_for_16_rows():
+    rng = np.random.default_rng(13)
+    large = channels_problem(rng, m=512, k=128, spatial=(28, 28), images=8)
+    config = default_cuda_config(large)
+    assert (config.rows_per_block, config.registers) == (16, 64)
+    small = default_cuda_config(channels_problem(rng))
+    assert small.rows_per_block < 16 and small.registers == 0
+
+
 def test_symbolic_dimensions_take_the_tuning_size():
     from tvm import tirx
 
@@ -181,7 +191,7 @@ def test_pass_tunes_once_then_reuses_the_database(tmp_path, monkeypatch):
     options = TuneOptions(max_candidates=5, timer=timer, progress=False, database=tmp_path / "tuning.json")
     out = sp.SparsifyWeights(CUDA, 1.0, tune=options)(case.module())
     (layer,) = sp.report_of(out).layers
-    assert len(timed) == 5 and layer.params["config_source"] == "tuned"
+    assert len(timed) == 5 + 1 and layer.params["config_source"] == "tuned"  # + the winner's other register cap
     best = min(timed, key=fake_us)
     assert layer.params["rows_per_block"] == best["rows_per_block"] == 1
     assert layer.params["tuned_us"] <= layer.params["default_us"]
@@ -273,7 +283,7 @@ def test_a_segmented_winner_is_also_timed_with_other_register_caps(monkeypatch, 
 
     problem = channels_problem(np.random.default_rng(10), m=256, k=384, spatial=(8, 8), images=1)
     timer = lambda built, target: timed.append(built.params) or fake_us(built.params)  # noqa: E731
-    record = _tuner_with(monkeypatch, tmp_path, timer, max_candidates=3).tune(problem, "k")
+    record = _tuner_with(monkeypatch, tmp_path, timer, max_candidates=3, registers=()).tune(problem, "k")
     ranked, variants = timed[:3], timed[3:]
     winner = min(ranked, key=fake_us)
     assert winner["segments"] > 1, "the test needs a segmented candidate"
@@ -285,12 +295,33 @@ def test_a_segmented_winner_is_also_timed_with_other_register_caps(monkeypatch, 
 
 
 @needs_ptxas
-def test_unsegmented_winners_time_no_variants_and_register_caps_are_checked(monkeypatch, tmp_path):
+def test_an_unrolled_winner_is_also_timed_with_the_other_entry_register_cap(monkeypatch, tmp_path):
+    """The fake timer prefers a cap of 64, which only the winner's variant has; an
+    unsegmented winner gets no segment_registers variants."""
     timed = []
+
+    def fake_us(params):
+        return 5.0 - 2.0 * (params.get("registers") == 64) + params["rows_per_block"] / 100
+
     problem = channels_problem(np.random.default_rng(11))
-    record = _tuner_with(monkeypatch, tmp_path, lambda built, target: timed.append(built.params) or 1.0,
-                         max_candidates=3).tune(problem, "k")
-    assert all(params["segments"] == 1 for params in timed) and record.candidates == len(timed) == 3
+    timer = lambda built, target: timed.append(built.params) or fake_us(built.params)  # noqa: E731
+    record = _tuner_with(monkeypatch, tmp_path, timer, max_candidates=3).tune(problem, "k")
+    ranked, (variant,) = timed[:3], timed[3:]
+    winner = min(ranked, key=fake_us)
+    assert winner["registers"] == 0 and all(params["segments"] == 1 for params in timed)
+    assert {**variant, "registers": 0} == winner
+    assert record.candidates == 4 and record.config["registers"] == 64 and record.us == 3.0 + winner["rows_per_block"] / 100
+
+
+def test_register_variants_fit_the_block_and_skip_csr_winners():
+    options = TuneOptions(registers=(0, 64, 255), segment_registers=(48,))
+    wide = CudaSpmmConfig(threads_per_block=512)
+    assert [v.registers for v in tuner.register_variants(wide, False, options)] == [64]  # 255 x 512 does not fit
+    segmented = [(v.registers, v.segment_registers) for v in tuner.register_variants(wide, True, options)]
+    assert segmented == [(64, 64), (0, 48)]
+    assert tuner.register_variants(CudaCsrConfig(), True, options) == []
+    with pytest.raises(ValueError, match="registers"):
+        TuneOptions(registers=(300,))
     with pytest.raises(ValueError, match="segment_registers"):
         TuneOptions(segment_registers=(300,))
-    assert TuneOptions(segment_registers=()).segment_registers == ()
+    assert TuneOptions(registers=(), segment_registers=()).segment_registers == ()

@@ -133,7 +133,10 @@ def _unrolled_tiling(problem: SpmmProblem) -> CudaSpmmConfig:
     # Every row group reads all of X again (from L2): as many rows per block as the grid
     # allows while it still gives every SM a couple of blocks.
     rows = _rows_filling_the_machine(problem, 16, column_tiles * images)
-    return CudaSpmmConfig(rows_per_block=rows, threads_per_block=threads, vector_width=width, fold_batch=fold)
+    return CudaSpmmConfig(
+        rows_per_block=rows, threads_per_block=threads, vector_width=width, fold_batch=fold,
+        registers=default_registers(rows),
+    )
 
 
 def _rows_filling_the_machine(problem: SpmmProblem, most: int, blocks_per_row_group: int) -> int:
@@ -142,9 +145,6 @@ def _rows_filling_the_machine(problem: SpmmProblem, most: int, blocks_per_row_gr
     while rows > 1 and -(-problem.M // rows) * blocks_per_row_group < _TARGET_BLOCKS:
         rows //= 2
     return rows
-
-
-_WINDOW_REGISTERS = 64
 
 
 def _window_config(problem: SpmmProblem, vectors: int, images: int, width: int) -> CudaSpmmConfig:
@@ -159,17 +159,22 @@ def _window_config(problem: SpmmProblem, vectors: int, images: int, width: int) 
     while rows > 1 and -(-problem.M // rows) * column_tiles * images * threads < _TARGET_THREADS:
         rows //= 2
     return CudaSpmmConfig(
-        rows_per_block=rows, threads_per_block=threads, vector_width=width, registers=default_registers(problem, rows)
+        rows_per_block=rows, threads_per_block=threads, vector_width=width, registers=default_registers(rows)
     )
 
 
-def default_registers(problem: SpmmProblem, rows_per_block: int) -> int:
-    """The entry's register cap (0: ptxas's choice). Window kernels of 16 rows per block get
-    64: uncapped, ptxas kept ResNet-50's stage-1 layer at batch 8 to 32 registers and its
-    loads just ahead of their FMAs, 1.7x slower on the H200; with 1-8 rows the cap changed
-    nothing beyond noise (benchmarks/results/registers-vary-h200.md). Not measured on 1x1
-    and fully connected layers, which keep ptxas's choice."""
-    return _WINDOW_REGISTERS if problem.window is not None and rows_per_block >= 16 else 0
+_SIXTEEN_ROW_REGISTERS = 64
+
+
+def default_registers(rows_per_block: int) -> int:
+    """The entry's register cap (0: ptxas's choice). Unrolled kernels of 16 rows per block
+    get 64: uncapped, ptxas kept ResNet-50's stage-1 3x3 layer at batch 8 to 32 registers
+    and its loads just ahead of their FMAs, 1.7x slower on the H200
+    (benchmarks/results/registers-vary-h200.md); on 20 ResNet-50 and MobileNet 1x1 layers of
+    16 rows the cap gained 1.08x in geometric mean (up to 2x, and lost up to 14% on two:
+    registers-spmm-h200.md). With 1-8 rows it changed nothing beyond noise or lost, so they
+    keep ptxas's choice; the tuner times the other cap (``TuneOptions.registers``)."""
+    return _SIXTEEN_ROW_REGISTERS if rows_per_block >= 16 else 0
 
 
 def default_cpu_config(problem: SpmmProblem, target) -> CpuSpmmConfig:

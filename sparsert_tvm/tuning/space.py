@@ -83,7 +83,7 @@ def candidates(problem: SpmmProblem, check, limit: int, machine: Machine = Machi
     space = [
         with_segment_budget(dataclasses.replace(
             unrolled, rows_per_block=rows, threads_per_block=threads, columns_per_thread=cols, vector_width=width,
-            fold_batch=fold, registers=default_registers(problem, rows),
+            fold_batch=fold, registers=default_registers(rows),
         ))
         for rows, threads, cols, width, fold in itertools.product(
             ROWS_PER_BLOCK, THREADS, COLUMNS_PER_THREAD, VECTOR_WIDTHS[problem.dtype], folds

@@ -4,8 +4,9 @@ For each sparse layer the tuner first looks in the tuning database; on a miss it
 pruned search space with the cost model (``space``), assembles the top candidates in
 parallel (ptxas runs side by side; the cubins land in the kernel cache), then times them
 one by one on the device, the untuned default first, until the candidates or the layer's
-time budget run out. Where the winner is an unrolled kernel cut into segments, it is then
-timed with other caps on its segments' registers, which the cost model cannot tell apart.
+time budget run out. An unrolled winner is then timed with the other register caps of its
+entry function and, where it is cut into segments, of its segments: the cost model cannot
+tell them apart.
 The winner is written to the database, so the next compile of the same weight, shapes and
 target reuses it without timing anything.
 """
@@ -45,10 +46,13 @@ class TuneOptions:
     ``timer(built, target)`` returns microseconds per launch (default: TVM's time
     evaluator); ``symbolic_size`` is what symbolic dimensions are set to while timing.
     ``assemble_ahead``: run ptxas for all candidates in parallel before timing (off where
-    the caller already did). ``segment_registers``: the register caps also timed for a
-    winner cut into segments (beyond ``max_candidates``, within the budget); on ResNet-50's
+    the caller already did). ``registers``: the entry register caps (``.maxnreg``, 0: none)
+    also timed for an unrolled winner; on ResNet-50 and MobileNet 1x1 layers at batch 8 the
+    better of 0 and 64 beat the other by up to 2x either way (registers-spmm-h200.md).
+    ``segment_registers``: the caps also timed for a winner cut into segments; on ResNet-50's
     3x3 layers and 1x1/FC layers the best cap was 48 or 96 where it was not the default 64,
-    by up to 1.14x (benchmarks/results/segment-registers-{conv,spmm}-h200.md). ``()``: none.
+    by up to 1.14x (benchmarks/results/segment-registers-{conv,spmm}-h200.md). Variants come
+    beyond ``max_candidates``, within the budget; ``()``: none.
     """
 
     max_candidates: int = 8
@@ -58,11 +62,14 @@ class TuneOptions:
     symbolic_size: int = 1
     progress: bool = True
     assemble_ahead: bool = True
+    registers: tuple[int, ...] = (0, 64)
     segment_registers: tuple[int, ...] = (48, 96)
 
     def __post_init__(self):
         if self.max_candidates < 1 or self.budget_s <= 0 or self.symbolic_size < 1:
             raise ValueError("max_candidates and symbolic_size must be >= 1 and budget_s > 0")
+        for registers in self.registers:
+            CudaSpmmConfig(threads_per_block=32, registers=registers)  # raises ValueError outside 0, 24..255
         for registers in self.segment_registers:
             CudaSpmmConfig(segment_registers=registers)  # raises ValueError outside 24..255
 
@@ -124,17 +131,12 @@ class Tuner:
                     break
                 progress.advance(task)
             best = min(timings, key=lambda t: t[1])[0]
-            if segments.get(best, 1) > 1:
-                variants = [
-                    dataclasses.replace(best, segment_registers=registers)
-                    for registers in options.segment_registers
-                    if registers != best.segment_registers
-                ]
-                progress.update(task, total=len(configs) + len(variants))
-                for variant in variants:
-                    if not measure(variant):
-                        break
-                    progress.advance(task)
+            variants = register_variants(best, segments.get(best, 1) > 1, options)
+            progress.update(task, total=len(configs) + len(variants))
+            for variant in variants:
+                if not measure(variant):
+                    break
+                progress.advance(task)
         best, best_us = min(timings, key=lambda t: t[1])
         record = TuningRecord(
             config=best.as_dict(),
@@ -155,6 +157,23 @@ class Tuner:
             return
         with ThreadPoolExecutor(max_workers=len(configs)) as pool:
             list(pool.map(lambda config: assemble_candidate(problem, config, name, self.arch, jobs=2), configs))
+
+
+def register_variants(best: CudaConfig, segmented: bool, options: TuneOptions) -> list[CudaSpmmConfig]:
+    """``best`` with each other register cap of ``options`` that fits its block: the entry's
+    for an unrolled kernel, and its segments' where it is cut into segments."""
+    if not isinstance(best, CudaSpmmConfig):
+        return []
+    changes = [{"registers": r} for r in options.registers if r != best.registers]
+    if segmented:
+        changes += [{"segment_registers": r} for r in options.segment_registers if r != best.segment_registers]
+    variants = []
+    for change in changes:
+        try:
+            variants.append(dataclasses.replace(best, **change))
+        except ValueError:  # more registers than the block's threads can have
+            continue
+    return variants
 
 
 def assemble_candidate(problem: SpmmProblem, config: CudaConfig, name: str, arch: str, jobs: int = 1) -> None:

@@ -7,6 +7,12 @@ execution reaches the label, and a divergent backward branch (a loop whose trip 
 differs between warps) parks the threads leaving the loop until the others leave it too.
 Initialised module arrays (``.global`` / ``.const``) are memory like the buffers given, and
 ``shfl.sync`` exchanges registers within each warp of 32 threads (all lanes must take part).
+Threads run smallest position first: where all the running threads jump forward past
+threads parked on the way, they park too and the parked ones run, so that code split into
+per-warp sections meets again before a ``bar.sync`` (which every thread of the block must
+reach together, or the emulator raises); a guarded ``bra.uni`` must not diverge within a
+warp. ``.shared`` arrays are memory of their own for
+each block, filled with NaN bits, so that reading a slot no thread wrote shows up.
 Memory accesses outside the given buffers raise, so addressing bugs fail loudly. It checks
 the generators' logic (addresses, dispatch, loops, reductions, epilogue, segments), not
 ptxas or the hardware: the GPU tests do that.
@@ -25,6 +31,7 @@ _BRACES = re.compile(r"\{([^}]*)\}")
 # Register and memory types: numpy dtype of the bits a register holds.
 _TYPES = {"f32": np.float32, "b32": np.uint32, "b16": np.uint16, "u16": np.uint16, "u32": np.uint32, "u64": np.uint64}
 _ARRAY = re.compile(r"\.(?:global|const) \.align \d+ \.(\w+) (\w+)\[(\d+)\] = \{(.*)$")
+_SHARED = re.compile(r"\.shared \.align \d+ \.b8 (\w+)\[(\d+)\];$")
 _WARP = 32
 
 
@@ -41,6 +48,7 @@ class PtxProgram:
     def __init__(self, *units: str):
         self.functions: dict[str, _Function] = {}
         self.arrays: dict[str, np.ndarray] = {}  # initialised module arrays, by name
+        self.shared: dict[str, int] = {}  # shared arrays: bytes, by name
         for unit in units:
             self._parse(unit)
 
@@ -51,6 +59,10 @@ class PtxProgram:
         for raw in text.splitlines():
             line = raw.split("//")[0].strip()
             if not line:
+                continue
+            shared = _SHARED.match(line)
+            if shared:
+                self.shared[shared.group(1)] = int(shared.group(2))
                 continue
             if array is None:
                 declared = _ARRAY.match(line)
@@ -100,12 +112,15 @@ class PtxProgram:
         """Runs ``entry`` over ``grid`` with ``args`` (buffer names or ints)."""
         clash = set(buffers) & set(self.arrays)
         assert not clash, f"buffers named like module arrays: {clash}"
-        memory = _Memory(buffers | {name: data.copy() for name, data in self.arrays.items()})
+        shared = {name: np.empty(size, np.uint8) for name, size in self.shared.items()}
+        memory = _Memory(buffers | {name: data.copy() for name, data in self.arrays.items()} | shared)
         values = [memory.address(a) if isinstance(a, str) else a for a in args]
         gx, gy, gz = grid
         for z in range(gz):
             for y in range(gy):
                 for x in range(gx):
+                    for data in shared.values():
+                        data.fill(0xFF)
                     special = {
                         "%ctaid.x": x, "%ctaid.y": y, "%ctaid.z": z,
                         "%tid.x": np.arange(block, dtype=np.uint64), "%ntid.x": block,
@@ -201,8 +216,16 @@ class PtxProgram:
                 write(ops[0], _as_f32(value(ops[1])).astype(np.float16).view(np.uint16), mask)
             elif op in ("bra", "bra.uni"):
                 target = fn.labels[ops[0]]
+                if op == "bra.uni" and guard:  # promised not to diverge within a warp
+                    for w in range(0, threads, _WARP):
+                        taken = np.unique(mask[w : w + _WARP][active[w : w + _WARP]])
+                        assert len(taken) <= 1, f"bra.uni diverges in warp {w // _WARP}"
                 if guard is None or (mask == active).all():
-                    pc = target
+                    if any(pc <= waiting < target for waiting in parked):  # they run first
+                        parked[target] = parked.get(target, np.zeros(threads, bool)) | active
+                        active = np.zeros(threads, bool)
+                    else:
+                        pc = target
                     continue
                 if not mask.any():
                     continue
@@ -219,12 +242,14 @@ class PtxProgram:
                 targets = fn.tables[ops[1]]
                 assert index[0] < len(targets), "brx.idx index out of range"
                 pc = fn.labels[targets[int(index[0])]]
-            elif op.startswith(("ld.global.nc.", "ld.const.")):
+            elif op == "bar.sync":
+                assert active.all() and not parked, "bar.sync not reached by every thread of the block together"
+            elif op.startswith(("ld.global.nc.", "ld.const.", "ld.shared.")):
                 kind, names = _TYPES[op[-3:]], _names(ops[0])
                 memory.check_alignment(_address(ops[1], value), mask, len(names) * kind().itemsize)
                 for i, dest in enumerate(names):
                     write(dest, memory.load(_address(ops[1], value, i * kind().itemsize), mask, kind), mask)
-            elif op.startswith("st.global."):
+            elif op.startswith(("st.global.", "st.shared.")):
                 kind, names = _TYPES[op[-3:]], _names(ops[1])
                 memory.check_alignment(_address(ops[0], value), mask, len(names) * kind().itemsize)
                 for i, source in enumerate(names):

@@ -146,6 +146,8 @@ CUDA_TILINGS = [
     {"rows_per_block": 2, "vector_width": 4, "threads_per_block": 32},
     {"max_instructions_per_segment": 90},  # many separately assembled segments
     {"fold_batch": True, "rows_per_block": 2, "threads_per_block": 64},  # blocks across images
+    {"split_k": 2, "rows_per_block": 4, "threads_per_block": 64},  # slices summed through shared memory
+    {"split_k": 4, "threads_per_block": 128, "max_instructions_per_segment": 90},
 ]
 CPU_TILINGS = [{"vector_lanes": 4}, {"vector_lanes": 8, "rows_per_chunk": 3, "max_nnz_per_segment": 30}]
 
@@ -206,9 +208,14 @@ EMULATED_CONFIGS = [
                    max_instructions_per_segment=150),
     # Chunks of up to 4 elements, predicated as a whole at the borders.
     CudaSpmmConfig(rows_per_block=3, threads_per_block=32, columns_per_thread=2, vector_width=4, fold_batch=True),
+    # Slices of a block sharing its columns, each with whole kernel rows.
+    CudaSpmmConfig(rows_per_block=3, threads_per_block=64, split_k=2),
+    CudaSpmmConfig(rows_per_block=2, threads_per_block=128, columns_per_thread=2, vector_width=2, fold_batch=True,
+                   split_k=4, max_instructions_per_segment=150),
 ]
 EMULATED_IDS = [
     "plain", "two-columns-segmented", "vectors", "folded-three-columns", "folded-vectors-segmented", "folded-wide-vectors",
+    "split-two", "split-four-folded-vectors-segmented",
 ]
 
 

@@ -100,8 +100,12 @@ def test_emulated_kernel_matches_numpy(layout, density):
         CudaSpmmConfig(rows_per_block=3, threads_per_block=64, columns_per_thread=2, max_instructions_per_segment=80),
         CudaSpmmConfig(rows_per_block=2, threads_per_block=1024),
         CudaSpmmConfig(rows_per_block=2, threads_per_block=512, max_instructions_per_segment=80),
+        CudaSpmmConfig(rows_per_block=4, threads_per_block=64, split_k=2),
+        CudaSpmmConfig(rows_per_block=3, threads_per_block=256, columns_per_thread=2, split_k=8,
+                       max_instructions_per_segment=80),
     ],
-    ids=["one-row", "eight-rows-three-columns", "segmented", "1024-threads", "512-threads-segmented"],
+    ids=["one-row", "eight-rows-three-columns", "segmented", "1024-threads", "512-threads-segmented", "split-two",
+         "split-eight-two-columns-segmented"],
 )
 @pytest.mark.parametrize("layout", [Layout.ROWS, Layout.CHANNELS])
 def test_emulated_tilings(layout, config):
@@ -264,6 +268,8 @@ def test_float32_vector_of_eight_is_rejected():
         (Layout.ROWS, CudaSpmmConfig(vector_width=2), "float16"),
         (Layout.CHANNELS, CudaSpmmConfig(vector_width=8, max_instructions_per_segment=300), "float16"),
         (Layout.CHANNELS, CudaSpmmConfig(columns_per_thread=2), "float16"),
+        (Layout.CHANNELS, CudaSpmmConfig(rows_per_block=4, split_k=4, max_instructions_per_segment=300), "float32"),
+        (Layout.ROWS, CudaSpmmConfig(vector_width=2, split_k=2), "float16"),
     ],
 )
 def test_ptxas_assembles_for_sm90(layout, config, dtype):
@@ -409,8 +415,9 @@ def test_launch_wrapper_and_cuda_build(monkeypatch):
         CudaSpmmConfig(rows_per_block=3, threads_per_block=32, columns_per_thread=3, fold_batch=True),
         CudaSpmmConfig(rows_per_block=4, threads_per_block=32, vector_width=4, fold_batch=True),
         CudaSpmmConfig(threads_per_block=32, columns_per_thread=2, fold_batch=True, max_instructions_per_segment=60),
+        CudaSpmmConfig(rows_per_block=2, threads_per_block=128, vector_width=2, fold_batch=True, split_k=4),
     ],
-    ids=["plain", "three-columns", "vectors", "segmented"],
+    ids=["plain", "three-columns", "vectors", "segmented", "split-vectors"],
 )
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 def test_emulated_folded_batch(config, dtype):
@@ -458,3 +465,83 @@ def test_cuda_rule_transposes_row_major_activations_with_many_columns():
     assert rule.transposes_input(problem_for(rng, Layout.ROWS, 8, 8, 0.5, (4, 5, 8)))
     assert not rule.transposes_input(problem_for(rng, Layout.ROWS, 8, 8, 0.5, (4, 8)))
     assert not rule.transposes_input(problem_for(rng, Layout.CHANNELS, 8, 8, 0.5, (n, 8, 4, 4)))
+
+
+# -- split-K: slices of a block share the columns and sum their partial results ---------------
+
+
+@pytest.mark.parametrize("columns", [70, 64, 1])
+def test_split_k_threads_past_the_columns_reach_the_barrier_and_store_nothing(columns):
+    """70 columns leave 26 of the last block's 32 column threads without a column; they
+    compute column 0 for the barrier, and every store is guarded so that they write nothing
+    (their column 0 would be the right value: only the guard check can catch a missing one)."""
+    rng = np.random.default_rng(20)
+    problem = problem_for(rng, Layout.ROWS, 21, 40, 0.2, (columns, 40), ("bias", "residual", "relu"))
+    config = CudaSpmmConfig(rows_per_block=4, threads_per_block=128, split_k=4)
+    kernel = emit_spmm_ptx(problem, config, "k", "sm_90")
+    assert kernel.columns_per_block == 32 and kernel.threads == 128
+    stores = [line for line in kernel.units[0].splitlines() if "st.global" in line]
+    assert stores and all(line.startswith("@%pv0 ") for line in stores)
+    assert "bar.sync 0;" in kernel.units[0]
+    out, ref = emulate(problem, config, rng)
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_split_k_shares_the_work_of_each_group():
+    """Each slice's section holds about a quarter of a group's FMAs."""
+    rng = np.random.default_rng(21)
+    problem = problem_for(rng, Layout.ROWS, 4, 400, 0.3, (32, 400))
+    kernel = emit_spmm_ptx(problem, CudaSpmmConfig(rows_per_block=4, threads_per_block=128, split_k=4), "k", "sm_90")
+    text = kernel.units[0]
+    sections = [text.split(f"G0_S{s}:")[1].split(f"G0_S{s + 1}:" if s < 3 else "G0_SUM:")[0] for s in range(4)]
+    fmas = [section.count("fma.rn") for section in sections]
+    assert sum(fmas) == problem.weight.nnz
+    assert max(fmas) <= 1.2 * sum(fmas) / 4 and min(fmas) >= 0.8 * sum(fmas) / 4
+
+
+def test_segmented_split_k_gives_each_slice_functions_without_warp_branches():
+    """ptxas adds two instructions to each load of a function that branches apart by warp:
+    segments get one function per slice's share and one adding the sums, and only the
+    entry branches by slice (around the calls) and waits at the barrier."""
+    rng = np.random.default_rng(23)
+    problem = problem_for(rng, Layout.ROWS, 24, 64, 0.3, (64, 64), ("bias",))
+    config = CudaSpmmConfig(rows_per_block=4, threads_per_block=64, split_k=2, max_instructions_per_segment=200)
+    kernel = emit_spmm_ptx(problem, config, "k", "sm_90")
+    entry, functions = kernel.units[0], kernel.units[1:]
+    assert len(functions) % 3 == 0 and len(functions) >= 6  # per segment: two shares and a sum
+    assert "bar.sync" in entry and "%slice" in entry
+    assert not any("bar.sync" in f or "setp.ne.u32 %p0, %slice" in f for f in functions)
+    assert sum("st.shared" in f for f in functions) == 2 * len(functions) // 3
+    out, ref = emulate(problem, config, rng)
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_split_k_is_checked():
+    with pytest.raises(ValueError, match="split_k"):
+        CudaSpmmConfig(split_k=3)
+    with pytest.raises(ValueError, match="whole warps"):
+        CudaSpmmConfig(threads_per_block=32, split_k=2)
+    rng = np.random.default_rng(22)
+    problem = problem_for(rng, Layout.ROWS, 64, 64, 0.1, (64, 64))
+    roomy = CudaSpmmConfig(rows_per_block=16, threads_per_block=1024, columns_per_thread=4, split_k=2)
+    with pytest.raises(UnsupportedProblem, match="shared memory"):
+        emit_spmm_ptx(problem, roomy, "k", "sm_90")
+    with pytest.raises(UnsupportedProblem, match="shared memory"):
+        cuda_rule.CudaSpmmRule().check(problem, roomy)
+
+
+def test_emulator_refuses_a_barrier_that_only_some_threads_reach():
+    program = PtxProgram("""
+.visible .entry k(.param .u32 p_n)
+{
+mov.u32 %r1, %tid.x;
+setp.lt.u32 %p0, %r1, 32;
+@%p0 bra DONE;
+bar.sync 0;
+DONE:
+ret;
+}
+""")
+    with pytest.raises(AssertionError, match="bar.sync"):
+        program.launch("k", (1, 1, 1), 64, [0], {})
+    program.launch("k", (1, 1, 1), 32, [0], {})  # nobody reaches it

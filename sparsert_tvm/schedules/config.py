@@ -81,6 +81,14 @@ class CudaSpmmConfig(_CudaKernelConfig):
     # instructions before its FMAs; at 64 it hoisted them about 65 ahead and the kernel ran
     # 1.7x faster on the H200 (benchmarks/results/registers-vary-h200.md).
     registers: int = 0
+    # The block's threads form this many slices (split-K) that own the same columns; each
+    # computes the group's rows over its share of the group's nonzero columns (whole kernel
+    # rows through a window), and the first slice adds the others' partial sums from shared
+    # memory before the epilogue. It cuts a thread's serial chain of loads and FMAs and
+    # multiplies the blocks (each of fewer columns) for grids too small to hide load latency;
+    # every block still streams its group's code. Not in the tuner's space yet: not run on a
+    # GPU so far.
+    split_k: int = 1
     # ptxas optimisation level (0-3).
     ptxas_opt_level: int = 3
     # Larger weights stay dense: about 70 s of ptxas on 2 cores and 30 MB of code at the cap.
@@ -93,6 +101,8 @@ class CudaSpmmConfig(_CudaKernelConfig):
             raise ValueError("threads_per_block must be a multiple of 32 and at most 1024")
         if self.vector_width not in (1, 2, 4, 8):
             raise ValueError("vector_width must be 1, 2, 4 or 8")
+        if self.split_k not in (1, 2, 4, 8) or self.threads_per_block % (32 * self.split_k):
+            raise ValueError("split_k must be 1, 2, 4 or 8 and leave whole warps of threads_per_block to each slice")
         if not 24 <= self.segment_registers <= 255:
             raise ValueError("segment_registers must be in 24..255")
         if self.registers and not 24 <= self.registers <= 255:

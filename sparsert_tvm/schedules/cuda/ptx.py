@@ -8,7 +8,14 @@ image. A thread owns ``columns_per_thread`` *vectors* of ``vector_width`` neighb
 vector_width`` columns apart, and keeps one accumulator per (row of the group, owned
 column); it walks the group's nonzero columns ``k`` in order, loads ``X[b, k, vector]`` once
 (one vector load) and issues the FMAs of every row of the group that has a nonzero at ``k``.
-The epilogue runs in registers before the only store.
+The epilogue runs in registers before the only store. With ``split_k`` slices, the block's
+threads are that many slices owning the same columns; each walks its share of the group's
+columns, and the first slice adds the others' partial sums (through shared memory, after
+one barrier) before the epilogue; out-of-range threads compute column 0 without storing
+it, since every thread must reach the barrier. Cut into segments, each slice's share is a
+function of its own that leaves its sums in shared memory, and one more function per
+segment adds them up: ptxas adds two instructions to every load of a function whose body
+branches apart by warp.
 
 Convolutions with a ``ConvWindow`` read their input directly: each owned vector (of
 neighbouring output pixels of one row) gets a base address for its first pixel's window
@@ -47,6 +54,8 @@ SUPPORTED_DTYPES = ("float32", "float16")
 _MAX_IMMEDIATE_OFFSET = 2**31 - 1
 _MAX_VECTOR_REGISTERS = 4  # ld/st .v4 of 32-bit registers
 _REGISTERS_PER_BLOCK = 65536
+# Static shared memory a block may declare.
+_MAX_SHARED_BYTES = 48 * 1024
 
 
 @dataclass(frozen=True)
@@ -137,6 +146,10 @@ class _ElementType:
         return self.width // self.columns_per_register
 
     @property
+    def register_bytes(self) -> int:
+        return 2 if self.reg == "b16" else 4
+
+    @property
     def reg(self) -> str:  # register and memory type
         return {1: "b16", 2: "b32"}[self.columns_per_register] if self.dtype == "float16" else "f32"
 
@@ -177,9 +190,33 @@ def check_vectorization(problem: SpmmProblem, config: CudaSpmmConfig) -> None:
         raise UnsupportedProblem(f"vector_width {width} needs a static column count divisible by it")
 
 
+def check_split(problem: SpmmProblem, config: CudaSpmmConfig) -> None:
+    """Raises ``UnsupportedProblem`` if the partial sums of ``config.split_k`` slices do not
+    fit in a block's static shared memory."""
+    if config.split_k > 1 and _partials_bytes(problem, config) > _MAX_SHARED_BYTES:
+        raise UnsupportedProblem(
+            f"split_k {config.split_k}: partial sums of {_partials_bytes(problem, config)} bytes exceed "
+            f"{_MAX_SHARED_BYTES} bytes of shared memory (fewer rows per block or threads)"
+        )
+
+
+def _partials_bytes(problem: SpmmProblem, config: CudaSpmmConfig) -> int:
+    """Shared memory for the partial sums of every slice (in one function, the first slice
+    keeps its own in registers)."""
+    element = _ElementType(problem.dtype, config.vector_width)
+    slice_threads = config.threads_per_block // config.split_k
+    return config.split_k * _accumulators(config, element) * slice_threads * element.register_bytes
+
+
+def _accumulators(config: CudaSpmmConfig, element: _ElementType) -> int:
+    """Accumulator registers of a thread: one per row of its group and owned register."""
+    return config.rows_per_block * config.columns_per_thread * element.registers
+
+
 def emit_spmm_ptx(problem: SpmmProblem, config: CudaSpmmConfig, name: str, arch: str) -> PtxKernel:
     require_dtype(problem, SUPPORTED_DTYPES, "the CUDA generator")
     check_vectorization(problem, config)
+    check_split(problem, config)
     groups = group_rows(problem.weight.row_nnz, config.rows_per_block, config.balance_rows)
     emitter = _Emitter(problem, config, arch)
     emitter.check_offsets()
@@ -205,14 +242,14 @@ def emit_spmm_ptx(problem: SpmmProblem, config: CudaSpmmConfig, name: str, arch:
         units = (emitter.entry(name, segment_bounds=bounds),)
         first = 0
         for s, segment in enumerate(segments):
-            units += (emitter.segment(f"{name}_seg{s}", segment, first),)
+            units += tuple(emitter.segment(function, segment, first, role) for function, role in emitter.roles(name, s))
             first += len(segment)
     return PtxKernel(
         name=name,
         units=units,
         row_groups=len(groups),
         threads=config.threads_per_block,
-        columns_per_block=config.threads_per_block * config.columns_per_thread * config.vector_width,
+        columns_per_block=emitter.slice_threads * config.columns_per_thread * config.vector_width,
         param_types=emitter.param_types,
         folds_batch=emitter.folds_batch,
     )
@@ -226,7 +263,10 @@ class _Emitter:
     accumulator register ``l`` of group row ``i`` and vector ``c``; ``%x<c*R+l>``,
     ``%t<c*R+l>``: loaded activations and residuals; ``%h<2>``: halves being (un)packed.
     With the batch folded into the columns, vector ``c`` may lie in another image than the
-    thread's first one: it gets its own bases ``%pxw<c>``, ``%pyw<c>``, ``%prw<c>``.
+    thread's first one: it gets its own bases ``%pxw<c>``, ``%pyw<c>``, ``%prw<c>``. Split
+    into slices: ``%slice``, the thread's slice; ``%smem``, the block's partial sums;
+    ``%sps``, where this thread's slice stores its own; ``%spr``, where the first slice
+    reads them.
     """
 
     def __init__(self, problem: SpmmProblem, config: CudaSpmmConfig, arch: str):
@@ -237,8 +277,10 @@ class _Emitter:
         self.es = self.element.element_bytes
         self.cols = config.columns_per_thread
         self.lanes = self.element.registers
+        self.split = config.split_k
+        self.slice_threads = config.threads_per_block // config.split_k  # threads owning distinct columns
         # Columns between a thread's neighbouring vectors.
-        self.vector_stride = config.threads_per_block * config.vector_width
+        self.vector_stride = self.slice_threads * config.vector_width
         self.x_strides = problem.x_strides()
         self.y_strides = problem.y_strides()
         self.window = problem.window
@@ -283,16 +325,17 @@ class _Emitter:
         chunk of a kernel row read, zeroed first where it may read padding, and the moves
         pairing float16 pixels)."""
         weight = self.problem.weight
+        reduction = 3 * (self.split - 1) * len(rows) * self.cols * self.lanes  # store, load, add
         needed = np.unique(np.concatenate([weight.row(m)[0] for m in rows])) if rows else np.empty(0, int)
         nnz = int(sum(weight.row_nnz[m] for m in rows))
         if self.window is None:
-            return self.cols * (nnz + len(needed)) * self.lanes
+            return self.cols * (nnz + len(needed)) * self.lanes + reduction
         span, loads = self.span, 0
         for (_, ky), taps in self._kernel_rows(needed).items():
             for q, _, size in span.loads(taps):
                 loads += 1 if self.window.row_in_image(ky) and span.chunk_in_image(q) else 1 + size
         pairs = len(needed) * self.lanes if self.element.columns_per_register == 2 else 0
-        return self.cols * (nnz * self.lanes + loads + pairs)
+        return self.cols * (nnz * self.lanes + loads + pairs) + reduction
 
     def _kernel_rows(self, columns) -> dict[tuple[int, int], list[int]]:
         """The taps ``kx`` of each kernel row ``(channel, ky)`` among window ``columns``, in
@@ -310,8 +353,11 @@ class _Emitter:
     def entry(self, name, inline_groups=None, segment_bounds=None) -> str:
         p, cfg = self.problem, self.config
         lines = self.header()
+        if self.split > 1:
+            lines += [f".shared .align 16 .b8 {name}_partials[{_partials_bytes(p, cfg)}];"]
         if segment_bounds is not None:
-            lines += [f".extern .func {name}_seg{s}{self._segment_params()};" for s in range(len(segment_bounds))]
+            functions = [function for s in range(len(segment_bounds)) for function, _ in self.roles(name, s)]
+            lines += [f".extern .func {function}{self._segment_params()};" for function in functions]
         # Segments may take more registers than the entry itself: the kernel needs them all.
         registers = max(cfg.registers, cfg.segment_registers) if cfg.registers and segment_bounds else cfg.registers
         lines += entry_declaration(name, p.has_residual, cfg.threads_per_block, registers)
@@ -319,14 +365,22 @@ class _Emitter:
         lines += load_operands(p.has_residual)
         if not p.has_residual:
             lines += ["mov.u64 %pr, 0;"]  # segments take it as an argument either way
-        lines += [
-            "mov.u32 %r1, %ctaid.x;",
-            "mov.u32 %r2, %tid.x;",
-            f"mad.lo.u32 %col0, %r1, {cfg.threads_per_block * self.cols}, %r2;",
-        ]
+        lines += ["mov.u32 %r1, %ctaid.x;", "mov.u32 %r2, %tid.x;"]
+        if self.split > 1:
+            lines += [f"rem.u32 %r2, %r2, {self.slice_threads};", f"mov.u64 %smem, {name}_partials;"]
+        lines.append(f"mad.lo.u32 %col0, %r1, {self.slice_threads * self.cols}, %r2;")
         if cfg.vector_width > 1:
             lines.append(f"mul.lo.u32 %col0, %col0, {cfg.vector_width};")
-        lines += ["setp.ge.u32 %p0, %col0, %ncols;", "@%p0 bra DONE;"]
+        if self.split > 1:
+            # Every thread must reach the barrier: one past the columns computes column 0,
+            # and with no columns (``%ncols`` = 0 for it) owns no vector to store.
+            lines += [
+                "setp.lt.u32 %p0, %col0, %ncols;",
+                "selp.b32 %col0, %col0, 0, %p0;",
+                "selp.b32 %ncols, %ncols, 0, %p0;",
+            ]
+        else:
+            lines += ["setp.ge.u32 %p0, %col0, %ncols;", "@%p0 bra DONE;"]
         # Folded, columns are not linear across images: each vector finds its own bases.
         if not self.folds_batch:
             if p.images_apart:
@@ -340,11 +394,20 @@ class _Emitter:
             lines += self._column_setup()
             lines += self._dispatch(inline_groups, first=0, exit_label="DONE")
         else:
+            if self.split > 1:
+                lines += ["mov.u32 %r3, %tid.x;", f"div.u32 %slice, %r3, {self.slice_threads};"]
             lines += self._segment_calls(name, segment_bounds)
         lines += ["DONE:", "ret;", "}"]
         return "\n".join(lines) + "\n"
 
-    def segment(self, name, groups, first) -> str:
+    def roles(self, name: str, s: int) -> list[tuple[str, int | str | None]]:
+        """The functions of segment ``s`` and what each does with its groups: all of it
+        (None), one slice's share (the slice), or adding the slices' sums up ("sum")."""
+        if self.split == 1:
+            return [(f"{name}_seg{s}", None)]
+        return [(f"{name}_seg{s}_k{t}", t) for t in range(self.split)] + [(f"{name}_seg{s}_sum", "sum")]
+
+    def segment(self, name, groups, first, role=None) -> str:
         lines = self.header()
         lines += [f".visible .func {name}{self._segment_params()}", "{"]
         lines += self._declarations()
@@ -354,27 +417,28 @@ class _Emitter:
             "ld.param.u64 %pr, [s_pr];",
             "ld.param.u32 %col0, [s_col0];",
             "ld.param.u32 %ncols, [s_ncols];",
+        ]
+        if self.split > 1:
+            lines.append("ld.param.u64 %smem, [s_smem];")
+        lines += [
             # Not a parameter: ptxas keeps global-memory descriptors in uniform registers
             # after the dispatch only where the branch index is known uniform; from a
             # parameter it converts one per predicated load (2 extra instructions each).
             "mov.u32 %g, %ctaid.y;",
         ]
         lines += self._column_setup()
-        lines += self._dispatch(groups, first=first, exit_label="DONE")
+        lines += self._dispatch(groups, first=first, exit_label="DONE", role=role)
         lines += ["DONE:", "ret;", "}"]
         return "\n".join(lines) + "\n"
 
     # -- pieces ----------------------------------------------------------------------
-    @staticmethod
-    def _segment_params() -> str:
-        return (
-            "(.param .b64 s_px, .param .b64 s_py, .param .b64 s_pr, "
-            ".param .b32 s_col0, .param .b32 s_ncols)"
-        )
+    def _segment_params(self) -> str:
+        split = ", .param .b64 s_smem" if self.split > 1 else ""
+        return f"(.param .b64 s_px, .param .b64 s_py, .param .b64 s_pr, .param .b32 s_col0, .param .b32 s_ncols{split})"
 
     def _declarations(self) -> list[str]:
         reg = self.element.reg
-        accumulators = self.config.rows_per_block * self.cols * self.lanes
+        accumulators = _accumulators(self.config, self.element)
         values = self.cols * self.lanes
         lines = [
             ".reg .pred %p0;",
@@ -393,6 +457,8 @@ class _Emitter:
             lines += [f".reg .b64 %pxw<{self.cols}>;"]
         if self.problem.dtype == "float16":
             lines += [f".reg .{reg} %w;", ".reg .b16 %h<2>;"]
+        if self.split > 1:
+            lines += [".reg .b32 %slice;", ".reg .b64 %smem, %sps, %spr;"]
         if self.window is not None:
             kh, chunks = self.window.kernel[0], self.cols * self.span.chunks
             lines += [
@@ -420,8 +486,9 @@ class _Emitter:
         return lines
 
     def _column_setup(self) -> list[str]:
-        """Which owned vectors exist (``%pv<c>``) and, for a window, where their windows are."""
-        lines = []
+        """Which owned vectors exist (``%pv<c>``) and, for a window, where their windows are;
+        split into slices, the thread's slice and places in the partial sums."""
+        lines = self._slice_setup() if self.split > 1 else []
         for c in range(self.cols):
             lines += [f"add.u32 %colc, %col0, {c * self.vector_stride};", f"setp.lt.u32 %pv{c}, %colc, %ncols;"]
             pixel, x_base = "%colc", "%px"
@@ -431,6 +498,21 @@ class _Emitter:
             if self.window is not None:
                 lines += self._window_setup(c, pixel, x_base)
         return lines
+
+    def _slice_setup(self) -> list[str]:
+        """``%slice`` and the partial sums' bases: slot ``a`` of slice ``s`` for the thread
+        owning column thread ``t`` lies at ``(s * A + a) * slice_threads + t`` (``A``
+        accumulators), so that a warp's accesses are consecutive."""
+        slot, threads = self.element.register_bytes, self.slice_threads
+        return [
+            "mov.u32 %r3, %tid.x;",
+            f"div.u32 %slice, %r3, {threads};",
+            f"rem.u32 %r3, %r3, {threads};",
+            f"mul.wide.u32 %rd6, %r3, {slot};",
+            "add.s64 %spr, %smem, %rd6;",
+            f"mul.wide.u32 %rd6, %slice, {_accumulators(self.config, self.element) * threads * slot};",
+            "add.s64 %sps, %spr, %rd6;",
+        ]
 
     def _image_setup(self, c: int) -> list[str]:
         """Folded batch: the image ``%img`` and pixel ``%pix`` of vector ``c``'s first column,
@@ -508,7 +590,7 @@ class _Emitter:
         # Vector 0 exists whenever the thread got this far.
         return "" if c == 0 else f"@%pv{c} "
 
-    def _dispatch(self, groups, first: int, exit_label: str) -> list[str]:
+    def _dispatch(self, groups, first: int, exit_label: str, role=None) -> list[str]:
         lines = []
         if first:
             lines.append(f"sub.u32 %g, %g, {first};")
@@ -516,7 +598,7 @@ class _Emitter:
         lines += [f"TABLE: .branchtargets {targets};", "brx.idx %g, TABLE;"]
         for j, rows in enumerate(groups):
             lines.append(f"G{j}:")
-            lines += self._group(rows)
+            lines += self._group(rows, f"G{j}", exit_label, role)
             lines.append(f"bra.uni {exit_label};")
         return lines
 
@@ -525,32 +607,71 @@ class _Emitter:
         for s, bound in enumerate(bounds[:-1]):
             lines += [f"setp.lt.u32 %p0, %g, {bound};", f"@%p0 bra CALL{s};"]
         lines.append(f"bra.uni CALL{len(bounds) - 1};")
-        args = [("b64", "%px"), ("b64", "%py"), ("b64", "%pr"), ("b32", "%col0"), ("b32", "%ncols")]
         for s in range(len(bounds)):
-            lines += [f"CALL{s}:", "{"]
-            for i, (kind, reg) in enumerate(args):
-                lines += [f".param .{kind} c{i};", f"st.param.{kind} [c{i}], {reg};"]
-            lines += [f"call {name}_seg{s}, ({', '.join(f'c{i}' for i in range(len(args)))});", "}"]
-            lines.append("bra.uni DONE;")
+            lines.append(f"CALL{s}:")
+            if self.split == 1:
+                lines += self._call(f"{name}_seg{s}") + ["bra.uni DONE;"]
+                continue
+            # Each slice runs its share, the others jump past it; after the barrier, the
+            # first slice adds the sums up.
+            for t in range(self.split):
+                after = f"CALL{s}_K{t + 1}" if t + 1 < self.split else f"CALL{s}_SUM"
+                lines += [f"CALL{s}_K{t}:", f"setp.ne.u32 %p0, %slice, {t};", f"@%p0 bra.uni {after};"]
+                lines += self._call(f"{name}_seg{s}_k{t}") + [f"bra.uni CALL{s}_SUM;"]
+            lines += [f"CALL{s}_SUM:", "bar.sync 0;", "setp.ne.u32 %p0, %slice, 0;", "@%p0 bra.uni DONE;"]
+            lines += self._call(f"{name}_seg{s}_sum") + ["bra.uni DONE;"]
         return lines
+
+    def _call(self, function: str) -> list[str]:
+        args = [("b64", "%px"), ("b64", "%py"), ("b64", "%pr"), ("b32", "%col0"), ("b32", "%ncols")]
+        if self.split > 1:
+            args.append(("b64", "%smem"))
+        lines = ["{"]
+        for i, (kind, reg) in enumerate(args):
+            lines += [f".param .{kind} c{i};", f"st.param.{kind} [c{i}], {reg};"]
+        return lines + [f"call {function}, ({', '.join(f'c{i}' for i in range(len(args)))});", "}"]
 
     def _registers(self, prefix: str, first: int) -> list[str]:
         return [f"%{prefix}{first + l}" for l in range(self.lanes)]
 
-    def _group(self, rows) -> list[str]:
+    def _group(self, rows, label: str, exit_label: str, role=None) -> list[str]:
+        """The rows' products and epilogue; of one slice's share, its sums left in shared
+        memory (``role``: the slice); or the slices' sums added up and the epilogue
+        (``role="sum"``)."""
         weight, cols, lanes = self.problem.weight, self.cols, self.lanes
+        count = len(rows) * cols * lanes
         zero = "0f00000000" if self.problem.dtype == "float32" else "0"
-        mov = f"mov.{self.element.reg}"
-        lines = [f"{mov} %a{j}, {zero};" for j in range(len(rows) * cols * lanes)]
+        lines = [f"mov.{self.element.reg} %a{j}, {zero};" for j in range(count)]
+        if role == "sum":
+            return lines + self._add_partials(count, range(self.split)) + self._epilogues(rows)
         # Nonzeros of the group by column: each needed activation is loaded once.
         by_column: dict[int, list[tuple[int, float]]] = {}
         for i, m in enumerate(rows):
             indices, values = weight.row(m)
             for k, v in zip(indices.tolist(), values.tolist()):
                 by_column.setdefault(k, []).append((i, v))
-        fma = f"fma.rn.{self.element.arith}"
         columns = sorted(by_column)
         kernel_rows = self._kernel_rows(columns) if self.window is not None else {}
+        shares = self._slice_shares(columns, by_column)
+        if role is not None:
+            return lines + self._products(shares[role], by_column, kernel_rows) + self._store_partials(count, "")
+        for s, share in enumerate(shares):
+            if len(shares) > 1:  # each slice runs its share; the others jump past it
+                after = f"{label}_S{s + 1}" if s + 1 < len(shares) else f"{label}_SUM"
+                lines += [f"{label}_S{s}:", f"setp.ne.u32 %p0, %slice, {s};", f"@%p0 bra.uni {after};"]
+            lines += self._products(share, by_column, kernel_rows)
+            if len(shares) > 1 and s + 1 < len(shares):
+                lines.append(f"bra.uni {label}_SUM;")
+        if len(shares) > 1:
+            # The other slices leave their sums to the first, which keeps its own in registers.
+            lines += [f"{label}_SUM:", "setp.ne.u32 %p0, %slice, 0;"] + self._store_partials(count, "@%p0 ")
+            lines += ["bar.sync 0;", f"@%p0 bra.uni {exit_label};"] + self._add_partials(count, range(1, self.split))
+        return lines + self._epilogues(rows)
+
+    def _products(self, columns, by_column: dict, kernel_rows: dict) -> list[str]:
+        """Loads and FMAs of ``columns`` into the accumulators."""
+        cols, lanes, lines = self.cols, self.lanes, []
+        fma = f"fma.rn.{self.element.arith}"
         for k in columns:
             for c in range(cols):
                 lines += self._load_x(k, c, kernel_rows)
@@ -561,9 +682,52 @@ class _Emitter:
                     for l in range(lanes):
                         acc = f"%a{(i * cols + c) * lanes + l}"
                         lines.append(f"{fma} {acc}, {self._x_register(k, c, l)}, {operand}, {acc};")
+        return lines
+
+    def _epilogues(self, rows) -> list[str]:
+        cols, lanes, lines = self.cols, self.lanes, []
         for i, m in enumerate(rows):
             for c in range(cols):
                 lines += self._epilogue(self._registers("a", (i * cols + c) * lanes), m, c)
+        return lines
+
+    def _slice_shares(self, columns: list[int], by_column: dict) -> list[list[int]]:
+        """``columns`` cut into ``split_k`` consecutive shares of about equal work (a load
+        and the FMAs of each column); through a window, a kernel row's taps stay together,
+        since they share its loads."""
+        if self.split == 1:
+            return [columns]
+        units: list[list[int]] = []
+        for k in columns:
+            same_row = self.window is not None and units and self.window.tap(units[-1][-1])[:2] == self.window.tap(k)[:2]
+            if same_row:
+                units[-1].append(k)
+            else:
+                units.append([k])
+        work = np.array([sum(1 + len(by_column[k]) for k in unit) for unit in units], dtype=float)
+        middles = np.cumsum(work) - work / 2
+        total = float(work.sum())
+        shares: list[list[int]] = [[] for _ in range(self.split)]
+        for unit, middle in zip(units, middles):
+            # The share whose part of the total work this unit's middle falls in.
+            shares[min(self.split - 1, int(self.split * middle / total))] += unit
+        return shares
+
+    def _store_partials(self, count: int, guard: str) -> list[str]:
+        """This thread's ``count`` accumulators into its slice's partial sums."""
+        stride = self.slice_threads * self.element.register_bytes
+        return [f"{guard}st.shared.{self.element.reg} [%sps+{a * stride}], %a{a};" for a in range(count)]
+
+    def _add_partials(self, count: int, slices) -> list[str]:
+        """Adds the partial sums of ``slices`` to the accumulators (through ``%x``, free by now)."""
+        reg, arith = self.element.reg, self.element.arith
+        stride = self.slice_threads * self.element.register_bytes
+        temporaries, lines = self.cols * self.lanes, []
+        for s in slices:
+            for a in range(count):
+                t = f"%x{a % temporaries}"
+                offset = (s * _accumulators(self.config, self.element) + a) * stride
+                lines += [f"ld.shared.{reg} {t}, [%spr+{offset}];", f"add.{arith} %a{a}, %a{a}, {t};"]
         return lines
 
     def _epilogue(self, accumulators: list[str], m: int, c: int) -> list[str]:
@@ -644,7 +808,9 @@ class _Emitter:
     def _access(self, load: bool, registers: list[str], base: str, offset: int, stride: int, c: int) -> list[str]:
         """Moves one vector between registers and memory: one instruction where its columns
         are adjacent in memory, else one per column (two halves per f16x2 register)."""
-        guard, reg = self._guard(c), self.element.reg
+        # Split into slices, vector 0 may be a column 0 computed only to reach the barrier.
+        guard = f"@%pv{c} " if not load and self.split > 1 else self._guard(c)
+        reg = self.element.reg
 
         def move(suffix: str, operand: str, byte_offset: int) -> str:
             if load:

@@ -103,6 +103,22 @@ def test_folding_the_batch_is_in_the_space_where_images_are_apart():
         assert space.estimated_cost(batched, folded) <= space.estimated_cost(batched, unfolded)
 
 
+def test_split_k_enters_the_space_only_where_asked():
+    rng = np.random.default_rng(14)
+    check = cuda_rule.CudaSpmmRule().check
+    problem = channels_problem(rng, m=64, k=96, spatial=(14, 14), images=1)
+    assert {c.split_k for c in unrolled(space.candidates(problem, check, 1000))} == {1}
+    split = unrolled(space.candidates(problem, check, 1000, split_k=(1, 2, 4)))
+    assert {c.split_k for c in split} == {1, 2, 4}
+    assert all(c.threads_per_block % (32 * c.split_k) == 0 for c in split)
+    # Slices issue the same work over more blocks, each streaming the whole group's code.
+    base = dataclasses.replace(default_cuda_config(problem), threads_per_block=128)
+    costs = [space.estimated_cost(problem, dataclasses.replace(base, split_k=k)) for k in (1, 2, 4)]
+    assert costs[0] < costs[1] < costs[2]
+    with pytest.raises(ValueError, match="split_k"):
+        TuneOptions(split_k=(3,))
+
+
 def test_cost_model_prefers_filling_the_machine():
     problem = channels_problem(np.random.default_rng(2), m=256, k=256, spatial=(7, 7), images=1)
     few_blocks = default_cuda_config(problem).__class__(rows_per_block=8, threads_per_block=64)
@@ -325,3 +341,17 @@ def test_register_variants_fit_the_block_and_skip_csr_winners():
     with pytest.raises(ValueError, match="segment_registers"):
         TuneOptions(segment_registers=(300,))
     assert TuneOptions(registers=(), segment_registers=()).segment_registers == ()
+
+
+@needs_ptxas
+def test_the_tuner_times_split_candidates_where_asked(monkeypatch, tmp_path):
+    """The fake timer prefers two slices; they are only in the space with ``split_k``."""
+    problem = channels_problem(np.random.default_rng(15), m=32, k=64, spatial=(8, 8), images=1)
+
+    def fake_us(built, target):
+        return 2.0 - (built.params.get("split_k") == 2)
+
+    plain = _tuner_with(monkeypatch, tmp_path, fake_us, max_candidates=40).tune(problem, "k")
+    assert plain.config["split_k"] == 1
+    split = _tuner_with(monkeypatch, tmp_path / "split", fake_us, max_candidates=40, split_k=(1, 2)).tune(problem, "k")
+    assert split.config["split_k"] == 2 and split.us == 1.0

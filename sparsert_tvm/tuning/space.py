@@ -34,6 +34,9 @@ ROWS_PER_BLOCK = (1, 2, 4, 8, 16)
 # 256 (benchmarks/results/threads-vary-h200.md), and they would crowd out better candidates.
 THREADS = (32, 64, 128, 256)
 COLUMNS_PER_THREAD = (1, 2)
+# Slices per block (``split_k``) searched unless the caller asks for more: split kernels
+# have not run on a GPU yet, so the tuner only tries them where asked (``TuneOptions``).
+SPLIT_K = (1,)
 VECTOR_WIDTHS = {"float32": (1, 2, 4), "float16": (1, 2, 4, 8)}
 # Accumulator registers per thread beyond which ptxas starts spilling.
 MAX_ACCUMULATORS = 64
@@ -69,9 +72,11 @@ class Machine:
     load_latency: int = 500
 
 
-def candidates(problem: SpmmProblem, check, limit: int, machine: Machine = Machine()) -> list[CudaConfig]:
+def candidates(
+    problem: SpmmProblem, check, limit: int, machine: Machine = Machine(), split_k: tuple[int, ...] = SPLIT_K
+) -> list[CudaConfig]:
     """Up to ``limit`` configs of both kernels, best estimate first; the untuned default is
-    always among them.
+    always among them. ``split_k``: the slices per block tried for the unrolled kernel.
 
     ``check(problem, config)`` raises ``UnsupportedProblem`` for configs the generator
     rejects.
@@ -83,11 +88,12 @@ def candidates(problem: SpmmProblem, check, limit: int, machine: Machine = Machi
     space = [
         with_segment_budget(dataclasses.replace(
             unrolled, rows_per_block=rows, threads_per_block=threads, columns_per_thread=cols, vector_width=width,
-            fold_batch=fold, registers=default_registers(rows),
+            fold_batch=fold, registers=default_registers(rows), split_k=split,
         ))
-        for rows, threads, cols, width, fold in itertools.product(
-            ROWS_PER_BLOCK, THREADS, COLUMNS_PER_THREAD, VECTOR_WIDTHS[problem.dtype], folds
+        for rows, threads, cols, width, fold, split in itertools.product(
+            ROWS_PER_BLOCK, THREADS, COLUMNS_PER_THREAD, VECTOR_WIDTHS[problem.dtype], folds, split_k
         )
+        if threads % (32 * split) == 0
     ]
     space += [
         dataclasses.replace(csr, rows_per_block=rows, columns_per_block=cols, unroll=unroll)
@@ -136,13 +142,18 @@ def estimated_cost(problem: SpmmProblem, config: CudaConfig, machine: Machine = 
     images = problem.static_batch or 1
     if config.fold_batch:
         columns, images = columns * images, 1
-    per_block = config.threads_per_block * config.columns_per_thread * config.vector_width
+    split = config.split_k
+    per_block = config.threads_per_block // split * config.columns_per_thread * config.vector_width
     # Blocks of more than a warp only where at least half their columns exist.
     if config.threads_per_block > 32 and per_block > 2 * columns:
         return None
     tiles = math.ceil(columns / per_block)
     loads, fmas = _group_work(problem.weight, config.rows_per_block, config.balance_rows)
-    per_thread = config.columns_per_thread * (loads + lanes * fmas)  # instructions of each group
+    instructions = config.columns_per_thread * (loads + lanes * fmas)  # of each group
+    code = INSTRUCTION_BYTES * instructions
+    # What each thread issues: its slice's share, and storing, reloading and adding the
+    # slices' sums.
+    per_thread = instructions / split + (3 * accumulators if split > 1 else 0)
     warps = config.threads_per_block // 32
     blocks = tiles * len(per_thread) * images
     issued = tiles * images * warps * float(per_thread.sum())
@@ -158,9 +169,8 @@ def estimated_cost(problem: SpmmProblem, config: CudaConfig, machine: Machine = 
     # Each wave lasts about as long as its slowest block's serial instruction stream; a
     # lone warp issues about one instruction every four cycles.
     tail = waves * float(per_thread.max()) * 4.0 / min(4, resident * warps)
-    # Each block streams its group's code once: all of it through all the SMs, and the
-    # longest group's through one SM per wave.
-    code = INSTRUCTION_BYTES * per_thread
+    # Each block streams its group's code once (all its slices' shares): all of it through
+    # all the SMs, and the longest group's through one SM per wave.
     fetch = max(
         tiles * images * float(code.sum()) / (machine.sms * machine.fetch_bytes_per_cycle),
         math.ceil(blocks / machine.sms) * float(code.max()) / machine.fetch_bytes_per_cycle,

@@ -52,7 +52,9 @@ class TuneOptions:
     ``segment_registers``: the caps also timed for a winner cut into segments; on ResNet-50's
     3x3 layers and 1x1/FC layers the best cap was 48 or 96 where it was not the default 64,
     by up to 1.14x (benchmarks/results/segment-registers-{conv,spmm}-h200.md). Variants come
-    beyond ``max_candidates``, within the budget; ``()``: none.
+    beyond ``max_candidates``, within the budget; ``()``: none. ``split_k``: the slices per
+    block of the unrolled kernel in the search space; only 1 by default, since split
+    kernels have not run on a GPU yet (``(1, 2, 4)`` searches them).
     """
 
     max_candidates: int = 8
@@ -64,6 +66,7 @@ class TuneOptions:
     assemble_ahead: bool = True
     registers: tuple[int, ...] = (0, 64)
     segment_registers: tuple[int, ...] = (48, 96)
+    split_k: tuple[int, ...] = space.SPLIT_K
 
     def __post_init__(self):
         if self.max_candidates < 1 or self.budget_s <= 0 or self.symbolic_size < 1:
@@ -72,6 +75,8 @@ class TuneOptions:
             CudaSpmmConfig(threads_per_block=32, registers=registers)  # raises ValueError outside 0, 24..255
         for registers in self.segment_registers:
             CudaSpmmConfig(segment_registers=registers)  # raises ValueError outside 24..255
+        for split in self.split_k:
+            CudaSpmmConfig(threads_per_block=256, split_k=split)  # raises ValueError outside 1, 2, 4, 8
 
 
 def open_database(database) -> TuningDatabase:
@@ -106,7 +111,7 @@ class Tuner:
         options = self.options or TuneOptions()
         timer = options.timer or (lambda built, target: time_with_evaluator(built, target, options.symbolic_size))
         start = time.perf_counter()
-        configs = space.candidates(problem, self.rule.check, options.max_candidates)
+        configs = space.candidates(problem, self.rule.check, options.max_candidates, split_k=options.split_k)
         if options.assemble_ahead:
             self._assemble_ahead(problem, configs, name)
         timings, segments = [], {}

@@ -10,6 +10,8 @@ import struct
 import numpy as np
 import pytest
 import tvm
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from tvm import tirx
 
 import sparsert_tvm as sp
@@ -512,6 +514,35 @@ def test_segmented_split_k_gives_each_slice_functions_without_warp_branches():
     assert "bar.sync" in entry and "%slice" in entry
     assert not any("bar.sync" in f or "setp.ne.u32 %p0, %slice" in f for f in functions)
     assert sum("st.shared" in f for f in functions) == 2 * len(functions) // 3
+    out, ref = emulate(problem, config, rng)
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+
+
+@st.composite
+def split_cases(draw):
+    """A random weight (empty rows included), layout, column count and split tiling."""
+    m, k = draw(st.integers(1, 20)), draw(st.integers(1, 48))
+    density = draw(st.sampled_from([0.0, 0.05, 0.3, 1.0]))
+    split = draw(st.sampled_from([2, 4, 8]))
+    config = CudaSpmmConfig(
+        rows_per_block=draw(st.integers(1, 5)),
+        threads_per_block=32 * split * draw(st.sampled_from([1, 2])),
+        columns_per_thread=draw(st.integers(1, 2)),
+        split_k=split,
+        max_instructions_per_segment=draw(st.sampled_from([60, 4096])),
+    )
+    layout = draw(st.sampled_from([Layout.ROWS, Layout.CHANNELS]))
+    columns = draw(st.integers(1, 100))
+    x_shape = (columns, k) if layout is Layout.ROWS else (draw(st.integers(1, 2)), k, 1, columns)
+    return m, k, density, layout, x_shape, config, draw(st.integers(0, 2**16))
+
+
+@settings(max_examples=25, deadline=None)
+@given(split_cases())
+def test_emulated_split_k_matches_numpy(case):
+    m, k, density, layout, x_shape, config, seed = case
+    rng = np.random.default_rng(seed)
+    problem = problem_for(rng, layout, m, k, density, x_shape, ("bias", "residual", "relu"))
     out, ref = emulate(problem, config, rng)
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
 

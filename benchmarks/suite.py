@@ -7,7 +7,10 @@ their times are measured once per shape and reused by the cases sharing it. With
 ``--tune-candidates K`` our kernel is autotuned first (K configs, CUDA-graph timing); all
 cases' candidates are assembled up front by a pool of processes. ``--cases`` picks cases by
 name, ``--config FIELD=V,...`` times every case with those fields of its default config
-changed (as ``kernel_config`` would), ``--deadline`` stops starting new cases after that many
+changed (as ``kernel_config`` would; several alternatives separated by ``;`` time every case
+with each, in one process: their kernels are assembled side by side and the contenders
+timed once, and the run ends with each alternative's geometric-mean speedup over the
+first), ``--deadline`` stops starting new cases after that many
 seconds and ``--resume`` skips the cases a previous partial run of the same JSON holds, so a
 long suite can run in several calls.
 ``compile_s`` is the time to generate and assemble the default config's kernel without the
@@ -22,6 +25,7 @@ import argparse
 import dataclasses
 import datetime
 import json
+import math
 import multiprocessing
 import os
 import re
@@ -71,13 +75,17 @@ def _attempt(measure):
         return None
 
 
-def run_case(case, config, dense: DenseTimes, tune: TuneOptions | None, compile_s: float | None = None) -> dict:
+def empty_row(case) -> dict:
     m, k, n = case.shape
-    row = {
+    return {
         "case": case.name, "group": case.group, "kind": case.kind, "M": m, "K": k, "N": n,
         "density": round(case.density, 4), "dtype": case.dtype,
         "us": {}, "correct": False, "compile_s": None, "tune_s": 0.0, "code_bytes": None, "params": {},
     }
+
+
+def run_case(case, config, dense: DenseTimes, tune: TuneOptions | None, compile_s: float | None = None) -> dict:
+    row = empty_row(case)
     expected = reference(case)
     try:
         options = None if tune is None or config is not None else dataclasses.replace(tune, timer=graph_timer(case))
@@ -168,6 +176,23 @@ def assemble_ahead(cases, limit: int, jobs: int, timeout: float | None = None) -
     return compile_s, seconds
 
 
+def compare_alternatives(rows: list[dict], alternatives: list[str]) -> str:
+    """A markdown table: each ``--config`` alternative's geometric-mean speedup over the first,
+    on the cases both ran correctly."""
+    times = {}
+    for row in rows:
+        base, _, text = row["case"].rpartition(" [")
+        if row["correct"] and row["us"].get("sparsert"):
+            times[(base, text.rstrip("]"))] = row["us"]["sparsert"]
+    lines = ["| alternative | cases | speedup over the first |", "| --- | --- | --- |"]
+    for text in alternatives:
+        ratios = [times[(base, alternatives[0])] / us for (base, t), us in times.items()
+                  if t == text and (base, alternatives[0]) in times]
+        mean = math.exp(sum(map(math.log, ratios)) / len(ratios)) if ratios else float("nan")
+        lines.append(f"| {text or 'default'} | {len(ratios)} | {mean:.2f}x |")
+    return "\n".join(lines)
+
+
 def main(suites: dict, description: str, default_suite: str):
     """Command line of a benchmark script whose ``suites`` map a name to ``dtype -> [(case, config)]``."""
     parser = argparse.ArgumentParser(description=description)
@@ -179,14 +204,28 @@ def main(suites: dict, description: str, default_suite: str):
     parser.add_argument("--deadline", type=float, default=None, help="start no case after this many seconds")
     parser.add_argument("--resume", default=None, help="JSON of a partial run: keep its cases, run the rest")
     parser.add_argument("--cases", default=None, help="run only the cases whose name matches this regular expression")
-    parser.add_argument("--config", default=None, help="FIELD=V,...: these fields of every case's default config changed")
+    parser.add_argument("--config", default=None,
+                        help="FIELD=V,...: these fields of every case's default config changed; "
+                             "A;B;...: every case once with each (rows named 'case [A]')")
     args = parser.parse_args()
-    overrides = parse_overrides(args.config)
+    alternatives = (args.config or "").split(";")
+    overrides = [parse_overrides(text) for text in alternatives]
     start = time.perf_counter()
     rows = json.loads(Path(args.resume).read_text())["cases"] if args.resume else []
     done = {row["case"] for row in rows}
-    cases = [(case, config or overridden_config(case, overrides)) for case, config in suites[args.suite](args.dtype)
-             if case.name not in done and (args.cases is None or re.search(args.cases, case.name))]
+    cases = []
+    for case, config in suites[args.suite](args.dtype):
+        if args.cases is not None and not re.search(args.cases, case.name):
+            continue
+        for text, fields in zip(alternatives, overrides):
+            variant = case if len(alternatives) == 1 else dataclasses.replace(case, name=f"{case.name} [{text}]")
+            if variant.name in done:
+                continue
+            try:
+                cases.append((variant, config or overridden_config(case, fields)))
+            except ValueError as error:  # fields this case's tiling cannot take: a row saying so
+                rows.append(empty_row(variant) | {"us": {"sparsert": None}, "error": f"--config {text}: {error}"})
+                print(f"{variant.name}: not run ({error})", flush=True)
     tune = None
     if args.tune_candidates:  # candidates were assembled ahead, all processes at once
         tune = TuneOptions(max_candidates=args.tune_candidates, budget_s=30.0, progress=False, assemble_ahead=False)
@@ -195,7 +234,8 @@ def main(suites: dict, description: str, default_suite: str):
           f"({ahead:.0f} s of work)", flush=True)
     dense = DenseTimes()
     result = {"device": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(), "suite": args.suite,
-              "dtype": args.dtype, "tune_candidates": args.tune_candidates, "config": overrides, "cases": rows}
+              "dtype": args.dtype, "tune_candidates": args.tune_candidates,
+              "config": overrides[0] if len(overrides) == 1 else overrides, "cases": rows}
     for i, (case, config) in enumerate(cases):
         if args.deadline and time.perf_counter() - start > args.deadline:
             print(f"deadline: {len(cases) - i} cases left for --resume", flush=True)
@@ -207,4 +247,6 @@ def main(suites: dict, description: str, default_suite: str):
         if i % 10 == 9:
             Path(args.out).write_text(json.dumps(result, indent=1))
     Path(args.out).write_text(json.dumps(result, indent=1))
+    if len(alternatives) > 1:
+        print(compare_alternatives(rows, alternatives))
 

@@ -441,14 +441,14 @@ def test_folding_needs_a_batch_dimension():
         emit_spmm_ptx(problem, CudaSpmmConfig(fold_batch=True), "k", "sm_90")
 
 
-@pytest.mark.parametrize("columns_per_thread", [1, 3])
-def test_emulated_transposed_input(columns_per_thread):
+@pytest.mark.parametrize("columns_per_thread, split_k", [(1, 1), (3, 1), (1, 2)])
+def test_emulated_transposed_input(columns_per_thread, split_k):
     rng = np.random.default_rng(7)
     columns = 70
     problem = problem_for(rng, Layout.ROWS, 19, 24, 0.3, (columns, 24), ("bias", "residual", "relu6"))
     problem = dataclasses.replace(problem, x_transposed=True)
     assert problem.x_strides().k == columns  # rows of X^T are N apart
-    config = CudaSpmmConfig(threads_per_block=32, columns_per_thread=columns_per_thread)
+    config = CudaSpmmConfig(threads_per_block=32 * split_k, columns_per_thread=columns_per_thread, split_k=split_k)
     kernel = emit_spmm_ptx(problem, config, "k", "sm_90")
     x = rng.standard_normal((columns, 24)).astype("float32")
     residual = rng.standard_normal((columns, 19)).astype("float32")

@@ -12,7 +12,7 @@ from typing import ClassVar
 
 
 # The register file of one SM, which one block's threads must fit in.
-_REGISTERS_PER_BLOCK = 65536
+REGISTERS_PER_BLOCK = 65536
 
 
 class _CudaKernelConfig:
@@ -86,8 +86,8 @@ class CudaSpmmConfig(_CudaKernelConfig):
     # rows through a window), and the first slice adds the others' partial sums from shared
     # memory before the epilogue. It cuts a thread's serial chain of loads and FMAs and
     # multiplies the blocks (each of fewer columns) for grids too small to hide load latency;
-    # every block still streams its group's code. Not in the tuner's space yet: not run on a
-    # GPU so far.
+    # every block still streams its group's code. In the tuner's space only where
+    # ``TuneOptions.split_k`` asks: not run on a GPU so far.
     split_k: int = 1
     # ptxas optimisation level (0-3).
     ptxas_opt_level: int = 3
@@ -107,7 +107,7 @@ class CudaSpmmConfig(_CudaKernelConfig):
             raise ValueError("segment_registers must be in 24..255")
         if self.registers and not 24 <= self.registers <= 255:
             raise ValueError("registers must be 0 or in 24..255")
-        if self.registers * self.threads_per_block > _REGISTERS_PER_BLOCK:
+        if self.registers * self.threads_per_block > REGISTERS_PER_BLOCK:
             raise ValueError(f"{self.threads_per_block} threads of {self.registers} registers do not fit in one SM")
         self._check_opt_level()
 

@@ -45,7 +45,7 @@ import numpy as np
 from ...errors import UnsupportedProblem
 from ...problem import BiasAdd, Clip, ResidualAdd, SpmmProblem
 from ..base import require_dtype
-from ..config import CudaSpmmConfig
+from ..config import REGISTERS_PER_BLOCK, CudaSpmmConfig
 from ..row_groups import group_rows, split_by_cost
 from .row_span import RowSpan
 
@@ -53,7 +53,6 @@ PTX_VERSION = "8.0"
 SUPPORTED_DTYPES = ("float32", "float16")
 _MAX_IMMEDIATE_OFFSET = 2**31 - 1
 _MAX_VECTOR_REGISTERS = 4  # ld/st .v4 of 32-bit registers
-_REGISTERS_PER_BLOCK = 65536
 # Static shared memory a block may declare.
 _MAX_SHARED_BYTES = 48 * 1024
 
@@ -193,9 +192,10 @@ def check_vectorization(problem: SpmmProblem, config: CudaSpmmConfig) -> None:
 def check_split(problem: SpmmProblem, config: CudaSpmmConfig) -> None:
     """Raises ``UnsupportedProblem`` if the partial sums of ``config.split_k`` slices do not
     fit in a block's static shared memory."""
-    if config.split_k > 1 and _partials_bytes(problem, config) > _MAX_SHARED_BYTES:
+    size = _partials_bytes(problem, config)
+    if config.split_k > 1 and size > _MAX_SHARED_BYTES:
         raise UnsupportedProblem(
-            f"split_k {config.split_k}: partial sums of {_partials_bytes(problem, config)} bytes exceed "
+            f"split_k {config.split_k}: partial sums of {size} bytes exceed "
             f"{_MAX_SHARED_BYTES} bytes of shared memory (fewer rows per block or threads)"
         )
 
@@ -222,7 +222,7 @@ def emit_spmm_ptx(problem: SpmmProblem, config: CudaSpmmConfig, name: str, arch:
     emitter.check_offsets()
     costs = [emitter.instructions(rows) for rows in groups]
     segments = split_by_cost(groups, costs, config.max_instructions_per_segment)
-    most_threads = _REGISTERS_PER_BLOCK // config.segment_registers
+    most_threads = REGISTERS_PER_BLOCK // config.segment_registers
     if len(segments) > 1 and config.threads_per_block > most_threads:
         # The kernel takes its segments' register count, and nvlink refuses a block of
         # threads whose registers would not fit in one SM's register file.
@@ -277,8 +277,11 @@ class _Emitter:
         self.es = self.element.element_bytes
         self.cols = config.columns_per_thread
         self.lanes = self.element.registers
+        self.accumulators = _accumulators(config, self.element)  # registers of a thread's sums
         self.split = config.split_k
         self.slice_threads = config.threads_per_block // config.split_k  # threads owning distinct columns
+        # Bytes between neighbouring slots of the partial sums (one per column thread).
+        self.partial_stride = self.slice_threads * self.element.register_bytes
         # Columns between a thread's neighbouring vectors.
         self.vector_stride = self.slice_threads * config.vector_width
         self.x_strides = problem.x_strides()
@@ -395,7 +398,7 @@ class _Emitter:
             lines += self._dispatch(inline_groups, first=0, exit_label="DONE")
         else:
             if self.split > 1:
-                lines += ["mov.u32 %r3, %tid.x;", f"div.u32 %slice, %r3, {self.slice_threads};"]
+                lines += self._slice_index()
             lines += self._segment_calls(name, segment_bounds)
         lines += ["DONE:", "ret;", "}"]
         return "\n".join(lines) + "\n"
@@ -438,7 +441,7 @@ class _Emitter:
 
     def _declarations(self) -> list[str]:
         reg = self.element.reg
-        accumulators = _accumulators(self.config, self.element)
+        accumulators = self.accumulators
         values = self.cols * self.lanes
         lines = [
             ".reg .pred %p0;",
@@ -503,16 +506,17 @@ class _Emitter:
         """``%slice`` and the partial sums' bases: slot ``a`` of slice ``s`` for the thread
         owning column thread ``t`` lies at ``(s * A + a) * slice_threads + t`` (``A``
         accumulators), so that a warp's accesses are consecutive."""
-        slot, threads = self.element.register_bytes, self.slice_threads
-        return [
-            "mov.u32 %r3, %tid.x;",
-            f"div.u32 %slice, %r3, {threads};",
-            f"rem.u32 %r3, %r3, {threads};",
-            f"mul.wide.u32 %rd6, %r3, {slot};",
+        return self._slice_index() + [
+            f"rem.u32 %r3, %r3, {self.slice_threads};",
+            f"mul.wide.u32 %rd6, %r3, {self.element.register_bytes};",
             "add.s64 %spr, %smem, %rd6;",
-            f"mul.wide.u32 %rd6, %slice, {_accumulators(self.config, self.element) * threads * slot};",
+            f"mul.wide.u32 %rd6, %slice, {self.accumulators * self.partial_stride};",
             "add.s64 %sps, %spr, %rd6;",
         ]
+
+    def _slice_index(self) -> list[str]:
+        """``%slice`` (and ``%r3``, the thread's index)."""
+        return ["mov.u32 %r3, %tid.x;", f"div.u32 %slice, %r3, {self.slice_threads};"]
 
     def _image_setup(self, c: int) -> list[str]:
         """Folded batch: the image ``%img`` and pixel ``%pix`` of vector ``c``'s first column,
@@ -586,9 +590,10 @@ class _Emitter:
     def _chunk_predicate(self, ky: int, c: int, q: int) -> str:
         return f"%q{(ky * self.cols + c) * self.span.chunks + q}"
 
-    def _guard(self, c: int) -> str:
-        # Vector 0 exists whenever the thread got this far.
-        return "" if c == 0 else f"@%pv{c} "
+    def _guard(self, c: int, store: bool = False) -> str:
+        # Vector 0 exists whenever the thread got this far, except that a split kernel's
+        # threads past the columns compute column 0 (to reach the barrier) and store nothing.
+        return "" if c == 0 and not (store and self.split > 1) else f"@%pv{c} "
 
     def _dispatch(self, groups, first: int, exit_label: str, role=None) -> list[str]:
         lines = []
@@ -612,15 +617,23 @@ class _Emitter:
             if self.split == 1:
                 lines += self._call(f"{name}_seg{s}") + ["bra.uni DONE;"]
                 continue
-            # Each slice runs its share, the others jump past it; after the barrier, the
-            # first slice adds the sums up.
-            for t in range(self.split):
-                after = f"CALL{s}_K{t + 1}" if t + 1 < self.split else f"CALL{s}_SUM"
-                lines += [f"CALL{s}_K{t}:", f"setp.ne.u32 %p0, %slice, {t};", f"@%p0 bra.uni {after};"]
-                lines += self._call(f"{name}_seg{s}_k{t}") + [f"bra.uni CALL{s}_SUM;"]
-            lines += [f"CALL{s}_SUM:", "bar.sync 0;", "setp.ne.u32 %p0, %slice, 0;", "@%p0 bra.uni DONE;"]
+            # After the slices' shares and the barrier, the first slice adds the sums up.
+            lines += self._by_slice(f"CALL{s}", [self._call(f"{name}_seg{s}_k{t}") for t in range(self.split)])
+            lines += ["bar.sync 0;", "setp.ne.u32 %p0, %slice, 0;", "@%p0 bra.uni DONE;"]
             lines += self._call(f"{name}_seg{s}_sum") + ["bra.uni DONE;"]
         return lines
+
+    @staticmethod
+    def _by_slice(label: str, sections: list[list[str]]) -> list[str]:
+        """Section ``t`` of ``sections`` run by slice ``t`` alone, the others jumping past it;
+        all meet at ``<label>_SUM``, after the last."""
+        lines = []
+        for t, section in enumerate(sections):
+            after = f"{label}_S{t + 1}" if t + 1 < len(sections) else f"{label}_SUM"
+            lines += [f"{label}_S{t}:", f"setp.ne.u32 %p0, %slice, {t};", f"@%p0 bra.uni {after};"] + section
+            if t + 1 < len(sections):
+                lines.append(f"bra.uni {label}_SUM;")
+        return lines + [f"{label}_SUM:"]
 
     def _call(self, function: str) -> list[str]:
         args = [("b64", "%px"), ("b64", "%py"), ("b64", "%pr"), ("b32", "%col0"), ("b32", "%ncols")]
@@ -655,17 +668,13 @@ class _Emitter:
         shares = self._slice_shares(columns, by_column)
         if role is not None:
             return lines + self._products(shares[role], by_column, kernel_rows) + self._store_partials(count, "")
-        for s, share in enumerate(shares):
-            if len(shares) > 1:  # each slice runs its share; the others jump past it
-                after = f"{label}_S{s + 1}" if s + 1 < len(shares) else f"{label}_SUM"
-                lines += [f"{label}_S{s}:", f"setp.ne.u32 %p0, %slice, {s};", f"@%p0 bra.uni {after};"]
-            lines += self._products(share, by_column, kernel_rows)
-            if len(shares) > 1 and s + 1 < len(shares):
-                lines.append(f"bra.uni {label}_SUM;")
-        if len(shares) > 1:
-            # The other slices leave their sums to the first, which keeps its own in registers.
-            lines += [f"{label}_SUM:", "setp.ne.u32 %p0, %slice, 0;"] + self._store_partials(count, "@%p0 ")
-            lines += ["bar.sync 0;", f"@%p0 bra.uni {exit_label};"] + self._add_partials(count, range(1, self.split))
+        products = [self._products(share, by_column, kernel_rows) for share in shares]
+        if len(products) == 1:
+            return lines + products[0] + self._epilogues(rows)
+        # The other slices leave their sums to the first, which keeps its own in registers.
+        lines += self._by_slice(label, products)
+        lines += ["setp.ne.u32 %p0, %slice, 0;"] + self._store_partials(count, "@%p0 ")
+        lines += ["bar.sync 0;", f"@%p0 bra.uni {exit_label};"] + self._add_partials(count, range(1, self.split))
         return lines + self._epilogues(rows)
 
     def _products(self, columns, by_column: dict, kernel_rows: dict) -> list[str]:
@@ -715,18 +724,17 @@ class _Emitter:
 
     def _store_partials(self, count: int, guard: str) -> list[str]:
         """This thread's ``count`` accumulators into its slice's partial sums."""
-        stride = self.slice_threads * self.element.register_bytes
+        stride = self.partial_stride
         return [f"{guard}st.shared.{self.element.reg} [%sps+{a * stride}], %a{a};" for a in range(count)]
 
     def _add_partials(self, count: int, slices) -> list[str]:
         """Adds the partial sums of ``slices`` to the accumulators (through ``%x``, free by now)."""
         reg, arith = self.element.reg, self.element.arith
-        stride = self.slice_threads * self.element.register_bytes
         temporaries, lines = self.cols * self.lanes, []
         for s in slices:
             for a in range(count):
                 t = f"%x{a % temporaries}"
-                offset = (s * _accumulators(self.config, self.element) + a) * stride
+                offset = (s * self.accumulators + a) * self.partial_stride
                 lines += [f"ld.shared.{reg} {t}, [%spr+{offset}];", f"add.{arith} %a{a}, %a{a}, {t};"]
         return lines
 
@@ -808,9 +816,7 @@ class _Emitter:
     def _access(self, load: bool, registers: list[str], base: str, offset: int, stride: int, c: int) -> list[str]:
         """Moves one vector between registers and memory: one instruction where its columns
         are adjacent in memory, else one per column (two halves per f16x2 register)."""
-        # Split into slices, vector 0 may be a column 0 computed only to reach the barrier.
-        guard = f"@%pv{c} " if not load and self.split > 1 else self._guard(c)
-        reg = self.element.reg
+        guard, reg = self._guard(c, store=not load), self.element.reg
 
         def move(suffix: str, operand: str, byte_offset: int) -> str:
             if load:

@@ -86,8 +86,10 @@ class CudaSpmmConfig(_CudaKernelConfig):
     # rows through a window), and the first slice adds the others' partial sums from shared
     # memory before the epilogue. It cuts a thread's serial chain of loads and FMAs and
     # multiplies the blocks (each of fewer columns) for grids too small to hide load latency;
-    # every block still streams its group's code. In the tuner's space only where
-    # ``TuneOptions.split_k`` asks: not run on a GPU so far.
+    # every block still streams its group's code. On ResNet-50's 3x3 layers it lost
+    # everywhere (0.73x at 2, 0.45x at 4 on the H200): those kernels wait on instruction
+    # fetch, not on latency (benchmarks/results/split-k-h200.md). In the tuner's space only
+    # where ``TuneOptions.split_k`` asks.
     split_k: int = 1
     # ptxas optimisation level (0-3).
     ptxas_opt_level: int = 3

@@ -148,6 +148,7 @@ CUDA_TILINGS = [
     {"fold_batch": True, "rows_per_block": 2, "threads_per_block": 64},  # blocks across images
     {"split_k": 2, "rows_per_block": 4, "threads_per_block": 64},  # slices summed through shared memory
     {"split_k": 4, "threads_per_block": 128, "max_instructions_per_segment": 90},
+    {"threads_per_block": 96, "fold_batch": True},  # tiles of whole warps, not a power of two
 ]
 CPU_TILINGS = [{"vector_lanes": 4}, {"vector_lanes": 8, "rows_per_chunk": 3, "max_nnz_per_segment": 30}]
 
@@ -212,10 +213,12 @@ EMULATED_CONFIGS = [
     CudaSpmmConfig(rows_per_block=3, threads_per_block=64, split_k=2),
     CudaSpmmConfig(rows_per_block=2, threads_per_block=128, columns_per_thread=2, vector_width=2, fold_batch=True,
                    split_k=4, max_instructions_per_segment=150),
+    # Tiles of three warps (trimmed tiles need not be a power of two), across images.
+    CudaSpmmConfig(rows_per_block=2, threads_per_block=96, fold_batch=True),
 ]
 EMULATED_IDS = [
     "plain", "two-columns-segmented", "vectors", "folded-three-columns", "folded-vectors-segmented", "folded-wide-vectors",
-    "split-two", "split-four-folded-vectors-segmented",
+    "split-two", "split-four-folded-vectors-segmented", "folded-three-warps",
 ]
 
 
@@ -299,6 +302,24 @@ def test_default_window_configs_cap_registers_only_for_16_rows():
     unrolled = [c for c in space.candidates(many_pixels, CudaSpmmRule().check, 40) if c.KERNEL == "unrolled"]
     assert {c.rows_per_block for c in unrolled} >= {16, 4}
     assert all(c.registers == (64 if c.rows_per_block >= 16 else 0) for c in unrolled)
+
+
+def test_window_tiles_are_trimmed_to_the_warps_their_pixels_need():
+    """1568 pixels (ResNet-50's stage 3 at batch 8) in 7 tiles of 224 threads, not 256 with
+    the last one almost idle; the tuner's window candidates are trimmed the same way."""
+    rng = np.random.default_rng(16)
+    stage3 = problem_of(make_conv(rng, 32, 8, (3, 3), (14, 14), 0.1, padding=(1, 1, 1, 1), batch=8))
+    config = default_cuda_config(stage3)
+    assert config.fold_batch and config.threads_per_block == 224
+    stage4 = problem_of(make_conv(rng, 32, 8, (3, 3), (7, 7), 0.1, padding=(1, 1, 1, 1), batch=1))
+    assert default_cuda_config(stage4).threads_per_block == 32  # 49 pixels: two tiles of one warp
+    for candidate in space.candidates(stage3, CudaSpmmRule().check, 1000):
+        if candidate.KERNEL != "unrolled":
+            continue
+        pixels = 1568 if candidate.fold_batch else 196
+        per_thread = candidate.columns_per_thread * candidate.vector_width
+        tiles = -(-pixels // (candidate.threads_per_block * per_thread))
+        assert tiles * (candidate.threads_per_block - 32) * per_thread < pixels, candidate  # no idle warp
 
 
 def test_only_taps_that_can_read_padding_are_predicated():

@@ -26,7 +26,7 @@ from ..problem import SpmmProblem
 from ..schedules.config import CudaConfig, CudaCsrConfig, CudaSpmmConfig
 from ..schedules.cuda.csr_layout import LANES, MAX_U16_COLUMNS
 from ..schedules.row_groups import group_rows
-from . import default_cuda_config, default_registers, folds_batch_by_default, with_segment_budget
+from . import default_cuda_config, default_registers, folds_batch_by_default, trimmed_threads, with_segment_budget
 
 ROWS_PER_BLOCK = (1, 2, 4, 8, 16)
 # Not 512 or 1024: the cost model's fetch term expected their warps to share each
@@ -35,7 +35,8 @@ ROWS_PER_BLOCK = (1, 2, 4, 8, 16)
 THREADS = (32, 64, 128, 256)
 COLUMNS_PER_THREAD = (1, 2)
 # Slices per block (``split_k``) searched unless the caller asks for more: split kernels
-# have not run on a GPU yet, so the tuner only tries them where asked (``TuneOptions``).
+# lost on every ResNet-50 3x3 layer timed on the H200 (benchmarks/results/split-k-h200.md),
+# so the tuner only tries them where asked (``TuneOptions``).
 SPLIT_K = (1,)
 VECTOR_WIDTHS = {"float32": (1, 2, 4), "float16": (1, 2, 4, 8)}
 # Accumulator registers per thread beyond which ptxas starts spilling.
@@ -87,8 +88,9 @@ def candidates(
     folds = (False, True) if folds_batch_by_default(problem) else (False,)  # only where folding changes anything
     space = [
         with_segment_budget(dataclasses.replace(
-            unrolled, rows_per_block=rows, threads_per_block=threads, columns_per_thread=cols, vector_width=width,
-            fold_batch=fold, registers=default_registers(rows), split_k=split,
+            unrolled, rows_per_block=rows, threads_per_block=_tile_threads(problem, threads, cols, width, fold, split),
+            columns_per_thread=cols, vector_width=width, fold_batch=fold, registers=default_registers(rows),
+            split_k=split,
         ))
         for rows, threads, cols, width, fold, split in itertools.product(
             ROWS_PER_BLOCK, THREADS, COLUMNS_PER_THREAD, VECTOR_WIDTHS[problem.dtype], folds, split_k
@@ -112,6 +114,17 @@ def candidates(
     ranked = sorted(scored, key=scored.get)
     chosen = [default] + [c for c in ranked if c != default]
     return _with_both_kernels(chosen, max(1, limit), scored)
+
+
+def _tile_threads(problem: SpmmProblem, threads: int, cols: int, width: int, fold: bool, split: int) -> int:
+    """Through a window, the tiles' threads trimmed as the default's are (``trimmed_threads``);
+    not for split blocks, whose slices need equal whole warps."""
+    columns = problem.static_columns
+    if problem.window is None or columns is None or split > 1:
+        return threads
+    if fold:
+        columns *= problem.static_batch or 1
+    return trimmed_threads(-(-columns // width), threads, cols)
 
 
 def _with_both_kernels(chosen: list, limit: int, cost: dict) -> list:

@@ -319,7 +319,7 @@ def test_window_tiles_are_trimmed_to_the_warps_their_pixels_need():
         pixels = 1568 if candidate.fold_batch else 196
         per_thread = candidate.columns_per_thread * candidate.vector_width
         tiles = -(-pixels // (candidate.threads_per_block * per_thread))
-        assert tiles * (candidate.threads_per_block - 32) * per_thread < pixels, candidate  # no idle warp
+        assert tiles * (candidate.threads_per_block - 32) * per_thread < pixels, candidate  # not a warp to spare
 
 
 def test_only_taps_that_can_read_padding_are_predicated():

@@ -167,11 +167,11 @@ def _window_config(problem: SpmmProblem, vectors: int, images: int, width: int) 
 def trimmed_threads(vectors: int, threads: int, columns_per_thread: int = 1) -> int:
     """The fewest whole warps that cover the columns in as many tiles as ``threads`` needs.
 
-    Threads past the last column still run the whole unrolled body, so a last tile of 32
-    columns in 256 threads costs a full tile. Spreading the columns evenly over the same
-    tiles ran ResNet-50's 3x3 layers at batch 8 up to 1.19x faster on the H200 (1568 pixels:
-    7 tiles of 224 threads, not 256; 392 pixels: 2 of 224) and changed batch 1 by 0-5%
-    (benchmarks/results/trimmed-tiles-h200.md)."""
+    Threads past the last column exit at once, so the warps that work hardly change; what
+    changes is that a row group's blocks get equal shares instead of full tiles and one
+    nearly empty. That ran ResNet-50's 3x3 layers at batch 8 up to 1.19x faster on the H200
+    (1568 pixels: 7 tiles of 224 threads, not 256; 392 pixels: 2 of 224) and changed batch 1
+    by 0-5% (benchmarks/results/trimmed-tiles-h200.md); why was not profiled."""
     tiles = -(-vectors // (threads * columns_per_thread))
     return min(threads, -(-vectors // (tiles * columns_per_thread * 32)) * 32)
 

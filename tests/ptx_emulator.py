@@ -5,7 +5,7 @@ in lock step (registers are numpy arrays over the block's threads), predicates m
 individual threads, and a divergent forward branch parks the threads that take it until
 execution reaches the label, and a divergent backward branch (a loop whose trip count
 differs between warps) parks the threads leaving the loop until the others leave it too.
-Initialised module arrays (``.global`` / ``.const``) are memory like the buffers given, and
+Module arrays (``.global`` / ``.const``, initialised or zero-filled) are memory like the buffers given, and
 ``shfl.sync`` exchanges registers within each warp of 32 threads (all lanes must take part).
 Threads run smallest position first: where all the running threads jump forward past
 threads parked on the way, they park too and the parked ones run, so that code split into
@@ -32,6 +32,7 @@ _BRACES = re.compile(r"\{([^}]*)\}")
 _TYPES = {"f32": np.float32, "b32": np.uint32, "b16": np.uint16, "u16": np.uint16, "u32": np.uint32, "u64": np.uint64}
 _ARRAY = re.compile(r"\.(?:global|const) \.align \d+ \.(\w+) (\w+)\[(\d+)\] = \{(.*)$")
 _SHARED = re.compile(r"\.shared \.align \d+ \.b8 (\w+)\[(\d+)\];$")
+_ZEROS = re.compile(r"\.global \.align \d+ \.b8 (\w+)\[(\d+)\];$")  # no initialiser: zero-filled
 _WARP = 32
 
 
@@ -63,6 +64,10 @@ class PtxProgram:
             shared = _SHARED.match(line)
             if shared:
                 self.shared[shared.group(1)] = int(shared.group(2))
+                continue
+            zeros = _ZEROS.match(line)
+            if zeros:
+                self.arrays[zeros.group(1)] = np.zeros(int(zeros.group(2)), np.uint8)
                 continue
             if array is None:
                 declared = _ARRAY.match(line)
@@ -205,7 +210,7 @@ class PtxProgram:
             elif op in ("shr.u32", "and.b32"):
                 a, b = value(ops[1]).astype(np.uint64), value(ops[2]).astype(np.uint64)
                 write(ops[0], (a >> b if op == "shr.u32" else a & b) & 0xFFFFFFFF, mask)
-            elif op in ("selp.f32", "selp.b32"):
+            elif op in ("selp.f32", "selp.b32", "selp.b64"):
                 write(ops[0], np.where(value(ops[3]), value(ops[1]), value(ops[2])), mask)
             elif op == "shfl.sync.bfly.b32":
                 assert ops[3:] == ["31", "-1"], "only whole-warp butterflies are emulated"
@@ -353,19 +358,24 @@ class _Memory:
         return self.bases[name]
 
     def _locate(self, addresses, mask, itemsize):
-        name = None
-        for candidate, base in self.bases.items():
-            if (addresses[mask] >= base).all() and (addresses[mask] < base + self._SPACING).all():
-                name = candidate
-        if name is None:
+        """``(raw bytes, threads, byte indices)`` of each buffer the masked threads access (a
+        load's threads may read different buffers, e.g. an input and a zero array)."""
+        parts, covered = [], np.zeros_like(mask)
+        for name, base in self.bases.items():
+            threads = mask & (addresses >= base) & (addresses < base + self._SPACING)
+            if not threads.any():
+                continue
+            raw = self.buffers[name].reshape(-1).view(np.uint8)
+            offsets = (addresses[threads] - np.uint64(base)).astype(np.int64)
+            if (offsets % itemsize).any():
+                raise IndexError("misaligned access")
+            if (offsets + itemsize > raw.size).any():
+                raise IndexError(f"access past the end of {name}")
+            parts.append((raw, threads, offsets[:, None] + np.arange(itemsize)))
+            covered |= threads
+        if (mask & ~covered).any():
             raise IndexError("access outside every buffer")
-        raw = self.buffers[name].reshape(-1).view(np.uint8)
-        offsets = (addresses[mask] - np.uint64(self.bases[name])).astype(np.int64)
-        if (offsets % itemsize).any():
-            raise IndexError("misaligned access")
-        if (offsets + itemsize > raw.size).any():
-            raise IndexError(f"access past the end of {name}")
-        return raw, offsets[:, None] + np.arange(itemsize)
+        return parts
 
     def check_alignment(self, addresses, mask, size):
         """A vector access must be aligned to its whole size (the buffers' bases are)."""
@@ -374,12 +384,10 @@ class _Memory:
 
     def load(self, addresses, mask, kind):
         out = np.zeros(len(addresses), kind)
-        if mask.any():
-            raw, index = self._locate(addresses, mask, out.itemsize)
-            out[mask] = raw[index].copy().view(kind).reshape(-1)
+        for raw, threads, index in self._locate(addresses, mask, out.itemsize):
+            out[threads] = raw[index].copy().view(kind).reshape(-1)
         return out
 
     def store(self, addresses, values, mask):
-        if mask.any():
-            raw, index = self._locate(addresses, mask, values.itemsize)
-            raw[index] = np.ascontiguousarray(values[mask]).view(np.uint8).reshape(index.shape)
+        for raw, threads, index in self._locate(addresses, mask, values.itemsize):
+            raw[index] = np.ascontiguousarray(values[threads]).view(np.uint8).reshape(index.shape)

@@ -11,13 +11,15 @@ from hypothesis import strategies as st
 from conv_cases import ConvCase, make_conv
 from helpers import CPU_TARGET, Compiled, assert_close
 from sparsert_tvm import SparsifyWeights, report_of
+from sparsert_tvm.errors import UnsupportedProblem
 from sparsert_tvm.passes.candidates import find_candidates
 from sparsert_tvm.problem import ConvWindow
 from sparsert_tvm.schedules.config import CudaSpmmConfig
 from sparsert_tvm.schedules.cuda.ptx import emit_spmm_ptx
 from sparsert_tvm.schedules.cuda.row_span import RowSpan
 from sparsert_tvm.schedules.cuda.rule import CudaSpmmRule
-from sparsert_tvm.tuning import default_cuda_config, space
+from sparsert_tvm.tuning import default_cuda_config, space, tuner
+from sparsert_tvm.tuning.tuner import TuneOptions
 from test_cuda_codegen import emulate, needs_ptxas
 
 GEOMETRIES = {  # kernel, stride, padding (top, left, bottom, right), input size
@@ -149,6 +151,8 @@ CUDA_TILINGS = [
     {"split_k": 2, "rows_per_block": 4, "threads_per_block": 64},  # slices summed through shared memory
     {"split_k": 4, "threads_per_block": 128, "max_instructions_per_segment": 90},
     {"threads_per_block": 96, "fold_batch": True},  # tiles of whole warps, not a power of two
+    {"padding_from_zeros": True},  # padding read from the module's zero array
+    {"padding_from_zeros": True, "max_instructions_per_segment": 90, "fold_batch": True},
 ]
 CPU_TILINGS = [{"vector_lanes": 4}, {"vector_lanes": 8, "rows_per_chunk": 3, "max_nnz_per_segment": 30}]
 
@@ -215,10 +219,15 @@ EMULATED_CONFIGS = [
                    split_k=4, max_instructions_per_segment=150),
     # Tiles of three warps (trimmed tiles need not be a power of two), across images.
     CudaSpmmConfig(rows_per_block=2, threads_per_block=96, fold_batch=True),
+    # Padding read from the module's zero array, in one function and in segments.
+    CudaSpmmConfig(rows_per_block=2, threads_per_block=32, padding_from_zeros=True),
+    CudaSpmmConfig(rows_per_block=3, threads_per_block=32, columns_per_thread=2, vector_width=4, fold_batch=True,
+                   padding_from_zeros=True, max_instructions_per_segment=150),
 ]
 EMULATED_IDS = [
     "plain", "two-columns-segmented", "vectors", "folded-three-columns", "folded-vectors-segmented", "folded-wide-vectors",
-    "split-two", "split-four-folded-vectors-segmented", "folded-three-warps",
+    "split-two", "split-four-folded-vectors-segmented", "folded-three-warps", "zero-array",
+    "zero-array-folded-wide-vectors-segmented",
 ]
 
 
@@ -345,14 +354,59 @@ def test_only_taps_that_can_read_padding_are_predicated():
     assert not any(line.startswith("@") and "fma" in line for line in lines)
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_padding_from_zeros_leaves_no_predicated_load_and_no_zeroing(layout):
+    rng = np.random.default_rng(17)
+    problem = problem_of(conv(rng, "3x3", layout, 1.0, channels=2))
+    config = CudaSpmmConfig(rows_per_block=1, threads_per_block=32, padding_from_zeros=True)
+    kernel = emit_spmm_ptx(problem, config, "k", "sm_90")
+    lines = "".join(kernel.units).splitlines()
+    loads = [line for line in lines if "ld.global.nc" in line]
+    assert len(loads) == 9 * 2 * kernel.row_groups and not any(line.startswith("@") for line in loads)
+    assert not any(line.startswith("mov.f32 %s") for line in lines)
+    # 8 of the 9 taps of each channel go through a switched base: one per tap that may
+    # read padding, set up once per thread.
+    assert sum("[%pzc" in line for line in loads) == 8 * 2 * kernel.row_groups
+    assert sum(line.startswith("selp.b64 %pzc") for line in lines) == 8
+    # No bytes of zeros in the module, however large the array.
+    (declaration,) = [line for line in lines if line.startswith(".global")]
+    assert declaration.endswith("];") and "=" not in declaration
+
+
+def test_one_warp_window_tiles_read_padding_from_zeros_and_the_tuner_times_the_other_way():
+    rng = np.random.default_rng(20)
+    small = problem_of(make_conv(rng, 32, 8, (3, 3), (7, 7), 0.1, padding=(1, 1, 1, 1)))  # 49 pixels
+    large = problem_of(make_conv(rng, 32, 8, (3, 3), (14, 14), 0.1, padding=(1, 1, 1, 1)))  # 196
+    assert default_cuda_config(small).padding_from_zeros and not default_cuda_config(large).padding_from_zeros
+    options = TuneOptions(registers=(), segment_registers=())
+    best = default_cuda_config(large)
+    assert tuner.winner_variants(large, best, False, options) == [dataclasses.replace(best, padding_from_zeros=True)]
+    assert tuner.winner_variants(large, best, False, dataclasses.replace(options, padding_variants=False)) == []
+
+
+def test_padding_from_zeros_is_checked():
+    rng = np.random.default_rng(18)
+    config = CudaSpmmConfig(padding_from_zeros=True)
+    pointwise = problem_of(make_conv(rng, 8, 4, (1, 1), (5, 5), 0.5))  # no window: a plain product
+    assert pointwise.window is None
+    with pytest.raises(UnsupportedProblem, match="padding_from_zeros"):
+        emit_spmm_ptx(pointwise, config, "k", "sm_90")
+    # One image of 512 channels at 128x128 is 32 MB of float32: too much device memory.
+    large = problem_of(make_conv(rng, 4, 512, (3, 3), (128, 128), 0.001, padding=(1, 1, 1, 1)))
+    with pytest.raises(UnsupportedProblem, match="bytes of zeros"):
+        CudaSpmmRule().check(large, config)
+
+
 @needs_ptxas
-@pytest.mark.parametrize("dtype, width", [("float32", 1), ("float16", 2)])
-def test_window_kernels_assemble(dtype, width):
+@pytest.mark.parametrize("dtype, width, zeros", [("float32", 1, False), ("float16", 2, False), ("float32", 1, True)])
+def test_window_kernels_assemble(dtype, width, zeros):
     from sparsert_tvm.schedules.cuda.assemble import assemble
 
     rng = np.random.default_rng(11)
     problem = problem_of(conv(rng, "3x3/2", "NHWC", 0.3, m=16, channels=8, dtype=dtype, epilogue=("bias", "relu")))
-    config = CudaSpmmConfig(rows_per_block=4, threads_per_block=32, columns_per_thread=2, vector_width=width)
+    config = CudaSpmmConfig(
+        rows_per_block=4, threads_per_block=32, columns_per_thread=2, vector_width=width, padding_from_zeros=zeros
+    )
     kernel = emit_spmm_ptx(problem, dataclasses.replace(config, max_instructions_per_segment=600), "k", "sm_90")
     assert len(kernel.units) > 2
     assert assemble(kernel.units, "sm_90", 3)

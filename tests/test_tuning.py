@@ -329,13 +329,14 @@ def test_an_unrolled_winner_is_also_timed_with_the_other_entry_register_cap(monk
     assert record.candidates == 4 and record.config["registers"] == 64 and record.us == 3.0 + winner["rows_per_block"] / 100
 
 
-def test_register_variants_fit_the_block_and_skip_csr_winners():
+def test_winner_variants_fit_the_block_and_skip_csr_winners():
     options = TuneOptions(registers=(0, 64, 255), segment_registers=(48,))
     wide = CudaSpmmConfig(threads_per_block=512)
-    assert [v.registers for v in tuner.register_variants(wide, False, options)] == [64]  # 255 x 512 does not fit
-    segmented = [(v.registers, v.segment_registers) for v in tuner.register_variants(wide, True, options)]
+    problem = channels_problem(np.random.default_rng(19))  # no window: padding is not varied
+    assert [v.registers for v in tuner.winner_variants(problem, wide, False, options)] == [64]  # 255 x 512 does not fit
+    segmented = [(v.registers, v.segment_registers) for v in tuner.winner_variants(problem, wide, True, options)]
     assert segmented == [(64, 64), (0, 48)]
-    assert tuner.register_variants(CudaCsrConfig(), True, options) == []
+    assert tuner.winner_variants(problem, CudaCsrConfig(), True, options) == []
     with pytest.raises(ValueError, match="registers"):
         TuneOptions(registers=(300,))
     with pytest.raises(ValueError, match="segment_registers"):

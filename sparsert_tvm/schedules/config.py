@@ -91,6 +91,13 @@ class CudaSpmmConfig(_CudaKernelConfig):
     # fetch, not on latency (benchmarks/results/split-k-h200.md). In the tuner's space only
     # where ``TuneOptions.split_k`` asks.
     split_k: int = 1
+    # Through a convolution's window, a load that may fall into the padding reads, for the
+    # threads whose tap is outside the image, a zero-filled array of the module instead
+    # (its base register is switched once per thread): no predicate and no zeroing move per
+    # load. Predicated, those moves are about a quarter of a 3x3 kernel's instructions.
+    # The array costs device memory (about one image of input for NCHW), not code. The
+    # default only for images of up to 64 pixels (``tuning._window_config``).
+    padding_from_zeros: bool = False
     # ptxas optimisation level (0-3).
     ptxas_opt_level: int = 3
     # Larger weights stay dense: about 70 s of ptxas on 2 cores and 30 MB of code at the cap.

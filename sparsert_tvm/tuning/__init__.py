@@ -160,8 +160,20 @@ def _window_config(problem: SpmmProblem, vectors: int, images: int, width: int) 
         rows //= 2
     return CudaSpmmConfig(
         rows_per_block=rows, threads_per_block=trimmed_threads(vectors, threads), vector_width=width,
-        registers=default_registers(rows),
+        registers=default_registers(rows), padding_from_zeros=_reads_padding_from_zeros(problem, vectors),
     )
+
+
+def _reads_padding_from_zeros(problem: SpmmProblem, vectors: int) -> bool:
+    """Images of up to 64 pixels, each its own one-warp tiles, read their padding from a
+    zero array: their code is streamed once per 32 pixels, and the instruction fetch is
+    their limit (Nsight Compute: 24 of every 30 cycles between a warp's instructions on
+    ResNet-50's stage-4 3x3 layer at batch 1), so 25% less code ran it 1.27x faster on the
+    H200. Larger images, whose code serves more pixels, ran 0.8-0.95x as fast with it
+    (benchmarks/results/padding-zeros-h200.md); the tuner times the other way."""
+    from ..schedules.cuda.ptx import padding_from_zeros_fits  # here: the CUDA rule imports this module
+
+    return vectors <= 64 and padding_from_zeros_fits(problem, 1)
 
 
 def trimmed_threads(vectors: int, threads: int, columns_per_thread: int = 1) -> int:

@@ -51,8 +51,11 @@ class TuneOptions:
     better of 0 and 64 beat the other by up to 2x either way (registers-spmm-h200.md).
     ``segment_registers``: the caps also timed for a winner cut into segments; on ResNet-50's
     3x3 layers and 1x1/FC layers the best cap was 48 or 96 where it was not the default 64,
-    by up to 1.14x (benchmarks/results/segment-registers-{conv,spmm}-h200.md). Variants come
-    beyond ``max_candidates``, within the budget; ``()``: none. ``split_k``: the slices per
+    by up to 1.14x (benchmarks/results/segment-registers-{conv,spmm}-h200.md).
+    ``padding_variants``: through a convolution's window, the winner also timed reading
+    padding the other way (``CudaSpmmConfig.padding_from_zeros``), which ran ResNet-50's 3x3
+    layers from 1.27x faster to 1.35x slower (padding-zeros-h200.md). Variants come beyond
+    ``max_candidates``, within the budget; ``()`` or False: none. ``split_k``: the slices per
     block of the unrolled kernel in the search space; only 1 by default, since split
     kernels lost on every ResNet-50 3x3 layer timed (split-k-h200.md; ``(1, 2, 4)``
     searches them).
@@ -67,6 +70,7 @@ class TuneOptions:
     assemble_ahead: bool = True
     registers: tuple[int, ...] = (0, 64)
     segment_registers: tuple[int, ...] = (48, 96)
+    padding_variants: bool = True
     split_k: tuple[int, ...] = space.SPLIT_K
 
     def __post_init__(self):
@@ -137,7 +141,7 @@ class Tuner:
                     break
                 progress.advance(task)
             best = min(timings, key=lambda t: t[1])[0]
-            variants = register_variants(best, segments.get(best, 1) > 1, options)
+            variants = winner_variants(problem, best, segments.get(best, 1) > 1, options)
             progress.update(task, total=len(configs) + len(variants))
             for variant in variants:
                 if not measure(variant):
@@ -165,14 +169,17 @@ class Tuner:
             list(pool.map(lambda config: assemble_candidate(problem, config, name, self.arch, jobs=2), configs))
 
 
-def register_variants(best: CudaConfig, segmented: bool, options: TuneOptions) -> list[CudaSpmmConfig]:
-    """``best`` with each other register cap of ``options`` that fits its block: the entry's
-    for an unrolled kernel, and its segments' where it is cut into segments."""
+def winner_variants(problem: SpmmProblem, best: CudaConfig, segmented: bool, options: TuneOptions) -> list[CudaSpmmConfig]:
+    """``best`` with each other register cap of ``options`` that fits its block (the entry's
+    for an unrolled kernel, and its segments' where it is cut into segments), and through
+    a window, with padding read the other way (``padding_from_zeros``)."""
     if not isinstance(best, CudaSpmmConfig):
         return []
     changes = [{"registers": r} for r in options.registers if r != best.registers]
     if segmented:
         changes += [{"segment_registers": r} for r in options.segment_registers if r != best.segment_registers]
+    if options.padding_variants and problem.window is not None:
+        changes.append({"padding_from_zeros": not best.padding_from_zeros})
     variants = []
     for change in changes:
         try:

@@ -55,6 +55,9 @@ _MAX_IMMEDIATE_OFFSET = 2**31 - 1
 _MAX_VECTOR_REGISTERS = 4  # ld/st .v4 of 32-bit registers
 # Static shared memory a block may declare.
 _MAX_SHARED_BYTES = 48 * 1024
+# Device memory a kernel's zero array may take (``padding_from_zeros``): VGG-16's first
+# 3x3 layers (64 channels of 224x224) need 12.8 MB.
+_MAX_ZEROS_BYTES = 16 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -189,6 +192,31 @@ def check_vectorization(problem: SpmmProblem, config: CudaSpmmConfig) -> None:
         raise UnsupportedProblem(f"vector_width {width} needs a static column count divisible by it")
 
 
+def check_padding(problem: SpmmProblem, config: CudaSpmmConfig) -> None:
+    """Raises ``UnsupportedProblem`` if ``config.padding_from_zeros`` cannot be used."""
+    if not config.padding_from_zeros:
+        return
+    if problem.window is None:
+        raise UnsupportedProblem("padding_from_zeros: only a convolution's window reads padding")
+    size = _zeros_bytes(problem, config.vector_width)
+    if size > _MAX_ZEROS_BYTES:
+        raise UnsupportedProblem(f"padding_from_zeros: {size} bytes of zeros exceed {_MAX_ZEROS_BYTES}")
+
+
+def padding_from_zeros_fits(problem: SpmmProblem, vector_width: int) -> bool:
+    """Whether the zero array of a window kernel with vectors of ``vector_width`` pixels
+    stays within the device memory allowed for it."""
+    return _zeros_bytes(problem, vector_width) <= _MAX_ZEROS_BYTES
+
+
+def _zeros_bytes(problem: SpmmProblem, vector_width: int) -> int:
+    """The zero array's size: the reach of a load's immediate offset past its chunk's start
+    in channel 0 (later channels, and the rest of the chunk), rounded up to 16 bytes."""
+    window, span = problem.window, RowSpan.of(problem.window, vector_width)
+    reach = (window.channels - 1) * window.channel_stride + span.chunk * window.pixel_stride
+    return -(-reach * _ElementType(problem.dtype, 1).element_bytes // 16) * 16
+
+
 def check_split(problem: SpmmProblem, config: CudaSpmmConfig) -> None:
     """Raises ``UnsupportedProblem`` if the partial sums of ``config.split_k`` slices do not
     fit in a block's static shared memory."""
@@ -217,6 +245,7 @@ def emit_spmm_ptx(problem: SpmmProblem, config: CudaSpmmConfig, name: str, arch:
     require_dtype(problem, SUPPORTED_DTYPES, "the CUDA generator")
     check_vectorization(problem, config)
     check_split(problem, config)
+    check_padding(problem, config)
     groups = group_rows(problem.weight.row_nnz, config.rows_per_block, config.balance_rows)
     emitter = _Emitter(problem, config, arch)
     emitter.check_offsets()
@@ -288,6 +317,7 @@ class _Emitter:
         self.y_strides = problem.y_strides()
         self.window = problem.window
         self.span = None if self.window is None else RowSpan.of(self.window, config.vector_width)
+        self.zeros = self.window is not None and config.padding_from_zeros
         self.folds_batch = config.fold_batch
         self.param_types = param_types(problem)
 
@@ -336,7 +366,8 @@ class _Emitter:
         span, loads = self.span, 0
         for (_, ky), taps in self._kernel_rows(needed).items():
             for q, _, size in span.loads(taps):
-                loads += 1 if self.window.row_in_image(ky) and span.chunk_in_image(q) else 1 + size
+                inside = self.zeros or (self.window.row_in_image(ky) and span.chunk_in_image(q))
+                loads += 1 if inside else 1 + size
         pairs = len(needed) * self.lanes if self.element.columns_per_register == 2 else 0
         return self.cols * (nnz * self.lanes + loads + pairs) + reduction
 
@@ -358,6 +389,8 @@ class _Emitter:
         lines = self.header()
         if self.split > 1:
             lines += [f".shared .align 16 .b8 {name}_partials[{_partials_bytes(p, cfg)}];"]
+        if self.zeros:  # no initialiser: zero-filled at load, no bytes in the cubin
+            lines += [f".global .align 16 .b8 {name}_zeros[{_zeros_bytes(p, cfg.vector_width)}];"]
         if segment_bounds is not None:
             functions = [function for s in range(len(segment_bounds)) for function, _ in self.roles(name, s)]
             lines += [f".extern .func {function}{self._segment_params()};" for function in functions]
@@ -368,6 +401,8 @@ class _Emitter:
         lines += load_operands(p.has_residual)
         if not p.has_residual:
             lines += ["mov.u64 %pr, 0;"]  # segments take it as an argument either way
+        if self.zeros:
+            lines += [f"mov.u64 %pz, {name}_zeros;"]
         lines += ["mov.u32 %r1, %ctaid.x;", "mov.u32 %r2, %tid.x;"]
         if self.split > 1:
             lines += [f"rem.u32 %r2, %r2, {self.slice_threads};", f"mov.u64 %smem, {name}_partials;"]
@@ -423,6 +458,8 @@ class _Emitter:
         ]
         if self.split > 1:
             lines.append("ld.param.u64 %smem, [s_smem];")
+        if self.zeros:
+            lines.append("ld.param.u64 %pz, [s_pz];")
         lines += [
             # Not a parameter: ptxas keeps global-memory descriptors in uniform registers
             # after the dispatch only where the branch index is known uniform; from a
@@ -436,8 +473,8 @@ class _Emitter:
 
     # -- pieces ----------------------------------------------------------------------
     def _segment_params(self) -> str:
-        split = ", .param .b64 s_smem" if self.split > 1 else ""
-        return f"(.param .b64 s_px, .param .b64 s_py, .param .b64 s_pr, .param .b32 s_col0, .param .b32 s_ncols{split})"
+        extra = (", .param .b64 s_smem" if self.split > 1 else "") + (", .param .b64 s_pz" if self.zeros else "")
+        return f"(.param .b64 s_px, .param .b64 s_py, .param .b64 s_pr, .param .b32 s_col0, .param .b32 s_ncols{extra})"
 
     def _declarations(self) -> list[str]:
         reg = self.element.reg
@@ -471,6 +508,8 @@ class _Emitter:
                 f".reg .pred %q<{kh * chunks}>;",
                 f".reg .{self._span_type} %s<{self.cols * self.span.length}>;",
             ]
+            if self.zeros:
+                lines += [".reg .b64 %pz;", f".reg .b64 %pzc<{kh * chunks}>;"]
         return lines
 
     @property
@@ -575,7 +614,30 @@ class _Emitter:
                     predicate = self._chunk_predicate(ky, c, q)
                     lines.append(f"and.pred {predicate}, {terms[0]}, {terms[1]};")
                     lines += [f"and.pred {predicate}, {predicate}, {t};" for t in terms[2:]]
+                if self.zeros and self._reads_padding(terms, c):
+                    # Outside, the chunk's loads land in the zero array: its base less the
+                    # offset of the chunk's start in channel 0, which every load adds back.
+                    start = span.offset(0, ky, q * span.chunk) * self.es
+                    op = "sub" if start >= 0 else "add"
+                    lines += [
+                        f"{op}.s64 %rd6, %pz, {abs(start)};",
+                        f"selp.b64 {self._chunk_base(ky, c, q)}, %pxw{c}, %rd6, {self._chunk_condition(ky, c, q)};",
+                    ]
         return lines
+
+    @staticmethod
+    def _reads_padding(terms: list[str], c: int) -> bool:
+        """Whether a chunk with these predicate ``terms`` may lie in the padding (not only
+        belong to a vector past the columns)."""
+        return bool(terms) and terms != [f"%pv{c}"]
+
+    def _chunk_condition(self, ky: int, c: int, q: int) -> str:
+        """The predicate under which vector ``c`` reads chunk ``q`` of kernel row ``ky``."""
+        terms = self._chunk_terms(ky, c, q)
+        return terms[0] if len(terms) == 1 else self._chunk_predicate(ky, c, q)
+
+    def _chunk_base(self, ky: int, c: int, q: int) -> str:
+        return f"%pzc{(ky * self.cols + c) * self.span.chunks + q}"
 
     def _chunk_terms(self, ky: int, c: int, q: int) -> list[str]:
         """The predicates that must all hold for vector ``c`` to read chunk ``q`` of kernel
@@ -639,6 +701,8 @@ class _Emitter:
         args = [("b64", "%px"), ("b64", "%py"), ("b64", "%pr"), ("b32", "%col0"), ("b32", "%ncols")]
         if self.split > 1:
             args.append(("b64", "%smem"))
+        if self.zeros:
+            args.append(("b64", "%pz"))
         lines = ["{"]
         for i, (kind, reg) in enumerate(args):
             lines += [f".param .{kind} c{i};", f"st.param.{kind} [c{i}], {reg};"]
@@ -788,23 +852,27 @@ class _Emitter:
         """Loads what ``taps`` of kernel row ``(channel, ky)`` read for vector ``c``.
 
         A chunk that may lie in the padding is loaded under its predicate into registers
-        zeroed first. The zeroing is not an instruction to save: skipping the FMAs under the
-        same predicate instead makes the load a partial definition of a reused register, and
-        ptxas then issues the loads one at a time (2.3x slower on the H200).
+        zeroed first, or (``padding_from_zeros``) through its switched base. The zeroing
+        cannot simply go: skipping the FMAs under the same predicate instead makes the load a
+        partial definition of a reused register, and ptxas then issues the loads one at a
+        time (2.3x slower on the H200).
         """
         span, kind = self.span, self._span_type
         zero = "0f00000000" if kind == "f32" else "0"
         lines = []
         for q, first, size in span.loads(taps):
             registers = [f"%s{c * span.length + r}" for r in range(first, first + size)]
+            padded = self._reads_padding(self._chunk_terms(ky, c, q), c)
+            base = self._chunk_base(ky, c, q) if padded and self.zeros else f"%pxw{c}"
             offset = span.offset(channel, ky, first) * self.es
-            load = f"ld.global.nc{_vec(registers)}.{kind} {_operand(registers)}, [%pxw{c}+{offset}];"
-            terms = self._chunk_terms(ky, c, q)
-            if terms and terms != [f"%pv{c}"]:  # may read padding: zero unless inside
-                predicate = terms[0] if len(terms) == 1 else self._chunk_predicate(ky, c, q)
-                lines += [f"mov.{kind} {r}, {zero};" for r in registers] + [f"@{predicate} {load}"]
-            else:
+            load = f"ld.global.nc{_vec(registers)}.{kind} {_operand(registers)}, [{base}+{offset}];"
+            if not padded:
                 lines.append(self._guard(c) + load)
+            elif self.zeros:
+                lines.append(load)
+            else:  # zero unless inside
+                lines += [f"mov.{kind} {r}, {zero};" for r in registers]
+                lines.append(f"@{self._chunk_condition(ky, c, q)} {load}")
         return lines
 
     def _load(self, registers: list[str], base: str, offset: int, stride: int, c: int) -> list[str]:

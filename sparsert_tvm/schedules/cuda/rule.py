@@ -27,7 +27,7 @@ from ..base import OPAQUE_PATTERN, BuiltKernel, SparseKernelRule, kernel_columns
 from ..config import CudaConfig, CudaCsrConfig, CudaSpmmConfig, cuda_config_from_dict
 from .assemble import assemble
 from .csr_ptx import check_csr, emit_csr_ptx
-from .ptx import SUPPORTED_DTYPES, PtxKernel, check_split, check_vectorization, emit_spmm_ptx
+from .ptx import SUPPORTED_DTYPES, PtxKernel, check_padding, check_split, check_vectorization, emit_spmm_ptx
 
 _LAUNCH_TAGS = ["blockIdx.x", "blockIdx.y", "blockIdx.z", "threadIdx.x"]
 _MAX_GRID_YZ = 65535
@@ -82,6 +82,7 @@ class CudaSpmmRule(SparseKernelRule):
             super().check(problem, config)
             check_vectorization(problem, config)
             check_split(problem, config)
+            check_padding(problem, config)
 
     def config_from_dict(self, fields):
         return cuda_config_from_dict(fields)

@@ -169,8 +169,9 @@ def _reads_padding_from_zeros(problem: SpmmProblem, vectors: int) -> bool:
     zero array: their code is streamed once per 32 pixels, and the instruction fetch is
     their limit (Nsight Compute: 24 of every 30 cycles between a warp's instructions on
     ResNet-50's stage-4 3x3 layer at batch 1), so 25% less code ran it 1.27x faster on the
-    H200. Larger images, whose code serves more pixels, ran 0.8-0.95x as fast with it
-    (benchmarks/results/padding-zeros-h200.md); the tuner times the other way."""
+    H200. Larger images, whose code serves more pixels, ran 0.74-1.06x as fast with it
+    (0.89x in geometric mean over 9 layers, benchmarks/results/padding-zeros-h200.md); the
+    tuner times the other way."""
     from ..schedules.cuda.ptx import padding_from_zeros_fits  # here: the CUDA rule imports this module
 
     return vectors <= 64 and padding_from_zeros_fits(problem, 1)

@@ -313,6 +313,19 @@ def test_default_window_configs_cap_registers_only_for_16_rows():
     assert all(c.registers == (64 if c.rows_per_block >= 16 else 0) for c in unrolled)
 
 
+def test_folded_window_configs_aim_at_half_the_threads():
+    """With the batch folded into the columns, rows per block are chosen for about 50k
+    threads, not 100k: ResNet-50's stage-3 layer (256 channels of 14x14) gets 8 rows at
+    batch 8 (7 tiles of 256-thread columns, 32 groups: 57k threads) where 100k would give 4,
+    while at batch 1 (unfolded) it keeps the one row that 100k gives."""
+    rng = np.random.default_rng(17)
+    stage3 = make_conv(rng, 256, 256, (3, 3), (14, 14), 0.01, padding=(1, 1, 1, 1), batch=8)
+    folded = default_cuda_config(problem_of(stage3))
+    assert folded.fold_batch and folded.rows_per_block == 8
+    single = make_conv(rng, 256, 256, (3, 3), (14, 14), 0.01, padding=(1, 1, 1, 1), batch=1)
+    assert default_cuda_config(problem_of(single)).rows_per_block == 1
+
+
 def test_window_tiles_are_trimmed_to_the_warps_their_pixels_need():
     """1568 pixels (ResNet-50's stage 3 at batch 8) in 7 tiles of 224 threads, not 256 with
     the last one almost idle; the tuner's window candidates are trimmed the same way."""

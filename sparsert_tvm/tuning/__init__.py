@@ -18,6 +18,8 @@ from ..schedules.config import CpuSpmmConfig, CudaConfig, CudaCsrConfig, CudaSpm
 _TARGET_BLOCKS = 264
 # Threads that keep an H100 busy (about 768 per SM) where each has a long serial stream.
 _TARGET_THREADS = 100_000
+# Window kernels whose batch is folded into the columns: half as many (``_window_config``).
+_TARGET_THREADS_FOLDED = 50_000
 
 
 def default_vector_width(problem: SpmmProblem) -> int:
@@ -121,7 +123,7 @@ def _unrolled_tiling(problem: SpmmProblem) -> CudaSpmmConfig:
         columns, images = columns * images, 1
     vectors = None if columns is None else -(-columns // width)
     if problem.window is not None:
-        return dataclasses.replace(_window_config(problem, vectors, images, width), fold_batch=fold)
+        return _window_config(problem, vectors, images, width, fold)
     # No more threads than columns need; up to 64 columns, one-warp blocks: on the H100 the
     # tuner picked them for 7x7 layers (49 columns) and they ran 1.2x faster than 64-thread
     # blocks there (benchmarks/results/spmm-paper-*-h100.json).
@@ -147,20 +149,26 @@ def _rows_filling_the_machine(problem: SpmmProblem, most: int, blocks_per_row_gr
     return rows
 
 
-def _window_config(problem: SpmmProblem, vectors: int, images: int, width: int) -> CudaSpmmConfig:
+def _window_config(problem: SpmmProblem, vectors: int, images: int, width: int, fold: bool) -> CudaSpmmConfig:
     """Convolutions through a window have 9-49x the nonzeros per row of a 1x1 layer, so a
     thread's serial work grows fast with its rows: blocks of up to 256 threads and as few
     rows as keep about 100k threads busy. On ResNet-50's 3x3 layers at batch 1 this ran
     1.4x and 2.1x faster than the 1x1 rule on the H100 (``benchmarks/tuning_space.py --family
-    conv --grid``; that run's JSON was not kept)."""
+    conv --grid``; that run's JSON was not kept), and 1, 2 or 4 rows were still the fastest
+    on the H200. With the batch folded into the columns, about 50k threads: on the H200 the
+    rows that this picks ran ResNet-50's 3x3 layers at batch 8 up to 1.4x faster than the
+    100k rule's (stage 3 at stride 2: 8 rows, not 4), while at batch 1 halving the threads
+    lost up to 1.6x (benchmarks/results/rows-vary-h200.md; why was not profiled)."""
     threads = 32 if vectors <= 64 else 256 if vectors > 128 else 128
     column_tiles = -(-vectors // threads)
+    target = _TARGET_THREADS_FOLDED if fold else _TARGET_THREADS
     rows = 16
-    while rows > 1 and -(-problem.M // rows) * column_tiles * images * threads < _TARGET_THREADS:
+    while rows > 1 and -(-problem.M // rows) * column_tiles * images * threads < target:
         rows //= 2
     return CudaSpmmConfig(
         rows_per_block=rows, threads_per_block=trimmed_threads(vectors, threads), vector_width=width,
-        registers=default_registers(rows), padding_from_zeros=_reads_padding_from_zeros(problem, vectors),
+        fold_batch=fold, registers=default_registers(rows),
+        padding_from_zeros=_reads_padding_from_zeros(problem, vectors),
     )
 
 

@@ -79,14 +79,16 @@ def test_kernel_layouts(target, layout, kernel_layout):
     check(conv(np.random.default_rng(4), "5x3/1x2-asymmetric", layout, kernel_layout=kernel_layout), target)
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("width", [32, 37, 70])  # whole tiles at stride 1, partial last tiles, several
 @pytest.mark.parametrize("name", ["3x3", "3x3/2", "7x7/2", "5x3/1x2-asymmetric"])
-def test_rows_wider_than_a_tile(width, name):
-    """On the CPU an NCHW window is tiled by pieces of output rows (16 lanes here): rows of
-    whole tiles are stored straight from the sums, a partial last tile through ``yt``."""
+def test_rows_wider_than_a_tile(layout, width, name):
+    """On the CPU a window is tiled by pieces of output rows (16 lanes here), read from a
+    zero-padded copy of the image (NHWC transposed into it): NCHW rows of whole tiles are
+    stored straight from the sums, a partial last tile (and NHWC) through ``yt``."""
     kernel, stride, padding, _ = GEOMETRIES[name]
     case = make_conv(np.random.default_rng(15), 6, 3, kernel, (5, width), 0.4, stride=stride, padding=padding,
-                     batch=None, epilogue=("bias", "residual", "relu"))
+                     layout=layout, batch=None, epilogue=("bias", "residual", "relu"))
     check(case, CPU_TARGET, batches=(1, 2), kernel_config={"vector_lanes": 16})
 
 

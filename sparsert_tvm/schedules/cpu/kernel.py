@@ -2,13 +2,12 @@
 
 For each tile of ``vector_lanes`` columns, every row of ``A`` becomes one vector
 expression over the tile's inputs, with the nonzero values as constants and the column
-indices as fixed offsets. Without a window (or through an NHWC one) the tile of ``X`` is
-first staged into a small buffer ``xt[k, lane]`` (transposed for the ROWS layout, gathered
-with zeros in the padding through a window); through an NCHW window, tiles are pieces of
-output rows read straight from a zero-padded copy of the image (``_RowTiles``). Sums are
-stored as vectors where the tile's columns are neighbours in ``Y`` and the tiles are whole;
-else written to ``yt``, which a scalar loop stores to ``Y`` with the bounds check of the
-last tile. Rows are unrolled in chunks so that ``yt`` stays small, and cut into segments,
+indices as fixed offsets. Without a window the tile of ``X`` is first staged into a small
+buffer ``xt[k, lane]`` (transposed for the ROWS layout); through a convolution's window,
+tiles are pieces of output rows read straight from a zero-padded copy of the image, in
+NCHW order whatever the layout (``_RowTiles``). Sums are stored as vectors where the tile's
+columns are neighbours in ``Y`` and the tiles are whole; else written to ``yt``, which a
+scalar loop stores to ``Y`` with the bounds check of the last tile. Rows are unrolled in chunks so that ``yt`` stays small, and cut into segments,
 one parallel loop (one LLVM function) each, to bound compile time.
 
 All rows share a single vectorised loop per chunk: TVM's lowering passes are linear in the
@@ -39,8 +38,7 @@ def cpu_spmm_kernel(problem: SpmmProblem, config: CpuSpmmConfig, name: str) -> t
     x_dims, y_dims = operand_shapes(problem)
     columns, batch = kernel_columns_and_batch(problem, x_dims)
     window = problem.window
-    nchw_window = window is not None and not window.channels_last
-    tiling = (_RowTiles if nchw_window else _ColumnTiles)(problem, columns, config.vector_lanes)
+    tiling = (_ColumnTiles if window is None else _RowTiles)(problem, columns, config.vector_lanes)
     lanes = tiling.lanes
     segments = split_by_cost(list(range(problem.M)), problem.weight.row_nnz.tolist(), config.max_nnz_per_segment)
     # Epilogue ops up to the residual add run on whole vectors, the rest as each value is stored.
@@ -84,8 +82,7 @@ def cpu_spmm_kernel(problem: SpmmProblem, config: CpuSpmmConfig, name: str) -> t
 
 class _ColumnTiles:
     """Tiles of ``lanes`` consecutive columns of the product, each staged (transposed for
-    the ROWS layout; through an NHWC window, gathered with zeros in the padding) into
-    ``xt[k, lane]`` before its rows are computed."""
+    the ROWS layout) into ``xt[k, lane]`` before its rows are computed."""
 
     def __init__(self, problem: SpmmProblem, columns, lanes: int):
         self.problem, self.columns, self.lanes = problem, columns, lanes
@@ -122,8 +119,10 @@ class _ColumnTiles:
 
 
 class _RowTiles:
-    """NCHW convolutions through a window: tiles of ``lanes`` neighbouring pixels of one
-    output row, read straight from a copy of the image with its padding zeros written out.
+    """Convolutions through a window: tiles of ``lanes`` neighbouring pixels of one output
+    row, read straight from a copy of the image with its padding zeros written out (NCHW
+    order: an NHWC image is transposed into it, so that each tap is one contiguous vector
+    in both layouts).
 
     Tap ``(c, ky, kx)`` of a tile is then one contiguous vector at a fixed offset from the
     tile's origin: no per-lane index arithmetic, no bounds checks and no staging, so a
@@ -152,25 +151,35 @@ class _RowTiles:
             self.offsets.append((c * self.hp + ky) * self.row + kx % self.sw * self.wq + kx // self.sw)
 
     def prepare(self, x_flat, b):
-        """The image, padded with zeros, as ``xp[c, hp, phase, wq]``."""
-        problem, hp, row, wq, sw = self.problem, self.hp, self.row, self.wq, self.sw
-        dtype = problem.dtype
-        rows, cols = min(self.h, hp - self.top), min(self.w, row - self.left)
-        xp = T.alloc_buffer((self.channels * hp * row,), dtype, scope="global")
+        """The image, padded with zeros, as ``xp[c, hp, phase, wq]`` (an NHWC image is
+        transposed on the way)."""
+        problem, window, hp, row = self.problem, self.problem.window, self.hp, self.row
+        rows = min(self.h, hp - self.top)
+        xp = T.alloc_buffer((self.channels * hp * row,), problem.dtype, scope="global")
         image = b * problem.x_strides().batch
         with T.parallel(0, self.channels) as c:
             for py in [*range(self.top), *range(self.top + rows, hp)]:
-                _fill(xp, (c * hp + py) * row, row, _zero(dtype))
-            with T.serial(0, rows) as iy:
-                start, source = (c * hp + iy + self.top) * row, image + (c * self.h + iy) * self.w
-                for phase in range(sw):  # padded column sw * q + phase is image column sw * q + phase - left
-                    lo = min(wq, max(0, -(-(self.left - phase) // sw)))
-                    hi = min(wq, max(lo, -(-(self.left + cols - phase) // sw)))
-                    first = source + lo * sw + phase - self.left
-                    _fill(xp, start + phase * wq, lo, _zero(dtype))
-                    _fill(xp, start + phase * wq + lo, hi - lo, lambda i, first=first: x_flat[first + i * sw])
-                    _fill(xp, start + phase * wq + hi, wq - hi, _zero(dtype))
+                _fill(xp, (c * hp + py) * row, row, _zero(problem.dtype))
+        # An NHWC row holds every channel: read it whole (from L1) before the next one.
+        outer, inner = (rows, self.channels) if window.channels_last else (self.channels, rows)
+        with T.parallel(0, outer) as i:
+            with T.serial(0, inner) as j:
+                iy, c = (i, j) if window.channels_last else (j, i)
+                self._copy_row(x_flat, xp, image + c * window.channel_stride + iy * window.row_stride, (c * hp + iy + self.top) * row)
         return xp
+
+    def _copy_row(self, x_flat, xp, source, start):
+        """Input row ``source`` into the copy's row ``start``, split into column phases with
+        the padding columns zero."""
+        sw, wq, pixel = self.sw, self.wq, self.problem.window.pixel_stride
+        cols, zero = min(self.w, self.row - self.left), _zero(self.problem.dtype)
+        for phase in range(sw):  # padded column sw * q + phase is image column sw * q + phase - left
+            lo = min(wq, max(0, -(-(self.left - phase) // sw)))
+            hi = min(wq, max(lo, -(-(self.left + cols - phase) // sw)))
+            first = lo * sw + phase - self.left
+            _fill(xp, start + phase * wq, lo, zero)
+            _fill(xp, start + phase * wq + lo, hi - lo, lambda i, first=first: x_flat[source + (first + i * sw) * pixel])
+            _fill(xp, start + phase * wq + hi, wq - hi, zero)
 
     def loop(self):
         return T.parallel(0, self.oh * self.tiles_per_row)
@@ -245,21 +254,9 @@ def _compute_and_store(problem: SpmmProblem, rows, read, y_flat, r_flat, b, firs
 
 
 def _x_element(problem: SpmmProblem, x_flat, b, k, n, columns):
-    """``X`` at (image ``b``, column ``k`` of ``A``, column ``n``), zero past the last column
-    and, through a convolution's window, in the padding."""
-    xs, inside = problem.x_strides(), n < columns
-    window = problem.window
-    if window is None:
-        index = b * xs.batch + k * xs.k + n * xs.n
-    else:
-        (h, w), (kh, kw), (sh, sw) = window.input_size, window.kernel, window.stride
-        channel, ky, kx = tirx.floordiv(k, kh * kw), tirx.floormod(tirx.floordiv(k, kw), kh), tirx.floormod(k, kw)
-        ow = window.output_size[1]
-        iy = tirx.floordiv(n, ow) * sh + ky - window.padding[0]
-        ix = tirx.floormod(n, ow) * sw + kx - window.padding[1]
-        inside = tirx.all(inside, iy >= 0, iy < h, ix >= 0, ix < w)
-        index = b * xs.batch + channel * window.channel_stride + iy * window.row_stride + ix * window.pixel_stride
-    return tirx.if_then_else(inside, x_flat[index], _zero(problem.dtype))
+    """``X`` at (image ``b``, column ``k`` of ``A``, column ``n``), zero past the last column."""
+    xs = problem.x_strides()
+    return tirx.if_then_else(n < columns, x_flat[b * xs.batch + k * xs.k + n * xs.n], _zero(problem.dtype))
 
 
 def _whole(buf):

@@ -326,6 +326,10 @@ def test_folded_window_configs_aim_at_half_the_threads():
     assert folded.fold_batch and folded.rows_per_block == 8
     single = make_conv(rng, 256, 256, (3, 3), (14, 14), 0.01, padding=(1, 1, 1, 1), batch=1)
     assert default_cuda_config(problem_of(single)).rows_per_block == 1
+    # Depthwise rows share no input: folded, they keep the 100k rule (not measured otherwise).
+    depthwise = make_conv(rng, 256, 256, (3, 3), (14, 14), 1.0, groups=256, padding=(1, 1, 1, 1), batch=8)
+    config = default_cuda_config(problem_of(depthwise))
+    assert config.fold_batch and config.rows_per_block == 4
 
 
 def test_window_tiles_are_trimmed_to_the_warps_their_pixels_need():

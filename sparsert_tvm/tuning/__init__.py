@@ -158,10 +158,12 @@ def _window_config(problem: SpmmProblem, vectors: int, images: int, width: int, 
     on the H200. With the batch folded into the columns, about 50k threads: on the H200 the
     rows that this picks ran ResNet-50's 3x3 layers at batch 8 up to 1.4x faster than the
     100k rule's (stage 3 at stride 2: 8 rows, not 4), while at batch 1 halving the threads
-    lost up to 1.6x (benchmarks/results/rows-vary-h200.md; why was not profiled)."""
+    lost up to 1.6x (benchmarks/results/rows-vary-h200.md; why was not profiled). Depthwise
+    layers, whose rows share no input for a block's rows to load once, keep 100k: the sweep
+    did not cover them."""
     threads = 32 if vectors <= 64 else 256 if vectors > 128 else 128
     column_tiles = -(-vectors // threads)
-    target = _TARGET_THREADS_FOLDED if fold else _TARGET_THREADS
+    target = _TARGET_THREADS_FOLDED if fold and _rows_share_columns(problem) else _TARGET_THREADS
     rows = 16
     while rows > 1 and -(-problem.M // rows) * column_tiles * images * threads < target:
         rows //= 2
@@ -170,6 +172,12 @@ def _window_config(problem: SpmmProblem, vectors: int, images: int, width: int, 
         fold_batch=fold, registers=default_registers(rows),
         padding_from_zeros=_reads_padding_from_zeros(problem, vectors),
     )
+
+
+def _rows_share_columns(problem: SpmmProblem) -> bool:
+    """Whether some column of the weight has nonzeros in more than one row."""
+    weight = problem.weight
+    return weight.nnz > int((weight.dense != 0).any(axis=0).sum())
 
 
 def _reads_padding_from_zeros(problem: SpmmProblem, vectors: int) -> bool:

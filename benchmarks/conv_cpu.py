@@ -53,8 +53,10 @@ SUITES = {
         "depthwise 3x3, 512 @14": Layer(512, 512, 3, 14, groups=512),
     },
     "resnet50": {
-        f"3x3 {m}@{size}{'/2' if stride == 2 else ''}, {density:.0%} {layout}": Layer(m, m, 3, size, stride, 1, density, layout)
-        for m, size, stride, density in [(64, 56, 1, 0.1), (128, 28, 1, 0.1), (256, 14, 1, 0.1), (512, 7, 1, 0.05), (128, 56, 2, 0.1)]
+        f"3x3 {m}@{size}{'/2' if stride == 2 else ''}, {density:.0%} {layout}":
+            Layer(m, m, 3, size, stride, 1, density, layout)
+        for m, size, stride, density in
+            [(64, 56, 1, 0.1), (128, 28, 1, 0.1), (256, 14, 1, 0.1), (512, 7, 1, 0.05), (128, 56, 2, 0.1)]
         for layout in ("NCHW", "NHWC")
     },
 }
@@ -92,7 +94,8 @@ def measure(name: str, layer: Layer) -> dict:
     # Dense small layers are rewritten only with the threshold at 1.
     threshold = 1.0 if layer.density == 1.0 else None
     outputs = {}
-    for label, build in {"tvm": lambda: tvm.compile(mod, target), "sparsert": lambda: sp.compile(mod, target, threshold)}.items():
+    builds = {"tvm": lambda: tvm.compile(mod, target), "sparsert": lambda: sp.compile(mod, target, threshold)}
+    for label, build in builds.items():
         start = time.perf_counter()
         vm = relax.VirtualMachine(build(), tvm.cpu())
         row[f"{label}_build_s"] = round(time.perf_counter() - start, 2)

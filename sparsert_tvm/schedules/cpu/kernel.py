@@ -7,8 +7,9 @@ buffer ``xt[k, lane]`` (transposed for the ROWS layout); through a convolution's
 tiles are pieces of output rows read straight from a zero-padded copy of the image, in
 NCHW order whatever the layout (``_RowTiles``). Sums are stored as vectors where the tile's
 columns are neighbours in ``Y`` and the tiles are whole; else written to ``yt``, which a
-scalar loop stores to ``Y`` with the bounds check of the last tile. Rows are unrolled in chunks so that ``yt`` stays small, and cut into segments,
-one parallel loop (one LLVM function) each, to bound compile time.
+scalar loop stores to ``Y`` with the bounds check of the last tile. Rows are unrolled in
+chunks so that ``yt`` stays small, and cut into segments, one parallel loop (one LLVM
+function) each, to bound compile time.
 
 All rows share a single vectorised loop per chunk: TVM's lowering passes are linear in the
 size of such a body but quadratic in the number of separate loops.
@@ -165,7 +166,8 @@ class _RowTiles:
         with T.parallel(0, outer) as i:
             with T.serial(0, inner) as j:
                 iy, c = (i, j) if window.channels_last else (j, i)
-                self._copy_row(x_flat, xp, image + c * window.channel_stride + iy * window.row_stride, (c * hp + iy + self.top) * row)
+                source = image + c * window.channel_stride + iy * window.row_stride
+                self._copy_row(x_flat, xp, source, (c * hp + iy + self.top) * row)
         return xp
 
     def _copy_row(self, x_flat, xp, source, start):
@@ -177,8 +179,12 @@ class _RowTiles:
             lo = min(wq, max(0, -(-(self.left - phase) // sw)))
             hi = min(wq, max(lo, -(-(self.left + cols - phase) // sw)))
             first = lo * sw + phase - self.left
+
+            def element(i, first=first):
+                return x_flat[source + (first + i * sw) * pixel]
+
             _fill(xp, start + phase * wq, lo, zero)
-            _fill(xp, start + phase * wq + lo, hi - lo, lambda i, first=first: x_flat[source + (first + i * sw) * pixel])
+            _fill(xp, start + phase * wq + lo, hi - lo, element)
             _fill(xp, start + phase * wq + hi, wq - hi, zero)
 
     def loop(self):

@@ -114,14 +114,20 @@ def with_segment_budget(config: CudaSpmmConfig) -> CudaSpmmConfig:
     return dataclasses.replace(config, max_instructions_per_segment=budget)
 
 
+def column_vectors(problem: SpmmProblem, width: int, fold: bool) -> tuple[int | None, int]:
+    """Vectors of ``width`` columns in one launch row (None where the columns are
+    symbolic), and the launch rows: one per image, or one for every image's columns with
+    the batch folded."""
+    columns, images = problem.static_columns, problem.static_batch or 1
+    if fold and columns is not None:
+        columns, images = columns * images, 1
+    return (None if columns is None else -(-columns // width)), images
+
+
 def _unrolled_tiling(problem: SpmmProblem) -> CudaSpmmConfig:
     width = default_vector_width(problem)
     fold = folds_batch_by_default(problem)
-    columns = problem.static_columns
-    images = problem.static_batch or 1
-    if fold and columns is not None:
-        columns, images = columns * images, 1
-    vectors = None if columns is None else -(-columns // width)
+    vectors, images = column_vectors(problem, width, fold)
     if problem.window is not None:
         return _window_config(problem, vectors, images, width, fold)
     # No more threads than columns need; up to 64 columns, one-warp blocks: on the H100 the

@@ -26,7 +26,14 @@ from ..problem import SpmmProblem
 from ..schedules.config import CudaConfig, CudaCsrConfig, CudaSpmmConfig
 from ..schedules.cuda.csr_layout import LANES, MAX_U16_COLUMNS
 from ..schedules.row_groups import group_rows
-from . import default_cuda_config, default_registers, folds_batch_by_default, trimmed_threads, with_segment_budget
+from . import (
+    column_vectors,
+    default_cuda_config,
+    default_registers,
+    folds_batch_by_default,
+    trimmed_threads,
+    with_segment_budget,
+)
 
 ROWS_PER_BLOCK = (1, 2, 4, 8, 16)
 # Not 512 or 1024: the cost model's fetch term expected their warps to share each
@@ -119,12 +126,10 @@ def candidates(
 def _tile_threads(problem: SpmmProblem, threads: int, cols: int, width: int, fold: bool, split: int) -> int:
     """Through a window, the tiles' threads trimmed as the default's are (``trimmed_threads``);
     not for split blocks, whose slices need equal whole warps."""
-    columns = problem.static_columns
-    if problem.window is None or columns is None or split > 1:
+    vectors, _ = column_vectors(problem, width, fold)
+    if problem.window is None or vectors is None or split > 1:
         return threads
-    if fold:
-        columns *= problem.static_batch or 1
-    return trimmed_threads(-(-columns // width), threads, cols)
+    return trimmed_threads(vectors, threads, cols)
 
 
 def _with_both_kernels(chosen: list, limit: int, cost: dict) -> list:

@@ -4,7 +4,8 @@ Every combination of rows per block, threads, columns per thread, vector width a
 images are computed apart) folding the batch into the columns that the generator accepts,
 and of the CSR kernel's rows per block, columns per block and unrolling, is scored with a
 rough model of the H100-class machine in cycles; the tuner only compiles and times the
-best few. For the unrolled code the model counts instructions issued (FMAs plus one load
+best few (through a convolution's window, always with the default's row-count neighbours,
+which the model ranks poorly). For the unrolled code the model counts instructions issued (FMAs plus one load
 per needed activation vector, shared by the rows of a block), how many of them the busiest
 block issues in a row (the tail of the launch), how many warps can be resident to hide
 latency, and the code itself streaming into the SMs (once per column tile and image). For
@@ -119,8 +120,26 @@ def candidates(
             continue
         scored[config] = cost
     ranked = sorted(scored, key=scored.get)
-    chosen = [default] + [c for c in ranked if c != default]
+    neighbours = [c for c in _row_neighbours(problem, default) if c in scored]
+    chosen = [default] + neighbours + [c for c in ranked if c != default and c not in neighbours]
     return _with_both_kernels(chosen, max(1, limit), scored)
+
+
+def _row_neighbours(problem: SpmmProblem, default: CudaConfig) -> list[CudaSpmmConfig]:
+    """Through a window, the default with twice and half its rows per block, which every
+    search keeps whatever the cost model thinks of them. On the H200 the fastest row count of
+    ResNet-50's 3x3 layers was the default's or one of these on 29 of 30 layers timed
+    (benchmarks/results/rows-vary-h200.md, block-shape-h200.md; stage 4 at stride 2 and
+    batch 8: 8 rows against 4, 1.10x), while the model's favourite there was up to 3.8x
+    slower than the fastest (it ranks the row counts of batch-1 layers poorly)."""
+    if problem.window is None or not isinstance(default, CudaSpmmConfig):
+        return []
+    neighbours = []
+    for rows in (2 * default.rows_per_block, default.rows_per_block // 2):
+        if rows in ROWS_PER_BLOCK:
+            changed = dataclasses.replace(default, rows_per_block=rows, registers=default_registers(rows))
+            neighbours.append(with_segment_budget(changed))
+    return neighbours
 
 
 def _tile_threads(problem: SpmmProblem, threads: int, cols: int, width: int, fold: bool, split: int) -> int:

@@ -35,7 +35,7 @@ class LayerReport:
     kernel: str | None = None  # name of the generated PrimFunc
     params: dict = field(default_factory=dict)
     code_bytes: int | None = None
-    compile_s: float = 0.0
+    compile_s: float = 0.0  # wall seconds of its build; on CUDA layers are built side by side and overlap
 
     @property
     def sparse(self) -> bool:

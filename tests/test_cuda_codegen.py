@@ -6,6 +6,11 @@ import math
 import os
 import shutil
 import struct
+import subprocess
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,12 +18,14 @@ import tvm
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from tvm import tirx
+from tvm.relax.frontend.onnx import from_onnx
 
 import sparsert_tvm as sp
 from helpers import CPU_TARGET, make_case, pruned_matrix, sparse_matrix
 from ptx_emulator import PtxProgram
-from sparsert_tvm import cache
+from sparsert_tvm import cache, models
 from sparsert_tvm.errors import ToolchainError, UnsupportedProblem
+from sparsert_tvm.passes.candidates import find_candidates
 from sparsert_tvm.problem import BiasAdd, Clip, Layout, ResidualAdd, SpmmProblem
 from sparsert_tvm.schedules.config import CudaSpmmConfig
 from sparsert_tvm.schedules.cuda import assemble as assemble_module
@@ -408,6 +415,67 @@ def test_launch_wrapper_and_cuda_build(monkeypatch):
         assert layer.code_bytes > 0 and layer.params["row_groups"] == kernel.row_groups
         without_kernels = out.without_attr("external_mods")
         assert tvm.compile(without_kernels, target, tir_pipeline=sp.build.register_pipeline()) is not None
+
+
+@needs_ptxas
+def test_layers_built_side_by_side_match_one_by_one(monkeypatch):
+    """The pass builds a model's kernels together (``build_all``): each comes out as ``build``
+    alone makes it, in the layers' order, and a layer the generator turns down at build time
+    stays dense with the reason while the others are rewritten."""
+    monkeypatch.setattr(cuda_rule, "create_cuda_module", lambda cubin, kernel: kernel)
+    monkeypatch.setenv("SPARSERT_CACHE", "0")
+    target = tvm.target.Target({"kind": "cuda", "arch": "sm_90"}, host=CPU_TARGET)
+    model = models.mlp(np.random.default_rng(7), features=(64, 96, 80, 48), batch=4)
+    mod = from_onnx(model, keep_params_in_input=False)
+    emit = cuda_rule.emit_ptx
+
+    def refuse_the_second(problem, config, name, arch):
+        if problem.M == 80:
+            raise UnsupportedProblem("refused for the test")
+        return emit(problem, config, name, arch)
+
+    monkeypatch.setattr(cuda_rule, "emit_ptx", refuse_the_second)
+    out = sp.SparsifyWeights(target, 1.0)(mod)
+    layers = sp.report_of(out).layers
+    assert [layer.decision for layer in layers] == ["sparse", "dense", "sparse"]
+    assert layers[1].reason == "refused for the test" and layers[1].kernel is None
+    rule = cuda_rule.CudaSpmmRule()
+    for layer, module in zip([layers[0], layers[2]], out.attrs["external_mods"]):
+        (candidate,) = [c for c in find_candidates("main", mod["main"]) if c.tail.name == layer.name]
+        problem = candidate.problem
+        if rule.transposes_input(problem):
+            problem = dataclasses.replace(problem, x_transposed=True)
+        alone = rule.build(problem, rule.default_config(problem, target), target, layer.kernel)
+        assert module.units == alone.external_modules[0].units and module.name == f"{layer.kernel}_kernel"
+        assert {k: v for k, v in layer.params.items() if k != "config_source"} == alone.params
+        assert layer.code_bytes == alone.code_bytes
+
+
+def test_tool_processes_are_limited_to_the_cores(monkeypatch, tmp_path):
+    """Layers assembled side by side, each with segments side by side, start no more ptxas
+    processes at once than there are cores."""
+    running, most = [0], [0]
+    lock = threading.Lock()
+
+    def fake_ptxas(command, **kwargs):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        time.sleep(0.02)
+        Path(command[command.index("-o") + 1]).write_bytes(b"cubin")
+        with lock:
+            running[0] -= 1
+        return subprocess.CompletedProcess(command, 0, "", "")
+
+    monkeypatch.setattr(assemble_module.subprocess, "run", fake_ptxas)
+    monkeypatch.setattr(assemble_module, "find_tool", lambda name: name)
+    monkeypatch.setattr(assemble_module, "_tool_version", lambda path: "fake")
+    monkeypatch.setenv("SPARSERT_CACHE", "0")
+    units = tuple(f"// unit {i}" for i in range(6))
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        layers = [units + (f"// layer {layer}",) for layer in range(8)]
+        list(pool.map(lambda layer: assemble_module.assemble(layer, "sm_90", jobs=8), layers))
+    assert 1 <= most[0] <= assemble_module.default_jobs()
 
 
 @pytest.mark.parametrize(

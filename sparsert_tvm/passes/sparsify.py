@@ -14,7 +14,8 @@ from tvm.relax.expr_functor import PyExprMutator, mutator
 from ..errors import UnsupportedProblem
 from ..problem import Layout
 from ..report import REPORT_ATTR, LayerReport, report_of
-from ..schedules import BuiltKernel, KernelConfig, rule_for
+from ..schedules import KernelConfig, rule_for
+from ..schedules.base import BuiltKernel, KernelJob
 from .candidates import Candidate, find_candidates
 
 # Densities at or below which a weight is rewritten when the caller gives no threshold, by
@@ -143,23 +144,34 @@ class _SparsifyWeights:
         external = list(mod.attrs["external_mods"]) if mod.attrs and "external_mods" in mod.attrs else []
         rewriter = _Rewriter(mod)
         taken = {gv.name_hint for gv in mod.get_global_vars()}
+        # Decided layer by layer (tuning, if asked, times each layer alone), then built
+        # together: the rule may build kernels side by side.
+        functions, jobs = [], []
         for gv, func in list(mod.functions_items()):
             if not isinstance(func, relax.Function):
                 continue
-            plan = {}
+            functions.append((gv, func))
             for candidate in find_candidates(gv.name_hint, func):
                 layer = _layer_report(candidate)
                 report.layers.append(layer)
-                built = self._kernel_for(candidate, layer, taken)
-                if built is None:
-                    continue
-                # Candidates own disjoint bindings (find_candidates shares out the epilogues).
-                assert candidate.tail not in plan, f"two kernels would replace {candidate.tail.name}"
-                kernel_gv = rewriter.builder_.add_func(built.func, layer.kernel)
-                external += built.external_modules
-                plan[candidate.tail] = _Planned(kernel_gv, candidate, built.problem.x_transposed)
-            if plan:
-                rewriter.builder_.update_func(gv, rewriter.rewrite(func, plan))
+                job = self._job_for(gv, candidate, layer, taken)
+                if job is not None:
+                    jobs.append(job)
+        plans = {gv: {} for gv, _ in functions}
+        for job, built in zip(jobs, self.rule.build_all([j.kernel for j in jobs], self.target)):
+            if isinstance(built, UnsupportedProblem):
+                job.layer.reason = str(built)
+                continue
+            job.record(built)
+            kernel_gv = rewriter.builder_.add_func(built.func, job.kernel.name)
+            external += built.external_modules
+            # Candidates own disjoint bindings (find_candidates shares out the epilogues).
+            plan = plans[job.function]
+            assert job.candidate.tail not in plan, f"two kernels would replace {job.candidate.tail.name}"
+            plan[job.candidate.tail] = _Planned(kernel_gv, job.candidate, built.problem.x_transposed)
+        for gv, func in functions:
+            if plans[gv]:
+                rewriter.builder_.update_func(gv, rewriter.rewrite(func, plans[gv]))
         out = rewriter.builder_.get()
         for key, value in (mod.attrs or {}).items():
             out = out.with_attr(key, value)
@@ -167,8 +179,11 @@ class _SparsifyWeights:
             out = out.with_attr("external_mods", external)
         return out.with_attr(REPORT_ATTR, report.to_json())
 
-    def _kernel_for(self, candidate: Candidate, layer: LayerReport, taken: set) -> BuiltKernel | None:
-        """Decides on ``candidate`` (recorded in ``layer``) and builds its kernel if it is rewritten."""
+    def _job_for(
+        self, function: tvm.ir.GlobalVar, candidate: Candidate, layer: LayerReport, taken: set
+    ) -> _LayerJob | None:
+        """Decides on ``candidate`` (recorded in ``layer``): the kernel to build if it is
+        rewritten, tuned first where tuning is asked for and the layer has no tuned config."""
         if candidate.reason is not None:
             return None
         problem = candidate.problem
@@ -181,7 +196,6 @@ class _SparsifyWeights:
         if self.rule.transposes_input(problem):
             problem = dataclasses.replace(problem, x_transposed=True)
         config, source = self._config(problem)
-        layer.params = config.as_dict()
         tuning = {}
         try:
             self.rule.check(problem, config)
@@ -193,15 +207,14 @@ class _SparsifyWeights:
                 record = self.tuner.tune(problem, name)
                 config, source = self.rule.config_from_dict(record.config), "tuned"
                 tuning = {"tune_s": round(record.tune_s, 3), "tuned_us": record.us, "default_us": record.default_us}
-            built = self.rule.build(problem, config, self.target, name)
         except UnsupportedProblem as unsupported:
             layer.reason = str(unsupported)
             return None
+        finally:
+            layer.params = config.as_dict()  # what was decided on, until the kernel is built
         taken.add(name)
-        layer.decision, layer.reason, layer.kernel = "sparse", rewritten, name
-        layer.params = built.params | {"config_source": source} | tuning
-        layer.code_bytes, layer.compile_s = built.code_bytes, built.compile_seconds
-        return built
+        origin = {"config_source": source} | tuning
+        return _LayerJob(function, candidate, layer, KernelJob(problem, config, name), rewritten, origin)
 
     def _config(self, problem) -> tuple[KernelConfig, str]:
         """The layer's config and where it came from: overrides, the database or defaults."""
@@ -258,6 +271,25 @@ def _unique_name(candidate: Candidate, taken: set) -> str:
         suffix += 1
         name = f"{stem}_{suffix}"
     return name
+
+
+@dataclasses.dataclass
+class _LayerJob:
+    """A layer whose kernel is to be built: where it is, what the rule gets, and what its
+    report says once the kernel is built."""
+
+    function: tvm.ir.GlobalVar
+    candidate: Candidate
+    layer: LayerReport
+    kernel: KernelJob
+    rewritten: str  # the report's reason
+    origin: dict  # where the config came from, and the tuning figures
+
+    def record(self, built: BuiltKernel) -> None:
+        layer = self.layer
+        layer.decision, layer.reason, layer.kernel = "sparse", self.rewritten, self.kernel.name
+        layer.params = built.params | self.origin
+        layer.code_bytes, layer.compile_s = built.code_bytes, built.compile_seconds
 
 
 @dataclasses.dataclass

@@ -80,6 +80,27 @@ class SparseKernelRule(abc.ABC):
         Raises ``UnsupportedProblem`` when the problem is outside what the rule handles.
         """
 
+    def build_all(self, jobs: list[KernelJob], target: tvm.target.Target) -> list[BuiltKernel | UnsupportedProblem]:
+        """``build`` for each job, in order; a job the rule does not handle gets its
+        ``UnsupportedProblem`` instead of a kernel. One after another unless a rule can do
+        better."""
+        built = []
+        for job in jobs:
+            try:
+                built.append(self.build(job.problem, job.config, target, job.name))
+            except UnsupportedProblem as unsupported:
+                built.append(unsupported)
+        return built
+
+
+@dataclass(frozen=True)
+class KernelJob:
+    """One kernel to build: what ``SparseKernelRule.build`` takes besides the target."""
+
+    problem: SpmmProblem
+    config: KernelConfig
+    name: str
+
 
 def require_nnz_at_most(problem: SpmmProblem, cap: int, what: str, why: str) -> None:
     if problem.weight.nnz > cap:

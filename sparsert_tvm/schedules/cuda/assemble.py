@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -35,6 +36,11 @@ def _tool_version(path: str) -> str:
 
 def default_jobs() -> int:
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
+# Tool processes at once across all threads (layers assembled side by side, each with its
+# segments side by side): one per core.
+_PROCESS_SLOTS = threading.BoundedSemaphore(default_jobs())
 
 
 def assemble(
@@ -79,7 +85,8 @@ def _assemble_in(tmp: Path, units, arch, flags, jobs, tools) -> bytes:
 
 
 def _run(command: list[str]) -> None:
-    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    with _PROCESS_SLOTS:
+        result = subprocess.run(command, capture_output=True, text=True, check=False)
     if result.returncode != 0:
         tool = os.path.basename(command[0])
         raise ToolchainError(f"{tool} failed ({result.returncode}): {result.stderr.strip()[:2000]}")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import tvm
 import tvm_ffi
@@ -23,9 +24,9 @@ from tvm.script.ir_builder import tirx as T
 from ...errors import RuntimeUnavailable, UnsupportedProblem
 from ...problem import Layout, SpmmProblem
 from ...tuning import default_cuda_config, with_segment_budget
-from ..base import OPAQUE_PATTERN, BuiltKernel, SparseKernelRule, kernel_columns_and_batch, operand_shapes
+from ..base import OPAQUE_PATTERN, BuiltKernel, KernelJob, SparseKernelRule, kernel_columns_and_batch, operand_shapes
 from ..config import CudaConfig, CudaCsrConfig, CudaSpmmConfig, cuda_config_from_dict
-from .assemble import assemble
+from .assemble import assemble, default_jobs
 from .csr_ptx import check_csr, emit_csr_ptx
 from .ptx import SUPPORTED_DTYPES, PtxKernel, check_padding, check_split, check_vectorization, emit_spmm_ptx
 
@@ -109,6 +110,25 @@ class CudaSpmmRule(SparseKernelRule):
         return default_cuda_config(problem)
 
     def build(self, problem: SpmmProblem, config: CudaConfig, target, name) -> BuiltKernel:
+        return self._package(KernelJob(problem, config, name), self._assemble(problem, config, target, name))
+
+    def build_all(self, jobs, target):
+        """The layers' PTX is written and assembled side by side (ptxas runs in processes of
+        its own, at most one per core across all layers: ``assemble``), then packaged in
+        order. One after another, a model's many small layers each kept one core busy."""
+
+        def assemble_job(job):
+            try:
+                return self._assemble(job.problem, job.config, target, job.name)
+            except UnsupportedProblem as unsupported:
+                return unsupported
+
+        with ThreadPoolExecutor(max_workers=default_jobs()) as pool:
+            assembled = list(pool.map(assemble_job, jobs))
+        return [a if isinstance(a, UnsupportedProblem) else self._package(job, a) for job, a in zip(jobs, assembled)]
+
+    @staticmethod
+    def _assemble(problem: SpmmProblem, config: CudaConfig, target, name) -> _Assembled:
         start = time.perf_counter()
         arch = cuda_arch(target)
         # The kernel must not share the wrapper's name: the wrapper finds it by name.
@@ -116,8 +136,18 @@ class CudaSpmmRule(SparseKernelRule):
         if kernel.row_groups > _MAX_GRID_YZ:
             raise UnsupportedProblem(f"{kernel.row_groups} row groups exceed the grid's y limit")
         cubin = assemble(kernel.units, arch, **config.assembler_options())
-        module = create_cuda_module(cubin, kernel)
         segments = len(kernel.units) - 1 if len(kernel.units) > 1 else 1
+        # Only the entry's text rides in the module: the segments' need not wait for it.
+        entry = dataclasses.replace(kernel, units=kernel.units[:1])
+        return _Assembled(entry, segments, cubin, time.perf_counter() - start)
+
+    @staticmethod
+    def _package(job: KernelJob, assembled: _Assembled) -> BuiltKernel:
+        """The CUDA module holding the cubin and the wrapper that launches it."""
+        start = time.perf_counter()
+        problem, config, kernel, cubin = job.problem, job.config, assembled.kernel, assembled.cubin
+        module = create_cuda_module(cubin, kernel)
+        segments = assembled.segments
         params = config.as_dict() | {
             "threads_per_block": kernel.threads,
             "row_groups": kernel.row_groups,
@@ -125,13 +155,24 @@ class CudaSpmmRule(SparseKernelRule):
             "x_transposed": problem.x_transposed,
         }
         return BuiltKernel(
-            func=launch_wrapper(problem, kernel, name),
+            func=launch_wrapper(problem, kernel, job.name),
             problem=problem,
             external_modules=[module],
             params=params,
             code_bytes=len(cubin),
-            compile_seconds=time.perf_counter() - start,
+            compile_seconds=assembled.seconds + time.perf_counter() - start,
         )
+
+
+@dataclasses.dataclass(frozen=True)
+class _Assembled:
+    """A kernel's PTX (its entry's text only), how many segments it was cut into, its cubin,
+    and the seconds writing and assembling them took."""
+
+    kernel: PtxKernel
+    segments: int
+    cubin: bytes
+    seconds: float
 
 
 def launch_wrapper(problem: SpmmProblem, kernel: PtxKernel, name: str) -> tirx.PrimFunc:

@@ -226,7 +226,7 @@ def default_registers(rows_per_block: int) -> int:
 
 
 def default_cpu_config(problem: SpmmProblem, target) -> CpuSpmmConfig:
-    # Two SIMD registers per accumulator: on the 2-core AVX-512 machine 32 lanes ran 1.0-4x
+    # Two SIMD registers per accumulator: on a 2-core AVX-512 machine 32 lanes ran 1.0-4x
     # faster than 16 on six ResNet/MobileNet-like layers (a tile's fixed costs are shared
     # by more columns, and each row's FMA chains interleave two registers).
     lanes = max(1, 2 * _vector_bits(target) // 32)

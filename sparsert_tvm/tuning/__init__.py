@@ -228,7 +228,11 @@ def default_registers(rows_per_block: int) -> int:
 def default_cpu_config(problem: SpmmProblem, target) -> CpuSpmmConfig:
     # Two SIMD registers per accumulator: on a 2-core AVX-512 machine 32 lanes ran 1.0-4x
     # faster than 16 on six ResNet/MobileNet-like layers (a tile's fixed costs are shared
-    # by more columns, and each row's FMA chains interleave two registers).
+    # by more columns, and each row's FMA chains interleave two registers). TVM reports 512
+    # bits for every x86 CPU tried (haswell and znver3 too), so AVX2 machines get 32 lanes
+    # as well: on 2 cores of a znver3 (AVX2) 16 and 32 lanes ran within noise of each other
+    # on seven ResNet-50 1x1 and 3x3 layers (32 took 0.90-1.16x the time of 16, medians of
+    # 8 interleaved rounds, 2026-12-04).
     lanes = max(1, 2 * _vector_bits(target) // 32)
     columns = problem.static_columns
     if columns is not None:

@@ -1,19 +1,8 @@
-"""Building a module: the pass, then ``tvm.compile`` with a TIR pipeline fit for the kernels.
+"""Building a module: the pass, then ``tvm.compile``.
 
-Unrolled kernels hold tens of thousands of statements, and several passes of TVM's default
-TIR pipeline (common subexpression elimination, buffer compaction, ...) take minutes on
-them while having nothing to improve. PrimFuncs carrying ``KERNEL_ATTR`` go through a
-short list of the passes they need; everything else goes through TVM's default pipeline
-unchanged. Plain ``tvm.compile`` gives the same module, only more slowly.
-
-On the CPU, LLVM generates the machine code when the module is first loaded (or exported),
-and for unrolled kernels two of its machine passes take most of that time while gaining
-nothing on straight-line code: machine-level LICM weighs hoisting every one of the
-thousands of constant operands out of the parallel loop, and the post-RA scheduler
-reorders blocks of thousands of instructions for a core that reorders them itself.
-``compile`` turns both off (``KERNEL_LLVM_OPTIONS``) for modules holding kernels: loading
-a 512x512 weight at 10% density took 7 s instead of 16, a 95%-pruned ResNet-50 342 s
-instead of 473, and TVM's dense operators ran as fast as before (README, "CPU compile time").
+The kernels come out of the pass compiled (cubins for CUDA, LLVM modules for the CPU, in the
+module's ``external_mods``), so plain ``tvm.compile`` builds a rewritten module as fast as
+``compile`` does.
 
 On the CPU, ``tvm.compile`` runs Relax's generic pipeline, which fuses nothing: every bias
 add and ReLU that TVM keeps (after dense depthwise convolutions, say) is a pass over memory
@@ -25,15 +14,16 @@ from __future__ import annotations
 
 import tvm
 import tvm_ffi
-from tvm import relax, s_tir, tirx
-from tvm.tirx import compilation_pipeline
+from tvm import relax
 
 from .passes import SparsifyWeights
 from .report import SparsityReport, report_of
-from .schedules.base import KERNEL_ATTR
+from .schedules.cpu.lowering import KERNEL_LLVM_OPTIONS, register_pipeline, with_llvm_options
 
-PIPELINE_NAME = "sparsert"
-KERNEL_LLVM_OPTIONS = ("-disable-machine-licm", "-disable-post-ra")
+__all__ = [
+    "KERNEL_LLVM_OPTIONS", "compile", "cuda_target", "default_target", "host_cpu_target", "register_pipeline",
+    "relax_pipeline", "with_llvm_options",
+]
 
 
 def compile(  # noqa: A001 - mirrors tvm.compile
@@ -47,16 +37,28 @@ def compile(  # noqa: A001 - mirrors tvm.compile
     """``SparsifyWeights`` followed by ``tvm.compile``; returns what ``tvm.compile`` returns.
 
     ``target`` defaults to ``default_target()``. If ``report`` is given, the layers of the
-    pass's report are appended to it. Other options go to ``SparsifyWeights``. On the CPU,
-    modules holding kernels are built with ``KERNEL_LLVM_OPTIONS`` added to the target.
+    pass's report are appended to it. Other options go to ``SparsifyWeights``.
     """
     target = default_target() if target is None else tvm.target.Target(target)
     mod = SparsifyWeights(target, density_threshold, **options)(mod)
     if report is not None:
         report.layers.extend(report_of(mod).layers)
-    if target.kind.name == "llvm" and any(_is_kernel(func) for func in mod.functions.values()):
-        target = with_llvm_options(target, KERNEL_LLVM_OPTIONS)
-    return tvm.compile(mod, target, relax_pipeline=relax_pipeline(mod, target), tir_pipeline=register_pipeline())
+    return _runnable_as_built(tvm.compile(mod, target, relax_pipeline=relax_pipeline(mod, target)))
+
+
+def _runnable_as_built(executable):
+    """``executable``, run as it is rather than exported and loaded again.
+
+    Where kernels took every operator (no TIR left for TVM to build), TVM links the VM to an
+    empty C source module, and ``Executable.jit`` (which ``relax.VirtualMachine`` calls)
+    then exports the whole library, generating the CPU kernels' machine code a second
+    time, one after another. The empty module has nothing to run, so the modules as built
+    serve."""
+    placeholders = [m for m in executable.mod.imports if m.kind == "c" and not m.inspect_source().strip(" ;\n")]
+    others = [m for m in executable.mod.imports if m not in placeholders]
+    if placeholders and all(m.kind != "c" for m in others):
+        executable._jitted_mod = executable.mod  # what jit() would return if it knew
+    return executable
 
 
 def relax_pipeline(mod: tvm.IRModule, target: tvm.target.Target):
@@ -101,55 +103,3 @@ def host_cpu_target() -> tvm.target.Target:
     return tvm.target.Target(
         {"kind": "llvm", "mtriple": get("target.llvm_get_system_triple")(), "mcpu": get("target.llvm_get_system_cpu")()}
     )
-
-
-def with_llvm_options(target: tvm.target.Target, options) -> tvm.target.Target:
-    """``target`` with LLVM command-line ``options`` added to its ``cl-opt`` (TVM applies
-    them while it generates this target's code and restores LLVM's defaults after)."""
-    config = dict(target.export())
-    present = list(config.get("cl-opt", []))
-    config["cl-opt"] = present + [option for option in options if option not in present]
-    return tvm.target.Target(config)
-
-
-def register_pipeline() -> str:
-    """Registers the TIR pipeline with TVM (idempotent) and returns its name."""
-    compilation_pipeline.register_tir_pipeline(PIPELINE_NAME, _pipeline_factory)
-    return PIPELINE_NAME
-
-
-def _lean_passes():
-    return [
-        s_tir.transform.ConvertBlocksToOpaque(),
-        s_tir.transform.LowerOpaqueBlock(),
-        tirx.transform.FlattenBuffer(),
-        tirx.transform.NarrowDataType(32),
-        tirx.transform.VectorizeLoop(True),
-        tirx.transform.StmtSimplify(),
-        tirx.transform.VerifyMemory(),
-        tirx.transform.AnnotateEntryFunc(),
-        tirx.transform.SplitHostDevice(),
-        tirx.transform.MakePackedAPI(),
-    ]
-
-
-def _is_kernel(func) -> bool:
-    return isinstance(func, tirx.PrimFunc) and func.attrs is not None and KERNEL_ATTR in func.attrs
-
-
-def _pipeline_factory():
-    default, finalize_host, finalize_device = compilation_pipeline.get_tir_pipeline("default")
-
-    @tvm.transform.module_pass(opt_level=0, name="SparsertTIRPipeline")
-    def _pipeline(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        kernels = {gv: f for gv, f in mod.functions_items() if _is_kernel(f)}
-        others = {gv: f for gv, f in mod.functions_items() if gv not in kernels}
-        lowered = {}
-        if others:
-            lowered.update(default(tvm.IRModule(others, attrs=mod.attrs)).functions_items())
-        if kernels:
-            lean = tvm.ir.transform.Sequential(_lean_passes())
-            lowered.update(lean(tvm.IRModule(kernels, attrs=mod.attrs)).functions_items())
-        return tvm.IRModule(lowered, attrs=mod.attrs)
-
-    return _pipeline, finalize_host, finalize_device

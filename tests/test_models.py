@@ -101,11 +101,17 @@ def test_small_models_match_the_dense_build_on_the_cpu(name, sparsity):
     # and their bottleneck's last convolution meet in one residual add: both must stay).
     _, mod = pruned_module(SMALL[name](np.random.default_rng(1)), sparsity)
     out = sp.SparsifyWeights(CPU_TARGET)(mod)
-    calls = [gv for gv in out.get_global_vars() if gv.name_hint.startswith("sparsert_")]
-    assert len(calls) == len(report.sparse_layers)
-    remaining = []
-    relax.analysis.post_order_visit(out["main"], lambda e: isinstance(e, relax.Call) and isinstance(
-        e.op, tvm.ir.Op) and e.op.name in ("relax.nn.conv2d", "relax.matmul") and remaining.append(e))
+    calls, remaining = [], []
+
+    def visit(e):
+        if isinstance(e, relax.Call) and isinstance(e.op, tvm.ir.Op):
+            if e.op.name == "relax.call_dps_packed" and e.args[0].global_symbol.startswith("sparsert_"):
+                calls.append(e)
+            elif e.op.name in ("relax.nn.conv2d", "relax.matmul"):
+                remaining.append(e)
+
+    relax.analysis.post_order_visit(out["main"], visit)
+    assert len(calls) == len(out.attrs["external_mods"]) == len(report.sparse_layers)
     assert len(remaining) == len(report.layers) - len(report.sparse_layers)
 
 

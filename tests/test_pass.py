@@ -47,13 +47,14 @@ def test_rewrites_operator_and_epilogue_into_one_call(kind):
     shape = {"matmul": (None, 32), "matmul_t": (None, 32), "conv_nchw": (2, 32, 3, 3), "conv_nhwc": (2, 3, 3, 32)}
     case = make_case(rng, kind, 16, 32, 0.1, shape[kind], ("bias", "residual", "relu"))
     out, report = sparsify(case.module())
-    assert ops_in(out["main"]) == ["relax.call_tir"]
+    # The CPU kernel comes compiled, in a module of its own that the call names.
+    assert ops_in(out["main"]) == ["relax.call_dps_packed"]
     (layer,) = report.layers
     assert (layer.decision, layer.reason) == ("sparse", "rewritten")
     assert layer.epilogue == ["bias", "residual", "relu"]
     assert (layer.M, layer.K, layer.nnz) == (16, 32, np.count_nonzero(case.weight))
-    assert layer.kernel in [gv.name_hint for gv in out.get_global_vars()]
-    assert isinstance(out[layer.kernel], tirx.PrimFunc)
+    (module,) = out.attrs["external_mods"]
+    assert module.implements_function(f"{layer.kernel}_kernel")
 
 
 def test_density_above_threshold_stays_dense():
@@ -189,7 +190,7 @@ def test_epilogue_stops_at_a_value_with_two_users():
     mod = build([x], body)
     out, report = sparsify(mod)
     assert report.layers[0].epilogue == []
-    assert sorted(ops_in(out["main"])) == ["relax.add", "relax.call_tir", "relax.nn.relu"]
+    assert sorted(ops_in(out["main"])) == ["relax.add", "relax.call_dps_packed", "relax.nn.relu"]
     xv = rng.standard_normal((4, 8)).astype("float32")
     h = xv @ weight.T
     assert_close(Compiled(mod, CPU_TARGET)(xv), np.maximum(h, 0) + h)
@@ -264,7 +265,9 @@ def test_two_operators_meeting_in_one_residual_add_are_both_rewritten(target):
 
     mod = build([h, x], body)
     out, report = sparsify(mod, target=target)
-    assert ops_in(out["main"]) == ["relax.call_tir", "relax.call_tir"]
+    # CPU kernels come compiled (call_dps_packed), CUDA ones as launch wrappers (call_tir).
+    call = "relax.call_dps_packed" if target.kind.name == "llvm" else "relax.call_tir"
+    assert ops_in(out["main"]) == [call, call]
     assert [layer.decision for layer in report.layers] == ["sparse", "sparse"]
     assert sorted(layer.epilogue for layer in report.layers) == [["bias"], ["bias", "residual", "relu"]]
     arrays = [rng.standard_normal((2, 8, 3, 3)).astype("float32") for _ in range(2)]
@@ -284,23 +287,45 @@ def test_cpu_builds_fuse_unless_the_module_calls_packed_functions():
     assert relax_pipeline(plain, tvm.target.Target("cuda")) == "default"
 
 
-def test_cpu_compile_turns_off_the_llvm_passes_unrolled_code_does_not_need(monkeypatch):
+def test_cpu_kernels_are_built_without_the_llvm_passes_unrolled_code_does_not_need(monkeypatch):
     from sparsert_tvm.build import KERNEL_LLVM_OPTIONS, with_llvm_options
 
     user_target = tvm.target.Target({"kind": "llvm", "cl-opt": ["-unroll-threshold=10"]})
     target = with_llvm_options(user_target, KERNEL_LLVM_OPTIONS)
     assert list(target.attrs["cl-opt"]) == ["-unroll-threshold=10", *KERNEL_LLVM_OPTIONS]
-    built_for, tvm_compile = [], tvm.compile
+    kernels_for, model_for = [], []
+    tir_build, tvm_compile = tvm.tirx.build, tvm.compile
+
+    def recording_build(mod, target, **kwargs):
+        kernels_for.append(target)
+        return tir_build(mod, target, **kwargs)
 
     def recording_compile(mod, target, **kwargs):
-        built_for.append(target)
+        model_for.append(target)
         return tvm_compile(mod, target, **kwargs)
 
+    monkeypatch.setattr(tvm.tirx, "build", recording_build)
     monkeypatch.setattr(tvm, "compile", recording_compile)
     rng = np.random.default_rng(RNG_SEED)
     case = make_case(rng, "matmul", 8, 16, 0.3, (None, 16))
     x = rng.standard_normal((3, 16)).astype("float32")
-    for threshold in (1.0, 0.0):  # with a kernel, then all dense
-        assert_close(Compiled(case.module(), CPU_TARGET, threshold)(x), case.reference([x]))
-    with_kernel, dense = (list(t.attrs.get("cl-opt", [])) for t in built_for)
-    assert with_kernel == list(KERNEL_LLVM_OPTIONS) and dense == []
+    assert_close(Compiled(case.module(), CPU_TARGET, 1.0)(x), case.reference([x]))
+    # The kernel, built by the pass, with the options; the rest of the model as the user asked.
+    assert list(kernels_for[0].attrs["cl-opt"]) == list(KERNEL_LLVM_OPTIONS)
+    assert [list(t.attrs.get("cl-opt", [])) for t in model_for] == [[]]
+
+
+def test_a_cpu_model_whose_kernels_took_every_operator_runs_as_built(tmp_path):
+    """With no TIR left for TVM, the executable's only other module is an empty C one: it runs
+    as built (no export that would generate the kernels' machine code again), and still exports."""
+    rng = np.random.default_rng(RNG_SEED)
+    case = make_case(rng, "matmul", 16, 32, 0.2, (5, 32), ("bias", "relu"))  # static: no shape functions either
+    executable = sp.compile(case.module(), CPU_TARGET, 1.0)
+    assert "c" in [m.kind for m in executable.mod.imports]
+    assert executable.jit() is executable.mod
+    x = rng.standard_normal((5, 32)).astype("float32")
+    assert_close(relax.VirtualMachine(executable, tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy(), case.reference([x]))
+    path = str(tmp_path / "model.so")
+    executable.export_library(path)
+    loaded = relax.VirtualMachine(tvm.runtime.load_module(path), tvm.cpu())
+    assert_close(loaded["main"](tvm.runtime.tensor(x)).numpy(), case.reference([x]))

@@ -163,12 +163,15 @@ class _SparsifyWeights:
                 job.layer.reason = str(built)
                 continue
             job.record(built)
-            kernel_gv = rewriter.builder_.add_func(built.func, job.kernel.name)
+            if built.func is None:
+                callee = relax.ExternFunc(built.extern)
+            else:
+                callee = rewriter.builder_.add_func(built.func, job.kernel.name)
             external += built.external_modules
             # Candidates own disjoint bindings (find_candidates shares out the epilogues).
             plan = plans[job.function]
             assert job.candidate.tail not in plan, f"two kernels would replace {job.candidate.tail.name}"
-            plan[job.candidate.tail] = _Planned(kernel_gv, job.candidate, built.problem.x_transposed)
+            plan[job.candidate.tail] = _Planned(callee, job.candidate, built.problem.x_transposed)
         for gv, func in functions:
             if plans[gv]:
                 rewriter.builder_.update_func(gv, rewriter.rewrite(func, plans[gv]))
@@ -294,12 +297,12 @@ class _LayerJob:
 
 @dataclasses.dataclass
 class _Planned:
-    kernel: tvm.ir.GlobalVar
+    kernel: tvm.ir.GlobalVar | relax.ExternFunc  # a PrimFunc of the module, or a compiled one
     candidate: Candidate
     transpose_x: bool
 
     def call(self, builder, visit) -> relax.Call:
-        """The ``call_tir`` replacing the candidate, preceded by the transpose it may need."""
+        """The call replacing the candidate, preceded by the transpose it may need."""
         candidate = self.candidate
         x = visit(candidate.x)
         if self.transpose_x:
@@ -308,6 +311,8 @@ class _Planned:
                 x = builder.emit(relax.op.reshape(x, relax.ShapeExpr([problem.columns, problem.K])))
             x = builder.emit(relax.op.permute_dims(x))
         args = [x] + ([visit(candidate.residual)] if candidate.residual is not None else [])
+        if isinstance(self.kernel, relax.ExternFunc):
+            return relax.call_dps_packed(self.kernel, args, candidate.tail.ty)
         return relax.call_tir(self.kernel, args, candidate.tail.ty)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import os
 from dataclasses import dataclass, field
 
 import tvm
@@ -21,9 +22,11 @@ KERNEL_ATTR = "sparsert.kernel"
 
 @dataclass
 class BuiltKernel:
-    """A generated kernel ready to be called from Relax with ``call_tir``."""
+    """A generated kernel ready to be called from Relax: a PrimFunc for ``call_tir``, or
+    (``func`` None) the packed function ``extern`` of one of ``external_modules``, for
+    ``call_dps_packed``."""
 
-    func: tirx.PrimFunc
+    func: tirx.PrimFunc | None
     problem: SpmmProblem
     # Compiled modules the IRModule must carry in its ``external_mods`` attribute.
     external_modules: list = field(default_factory=list)
@@ -31,6 +34,7 @@ class BuiltKernel:
     params: dict = field(default_factory=dict)
     code_bytes: int | None = None
     compile_seconds: float = 0.0
+    extern: str | None = None
 
 
 class SparseKernelRule(abc.ABC):
@@ -100,6 +104,11 @@ class KernelJob:
     problem: SpmmProblem
     config: KernelConfig
     name: str
+
+
+def default_jobs() -> int:
+    """Builds (ptxas processes, LLVM's code generation) run at once: one per core."""
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
 
 def require_nnz_at_most(problem: SpmmProblem, cap: int, what: str, why: str) -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from ... import cache
 from ...errors import ToolchainError
+from ..base import default_jobs
 
 
 def find_tool(name: str) -> str:
@@ -32,10 +33,6 @@ def find_tool(name: str) -> str:
 @functools.cache
 def _tool_version(path: str) -> str:
     return subprocess.run([path, "--version"], capture_output=True, text=True, check=False).stdout
-
-
-def default_jobs() -> int:
-    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
 
 # Tool processes at once across all threads (layers assembled side by side, each with its

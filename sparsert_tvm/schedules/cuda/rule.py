@@ -24,9 +24,17 @@ from tvm.script.ir_builder import tirx as T
 from ...errors import RuntimeUnavailable, UnsupportedProblem
 from ...problem import Layout, SpmmProblem
 from ...tuning import default_cuda_config, with_segment_budget
-from ..base import OPAQUE_PATTERN, BuiltKernel, KernelJob, SparseKernelRule, kernel_columns_and_batch, operand_shapes
+from ..base import (
+    OPAQUE_PATTERN,
+    BuiltKernel,
+    KernelJob,
+    SparseKernelRule,
+    default_jobs,
+    kernel_columns_and_batch,
+    operand_shapes,
+)
 from ..config import CudaConfig, CudaCsrConfig, CudaSpmmConfig, cuda_config_from_dict
-from .assemble import assemble, default_jobs
+from .assemble import assemble
 from .csr_ptx import check_csr, emit_csr_ptx
 from .ptx import SUPPORTED_DTYPES, PtxKernel, check_padding, check_split, check_vectorization, emit_spmm_ptx
 

@@ -88,13 +88,7 @@ class SparseKernelRule(abc.ABC):
         """``build`` for each job, in order; a job the rule does not handle gets its
         ``UnsupportedProblem`` instead of a kernel. One after another unless a rule can do
         better."""
-        built = []
-        for job in jobs:
-            try:
-                built.append(self.build(job.problem, job.config, target, job.name))
-            except UnsupportedProblem as unsupported:
-                built.append(unsupported)
-        return built
+        return [unless_unsupported(self.build, job.problem, job.config, target, job.name) for job in jobs]
 
 
 @dataclass(frozen=True)
@@ -104,6 +98,15 @@ class KernelJob:
     problem: SpmmProblem
     config: KernelConfig
     name: str
+
+
+def unless_unsupported(step, *args):
+    """``step(*args)``, or the ``UnsupportedProblem`` it raised: a kernel that one layer's
+    rule turns down must not stop the others' builds."""
+    try:
+        return step(*args)
+    except UnsupportedProblem as unsupported:
+        return unsupported
 
 
 def default_jobs() -> int:

@@ -5,10 +5,11 @@ images are computed apart) folding the batch into the columns that the generator
 and of the CSR kernel's rows per block, columns per block and unrolling, is scored with a
 rough model of the H100-class machine in cycles; the tuner only compiles and times the
 best few (through a convolution's window, always with the default's row-count neighbours,
-which the model ranks poorly). For the unrolled code the model counts instructions issued (FMAs plus one load
-per needed activation vector, shared by the rows of a block), how many of them the busiest
-block issues in a row (the tail of the launch), how many warps can be resident to hide
-latency, and the code itself streaming into the SMs (once per column tile and image). For
+which the model ranks poorly). For the unrolled code the model counts instructions issued
+(FMAs plus one load per needed activation vector, shared by the rows of a block), how many
+of them the busiest block issues in a row (the tail of the launch), how many warps can be
+resident to hide latency, and the code itself streaming into the SMs (once per column tile
+and image). For
 the CSR kernel: instructions per chunk of 32 nonzeros, the bytes of its arrays (once per
 column tile and image) and the chain of dependent loads of the longest row.
 """

@@ -18,7 +18,7 @@ import tvm
 
 from ...errors import UnsupportedProblem
 from ...tuning import default_cpu_config
-from ..base import BuiltKernel, KernelJob, SparseKernelRule, default_jobs
+from ..base import BuiltKernel, KernelJob, SparseKernelRule, default_jobs, unless_unsupported
 from ..config import CpuSpmmConfig
 from .kernel import SUPPORTED_DTYPES, cpu_spmm_kernel
 from .lowering import KERNEL_LLVM_OPTIONS, register_pipeline, with_llvm_options
@@ -40,12 +40,7 @@ class CpuSpmmRule(SparseKernelRule):
     def build_all(self, jobs, target):
         """The kernels' TIR is written one after another (TVM's IR builder keeps state), then
         lowered and compiled side by side."""
-        written = []
-        for job in jobs:
-            try:
-                written.append(self._write(job))
-            except UnsupportedProblem as unsupported:
-                written.append(unsupported)
+        written = [unless_unsupported(self._write, job) for job in jobs]
 
         def compile_one(kernel):
             return kernel if isinstance(kernel, UnsupportedProblem) else self._compile(kernel, target)

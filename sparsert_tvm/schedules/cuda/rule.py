@@ -32,6 +32,7 @@ from ..base import (
     default_jobs,
     kernel_columns_and_batch,
     operand_shapes,
+    unless_unsupported,
 )
 from ..config import CudaConfig, CudaCsrConfig, CudaSpmmConfig, cuda_config_from_dict
 from .assemble import assemble
@@ -124,15 +125,10 @@ class CudaSpmmRule(SparseKernelRule):
         """The layers' PTX is written and assembled side by side (ptxas runs in processes of
         its own, at most one per core across all layers: ``assemble``), then packaged in
         order. One after another, a model's many small layers each kept one core busy."""
-
-        def assemble_job(job):
-            try:
-                return self._assemble(job.problem, job.config, target, job.name)
-            except UnsupportedProblem as unsupported:
-                return unsupported
-
         with ThreadPoolExecutor(max_workers=default_jobs()) as pool:
-            assembled = list(pool.map(assemble_job, jobs))
+            assembled = list(pool.map(
+                lambda job: unless_unsupported(self._assemble, job.problem, job.config, target, job.name), jobs
+            ))
         return [a if isinstance(a, UnsupportedProblem) else self._package(job, a) for job, a in zip(jobs, assembled)]
 
     @staticmethod

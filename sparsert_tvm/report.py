@@ -112,6 +112,8 @@ _SHOWN_PARAMS = {
     "columns_per_thread": "cols/thread",
     "columns_per_block": "cols/block",
     "unroll": "unroll",
+    "lanes": "lanes",  # the CSR kernel's: over nonzeros or over columns
+    "warps_per_row": "warps/row",
     "vector_width": "vec",
     "row_groups": "blocks.y",
     "segments": "segments",

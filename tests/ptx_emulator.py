@@ -199,6 +199,8 @@ class PtxProgram:
                 write(ops[0], a // b if op == "div.u32" else a % b, mask)
             elif op == "mul.wide.u32":
                 write(ops[0], value(ops[1]) * value(ops[2]), mask)
+            elif op == "mad.wide.u32":
+                write(ops[0], value(ops[1]) * value(ops[2]) + value(ops[3]), mask)
             elif op == "and.pred":
                 write(ops[0], value(ops[1]) & value(ops[2]), mask)
             elif op in ("mul.lo.u64", "add.s64", "sub.s64", "add.u32", "sub.u32"):

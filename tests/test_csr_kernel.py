@@ -20,7 +20,13 @@ from sparsert_tvm.schedules.cuda import rule as cuda_rule
 from sparsert_tvm.schedules.cuda.assemble import assemble, find_tool
 from sparsert_tvm.schedules.cuda.csr_layout import LANES, NO_ROW, csr_layout
 from sparsert_tvm.schedules.cuda.csr_ptx import emit_csr_ptx
-from sparsert_tvm.tuning import default_cuda_config, prefers_csr, space
+from sparsert_tvm.tuning import (
+    default_column_lanes_config,
+    default_cuda_config,
+    prefers_column_lanes,
+    prefers_csr,
+    space,
+)
 from sparsert_tvm.tuning.database import TuningDatabase, TuningRecord, problem_key
 from sparsert_tvm.tuning.tuner import TuneOptions, Tuner
 from sparsert_tvm.weights import SparseMatrix
@@ -141,6 +147,126 @@ def test_float16_accumulates_in_float32(layout):
     np.testing.assert_allclose(out.astype(np.float64), ref.astype(np.float64), rtol=1e-3, atol=1e-3)
 
 
+# -- lanes over columns --------------------------------------------------------------------
+
+
+def column_lanes(width=1, unroll=2, rows=4, sort_rows=True, warps=1):
+    return CudaCsrConfig(rows_per_block=rows, columns_per_block=32 * width, unroll=unroll, lanes="columns",
+                         sort_rows=sort_rows, warps_per_row=warps)
+
+
+@pytest.mark.parametrize("density", [0.0, 0.02, 0.2, 1.0])
+@pytest.mark.parametrize("columns", [32, 40, 96, 128])
+def test_column_lanes_over_a_transposed_x(density, columns):
+    """Tiles of 32-128 columns, the last one partial where 40 or 96 columns do not fill it."""
+    rng = np.random.default_rng(30)
+    weight = sparse_matrix(rng, (21, 70), density)  # 21 rows fill no block of 4
+    p = problem(rng, Layout.ROWS, weight, (columns, 70), ("bias", "residual", "relu6"), transposed=True)
+    for width, unroll, warps in ((1, 1, 1), (2, 2, 1), (4, 8, 1), (1, 2, 4), (2, 1, 2)):
+        if columns % width == 0:
+            check(p, column_lanes(width, unroll, warps=warps), rng)
+
+
+@pytest.mark.parametrize("x_shape", [(1, 40, 4, 8), (3, 40, 7, 7), (2, 40, 16, 16)], ids=str)
+def test_column_lanes_over_nchw_images(x_shape):
+    rng = np.random.default_rng(31)
+    weight = sparse_matrix(rng, (19, 40), 0.15)
+    p = problem(rng, Layout.CHANNELS, weight, x_shape, ("bias", "residual", "relu"))
+    widths = [w for w in (1, 2, 4) if x_shape[2] * x_shape[3] % w == 0]
+    for width in widths:
+        check(p, column_lanes(width, unroll=4, rows=3), rng)
+
+
+@pytest.mark.parametrize("warps", [1, 2, 8])
+@pytest.mark.parametrize("unroll", [1, 2, 8])
+def test_column_lanes_with_uneven_and_empty_rows(unroll, warps):
+    """Warps of a row run different trip counts, some none (more warps than trips); the
+    last block's slots past the last row meet the barrier with the others."""
+    rng = np.random.default_rng(32)
+    weight = pruned_matrix(rng, (45, 200), 0.15)
+    weight[[0, 7, 8, 44]] = 0
+    weight[3] = rng.standard_normal(200)  # a dense row: 25 trips of 8
+    p = problem(rng, Layout.ROWS, weight, (64, 200), ("bias", "residual"), transposed=True)
+    # Warps' partial sums change the order of a float32 sum of up to 200 products.
+    check(p, column_lanes(2, unroll, rows=4, warps=warps), rng, tolerance=1e-4)
+    check(p, column_lanes(1, unroll, rows=2, sort_rows=False, warps=warps), rng, tolerance=1e-4)
+
+
+@pytest.mark.parametrize("epilogue", EPILOGUES, ids=lambda e: "+".join(e) or "none")
+@pytest.mark.parametrize("layout", [Layout.ROWS, Layout.CHANNELS])
+def test_every_epilogue_with_column_lanes(layout, epilogue):
+    rng = np.random.default_rng(33)
+    weight = sparse_matrix(rng, (13, 50), 0.2)
+    x_shape = (64, 50) if layout is Layout.ROWS else (2, 50, 4, 16)
+    p = problem(rng, layout, weight, x_shape, epilogue, transposed=layout is Layout.ROWS)
+    check(p, column_lanes(2, unroll=4, rows=2), rng)
+    check(p, column_lanes(2, unroll=2, rows=2, warps=2), rng)
+
+
+def test_column_lanes_with_a_symbolic_batch():
+    rng = np.random.default_rng(34)
+    weight = sparse_matrix(rng, (23, 64), 0.2)
+    n = tirx.Var("n", "int64")
+    channels = problem(rng, Layout.CHANNELS, weight, (n, 64, 4, 8), ("bias", "residual"))
+    for batch in (1, 3):
+        check(channels, column_lanes(4, unroll=2), rng, x_shape=(batch, 64, 4, 8))
+
+
+@pytest.mark.parametrize("layout", [Layout.ROWS, Layout.CHANNELS])
+def test_column_lanes_in_float16_accumulate_in_float32(layout):
+    rng = np.random.default_rng(35)
+    weight = sparse_matrix(rng, (29, 300), 0.5)
+    x_shape = (64, 300) if layout is Layout.ROWS else (2, 300, 4, 8)
+    p = problem(rng, layout, weight, x_shape, ("bias", "residual", "relu6"), dtype="float16",
+                transposed=layout is Layout.ROWS)
+    config = column_lanes(4, unroll=4)
+    text = emit_csr_ptx(p, config, "k", "sm_90").units[0]
+    assert "ld.global.nc.v4.b16" in text and "fma.rn.f32" in text and "f16x2" not in text
+    out, ref = emulate(p, config, rng)
+    assert out.dtype == np.float16
+    np.testing.assert_allclose(out.astype(np.float64), ref.astype(np.float64), rtol=1e-3, atol=1e-3)
+
+
+def test_column_lanes_read_pairs_for_every_lane_and_shuffle_nothing():
+    rng = np.random.default_rng(36)
+    weight = sparse_matrix(rng, (40, 100), 0.1)
+    p = problem(rng, Layout.CHANNELS, weight, (1, 100, 8, 16), ("bias",))
+    text = emit_csr_ptx(p, column_lanes(4, unroll=4), "k", "sm_90").units[0]
+    assert ".global .align 16 .b32 k_pairs" in text and "k_values" not in text
+    # Four nonzeros' pairs per trip: those of the first trip ahead of the loop, then of the next.
+    assert text.count("ld.global.nc.v4.u32 {%wn") == 4
+    assert text.count("ld.global.nc.v4.f32 {%x") == 4 and text.count("fma.rn.f32") == 16
+    assert "st.global.v4.f32" in text and "shfl" not in text and "bar.sync" not in text
+    shared = emit_csr_ptx(p, column_lanes(4, unroll=4, rows=2, warps=4), "k", "sm_90").units[0]
+    # 256 threads x 4 columns x 4 bytes
+    assert ".shared .align 16 .b8 k_partials[4096]" in shared and shared.count("bar.sync 0;") == 1
+    assert shared.count("ld.shared.v4.f32") == 3  # the row's first warp adds the other three
+    # Rows are padded to whole trips: offsets of X rows (bytes), values as float32 bits.
+    layout = csr_layout(p, 4, True, chunk=4)
+    assert layout.padded_nnz % 4 == 0 and (layout.slots[layout.slots[:, 2] != NO_ROW, 0] % 4 == 0).all()
+
+
+def test_what_column_lanes_reject():
+    rng = np.random.default_rng(37)
+    weight = sparse_matrix(rng, (16, 32), 0.3)
+    rule = cuda_rule.CudaSpmmRule()
+    untransposed = problem(rng, Layout.ROWS, weight, (64, 32))
+    with pytest.raises(UnsupportedProblem, match="neighbours in memory"):
+        rule.check(untransposed, column_lanes())
+    odd = problem(rng, Layout.CHANNELS, weight, (1, 32, 5, 7))
+    rule.check(odd, column_lanes(1))
+    with pytest.raises(UnsupportedProblem, match="divisible by 2"):
+        rule.check(odd, column_lanes(2))
+    for bad in ({"lanes": "rows"}, {"lanes": "columns", "columns_per_block": 16}, {"columns_per_block": 32},
+                {"warps_per_row": 2}, {"lanes": "columns", "columns_per_block": 32, "warps_per_row": 3},
+                {"lanes": "columns", "columns_per_block": 32, "warps_per_row": 8, "rows_per_block": 8}):
+        with pytest.raises(ValueError):
+            CudaCsrConfig(**bad)
+    assert cuda_config_from_dict(column_lanes(2).as_dict()) == column_lanes(2)
+    legacy = {k: v for k, v in CudaCsrConfig().as_dict().items() if k != "lanes"}
+    assert cuda_config_from_dict(legacy) == CudaCsrConfig()  # records from before lanes
+
+
 def test_emulator_is_loud_about_partial_warps_and_array_bounds():
     def program(body):
         lines = [".global .align 4 .b32 k_data[2] = {", "1,2", "};", ".visible .entry k(.param .u64 p_y)", "{"]
@@ -242,12 +368,15 @@ def test_no_spills_at_the_widest_tile_of_the_tuning_space(tmp_path):
     widest = CudaCsrConfig(
         rows_per_block=8, columns_per_block=max(space.CSR_COLUMNS_PER_BLOCK), unroll=max(space.CSR_UNROLL)
     )
-    kernel = emit_csr_ptx(p, widest, "k", "sm_90")
-    path = tmp_path / "k.ptx"
-    path.write_text(kernel.units[0])
-    command = [find_tool("ptxas"), "-arch=sm_90", "-v", str(path), "-o", str(tmp_path / "k.cubin")]
-    info = subprocess.run(command, capture_output=True, text=True)
-    assert info.returncode == 0 and "0 bytes spill stores" in info.stderr, info.stderr
+    transposed = dataclasses.replace(p, x_transposed=True, x_shape=(128, 512))
+    transposed = dataclasses.replace(transposed, y_shape=(128, 64))
+    for problem_, config in ((p, widest), (transposed, column_lanes(4, unroll=max(space.CSR_COLUMN_UNROLL), rows=8))):
+        kernel = emit_csr_ptx(problem_, config, "k", "sm_90")
+        path = tmp_path / "k.ptx"
+        path.write_text(kernel.units[0])
+        command = [find_tool("ptxas"), "-arch=sm_90", "-v", str(path), "-o", str(tmp_path / "k.cubin")]
+        info = subprocess.run(command, capture_output=True, text=True)
+        assert info.returncode == 0 and "0 bytes spill stores" in info.stderr, info.stderr
 
 
 # -- configs, defaults, tuning, the pass --------------------------------------------------
@@ -290,6 +419,49 @@ def test_csr_is_the_default_only_for_large_matrix_vector_layers():
         default_cuda_config(big, "dense")
 
 
+def test_column_lanes_are_the_default_from_16_to_128_neighbouring_columns():
+    rng = np.random.default_rng(23)
+    weight = fc(rng, 1024, 1024, 1).weight  # about 105k nonzeros
+
+    def rows_layer(columns, transposed=True, m=1024):
+        w = weight if m == 1024 else fc(rng, m, 1024, 1).weight
+        return SpmmProblem(w, Layout.ROWS, "float32", (columns, 1024), (columns, m), x_transposed=transposed)
+
+    for columns in (16, 32, 64, 128):
+        config = default_cuda_config(rows_layer(columns))
+        assert prefers_column_lanes(rows_layer(columns)) and config.column_lanes and config.unroll == 8
+        rule = cuda_rule.CudaSpmmRule()
+        rule.check(rows_layer(columns), config)
+    for columns in (8, 196, 512):
+        assert not prefers_column_lanes(rows_layer(columns))
+    assert not prefers_column_lanes(rows_layer(32, transposed=False))  # X's columns K apart
+    # Lanes of 1, 2 or 4 columns; rows split among warps while the launch is small.
+    assert default_cuda_config(rows_layer(32)).columns_per_block == 32
+    assert default_cuda_config(rows_layer(64)).columns_per_block == 64
+    assert default_cuda_config(rows_layer(128)).columns_per_block == 128
+    assert default_cuda_config(rows_layer(32)).warps_per_row == 4  # 1024 rows
+    assert default_cuda_config(rows_layer(32, m=4096)).warps_per_row == 1
+    assert default_column_lanes_config(rows_layer(96)).columns_per_block == 64  # 2 tiles, not 1 of 25% idle lanes
+    # NCHW 1x1 layers at batch 1 (measured), not at batch 8 (not measured).
+    def channels(batch, spatial):
+        return SpmmProblem(weight, Layout.CHANNELS, "float32", (batch, 1024, *spatial), (batch, 1024, *spatial))
+
+    assert prefers_column_lanes(channels(1, (7, 7))) and not prefers_column_lanes(channels(8, (7, 7)))
+    assert default_cuda_config(channels(1, (7, 7))).columns_per_block == 32  # 49 columns: one per lane
+    assert not prefers_column_lanes(channels(1, (14, 14)))
+    small = SpmmProblem(fc(rng, 256, 256, 1).weight, Layout.CHANNELS, "float32", (1, 256, 7, 7), (1, 256, 7, 7))
+    assert not prefers_column_lanes(small)  # 6.5k nonzeros: not measured
+
+
+def test_overrides_asking_for_column_lanes_start_from_their_default():
+    rule = cuda_rule.CudaSpmmRule()
+    p = dataclasses.replace(fc(np.random.default_rng(24), 512, 512, 64), x_transposed=True)
+    config = rule.with_overrides(p, rule.default_config(p, None), {"kernel": "csr", "lanes": "columns", "unroll": 2})
+    assert config.column_lanes and config.unroll == 2 and config.columns_per_block == 64
+    back = rule.with_overrides(p, config, {"kernel": "csr", "lanes": "nonzeros"})
+    assert not back.column_lanes and back.columns_per_block <= 16
+
+
 def test_tuning_space_holds_valid_csr_candidates():
     rng = np.random.default_rng(15)
     p = fc(rng, 256, 512, 3)
@@ -302,6 +474,13 @@ def test_tuning_space_holds_valid_csr_candidates():
         assert config.columns_per_block < 2 * 3 or config.columns_per_block == 1  # no tile of mostly missing columns
     costs = [space.estimated_cost(p, c) for c in configs[1:]]
     assert costs == sorted(costs)
+    assert not [c for c in csr if c.column_lanes]  # X's columns are K apart
+    transposed = dataclasses.replace(fc(rng, 256, 512, 64), x_transposed=True)
+    configs = space.candidates(transposed, rule.check, 400)
+    lanes = [c for c in configs if isinstance(c, CudaCsrConfig) and c.column_lanes]
+    assert lanes and {c.warps_per_row for c in lanes} == {1, 2, 4}
+    for config in lanes:
+        rule.check(transposed, config)
     # Windowed convolutions get no CSR candidate (the kernel rejects them).
     windowed = problem_of(conv(rng, "3x3", "NCHW", 0.3, batch=1))
     assert not [c for c in space.candidates(windowed, rule.check, 200) if isinstance(c, CudaCsrConfig)]
@@ -419,6 +598,28 @@ def test_csr_modules_on_the_gpu(gpu_target, dtype, kind, x_shape, config):
     case = make_case(rng, kind, 45, 96, 0.15, x_shape, ("bias", "residual", "relu6"), dtype=dtype)
     report = check_module(case, gpu_target, batches=(1, 5, 300) if None in x_shape else (None,), kernel_config=config)
     assert report.layers[0].params["kernel"] == "csr"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize(
+    "kind, x_shape, config",
+    [
+        ("matmul", (64, 96), {"columns_per_block": 64, "unroll": 4}),
+        ("matmul_t", (40, 96), {"columns_per_block": 32, "unroll": 1, "sort_rows": False}),
+        ("conv_nchw", (None, 96, 4, 8), {"columns_per_block": 128, "unroll": 8, "rows_per_block": 8}),
+        ("conv_nchw", (2, 96, 7, 7), {"columns_per_block": 32, "unroll": 2}),
+        ("matmul", (96, 96), {"columns_per_block": 32, "unroll": 4, "warps_per_row": 4, "rows_per_block": 2}),
+        ("conv_nchw", (None, 96, 4, 4), {"columns_per_block": 64, "unroll": 8, "warps_per_row": 2}),
+    ],
+    ids=str,
+)
+def test_column_lane_modules_on_the_gpu(gpu_target, dtype, kind, x_shape, config):
+    rng = np.random.default_rng(22)
+    case = make_case(rng, kind, 45, 96, 0.15, x_shape, ("bias", "residual", "relu6"), dtype=dtype)
+    config = {"kernel": "csr", "lanes": "columns"} | config
+    report = check_module(case, gpu_target, batches=(1, 5, 300) if None in x_shape else (None,), kernel_config=config)
+    assert report.layers[0].params["kernel"] == "csr" and report.layers[0].params["lanes"] == "columns"
 
 
 @pytest.mark.gpu

@@ -131,34 +131,65 @@ class CudaCsrConfig(_CudaKernelConfig):
     The nonzeros' values and column indices are read from arrays in the module instead of
     being instructions. A warp owns one row of ``A``, a block ``rows_per_block`` rows (of
     similar lengths, heaviest first, with ``sort_rows``) and ``columns_per_block``
-    neighbouring columns of the product: each lane takes every 32nd nonzero of the row and
-    keeps one accumulator per column; a warp reduction sums the lanes. ``unroll`` chunks of
-    32 nonzeros are loaded per loop trip, so that several loads are in flight at once.
+    neighbouring columns of the product. What the warp's 32 lanes share out is ``lanes``:
+
+    * ``"nonzeros"``: each lane takes every 32nd nonzero of the row and keeps one
+      accumulator per column (up to 16); a warp reduction sums the lanes. ``unroll`` chunks
+      of 32 nonzeros are loaded per loop trip, so that several loads are in flight at once.
+      For a few columns: a matrix-vector product keeps every lane busy.
+    * ``"columns"``: each lane owns ``columns_per_block / 32`` neighbouring columns (32, 64
+      or 128 per block) and the warp walks the row's nonzeros in order, every lane reading
+      the same (value, offset) pair and then its own columns of that row of X, ``unroll``
+      nonzeros per trip. Each warp load of X is one contiguous run; it needs X's columns to
+      be neighbours in memory (NCHW, or a transposed X). ``warps_per_row`` warps share a
+      row (trip ``t`` to warp ``t % warps_per_row``) and add up through shared memory: a
+      long row is a long chain of dependent loads for one warp.
     """
 
     KERNEL: ClassVar[str] = "csr"
+    LANES: ClassVar[tuple[str, ...]] = ("nonzeros", "columns")
 
     rows_per_block: int = 4
     columns_per_block: int = 1
     unroll: int = 2
     sort_rows: bool = True
+    lanes: str = "nonzeros"
+    warps_per_row: int = 1
     ptxas_opt_level: int = 3
-    # The arrays cost about 6 bytes per nonzero in the cubin and 20 in the PTX text.
+    # The arrays cost about 6 bytes per nonzero in the cubin and 20 in the PTX text (8 and
+    # 24 with column lanes: a float32 value and a 32-bit offset each).
     max_layer_nnz: int = 4_000_000
 
     def __post_init__(self):
         _check_positive(self, "rows_per_block", "columns_per_block", "unroll", "max_layer_nnz")
         if self.rows_per_block > 32:
             raise ValueError("rows_per_block must be at most 32 (one warp per row, 1024 threads)")
-        if self.columns_per_block > 16:
+        if self.lanes not in self.LANES:
+            raise ValueError(f"lanes must be one of {self.LANES}, got {self.lanes!r}")
+        if self.column_lanes and self.columns_per_block not in (32, 64, 128):
+            raise ValueError("with column lanes columns_per_block must be 32, 64 or 128 (1, 2 or 4 per lane)")
+        if not self.column_lanes and self.columns_per_block > 16:
             raise ValueError("columns_per_block must be at most 16 (one accumulator per column and lane)")
+        if self.warps_per_row not in (1, 2, 4, 8) or (self.warps_per_row > 1 and not self.column_lanes):
+            raise ValueError("warps_per_row must be 1, 2, 4 or 8, and more than 1 only with column lanes")
+        if self.rows_per_block * self.warps_per_row > 32:
+            raise ValueError("rows_per_block * warps_per_row must be at most 32 (1024 threads)")
         if self.unroll not in (1, 2, 4, 8):
             raise ValueError("unroll must be 1, 2, 4 or 8")
         self._check_opt_level()
 
     @property
     def threads_per_block(self) -> int:
-        return 32 * self.rows_per_block
+        return 32 * self.rows_per_block * self.warps_per_row
+
+    @property
+    def column_lanes(self) -> bool:
+        return self.lanes == "columns"
+
+    @property
+    def columns_per_lane(self) -> int:
+        """Neighbouring columns each lane owns with column lanes (one vector load)."""
+        return self.columns_per_block // 32 if self.column_lanes else 1
 
 
 CudaConfig = CudaSpmmConfig | CudaCsrConfig

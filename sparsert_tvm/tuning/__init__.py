@@ -67,23 +67,69 @@ def prefers_csr(problem: SpmmProblem) -> bool:
     )
 
 
-def default_cuda_config(problem: SpmmProblem, kernel: str | None = None) -> CudaConfig:
-    """The untuned config of ``kernel`` ("unrolled" or "csr"), or by default of the kernel
-    the heuristics prefer for ``problem`` (``prefers_csr``)."""
+# The CSR kernel with lanes over columns is the default from 16 to 128 columns where X's
+# columns are neighbours in memory (a transposed X, or NCHW at batch 1) and the weight has
+# at least this many nonzeros. On the H200 (benchmarks/results/csr-column-lanes-h200.md:
+# 29 BERT, DeepBench and ResNet-50 1x1 layers of 52k-1.7M nonzeros at 10%) its defaults
+# below ran 1.2-3.2x faster than the unrolled kernel at 16-64 columns (the unrolled code
+# streams in once per column tile: a flat 18-34 us on BERT-large's layers) and 0.98-1.7x at
+# 128; at 196 columns it lost (0.7-1.0x), at 512 it lost 1.1-1.5x.
+CSR_COLUMN_LANES_COLUMNS = (16, 128)
+CSR_COLUMN_LANES_MIN_NNZ = 50_000
+# Warps (of one column per lane) a column-lane launch aims at: each warp's row is a chain
+# of dependent loads, so short of this rows are split among up to 4 warps.
+_COLUMN_LANE_WARPS = 4096
+
+
+def prefers_column_lanes(problem: SpmmProblem) -> bool:
+    columns, lo_hi = problem.static_columns, CSR_COLUMN_LANES_COLUMNS
+    neighbours = problem.x_transposed or (problem.layout is Layout.CHANNELS and problem.static_batch == 1)
+    return (
+        problem.window is None
+        and neighbours
+        and columns is not None
+        and lo_hi[0] <= columns <= lo_hi[1]
+        and problem.weight.nnz >= CSR_COLUMN_LANES_MIN_NNZ
+    )
+
+
+def default_cuda_config(problem: SpmmProblem, kernel: str | None = None, lanes: str | None = None) -> CudaConfig:
+    """The untuned config of ``kernel`` ("unrolled" or "csr", whose ``lanes`` default to
+    "nonzeros"), or by default of the kernel the heuristics prefer for ``problem``
+    (``prefers_column_lanes``, ``prefers_csr``)."""
     if kernel is None:
-        kernel = CudaCsrConfig.KERNEL if prefers_csr(problem) else CudaSpmmConfig.KERNEL
+        if prefers_column_lanes(problem):
+            kernel, lanes = CudaCsrConfig.KERNEL, "columns"
+        else:
+            kernel = CudaCsrConfig.KERNEL if prefers_csr(problem) else CudaSpmmConfig.KERNEL
     if kernel == CudaCsrConfig.KERNEL:
-        return default_csr_config(problem)
+        return default_column_lanes_config(problem) if lanes == "columns" else default_csr_config(problem)
     if kernel != CudaSpmmConfig.KERNEL:
         raise ValueError(f"unknown CUDA kernel {kernel!r}")
     return default_unrolled_config(problem)
 
 
+def default_column_lanes_config(problem: SpmmProblem) -> CudaCsrConfig:
+    """Lanes of as many columns (1, 2 or 4) as fill a tile without a mostly empty one, eight
+    nonzeros per trip (faster than four on 24 of 29 layers measured), and up to 4 warps per
+    row while the launch has fewer than about 4096 warps per column a lane owns: on the
+    H200 this picked the fastest of the warp counts timed, or one within 6%, on every
+    layer measured (csr-column-lanes-h200.md)."""
+    columns = problem.static_columns or 32
+    width = next(w for w in (4, 2, 1) if 32 * w <= max(32, columns) and columns % w == 0)
+    tiles = -(-columns // (32 * width)) * (problem.static_batch or 1)
+    warps = next(w for w in (4, 2, 1) if w == 1 or problem.M * tiles * w <= _COLUMN_LANE_WARPS * width)
+    rows = _rows_filling_the_machine(problem, 4, tiles)
+    return CudaCsrConfig(
+        rows_per_block=rows, columns_per_block=32 * width, unroll=8, lanes="columns", warps_per_row=warps
+    )
+
+
 def default_csr_config(problem: SpmmProblem) -> CudaCsrConfig:
-    """One column tile up to 16 columns (each tile reads the arrays again), 4 for a symbolic
-    count; chunks in flight per trip as many as the longest row has (up to 4: its chain of
-    loads is the launch's tail); four rows per block, fewer where the grid would not give
-    every SM a couple of blocks."""
+    """Lanes over nonzeros: one column tile up to 16 columns (each tile reads the arrays
+    again), 4 for a symbolic count; chunks in flight per trip as many as the longest row has
+    (up to 4: its chain of loads is the launch's tail); four rows per block, fewer where the
+    grid would not give every SM a couple of blocks."""
     columns = problem.static_columns
     tile = 4 if columns is None else min(16, columns)
     longest = -(-int(problem.weight.row_nnz.max(initial=0)) // 32)

@@ -2,7 +2,8 @@
 
 Every combination of rows per block, threads, columns per thread, vector width and (where
 images are computed apart) folding the batch into the columns that the generator accepts,
-and of the CSR kernel's rows per block, columns per block and unrolling, is scored with a
+and of the CSR kernel's rows per block, columns per block, unrolling and (with lanes over
+columns) warps per row, is scored with a
 rough model of the H100-class machine in cycles; the tuner only compiles and times the
 best few (through a convolution's window, always with the default's row-count neighbours,
 which the model ranks poorly). For the unrolled code the model counts instructions issued
@@ -11,7 +12,9 @@ of them the busiest block issues in a row (the tail of the launch), how many war
 resident to hide latency, and the code itself streaming into the SMs (once per column tile
 and image). For
 the CSR kernel: instructions per chunk of 32 nonzeros, the bytes of its arrays (once per
-column tile and image) and the chain of dependent loads of the longest row.
+column tile and image) and the chain of dependent loads of the longest row; with lanes over
+columns, instructions per trip, the activations' bytes through L1, and the longest row's
+trips (shared by its warps) each waiting on an activation load.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from ..schedules.cuda.csr_layout import LANES, MAX_U16_COLUMNS
 from ..schedules.row_groups import group_rows
 from . import (
     column_vectors,
+    default_column_lanes_config,
     default_cuda_config,
     default_registers,
     folds_batch_by_default,
@@ -59,6 +63,10 @@ SYMBOLIC_COLUMNS = 256
 CSR_ROWS_PER_BLOCK = (4, 2, 8, 1)
 CSR_COLUMNS_PER_BLOCK = (1, 2, 4, 8, 16)
 CSR_UNROLL = (1, 2, 4)
+# With lanes over columns: columns per block (1, 2 or 4 per lane) and nonzeros per trip.
+CSR_COLUMN_LANE_TILES = (32, 64, 128)
+CSR_COLUMN_UNROLL = (2, 4, 8)
+CSR_WARPS_PER_ROW = (1, 2, 4)
 # Bytes of machine code per instruction (sm_90).
 INSTRUCTION_BYTES = 16
 
@@ -109,6 +117,15 @@ def candidates(
     space += [
         dataclasses.replace(csr, rows_per_block=rows, columns_per_block=cols, unroll=unroll)
         for rows, cols, unroll in itertools.product(CSR_ROWS_PER_BLOCK, CSR_COLUMNS_PER_BLOCK, CSR_UNROLL)
+    ]
+    column_lanes = default_column_lanes_config(problem)
+    space += [
+        dataclasses.replace(
+            column_lanes, rows_per_block=rows, columns_per_block=cols, unroll=unroll, warps_per_row=warps
+        )
+        for rows, cols, unroll, warps in itertools.product(
+            CSR_ROWS_PER_BLOCK, CSR_COLUMN_LANE_TILES, CSR_COLUMN_UNROLL, CSR_WARPS_PER_ROW
+        )
     ]
     scored = {}
     for config in space:
@@ -171,7 +188,7 @@ def _with_both_kernels(chosen: list, limit: int, cost: dict) -> list:
 def estimated_cost(problem: SpmmProblem, config: CudaConfig, machine: Machine = Machine()) -> float | None:
     """A relative time estimate (cycles, roughly), or None for configs not worth trying."""
     if isinstance(config, CudaCsrConfig):
-        return _csr_cost(problem, config, machine)
+        return (_column_lanes_cost if config.column_lanes else _csr_cost)(problem, config, machine)
     lanes = _registers_per_vector(problem.dtype, config.vector_width)
     accumulators = config.rows_per_block * config.columns_per_thread * lanes
     if accumulators > MAX_ACCUMULATORS or config.columns_per_thread * lanes > MAX_CODE_MULTIPLIER:
@@ -250,6 +267,31 @@ def _csr_cost(problem: SpmmProblem, config: CudaCsrConfig, machine: Machine) -> 
     serial = (2 * trips + 3) * machine.load_latency
     serial += (longest * per_chunk + per_warp) * 4.0 / min(4, resident * config.rows_per_block)
     return max(throughput, memory, waves * serial)
+
+
+def _column_lanes_cost(problem: SpmmProblem, config: CudaCsrConfig, machine: Machine) -> float | None:
+    """Cycles of the CSR kernel with lanes over columns: instructions per trip, activations
+    through L1 (every nonzero reads a run of ``columns_per_block`` of them per tile), and the
+    longest row's trips, each waiting on its activation loads (about twice the latency of a
+    load that misses L1, as measured on the H200), shared by the row's warps."""
+    columns = problem.static_columns or SYMBOLIC_COLUMNS
+    width, unroll, warps = config.columns_per_lane, config.unroll, config.warps_per_row
+    if width > 1 and config.columns_per_block >= 2 * columns:  # a tile of mostly missing columns
+        return None
+    trips = -(-problem.weight.row_nnz // unroll)
+    if unroll > 2 and unroll > problem.weight.row_nnz.max(initial=0):
+        return None
+    tiles = math.ceil(columns / config.columns_per_block) * (problem.static_batch or 1)
+    es = 4 if problem.dtype == "float32" else 2
+    per_trip = unroll * (3 + width * (2 if es == 2 else 1)) + unroll / 2 + 4  # move, address, loads, FMAs
+    issued = tiles * (float(trips.sum()) * per_trip + problem.M * warps * 40)
+    throughput = issued / (machine.sms * 2.0)
+    l1 = tiles * float(trips.sum()) * unroll * config.columns_per_block * es / (machine.sms * 64.0)
+    blocks = math.ceil(problem.M / config.rows_per_block) * tiles
+    resident = min(machine.blocks_per_sm, machine.warps_per_sm // (config.rows_per_block * warps))
+    waves = math.ceil(blocks / (machine.sms * max(1, resident)))
+    chain = math.ceil(int(trips.max(initial=0)) / warps) * 2 * machine.load_latency
+    return max(throughput, l1, waves * (chain + 3 * machine.load_latency))
 
 
 @lru_cache(maxsize=256)

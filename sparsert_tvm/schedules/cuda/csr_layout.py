@@ -1,11 +1,13 @@
 """Where the CSR kernel finds each nonzero: the arrays it carries, laid out for its warps.
 
-A warp owns one row of ``A`` and reads it in *chunks* of 32 nonzeros, lane ``l`` of chunk
-``t`` taking element ``first + 32 * t + l``: every chunk is one coalesced 128-byte load of
-values (and 64 of u16 indices), and the loop needs no predicate. Each row is padded to a
-multiple of 32 with zero values whose column is the row's last one, so a padded lane reads
-an activation the row reads anyway (a column never read by the row could hold an infinity
-and turn the row into NaN). Empty rows take no chunk at all.
+A warp owns one row of ``A`` and reads it in *chunks* of ``chunk`` nonzeros. With lanes
+over nonzeros a chunk is 32, lane ``l`` of chunk ``t`` taking element ``first + 32 * t + l``:
+every chunk is one coalesced 128-byte load of values (and 64 of u16 indices). With lanes
+over columns a chunk is one loop trip's nonzeros, read by every lane. Either way the loop
+needs no predicate: each row is padded to a multiple of the chunk with zero values whose
+column is the row's last one, so a padded entry reads an activation the row reads anyway (a
+column never read by the row could hold an infinity and turn the row into NaN). Empty rows
+take no chunk at all.
 
 Per warp slot (``block * rows_per_block + warp``) a table holds ``(first, chunks, row)`` and
 the float32 bits of the row's value of each bias add, padded to 16 bytes (vector loads);
@@ -31,7 +33,7 @@ MAX_U16_COLUMNS = 1 << 16
 @dataclass(frozen=True)
 class CsrLayout:
     groups: tuple[tuple[int, ...], ...]  # rows of each block, warp by warp
-    values: np.ndarray  # the weight's dtype, rows padded to multiples of 32
+    values: np.ndarray  # the weight's dtype, rows padded to multiples of the chunk
     indices: np.ndarray  # uint16 where K allows it, else uint32
     slots: np.ndarray  # uint32 [blocks * rows_per_block, 4 * n]: first element, chunks, row, biases
 
@@ -40,15 +42,15 @@ class CsrLayout:
         return len(self.values)
 
 
-def csr_layout(problem: SpmmProblem, rows_per_block: int, sort_rows: bool) -> CsrLayout:
+def csr_layout(problem: SpmmProblem, rows_per_block: int, sort_rows: bool, chunk: int = LANES) -> CsrLayout:
     weight = problem.weight
     row_nnz = weight.row_nnz
     if sort_rows:
         groups = group_rows_by_length(row_nnz, rows_per_block)
     else:
         groups = group_rows(row_nnz, rows_per_block, balance=False)
-    chunks = -(-row_nnz // LANES)
-    total = int(chunks.sum()) * LANES
+    chunks = -(-row_nnz // chunk)
+    total = int(chunks.sum()) * chunk
     values = np.zeros(total, weight.dense.dtype)
     indices = np.zeros(total, np.uint16 if problem.K <= MAX_U16_COLUMNS else np.uint32)
     bias = _bias_bits(problem)
@@ -59,7 +61,7 @@ def csr_layout(problem: SpmmProblem, rows_per_block: int, sort_rows: bool) -> Cs
     for g, rows in enumerate(groups):
         for w, m in enumerate(rows):
             columns, row_values = weight.row(m)
-            size = int(chunks[m]) * LANES
+            size = int(chunks[m]) * chunk
             values[first : first + len(columns)] = row_values
             indices[first : first + len(columns)] = columns
             if len(columns):

@@ -101,8 +101,9 @@ class CudaSpmmRule(SparseKernelRule):
         # Overrides name their kernel ("kernel": "csr"); without it they are the unrolled one's.
         fields = dict(overrides)
         kernel = fields.pop("kernel", CudaSpmmConfig.KERNEL)
-        if config.KERNEL != kernel:
-            config = default_cuda_config(problem, kernel)
+        lanes = fields.get("lanes")
+        if config.KERNEL != kernel or (lanes is not None and getattr(config, "lanes", None) != lanes):
+            config = default_cuda_config(problem, kernel, lanes)  # that kernel's (and lanes') own tiling
         config = dataclasses.replace(config, **fields)
         if isinstance(config, CudaSpmmConfig) and "max_instructions_per_segment" not in fields:
             config = with_segment_budget(config)  # sized for the tiling asked for

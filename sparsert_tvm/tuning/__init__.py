@@ -111,9 +111,9 @@ def default_cuda_config(problem: SpmmProblem, kernel: str | None = None, lanes: 
 
 def default_column_lanes_config(problem: SpmmProblem) -> CudaCsrConfig:
     """Lanes of as many columns (1, 2 or 4) as fill a tile without a mostly empty one, eight
-    nonzeros per trip (faster than four on 24 of 29 layers measured), and up to 4 warps per
+    nonzeros per trip (faster than four on 29 of 30 layers measured), and up to 4 warps per
     row while the launch has fewer than about 4096 warps per column a lane owns: on the
-    H200 this picked the fastest of the warp counts timed, or one within 6%, on every
+    H200 this picked the fastest of the warp counts timed, or one within 5%, on every
     layer measured (csr-column-lanes-h200.md)."""
     columns = problem.static_columns or 32
     width = next(w for w in (4, 2, 1) if 32 * w <= max(32, columns) and columns % w == 0)

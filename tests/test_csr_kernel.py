@@ -97,11 +97,19 @@ EPILOGUES = [(), ("bias",), ("residual",), ("relu",), ("relu6",), ("clip",), ("b
 
 @pytest.mark.parametrize("epilogue", EPILOGUES, ids=lambda e: "+".join(e) or "none")
 @pytest.mark.parametrize("layout", [Layout.ROWS, Layout.CHANNELS])
-def test_every_epilogue(layout, epilogue):
+@pytest.mark.parametrize("lanes", ["nonzeros", "columns"])
+def test_every_epilogue(lanes, layout, epilogue):
     rng = np.random.default_rng(3)
     weight = sparse_matrix(rng, (21, 70), 0.2)
-    x_shape = (5, 70) if layout is Layout.ROWS else (2, 70, 2, 3)
-    check(problem(rng, layout, weight, x_shape, epilogue), CudaCsrConfig(rows_per_block=2, columns_per_block=4), rng)
+    if lanes == "nonzeros":
+        x_shape = (5, 70) if layout is Layout.ROWS else (2, 70, 2, 3)
+        configs = [CudaCsrConfig(rows_per_block=2, columns_per_block=4)]
+    else:  # column tiles of 64: X's columns must be neighbours (transposed, or NCHW)
+        x_shape = (64, 70) if layout is Layout.ROWS else (2, 70, 4, 16)
+        configs = [column_lanes(2, unroll=4, rows=2), column_lanes(2, unroll=2, rows=2, warps=2)]
+    p = problem(rng, layout, weight, x_shape, epilogue, transposed=lanes == "columns" and layout is Layout.ROWS)
+    for config in configs:
+        check(p, config, rng)
 
 
 def test_symbolic_columns_and_batch():
@@ -190,17 +198,6 @@ def test_column_lanes_with_uneven_and_empty_rows(unroll, warps):
     # Warps' partial sums change the order of a float32 sum of up to 200 products.
     check(p, column_lanes(2, unroll, rows=4, warps=warps), rng, tolerance=1e-4)
     check(p, column_lanes(1, unroll, rows=2, sort_rows=False, warps=warps), rng, tolerance=1e-4)
-
-
-@pytest.mark.parametrize("epilogue", EPILOGUES, ids=lambda e: "+".join(e) or "none")
-@pytest.mark.parametrize("layout", [Layout.ROWS, Layout.CHANNELS])
-def test_every_epilogue_with_column_lanes(layout, epilogue):
-    rng = np.random.default_rng(33)
-    weight = sparse_matrix(rng, (13, 50), 0.2)
-    x_shape = (64, 50) if layout is Layout.ROWS else (2, 50, 4, 16)
-    p = problem(rng, layout, weight, x_shape, epilogue, transposed=layout is Layout.ROWS)
-    check(p, column_lanes(2, unroll=4, rows=2), rng)
-    check(p, column_lanes(2, unroll=2, rows=2, warps=2), rng)
 
 
 def test_column_lanes_with_a_symbolic_batch():

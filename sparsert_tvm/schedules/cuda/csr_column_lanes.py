@@ -1,0 +1,142 @@
+"""The CSR kernel with lanes over columns: for 16-128 columns that are neighbours in memory.
+
+The arrays are one of (float32 value bits, byte offset of X's row ``k``) pairs, rows padded
+to whole trips of ``unroll`` pairs. Every lane of the warp loads the same pairs (one
+broadcast 16-byte load per two nonzeros), then its own ``columns_per_lane`` neighbouring
+activations of each row (one vector load, the warp's together one contiguous run), and
+keeps one accumulator per column. With ``warps_per_row`` > 1 the row's warps take every
+W-th trip and leave their sums in shared memory, which the row's first warp adds up after
+one barrier; otherwise the epilogue follows the loop directly.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..config import CudaCsrConfig
+from .csr_emitter import CsrEmitter, initialised_array
+from .csr_layout import NO_ROW
+
+
+class ColumnLanes(CsrEmitter):
+    """Further registers: ``%wn<u>``/``%on<u>`` value bits and X row offset of nonzero ``u`` of
+    this warp's next trip (loaded a trip ahead, so that their latency hides behind the
+    activations'), ``%w<u>`` the current trip's values, ``%pk<u>`` this lane's address in the
+    row, ``%x<u*V+c>`` its activations; with several warps per row, ``%part`` this warp's
+    share, ``%pout`` whether the lane has no column to store, ``%ps`` its partial sums."""
+
+    def __init__(self, problem, config, layout, name):
+        super().__init__(problem, config, layout, name)
+        self.width = config.columns_per_lane
+        self.warps = config.warps_per_row
+        self.trip_bytes = 8 * config.unroll
+
+    def _data_arrays(self) -> list[str]:
+        layout = self.layout
+        offsets = layout.indices.astype(np.uint64) * np.uint64(self.xs.k * self.es)
+        values = layout.values.astype(np.float32).view(np.uint32)
+        pairs = np.stack([values, offsets.astype(np.uint32)], axis=1).reshape(-1)
+        # Zero pairs after the last row: what a warp's load of its next trip reads there.
+        pairs = np.concatenate([pairs, np.zeros(2 * self.warps * self.config.unroll, np.uint32)])
+        lines = initialised_array("global", "b32", f"{self.name}_pairs", pairs, align=16)
+        if self.warps > 1:
+            lines += [f".shared .align 16 .b8 {self.name}_partials[{partial_bytes(self.config)}];", ""]
+        return lines
+
+    def _declarations(self) -> list[str]:
+        unroll, width = self.config.unroll, self.width
+        return [
+            ".reg .pred %pout;",
+            ".reg .b32 %part;",
+            f".reg .b32 %w<{unroll}>, %wn<{unroll}>, %on<{unroll}>;",
+            ".reg .b64 %ps;",
+            f".reg .b64 %pk<{unroll}>;",
+            f".reg .f32 %x<{unroll * width}>;",
+            f".reg .f32 %acc<{width}>;",
+            f".reg .b16 %h<{unroll * width}>;",
+        ]
+
+    def _body(self) -> list[str]:
+        width, warps = self.width, self.warps
+        lines = [f"mad.lo.u32 %col, %lane, {width}, %col0;", "setp.ge.u32 %pout, %col, %ncols;"]
+        if warps == 1:
+            lines += ["@%pout bra DONE;", "mov.u32 %part, 0;", "mov.u32 %q, %s1;"]
+        else:
+            # Every warp of the block meets at the barrier: a lane past the columns reads the
+            # last vector instead and stores nothing; warp p of a row takes trips p, p + W, ...
+            lines += [
+                f"sub.u32 %r5, %ncols, {width};",
+                "selp.b32 %col, %r5, %col, %pout;",
+                f"and.b32 %part, %warp, {warps - 1};",
+                f"add.u32 %r5, %s1, {warps - 1};",
+                "sub.u32 %r5, %r5, %part;",
+                f"shr.u32 %q, %r5, {warps.bit_length() - 1};",
+            ]
+        lines += [
+            f"mul.wide.u32 %rd6, %col, {self.xs.n * self.es};",
+            "add.s64 %px, %px, %rd6;",
+            f"mad.lo.u32 %r5, %part, {self.config.unroll}, %s0;",
+            f"mov.u64 %pv, {self.name}_pairs;",
+            "mul.wide.u32 %rd7, %r5, 8;",
+            "add.s64 %pv, %pv, %rd7;",
+        ]
+        lines += self._load_pairs("%wn", "%on")
+        lines += [f"mov.f32 %acc{c}, 0f00000000;" for c in range(width)]
+        lines += self._loop("TRIP", "%q", self._trip())
+        accs = [f"%acc{c}" for c in range(width)]
+        if warps > 1:
+            lines += self._add_partials(accs)
+        return lines + self._epilogue(accs, "%col")
+
+    def _load_pairs(self, values: str, offsets: str) -> list[str]:
+        """The pairs of the trip at ``%pv``: broadcast loads of two nonzeros each."""
+        if self.config.unroll == 1:
+            return [f"ld.global.nc.v2.u32 {{{values}0, {offsets}0}}, [%pv+0];"]
+        return [
+            f"ld.global.nc.v4.u32 {{{values}{u}, {offsets}{u}, {values}{u + 1}, {offsets}{u + 1}}}, [%pv+{8 * u}];"
+            for u in range(0, self.config.unroll, 2)
+        ]
+
+    def _trip(self) -> list[str]:
+        """``unroll`` nonzeros: the activation loads, the next trip's pairs, the FMAs."""
+        unroll, width = self.config.unroll, self.width
+        lines = [f"mov.b32 %w{u}, %wn{u};" for u in range(unroll)]
+        lines += [f"mad.wide.u32 %pk{u}, %on{u}, 1, %px;" for u in range(unroll)]
+        for u in range(unroll):
+            lines += self._load_row(f"%pk{u}", [f"%x{u * width + c}" for c in range(width)], 1)
+        lines.append(f"add.s64 %pv, %pv, {self.trip_bytes * self.warps};")
+        lines += self._load_pairs("%wn", "%on")
+        return lines + [
+            f"fma.rn.f32 %acc{c}, %w{u}, %x{u * width + c}, %acc{c};" for u in range(unroll) for c in range(width)
+        ]
+
+    def _add_partials(self, accs: list[str]) -> list[str]:
+        """Each warp leaves its sums in shared memory; the row's first warp adds the others'
+        (a warp's slots are consecutive: ``(warp * 32 + lane) * V + c``)."""
+        width, stride = self.width, 32 * self.width * 4
+        lines = [
+            "mov.u32 %r5, %tid.x;",
+            f"mul.wide.u32 %rd7, %r5, {4 * width};",
+            f"mov.u64 %ps, {self.name}_partials;",
+            "add.s64 %ps, %ps, %rd7;",
+        ]
+        lines += self._shared_row("st", accs, 0)
+        lines += ["bar.sync 0;", "setp.ne.u32 %p0, %part, 0;", "@%p0 bra DONE;"]
+        lines += [f"setp.eq.u32 %p0, %s2, {NO_ROW};", "@%p0 bra DONE;", "@%pout bra DONE;"]
+        for w in range(1, self.warps):
+            partial = [f"%t{c}" for c in range(width)]
+            lines += self._shared_row("ld", partial, w * stride)
+            lines += [f"add.f32 {acc}, {acc}, {t};" for acc, t in zip(accs, partial)]
+        return lines
+
+    def _shared_row(self, op: str, registers: list[str], offset: int) -> list[str]:
+        vector = f".v{len(registers)}" if len(registers) > 1 else ""
+        operands = f"{{{', '.join(registers)}}}" if len(registers) > 1 else registers[0]
+        if op == "st":
+            return [f"st.shared{vector}.f32 [%ps+{offset}], {operands};"]
+        return [f"ld.shared{vector}.f32 {operands}, [%ps+{offset}];"]
+
+
+def partial_bytes(config: CudaCsrConfig) -> int:
+    """Shared memory of a block whose rows are shared by several warps."""
+    return config.threads_per_block * config.columns_per_lane * 4

@@ -1,0 +1,179 @@
+"""What the CSR kernel's two lane mappings share: the per-warp slot table, the batch offset,
+the trip loop, the epilogue and the module's initialised arrays (``csr_ptx`` says how the
+kernel works)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ...problem import BiasAdd, Clip, Layout, ResidualAdd, SpmmProblem
+from ..config import CudaCsrConfig
+from .csr_layout import NO_ROW, SLOT_FIELDS, CsrLayout
+from .ptx import clip_bounds, entry_declaration, f32_immediate, load_operands
+
+# Slot tables up to this size go to the constant bank (64 KB a module); every warp reads
+# its own slot with one uniform load.
+MAX_CONST_TABLE_BYTES = 32 * 1024
+_VALUES_PER_LINE = 32
+
+
+def element_bytes(problem: SpmmProblem) -> int:
+    return 4 if problem.dtype == "float32" else 2
+
+
+class CsrEmitter:
+    """What both lane mappings share: the slot table, the batch offset, the loop, the
+    epilogue. Register names: ``%s<i>`` the warp's slot (first element, chunks, row, biases),
+    ``%col0`` the block's first column, ``%acc<c>`` the accumulators, ``%t<c>`` residual
+    values, ``%h<i>`` float16 bits."""
+
+    def __init__(self, problem: SpmmProblem, config: CudaCsrConfig, layout: CsrLayout, name: str):
+        self.problem, self.config, self.layout, self.name = problem, config, layout, name
+        self.es = element_bytes(problem)
+        self.cols = config.columns_per_block
+        self.xs, self.ys = problem.x_strides(), problem.y_strides()
+        table_bytes = layout.slots.nbytes
+        self.table_space = "const" if table_bytes <= MAX_CONST_TABLE_BYTES else "global"
+
+    def arrays(self) -> list[str]:
+        return self._data_arrays() + initialised_array(
+            self.table_space, "b32", f"{self.name}_slots", self.layout.slots.reshape(-1), align=16
+        )
+
+    def entry(self) -> list[str]:
+        p, cfg = self.problem, self.config
+        lines = entry_declaration(self.name, p.has_residual, cfg.threads_per_block)
+        lines += self._common_declarations() + self._declarations()
+        lines += load_operands(p.has_residual)
+        lines += [
+            "mov.u32 %r1, %ctaid.x;",
+            f"mul.lo.u32 %col0, %r1, {self.cols};",
+            "setp.ge.u32 %p0, %col0, %ncols;",
+            "@%p0 bra DONE;",
+        ]
+        lines += self._slot()
+        if p.layout is Layout.CHANNELS:
+            lines += self._batch()
+        return lines + self._body() + ["DONE:", "ret;", "}"]
+
+    def _common_declarations(self) -> list[str]:
+        words = self.layout.slots.shape[1]
+        return [
+            ".reg .pred %p0;",
+            ".reg .b32 %r<8>;",
+            ".reg .b32 %col0, %ncols, %warp, %lane, %slot, %q, %col;",
+            f".reg .b32 %s<{words}>;",
+            ".reg .b64 %rd<12>;",
+            ".reg .b64 %px, %py, %pr, %pv;",
+            f".reg .f32 %t<{self.config.columns_per_lane}>;",
+        ]
+
+    def _slot(self) -> list[str]:
+        """Loads this warp's slot (``warps_per_row`` neighbouring warps share one); warps
+        without a row leave, unless their block meets at a barrier later."""
+        words = self.layout.slots.shape[1]
+        shift = self.config.warps_per_row.bit_length() - 1
+        row = "%r4" if shift else "%warp"
+        lines = ["mov.u32 %r2, %tid.x;", "shr.u32 %warp, %r2, 5;", "and.b32 %lane, %r2, 31;"]
+        lines += [f"shr.u32 %r4, %warp, {shift};"] if shift else []
+        lines += [
+            "mov.u32 %r3, %ctaid.y;",
+            f"mad.lo.u32 %slot, %r3, {self.config.rows_per_block}, {row};",
+            f"mov.u64 %rd4, {self.name}_slots;",
+            f"mul.wide.u32 %rd5, %slot, {words * 4};",
+            "add.s64 %rd4, %rd4, %rd5;",
+        ]
+        load = "ld.const" if self.table_space == "const" else "ld.global.nc"
+        for i in range(0, words, 4):
+            registers = ", ".join(f"%s{i + j}" for j in range(4))
+            lines.append(f"{load}.v4.u32 {{{registers}}}, [%rd4+{i * 4}];")
+        if self.config.warps_per_row > 1:
+            return lines
+        return lines + [f"setp.eq.u32 %p0, %s2, {NO_ROW};", "@%p0 bra DONE;"]
+
+    def _batch(self) -> list[str]:
+        lines = [
+            "mov.u32 %r3, %ctaid.z;",
+            "cvt.u64.u32 %rd5, %r3;",
+            f"mul.lo.u64 %rd6, %rd5, {self.xs.batch * self.es};",
+            "add.s64 %px, %px, %rd6;",
+            f"mul.lo.u64 %rd6, %rd5, {self.ys.batch * self.es};",
+            "add.s64 %py, %py, %rd6;",
+        ]
+        return lines + (["add.s64 %pr, %pr, %rd6;"] if self.problem.has_residual else [])
+
+    @staticmethod
+    def _loop(label: str, counter: str, trip: list[str]) -> list[str]:
+        """``counter`` trips of ``trip``; the count is uniform in the warp (``bra.uni``)."""
+        lines = [f"setp.eq.u32 %p0, {counter}, 0;", f"@%p0 bra {label}_END;", f"{label}:"]
+        lines += trip
+        lines += [
+            f"sub.u32 {counter}, {counter}, 1;",
+            f"setp.ne.u32 %p0, {counter}, 0;",
+            f"@%p0 bra.uni {label};",
+            f"{label}_END:",
+        ]
+        return lines
+
+    def _epilogue(self, accs: list[str], column: str) -> list[str]:
+        """Biases from the slot, the residual and clips applied to ``accs`` (columns
+        ``column``, ``column + 1``, ... of the warp's row), then the store."""
+        lines = [
+            f"mul.wide.u32 %rd8, %s2, {self.ys.k * self.es};",
+            f"mul.wide.u32 %rd9, {column}, {self.ys.n * self.es};",
+            "add.s64 %rd8, %rd8, %rd9;",
+        ]
+        biases = SLOT_FIELDS
+        for op in self.problem.epilogue:
+            if isinstance(op, BiasAdd):
+                lines += [f"add.f32 {acc}, {acc}, %s{biases};" for acc in accs]
+                biases += 1
+            elif isinstance(op, ResidualAdd):
+                residual = [f"%t{c}" for c in range(len(accs))]
+                lines.append("add.s64 %rd10, %pr, %rd8;")
+                lines += self._load_row("%rd10", residual, self.ys.n)
+                lines += [f"add.f32 {acc}, {acc}, {t};" for acc, t in zip(accs, residual)]
+            elif isinstance(op, Clip):
+                for name, bound in clip_bounds(op):
+                    lines += [f"{name}.f32 {acc}, {acc}, {f32_immediate(bound)};" for acc in accs]
+        lines.append("add.s64 %rd10, %py, %rd8;")
+        return lines + self._store_row("%rd10", accs, self.ys.n)
+
+    def _load_row(self, base: str, dests: list[str], stride: int, offset: int = 0, guard: str = "") -> list[str]:
+        """Loads ``len(dests)`` elements ``stride`` apart from ``[base+offset]`` as float32
+        (float16 is converted): one vector load where they are neighbours."""
+        es, count = self.es, len(dests)
+        halves = [f"%h{i}" for i in range(count)]
+        kind, registers = ("f32", dests) if es == 4 else ("b16", halves)
+        if count > 1 and stride == 1:
+            lines = [f"{guard}ld.global.nc.v{count}.{kind} {{{', '.join(registers)}}}, [{base}+{offset}];"]
+        else:
+            lines = [
+                f"{guard}ld.global.nc.{kind} {r}, [{base}+{offset + c * stride * es}];" for c, r in enumerate(registers)
+            ]
+        if es == 2:
+            lines += [f"{guard}cvt.f32.f16 {d}, {h};" for d, h in zip(dests, halves)]
+        return lines
+
+    def _store_row(self, base: str, sources: list[str], stride: int) -> list[str]:
+        es, count = self.es, len(sources)
+        registers = sources
+        lines = []
+        if es == 2:
+            registers = [f"%h{i}" for i in range(count)]
+            lines += [f"cvt.rn.f16.f32 {h}, {s};" for h, s in zip(registers, sources)]
+        kind = "f32" if es == 4 else "b16"
+        if count > 1 and stride == 1:
+            return lines + [f"st.global.v{count}.{kind} [{base}+0], {{{', '.join(registers)}}};"]
+        return lines + [f"st.global.{kind} [{base}+{c * stride * es}], {r};" for c, r in enumerate(registers)]
+
+
+def initialised_array(space: str, kind: str, name: str, data: np.ndarray, align: int | None = None) -> list[str]:
+    """An initialised array (at least one element: PTX has no empty arrays)."""
+    items = data.tolist() or [0]
+    align = align or int(kind[1:]) // 8
+    lines = [f".{space} .align {align} .{kind} {name}[{len(items)}] = {{"]
+    for i in range(0, len(items), _VALUES_PER_LINE):
+        end = "" if i + _VALUES_PER_LINE >= len(items) else ","
+        lines.append(",".join(map(str, items[i : i + _VALUES_PER_LINE])) + end)
+    return lines + ["};", ""]

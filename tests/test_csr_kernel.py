@@ -495,6 +495,11 @@ def test_cost_model_puts_the_code_stream_against_the_arrays():
     assert 8 < unrolled_us < 30  # measured: 16.4 us (tuned)
     wide = dataclasses.replace(p, x_shape=(512, 768), y_shape=(512, 3072), x_transposed=True)
     assert isinstance(space.candidates(wide, cuda_rule.CudaSpmmRule().check, 3)[1], CudaSpmmConfig)
+    # At N = 32 lanes over nonzeros read a row of X per lane and column (36.5 us on the
+    # H200 where column lanes took 8-11): the model ranks column lanes first.
+    n32 = dataclasses.replace(p, x_shape=(32, 768), y_shape=(32, 3072), x_transposed=True)
+    ranked = space.candidates(n32, cuda_rule.CudaSpmmRule().check, 6)[1:]
+    assert all(isinstance(c, CudaCsrConfig) and c.column_lanes for c in ranked[:3])
 
 
 def test_database_round_trip_of_a_csr_config(tmp_path, monkeypatch):

@@ -234,8 +234,9 @@ def estimated_cost(problem: SpmmProblem, config: CudaConfig, machine: Machine = 
 
 
 def _csr_cost(problem: SpmmProblem, config: CudaCsrConfig, machine: Machine) -> float | None:
-    """Cycles of the CSR kernel: instructions, bytes of its arrays, and the longest row's
-    chain of dependent loads (index, then activation, per trip of ``unroll`` chunks)."""
+    """Cycles of the CSR kernel: instructions, bytes of its arrays, the activations' L1
+    wavefronts, and the longest row's chain of dependent loads (index, then activation, per
+    trip of ``unroll`` chunks)."""
     columns = problem.static_columns or SYMBOLIC_COLUMNS
     cols, unroll = config.columns_per_block, config.unroll
     if cols > 1 and cols >= 2 * columns:  # a tile of mostly missing columns
@@ -252,6 +253,11 @@ def _csr_cost(problem: SpmmProblem, config: CudaCsrConfig, machine: Machine) -> 
     throughput = issued / (machine.sms * 2.0)
     element_bytes = (4 if problem.dtype == "float32" else 2) + (2 if problem.K <= MAX_U16_COLUMNS else 4)
     memory = tiles * images * float(chunks.sum()) * LANES * element_bytes / machine.memory_bytes_per_cycle
+    # The lanes of a warp read different rows of X: every activation load is about one L1
+    # wavefront per lane (an SM serves about one per cycle). On the H200 that put the
+    # kernel at 26 us for BERT-large's 4096x1024 layer at N = 32 and 5%, where it took 36.5
+    # (benchmarks/results/spmm-csr-h200.json).
+    wavefronts = tiles * images * float(chunks.sum()) * LANES * cols / machine.sms
     longest = int(chunks.max(initial=0))
     trips = longest // unroll + longest % unroll
     registers = (padded_cols + unroll * (cols + 4) + 24) * config.threads_per_block
@@ -266,7 +272,7 @@ def _csr_cost(problem: SpmmProblem, config: CudaCsrConfig, machine: Machine) -> 
     # the residual and the store) and issues its instructions.
     serial = (2 * trips + 3) * machine.load_latency
     serial += (longest * per_chunk + per_warp) * 4.0 / min(4, resident * config.rows_per_block)
-    return max(throughput, memory, waves * serial)
+    return max(throughput, memory, wavefronts, waves * serial)
 
 
 def _column_lanes_cost(problem: SpmmProblem, config: CudaCsrConfig, machine: Machine) -> float | None:

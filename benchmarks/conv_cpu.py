@@ -7,8 +7,11 @@
 ``resnet50`` times ResNet-50's 3x3 layers at batch 1, pruned uniformly, in both layouts
 (NCHW with OIHW weights as PyTorch and ONNX give them, NHWC with HWIO as TFLite does). Each
 layer (ReLU fused) is built by ``tvm.compile`` and by ``sparsert_tvm.compile`` for this
-machine's CPU, timed with the VM's time evaluator (median of 5 repeats of 10 runs), outputs
-compared. Writes ``benchmarks/results/<suite>-conv-cpu-<name>.json`` and ``.md``.
+machine's CPU and timed with the VM's time evaluator in ``--rounds`` rounds that alternate the
+two builds (10 runs each per round); the median round is reported with the fastest and
+slowest, since a small shared machine drifts by tens of percent between one layer's timings
+and the next. Outputs are compared. Writes ``benchmarks/results/<suite>-conv-cpu-<name>.json``
+and ``.md``.
 """
 
 from __future__ import annotations
@@ -87,20 +90,26 @@ def input_shape(layer: Layer) -> tuple[int, ...]:
     return (1, s, s, c) if layer.layout == "NHWC" else (1, c, s, s)
 
 
-def measure(name: str, layer: Layer) -> dict:
+def measure(name: str, layer: Layer, rounds: int) -> dict:
     mod, target = conv_module(layer), host_cpu_target()
     x = tvm.runtime.tensor(np.random.default_rng(1).standard_normal(input_shape(layer)).astype("float32"))
     row = {"layer": name, "weights": layer.out_channels * (layer.in_channels // layer.groups) * layer.kernel**2}
     # Dense small layers are rewritten only with the threshold at 1.
     threshold = 1.0 if layer.density == 1.0 else None
-    outputs = {}
+    outputs, timers = {}, {}
     builds = {"tvm": lambda: tvm.compile(mod, target), "sparsert": lambda: sp.compile(mod, target, threshold)}
     for label, build in builds.items():
         start = time.perf_counter()
         vm = relax.VirtualMachine(build(), tvm.cpu())
         row[f"{label}_build_s"] = round(time.perf_counter() - start, 2)
         outputs[label] = vm["main"](x).numpy()
-        row[f"{label}_us"] = vm.time_evaluator("main", tvm.cpu(), number=10, repeat=5)(x).median * 1e6
+        timers[label] = vm.time_evaluator("main", tvm.cpu(), number=10, repeat=1)
+    times = {label: [] for label in builds}
+    for _ in range(rounds):
+        for label, timer in timers.items():
+            times[label].append(timer(x).mean * 1e6)
+    for label, us in times.items():
+        row[f"{label}_us"], row[f"{label}_us_range"] = float(np.median(us)), [min(us), max(us)]
     row["speedup"] = row["tvm_us"] / row["sparsert_us"]
     row["max_rel_error"] = float(np.abs(outputs["tvm"] - outputs["sparsert"]).max() / np.abs(outputs["tvm"]).max())
     return row
@@ -110,25 +119,33 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--suite", choices=sorted(SUITES), default="small")
     parser.add_argument("--name", default=f"{os.cpu_count()}core")
+    parser.add_argument("--rounds", type=int, default=8, help="timing rounds, alternating the two builds")
     args = parser.parse_args()
     rows = []
     for name, layer in SUITES[args.suite].items():
-        rows.append(measure(name, layer))
+        rows.append(measure(name, layer, args.rounds))
         print(json.dumps(rows[-1]), flush=True)
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
-    result = {"date": datetime.date.today().isoformat(), "machine": machine, "suite": args.suite, "rows": rows}
+    result = {"date": datetime.date.today().isoformat(), "machine": machine, "suite": args.suite,
+              "rounds": args.rounds, "rows": rows}
     RESULTS.mkdir(exist_ok=True)
     stem = RESULTS / f"{args.suite}-conv-cpu-{args.name}"
     stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
     lines = [
         f"# Convolutions on the CPU, suite {args.suite} ({machine}, {result['date']})", "",
+        f"Median of {args.rounds} alternating rounds (fastest-slowest round in brackets).", "",
         "| layer | weights | TVM | sparsert | speedup | max error | sparsert build |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
-    lines += [f"| {r['layer']} | {r['weights']:,} | {r['tvm_us']:,.0f} us | {r['sparsert_us']:,.0f} us "
+    lines += [f"| {r['layer']} | {r['weights']:,} | {_us(r, 'tvm')} | {_us(r, 'sparsert')} "
               f"| {r['speedup']:.2f}x | {r['max_rel_error']:.1e} | {r['sparsert_build_s']:.1f} s |" for r in rows]
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def _us(row: dict, label: str) -> str:
+    lo, hi = row[f"{label}_us_range"]
+    return f"{row[f'{label}_us']:,.0f} us ({lo:,.0f}-{hi:,.0f})"
 
 
 if __name__ == "__main__":

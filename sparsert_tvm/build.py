@@ -36,13 +36,13 @@ def compile(  # noqa: A001 - mirrors tvm.compile
 ):
     """``SparsifyWeights`` followed by ``tvm.compile``; returns what ``tvm.compile`` returns.
 
-    ``target`` defaults to ``default_target()``. If ``report`` is given, the layers of the
-    pass's report are appended to it. Other options go to ``SparsifyWeights``.
+    ``target`` defaults to ``default_target()``. If ``report`` is given, the pass's report
+    (layers and build time) is added to it. Other options go to ``SparsifyWeights``.
     """
     target = default_target() if target is None else tvm.target.Target(target)
     mod = SparsifyWeights(target, density_threshold, **options)(mod)
     if report is not None:
-        report.layers.extend(report_of(mod).layers)
+        report.extend(report_of(mod))
     return _runnable_as_built(tvm.compile(mod, target, relax_pipeline=relax_pipeline(mod, target)))
 
 

@@ -45,6 +45,9 @@ class LayerReport:
 @dataclass
 class SparsityReport:
     layers: list[LayerReport] = field(default_factory=list)
+    # Wall seconds the pass spent building its kernels. Layers are built side by side, so
+    # their own ``compile_s`` overlap and add up to more.
+    build_s: float = 0.0
 
     def __iter__(self):
         return iter(self.layers)
@@ -52,16 +55,24 @@ class SparsityReport:
     def __len__(self):
         return len(self.layers)
 
+    def extend(self, other: SparsityReport) -> None:
+        """Adds ``other``'s layers and build time (another run of the pass)."""
+        self.layers.extend(other.layers)
+        self.build_s += other.build_s
+
     @property
     def sparse_layers(self) -> list[LayerReport]:
         return [layer for layer in self.layers if layer.sparse]
 
     def to_json(self) -> str:
-        return json.dumps([dataclasses.asdict(layer) for layer in self.layers])
+        return json.dumps({"layers": [dataclasses.asdict(layer) for layer in self.layers], "build_s": self.build_s})
 
     @classmethod
     def from_json(cls, text: str) -> SparsityReport:
-        return cls([LayerReport(**entry) for entry in json.loads(text)])
+        data = json.loads(text)
+        if isinstance(data, list):  # reports written before build_s: the layers alone
+            data = {"layers": data}
+        return cls([LayerReport(**entry) for entry in data["layers"]], data.get("build_s", 0.0))
 
     def table(self, width: int = 160) -> str:
         """The report as a text table, one row per candidate operator."""
@@ -93,8 +104,14 @@ class SparsityReport:
             f"{len(sparse)} of {len(self.layers)} candidates sparse, "
             f"{sum(layer.nnz for layer in sparse) - read:,} nonzeros unrolled, "
             + (f"{read:,} read from arrays (CSR kernels), " if read else "")
-            + f"{sum(layer.compile_s for layer in sparse):.1f}s kernel generation"
+            + self._build_time(sparse)
         )
+
+    def _build_time(self, sparse: list[LayerReport]) -> str:
+        summed = sum(layer.compile_s for layer in sparse)
+        if not self.build_s:  # a report from before build_s
+            return f"{summed:.1f}s kernel generation"
+        return f"kernels built in {self.build_s:.1f}s ({summed:.1f}s summed over layers built side by side)"
 
 
 def report_of(mod) -> SparsityReport:

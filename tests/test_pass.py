@@ -1,5 +1,6 @@
 """What SparsifyWeights rewrites, what it leaves alone and why, and its API contract."""
 
+import json
 import math
 
 import numpy as np
@@ -247,6 +248,15 @@ def test_report_table_lists_every_candidate():
     text = report.table()
     assert "conv2d 1x1 NCHW" in text and "bias+relu" in text and "sparse" in text
     assert sp.SparsityReport.from_json(report.to_json()) == report
+    # The pass's wall time building kernels, next to the layers' own (overlapping) times.
+    (layer,) = report.layers
+    assert 0 < report.build_s and 0 < layer.compile_s
+    assert f"kernels built in {report.build_s:.1f}s ({layer.compile_s:.1f}s summed over layers" in report.summary()
+    older = sp.SparsityReport.from_json(json.dumps(json.loads(report.to_json())["layers"]))  # before build_s
+    assert older.layers == report.layers and "s kernel generation" in older.summary()
+    collected = sp.SparsityReport()
+    sp.compile(case.module(), CPU_TARGET, report=collected)
+    assert collected.layers[0].kernel and collected.build_s > 0  # what the CLI prints
 
 
 def test_two_operators_meeting_in_one_residual_add_are_both_rewritten(target):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import time
 
 import tvm
 from tvm import relax
@@ -158,7 +159,10 @@ class _SparsifyWeights:
                 if job is not None:
                     jobs.append(job)
         plans = {gv: {} for gv, _ in functions}
-        for job, built in zip(jobs, self.rule.build_all([j.kernel for j in jobs], self.target)):
+        start = time.perf_counter()
+        built_all = self.rule.build_all([j.kernel for j in jobs], self.target) if jobs else []
+        report.build_s += time.perf_counter() - start if jobs else 0.0
+        for job, built in zip(jobs, built_all):
             if isinstance(built, UnsupportedProblem):
                 job.layer.reason = str(built)
                 continue

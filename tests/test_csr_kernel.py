@@ -562,6 +562,19 @@ def test_pass_with_a_csr_kernel_config(monkeypatch, kernel_config):
     assert tvm.compile(out.without_attr("external_mods"), CUDA, tir_pipeline=sp.build.register_pipeline()) is not None
 
 
+@needs_ptxas
+def test_pass_picks_column_lanes_by_default_for_a_wide_enough_static_n(monkeypatch):
+    """The pass transposes X before asking for the default: a BERT-like layer at N = 32."""
+    monkeypatch.setattr(cuda_rule, "create_cuda_module", lambda cubin, kernel: None)
+    rng = np.random.default_rng(25)
+    case = make_case(rng, "matmul", 512, 1024, 0.1, (32, 1024), ("bias",))  # about 52k nonzeros
+    out = sp.SparsifyWeights(CUDA, 1.0)(case.module())
+    (layer,) = sp.report_of(out).layers
+    assert layer.decision == "sparse" and layer.params["config_source"] == "default"
+    assert layer.params["kernel"] == "csr" and layer.params["lanes"] == "columns" and layer.params["x_transposed"]
+    assert "lanes=columns" in sp.report_of(out).table()
+
+
 def test_bad_csr_kernel_configs():
     with pytest.raises(TypeError, match="unknown kernel_config field.*CudaCsrConfig"):
         sp.SparsifyWeights(CUDA, 0.5, kernel_config={"kernel": "csr", "threads_per_block": 64})

@@ -260,6 +260,7 @@ def test_what_column_lanes_reject():
         with pytest.raises(ValueError):
             CudaCsrConfig(**bad)
     assert cuda_config_from_dict(column_lanes(2).as_dict()) == column_lanes(2)
+    assert cuda_config_from_dict({"kernel": "csr", "lanes": "columns"}).columns_per_block == 32
     legacy = {k: v for k, v in CudaCsrConfig().as_dict().items() if k != "lanes"}
     assert cuda_config_from_dict(legacy) == CudaCsrConfig()  # records from before lanes
 
@@ -573,6 +574,14 @@ def test_pass_picks_column_lanes_by_default_for_a_wide_enough_static_n(monkeypat
     assert layer.decision == "sparse" and layer.params["config_source"] == "default"
     assert layer.params["kernel"] == "csr" and layer.params["lanes"] == "columns" and layer.params["x_transposed"]
     assert "lanes=columns" in sp.report_of(out).table()
+
+
+def test_column_lanes_asked_for_a_symbolic_n_leave_the_layer_dense_with_the_reason():
+    rng = np.random.default_rng(26)
+    case = make_case(rng, "matmul", 40, 64, 0.2, (None, 64), ("bias",))  # X stays [N, K]: not transposed
+    out = sp.SparsifyWeights(CUDA, 1.0, kernel_config={"kernel": "csr", "lanes": "columns"})(case.module())
+    (layer,) = sp.report_of(out).layers
+    assert layer.decision == "dense" and "neighbours in memory" in layer.reason
 
 
 def test_bad_csr_kernel_configs():

@@ -198,12 +198,15 @@ CUDA_CONFIGS: dict[str, type] = {c.KERNEL: c for c in (CudaSpmmConfig, CudaCsrCo
 
 def cuda_config_from_dict(fields: dict) -> CudaConfig:
     """The config that ``as_dict()`` wrote; a dict without ``"kernel"`` is the unrolled one
-    (tuning records from before the CSR kernel). Raises TypeError on unknown fields and
-    ValueError on an unknown kernel or bad values."""
+    (tuning records from before the CSR kernel), and a CSR one with column lanes but no tile
+    has the narrowest. Raises TypeError on unknown fields and ValueError on an unknown
+    kernel or bad values."""
     fields = dict(fields)
     kernel = fields.pop("kernel", CudaSpmmConfig.KERNEL)
     if kernel not in CUDA_CONFIGS:
         raise ValueError(f"unknown CUDA kernel {kernel!r}; known: {sorted(CUDA_CONFIGS)}")
+    if kernel == CudaCsrConfig.KERNEL and fields.get("lanes") == "columns":
+        fields.setdefault("columns_per_block", 32)
     return CUDA_CONFIGS[kernel](**fields)
 
 

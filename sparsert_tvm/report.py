@@ -35,7 +35,7 @@ class LayerReport:
     kernel: str | None = None  # name of the generated PrimFunc
     params: dict = field(default_factory=dict)
     code_bytes: int | None = None
-    compile_s: float = 0.0  # wall seconds of its build; on CUDA layers are built side by side and overlap
+    compile_s: float = 0.0  # wall seconds of its build; layers are built side by side (``build_s``)
 
     @property
     def sparse(self) -> bool:
@@ -109,7 +109,7 @@ class SparsityReport:
 
     def _build_time(self, sparse: list[LayerReport]) -> str:
         summed = sum(layer.compile_s for layer in sparse)
-        if not self.build_s:  # a report from before build_s
+        if not self.build_s:  # nothing built (a dry run), or a report from before build_s
             return f"{summed:.1f}s kernel generation"
         return f"kernels built in {self.build_s:.1f}s ({summed:.1f}s summed over layers built side by side)"
 

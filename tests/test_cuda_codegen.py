@@ -66,6 +66,8 @@ def emulate(problem: SpmmProblem, config, rng, inputs=None, x_shape=None):
     if x_shape is not None:
         y_shape = list(x_shape)
         y_shape[1 if problem.layout is Layout.CHANNELS else -1] = problem.M
+        if problem.window is not None:  # static but for the batch
+            y_shape = [x_shape[0], *problem.y_shape[1:]]
         problem = dataclasses.replace(problem, x_shape=tuple(x_shape), y_shape=tuple(y_shape))
     x_shape = tuple(int(d) for d in problem.x_shape)
     y_shape = tuple(int(d) for d in problem.y_shape)

@@ -143,7 +143,9 @@ class CudaCsrConfig(_CudaKernelConfig):
       nonzeros per trip. Each warp load of X is one contiguous run; it needs X's columns to
       be neighbours in memory (NCHW, or a transposed X). ``warps_per_row`` warps share a
       row (trip ``t`` to warp ``t % warps_per_row``) and add up through shared memory: a
-      long row is a long chain of dependent loads for one warp.
+      long row is a long chain of dependent loads for one warp. Through an NCHW
+      convolution's window, a lane's columns are output pixels 32 apart, the batch is folded
+      into the pixels, and a row's warps take contiguous shares of it (``csr_window_lanes``).
     """
 
     KERNEL: ClassVar[str] = "csr"

@@ -93,12 +93,33 @@ def prefers_column_lanes(problem: SpmmProblem) -> bool:
     )
 
 
+# Through a convolution's window, the CSR kernel's column lanes are the default for NCHW
+# layers of at most this many pixels (over the whole batch) and at least this many nonzeros.
+# On the H200 (benchmarks/results/window-lanes-h200.md) they ran ResNet-50's stage-4 3x3
+# layers (7x7 pixels, 118k-236k nonzeros) at batch 1 1.2-1.6x faster than the unrolled
+# kernel, whose code streams in once per 32 pixels there; at 196 pixels (stage 3) they lost
+# 0.7-0.9x, at batch 8 2-7x.
+WINDOW_LANES_MAX_COLUMNS = 64
+WINDOW_LANES_MIN_NNZ = 100_000
+
+
+def prefers_window_lanes(problem: SpmmProblem) -> bool:
+    window, batch = problem.window, problem.static_batch
+    return (
+        window is not None
+        and not window.channels_last
+        and batch is not None
+        and problem.static_columns * batch <= WINDOW_LANES_MAX_COLUMNS
+        and problem.weight.nnz >= WINDOW_LANES_MIN_NNZ
+    )
+
+
 def default_cuda_config(problem: SpmmProblem, kernel: str | None = None, lanes: str | None = None) -> CudaConfig:
     """The untuned config of ``kernel`` ("unrolled" or "csr", whose ``lanes`` default to
     "nonzeros"), or by default of the kernel the heuristics prefer for ``problem``
     (``prefers_column_lanes``, ``prefers_csr``)."""
     if kernel is None:
-        if prefers_column_lanes(problem):
+        if prefers_column_lanes(problem) or prefers_window_lanes(problem):
             kernel, lanes = CudaCsrConfig.KERNEL, "columns"
         else:
             kernel = CudaCsrConfig.KERNEL if prefers_csr(problem) else CudaSpmmConfig.KERNEL
@@ -114,11 +135,21 @@ def default_column_lanes_config(problem: SpmmProblem) -> CudaCsrConfig:
     nonzeros per trip (faster than four on 29 of 30 layers measured), and up to 4 warps per
     row while the launch has fewer than about 4096 warps per column a lane owns: on the
     H200 this picked the fastest of the warp counts timed, or one within 5%, on every
-    layer measured (csr-column-lanes-h200.md)."""
+    layer measured (csr-column-lanes-h200.md). Through a window, at most 2 warps per row:
+    each pads its share of every tap to whole trips, and on ResNet-50's stage-4 3x3 layers
+    at batch 1, 4 warps ran 8-26% slower than 2 (window-lanes-h200.md)."""
     columns = problem.static_columns or 32
-    width = next(w for w in (4, 2, 1) if 32 * w <= max(32, columns) and columns % w == 0)
-    tiles = -(-columns // (32 * width)) * (problem.static_batch or 1)
-    warps = next(w for w in (4, 2, 1) if w == 1 or problem.M * tiles * w <= _COLUMN_LANE_WARPS * width)
+    most_warps = 4
+    if problem.window is not None:  # the batch folded in; a lane's columns are 32 apart
+        columns *= problem.static_batch or 1
+        width = next(w for w in (4, 2, 1) if 32 * w <= max(32, columns))
+        tiles, most_warps = -(-columns // (32 * width)), 2
+    else:
+        width = next(w for w in (4, 2, 1) if 32 * w <= max(32, columns) and columns % w == 0)
+        tiles = -(-columns // (32 * width)) * (problem.static_batch or 1)
+    warps = next(
+        w for w in (4, 2, 1) if w <= most_warps and (w == 1 or problem.M * tiles * w <= _COLUMN_LANE_WARPS * width)
+    )
     rows = _rows_filling_the_machine(problem, 4, tiles)
     return CudaCsrConfig(
         rows_per_block=rows, columns_per_block=32 * width, unroll=8, lanes="columns", warps_per_row=warps

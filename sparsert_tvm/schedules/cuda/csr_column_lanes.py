@@ -32,16 +32,18 @@ class ColumnLanes(CsrEmitter):
         self.trip_bytes = 8 * config.unroll
 
     def _data_arrays(self) -> list[str]:
-        layout = self.layout
-        offsets = layout.indices.astype(np.uint64) * np.uint64(self.xs.k * self.es)
-        values = layout.values.astype(np.float32).view(np.uint32)
-        pairs = np.stack([values, offsets.astype(np.uint32)], axis=1).reshape(-1)
+        values = self.layout.values.astype(np.float32).view(np.uint32)
+        pairs = np.stack([values, self._offsets().astype(np.uint32)], axis=1).reshape(-1)
         # Zero pairs after the last row: what a warp's load of its next trip reads there.
         pairs = np.concatenate([pairs, np.zeros(2 * self.warps * self.config.unroll, np.uint32)])
         lines = initialised_array("global", "b32", f"{self.name}_pairs", pairs, align=16)
         if self.warps > 1:
             lines += [f".shared .align 16 .b8 {self.name}_partials[{partial_bytes(self.config)}];", ""]
         return lines
+
+    def _offsets(self) -> np.ndarray:
+        """Byte offset of each nonzero's row of X."""
+        return self.layout.indices.astype(np.uint64) * np.uint64(self.xs.k * self.es)
 
     def _declarations(self) -> list[str]:
         unroll, width = self.config.unroll, self.width

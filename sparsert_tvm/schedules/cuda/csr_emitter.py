@@ -27,6 +27,11 @@ class CsrEmitter:
     ``%col0`` the block's first column, ``%acc<c>`` the accumulators, ``%t<c>`` residual
     values, ``%h<i>`` float16 bits."""
 
+    # Whether each warp has a slot of its own (rather than a row's warps sharing one) and
+    # whether the batch is folded into the columns (rather than the grid's z dimension).
+    slot_per_warp = False
+    folds_batch = False
+
     def __init__(self, problem: SpmmProblem, config: CudaCsrConfig, layout: CsrLayout, name: str):
         self.problem, self.config, self.layout, self.name = problem, config, layout, name
         self.es = element_bytes(problem)
@@ -52,7 +57,7 @@ class CsrEmitter:
             "@%p0 bra DONE;",
         ]
         lines += self._slot()
-        if p.layout is Layout.CHANNELS:
+        if p.layout is Layout.CHANNELS and not self.folds_batch:
             lines += self._batch()
         return lines + self._body() + ["DONE:", "ret;", "}"]
 
@@ -69,16 +74,18 @@ class CsrEmitter:
         ]
 
     def _slot(self) -> list[str]:
-        """Loads this warp's slot (``warps_per_row`` neighbouring warps share one); warps
-        without a row leave, unless their block meets at a barrier later."""
+        """Loads this warp's slot (``warps_per_row`` neighbouring warps share one, unless
+        ``slot_per_warp``); warps without a row leave, unless their block meets at a barrier
+        later."""
         words = self.layout.slots.shape[1]
-        shift = self.config.warps_per_row.bit_length() - 1
+        shift = 0 if self.slot_per_warp else self.config.warps_per_row.bit_length() - 1
         row = "%r4" if shift else "%warp"
+        slots_per_block = self.config.threads_per_block // 32 >> shift
         lines = ["mov.u32 %r2, %tid.x;", "shr.u32 %warp, %r2, 5;", "and.b32 %lane, %r2, 31;"]
         lines += [f"shr.u32 %r4, %warp, {shift};"] if shift else []
         lines += [
             "mov.u32 %r3, %ctaid.y;",
-            f"mad.lo.u32 %slot, %r3, {self.config.rows_per_block}, {row};",
+            f"mad.lo.u32 %slot, %r3, {slots_per_block}, {row};",
             f"mov.u64 %rd4, {self.name}_slots;",
             f"mul.wide.u32 %rd5, %slot, {words * 4};",
             "add.s64 %rd4, %rd4, %rd5;",
@@ -115,14 +122,13 @@ class CsrEmitter:
         ]
         return lines
 
-    def _epilogue(self, accs: list[str], column: str) -> list[str]:
+    def _epilogue(self, accs: list[str], column: str | None, y: str = "%py", residual_base: str = "%pr") -> list[str]:
         """Biases from the slot, the residual and clips applied to ``accs`` (columns
-        ``column``, ``column + 1``, ... of the warp's row), then the store."""
-        lines = [
-            f"mul.wide.u32 %rd8, %s2, {self.ys.k * self.es};",
-            f"mul.wide.u32 %rd9, {column}, {self.ys.n * self.es};",
-            "add.s64 %rd8, %rd8, %rd9;",
-        ]
+        ``column``, ``column + 1``, ... of the warp's row), then the store; without a
+        ``column``, ``y`` and ``residual_base`` point at the column already."""
+        lines = [f"mul.wide.u32 %rd8, %s2, {self.ys.k * self.es};"]
+        if column is not None:
+            lines += [f"mul.wide.u32 %rd9, {column}, {self.ys.n * self.es};", "add.s64 %rd8, %rd8, %rd9;"]
         biases = SLOT_FIELDS
         for op in self.problem.epilogue:
             if isinstance(op, BiasAdd):
@@ -130,13 +136,13 @@ class CsrEmitter:
                 biases += 1
             elif isinstance(op, ResidualAdd):
                 residual = [f"%t{c}" for c in range(len(accs))]
-                lines.append("add.s64 %rd10, %pr, %rd8;")
+                lines.append(f"add.s64 %rd10, {residual_base}, %rd8;")
                 lines += self._load_row("%rd10", residual, self.ys.n)
                 lines += [f"add.f32 {acc}, {acc}, {t};" for acc, t in zip(accs, residual)]
             elif isinstance(op, Clip):
                 for name, bound in clip_bounds(op):
                     lines += [f"{name}.f32 {acc}, {acc}, {f32_immediate(bound)};" for acc in accs]
-        lines.append("add.s64 %rd10, %py, %rd8;")
+        lines.append(f"add.s64 %rd10, {y}, %rd8;")
         return lines + self._store_row("%rd10", accs, self.ys.n)
 
     def _load_row(self, base: str, dests: list[str], stride: int, offset: int = 0, guard: str = "") -> list[str]:

@@ -107,6 +107,11 @@ def compile_lines(cases) -> list[str]:
 
 
 def likely_limit(case) -> str:
+    params = case.get("params") or {}
+    if params.get("kernel") == "csr":
+        if params.get("lanes") == "columns":
+            return "latency: each trip of a warp waits on its activation loads, one row of X per nonzero"
+        return "the arrays: every column tile reads all values and indices again, then reduces each row"
     if case["kind"] == "conv":
         if case["N"] <= 196:
             return "few output pixels: few column tiles to fill the GPU, each row group loads most taps"

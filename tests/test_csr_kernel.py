@@ -158,9 +158,9 @@ def test_float16_accumulates_in_float32(layout):
 # -- lanes over columns --------------------------------------------------------------------
 
 
-def column_lanes(width=1, unroll=2, rows=4, sort_rows=True, warps=1):
+def column_lanes(width=1, unroll=2, rows=4, sort_rows=True, warps=1, pipelined=False):
     return CudaCsrConfig(rows_per_block=rows, columns_per_block=32 * width, unroll=unroll, lanes="columns",
-                         sort_rows=sort_rows, warps_per_row=warps)
+                         sort_rows=sort_rows, warps_per_row=warps, pipelined=pipelined)
 
 
 @pytest.mark.parametrize("density", [0.0, 0.02, 0.2, 1.0])
@@ -172,7 +172,8 @@ def test_column_lanes_over_a_transposed_x(density, columns):
     p = problem(rng, Layout.ROWS, weight, (columns, 70), ("bias", "residual", "relu6"), transposed=True)
     for width, unroll, warps in ((1, 1, 1), (2, 2, 1), (4, 8, 1), (1, 2, 4), (2, 1, 2)):
         if columns % width == 0:
-            check(p, column_lanes(width, unroll, warps=warps), rng)
+            for pipelined in (False, True):
+                check(p, column_lanes(width, unroll, warps=warps, pipelined=pipelined), rng)
 
 
 @pytest.mark.parametrize("x_shape", [(1, 40, 4, 8), (3, 40, 7, 7), (2, 40, 16, 16)], ids=str)
@@ -183,11 +184,13 @@ def test_column_lanes_over_nchw_images(x_shape):
     widths = [w for w in (1, 2, 4) if x_shape[2] * x_shape[3] % w == 0]
     for width in widths:
         check(p, column_lanes(width, unroll=4, rows=3), rng)
+        check(p, column_lanes(width, unroll=2, rows=3, pipelined=True), rng)
 
 
+@pytest.mark.parametrize("pipelined", [False, True])
 @pytest.mark.parametrize("warps", [1, 2, 8])
 @pytest.mark.parametrize("unroll", [1, 2, 8])
-def test_column_lanes_with_uneven_and_empty_rows(unroll, warps):
+def test_column_lanes_with_uneven_and_empty_rows(unroll, warps, pipelined):
     """Warps of a row run different trip counts, some none (more warps than trips); the
     last block's slots past the last row meet the barrier with the others."""
     rng = np.random.default_rng(32)
@@ -196,8 +199,8 @@ def test_column_lanes_with_uneven_and_empty_rows(unroll, warps):
     weight[3] = rng.standard_normal(200)  # a dense row: 25 trips of 8
     p = problem(rng, Layout.ROWS, weight, (64, 200), ("bias", "residual"), transposed=True)
     # Warps' partial sums change the order of a float32 sum of up to 200 products.
-    check(p, column_lanes(2, unroll, rows=4, warps=warps), rng, tolerance=1e-4)
-    check(p, column_lanes(1, unroll, rows=2, sort_rows=False, warps=warps), rng, tolerance=1e-4)
+    check(p, column_lanes(2, unroll, rows=4, warps=warps, pipelined=pipelined), rng, tolerance=1e-4)
+    check(p, column_lanes(1, unroll, rows=2, sort_rows=False, warps=warps, pipelined=pipelined), rng, tolerance=1e-4)
 
 
 def test_column_lanes_with_a_symbolic_batch():
@@ -207,16 +210,18 @@ def test_column_lanes_with_a_symbolic_batch():
     channels = problem(rng, Layout.CHANNELS, weight, (n, 64, 4, 8), ("bias", "residual"))
     for batch in (1, 3):
         check(channels, column_lanes(4, unroll=2), rng, x_shape=(batch, 64, 4, 8))
+        check(channels, column_lanes(2, unroll=4, pipelined=True), rng, x_shape=(batch, 64, 4, 8))
 
 
+@pytest.mark.parametrize("pipelined", [False, True])
 @pytest.mark.parametrize("layout", [Layout.ROWS, Layout.CHANNELS])
-def test_column_lanes_in_float16_accumulate_in_float32(layout):
+def test_column_lanes_in_float16_accumulate_in_float32(layout, pipelined):
     rng = np.random.default_rng(35)
     weight = sparse_matrix(rng, (29, 300), 0.5)
     x_shape = (64, 300) if layout is Layout.ROWS else (2, 300, 4, 8)
     p = problem(rng, layout, weight, x_shape, ("bias", "residual", "relu6"), dtype="float16",
                 transposed=layout is Layout.ROWS)
-    config = column_lanes(4, unroll=4)
+    config = column_lanes(4, unroll=4, pipelined=pipelined)
     text = emit_csr_ptx(p, config, "k", "sm_90").units[0]
     assert "ld.global.nc.v4.b16" in text and "fma.rn.f32" in text and "f16x2" not in text
     out, ref = emulate(p, config, rng)
@@ -241,6 +246,29 @@ def test_column_lanes_read_pairs_for_every_lane_and_shuffle_nothing():
     # Rows are padded to whole trips: offsets of X rows (bytes), values as float32 bits.
     layout = csr_layout(p, 4, True, chunk=4)
     assert layout.padded_nnz % 4 == 0 and (layout.slots[layout.slots[:, 2] != NO_ROW, 0] % 4 == 0).all()
+
+
+def test_pipelined_trips_load_the_next_trip_before_their_fmas():
+    """In the loop, each half loads the other buffer's activations (and converts float16
+    only where the FMAs use it) before its own FMAs: no instruction between the loads and
+    the FMAs waits on the loads just issued."""
+    rng = np.random.default_rng(36)
+    for dtype in ("float32", "float16"):
+        p = problem(rng, Layout.ROWS, sparse_matrix(rng, (8, 64), 0.5), (64, 64), dtype=dtype, transposed=True)
+        text = emit_csr_ptx(p, column_lanes(2, unroll=2, pipelined=True), "k", "sm_90").units[0]
+        loop = text[text.index("PIPE:"):text.index("PIPE_END:\n")]
+        first, second = loop.split("bra.uni PIPE_END;")
+        for half, (loaded, used) in ((first, ("b", "a")), (second, ("a", "b"))):
+            lines = half.splitlines()
+            loads = [i for i, line in enumerate(lines) if line.startswith("ld.global.nc.v2") and f"%{'x' if dtype == 'float32' else 'h'}{loaded}" in line]
+            fmas = [i for i, line in enumerate(lines) if line.startswith("fma.rn.f32") and f"%x{used}" in line]
+            assert loads and fmas and max(loads) < min(fmas)
+            assert not any(f"%x{loaded}" in line or f"%h{loaded}" in line for line in lines[max(loads) + 1:])
+    with pytest.raises(ValueError, match="lanes over columns"):
+        CudaCsrConfig(pipelined=True)
+    windowed = problem_of(conv(rng, "3x3", "NCHW", 0.3, batch=1))
+    with pytest.raises(UnsupportedProblem, match="pipelined"):
+        cuda_rule.CudaSpmmRule().check(windowed, column_lanes(pipelined=True))
 
 
 def test_what_column_lanes_reject():
@@ -636,6 +664,10 @@ def test_csr_modules_on_the_gpu(gpu_target, dtype, kind, x_shape, config):
         ("conv_nchw", (2, 96, 7, 7), {"columns_per_block": 32, "unroll": 2}),
         ("matmul", (96, 96), {"columns_per_block": 32, "unroll": 4, "warps_per_row": 4, "rows_per_block": 2}),
         ("conv_nchw", (None, 96, 4, 4), {"columns_per_block": 64, "unroll": 8, "warps_per_row": 2}),
+        ("matmul_t", (40, 96), {"columns_per_block": 32, "unroll": 2, "pipelined": True}),
+        ("conv_nchw", (None, 96, 4, 8), {"columns_per_block": 128, "unroll": 8, "pipelined": True}),
+        ("matmul", (96, 96), {"columns_per_block": 64, "unroll": 4, "warps_per_row": 4, "rows_per_block": 2,
+                              "pipelined": True}),
     ],
     ids=str,
 )

@@ -336,7 +336,10 @@ def test_winner_variants_fit_the_block_and_skip_csr_winners():
     assert [v.registers for v in tuner.winner_variants(problem, wide, False, options)] == [64]  # 255 x 512 does not fit
     segmented = [(v.registers, v.segment_registers) for v in tuner.winner_variants(problem, wide, True, options)]
     assert segmented == [(64, 64), (0, 48)]
-    assert tuner.winner_variants(problem, CudaCsrConfig(), True, options) == []
+    assert tuner.winner_variants(problem, CudaCsrConfig(), True, options) == []  # lanes over nonzeros
+    lanes = CudaCsrConfig(lanes="columns", columns_per_block=32)
+    assert tuner.winner_variants(problem, lanes, False, options) == [dataclasses.replace(lanes, pipelined=True)]
+    assert tuner.winner_variants(problem, lanes, False, dataclasses.replace(options, pipeline_variants=False)) == []
     with pytest.raises(ValueError, match="registers"):
         TuneOptions(registers=(300,))
     with pytest.raises(ValueError, match="segment_registers"):

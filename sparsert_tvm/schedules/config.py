@@ -157,6 +157,10 @@ class CudaCsrConfig(_CudaKernelConfig):
     sort_rows: bool = True
     lanes: str = "nonzeros"
     warps_per_row: int = 1
+    # With column lanes (not through a window): each trip loads the next trip's activations
+    # before its own FMAs, so that a warp has two trips' loads in flight (twice the
+    # activation registers; the pairs are read two trips ahead).
+    pipelined: bool = False
     ptxas_opt_level: int = 3
     # The arrays cost about 6 bytes per nonzero in the cubin and 20 in the PTX text (8 and
     # 24 with column lanes: a float32 value and a 32-bit offset each).
@@ -178,6 +182,8 @@ class CudaCsrConfig(_CudaKernelConfig):
             raise ValueError("rows_per_block * warps_per_row must be at most 32 (1024 threads)")
         if self.unroll not in (1, 2, 4, 8):
             raise ValueError("unroll must be 1, 2, 4 or 8")
+        if self.pipelined and not self.column_lanes:
+            raise ValueError("pipelined trips need lanes over columns")
         self._check_opt_level()
 
     @property

@@ -26,7 +26,7 @@ from .. import cache
 from ..errors import SparseRTError
 from ..problem import SpmmProblem
 from ..schedules.base import BuiltKernel
-from ..schedules.config import CudaConfig, CudaSpmmConfig
+from ..schedules.config import CudaConfig, CudaCsrConfig, CudaSpmmConfig
 from ..schedules.cuda.assemble import assemble
 from ..schedules.cuda.rule import cuda_arch, emit_ptx
 from . import space
@@ -54,7 +54,10 @@ class TuneOptions:
     by up to 1.14x (benchmarks/results/segment-registers-{conv,spmm}-h200.md).
     ``padding_variants``: through a convolution's window, the winner also timed reading
     padding the other way (``CudaSpmmConfig.padding_from_zeros``), which ran ResNet-50's 3x3
-    layers from 1.27x faster to 1.35x slower (padding-zeros-h200.md). Variants come beyond
+    layers from 1.27x faster to 1.35x slower (padding-zeros-h200.md). ``pipeline_variants``:
+    a CSR winner with lanes over columns (not through a window) also timed with its trips
+    pipelined the other way (``CudaCsrConfig.pipelined``), which ran FC and 1x1 layers from
+    1.09x faster to 1.18x slower (csr-column-lanes-h200.md). Variants come beyond
     ``max_candidates``, within the budget; ``()`` or False: none. ``split_k``: the slices per
     block of the unrolled kernel in the search space; only 1 by default, since split
     kernels lost on every ResNet-50 3x3 layer timed (split-k-h200.md; ``(1, 2, 4)``
@@ -71,6 +74,7 @@ class TuneOptions:
     registers: tuple[int, ...] = (0, 64)
     segment_registers: tuple[int, ...] = (48, 96)
     padding_variants: bool = True
+    pipeline_variants: bool = True
     split_k: tuple[int, ...] = space.SPLIT_K
 
     def __post_init__(self):
@@ -169,11 +173,14 @@ class Tuner:
             list(pool.map(lambda config: assemble_candidate(problem, config, name, self.arch, jobs=2), configs))
 
 
-def winner_variants(problem: SpmmProblem, best: CudaConfig, segmented: bool, options: TuneOptions) -> list[CudaSpmmConfig]:
+def winner_variants(problem: SpmmProblem, best: CudaConfig, segmented: bool, options: TuneOptions) -> list[CudaConfig]:
     """``best`` with each other register cap of ``options`` that fits its block (the entry's
     for an unrolled kernel, and its segments' where it is cut into segments), and through
-    a window, with padding read the other way (``padding_from_zeros``)."""
-    if not isinstance(best, CudaSpmmConfig):
+    a window, with padding read the other way (``padding_from_zeros``); a CSR winner with
+    lanes over columns outside a window, pipelined the other way."""
+    if isinstance(best, CudaCsrConfig):
+        if options.pipeline_variants and best.column_lanes and problem.window is None:
+            return [dataclasses.replace(best, pipelined=not best.pipelined)]
         return []
     changes = [{"registers": r} for r in options.registers if r != best.registers]
     if segmented:

@@ -34,8 +34,10 @@ class ColumnLanes(CsrEmitter):
     def _data_arrays(self) -> list[str]:
         values = self.layout.values.astype(np.float32).view(np.uint32)
         pairs = np.stack([values, self._offsets().astype(np.uint32)], axis=1).reshape(-1)
-        # Zero pairs after the last row: what a warp's load of its next trip reads there.
-        pairs = np.concatenate([pairs, np.zeros(2 * self.warps * self.config.unroll, np.uint32)])
+        # Zero pairs after the last row: what a warp's loads of its next trip (and the one
+        # after, pipelined) read there.
+        ahead = 2 if self.config.pipelined else 1
+        pairs = np.concatenate([pairs, np.zeros(2 * ahead * self.warps * self.config.unroll, np.uint32)])
         lines = initialised_array("global", "b32", f"{self.name}_pairs", pairs, align=16)
         if self.warps > 1:
             lines += [f".shared .align 16 .b8 {self.name}_partials[{partial_bytes(self.config)}];", ""]
@@ -47,7 +49,12 @@ class ColumnLanes(CsrEmitter):
 
     def _declarations(self) -> list[str]:
         unroll, width = self.config.unroll, self.width
-        return [
+        pipelined = [
+            f".reg .f32 %xa<{unroll * width}>, %xb<{unroll * width}>;",
+            f".reg .b32 %wa<{unroll}>, %wb<{unroll}>;",
+            f".reg .b16 %ha<{unroll * width}>, %hb<{unroll * width}>;",
+        ]
+        return (pipelined if self.config.pipelined else []) + [
             ".reg .pred %pout;",
             ".reg .b32 %part;",
             f".reg .b32 %w<{unroll}>, %wn<{unroll}>, %on<{unroll}>;",
@@ -84,7 +91,7 @@ class ColumnLanes(CsrEmitter):
         ]
         lines += self._load_pairs("%wn", "%on")
         lines += [f"mov.f32 %acc{c}, 0f00000000;" for c in range(width)]
-        lines += self._loop("TRIP", "%q", self._trip())
+        lines += self._pipelined_trips() if self.config.pipelined else self._loop("TRIP", "%q", self._trip())
         accs = [f"%acc{c}" for c in range(width)]
         if warps > 1:
             lines += self._add_partials(accs)
@@ -110,6 +117,45 @@ class ColumnLanes(CsrEmitter):
         lines += self._load_pairs("%wn", "%on")
         return lines + [
             f"fma.rn.f32 %acc{c}, %w{u}, %x{u * width + c}, %acc{c};" for u in range(unroll) for c in range(width)
+        ]
+
+    def _pipelined_trips(self) -> list[str]:
+        """``%q`` trips, each loading the next trip's activations before its own FMAs, which
+        wait on loads issued a trip earlier: two trips in flight per warp instead of one. The
+        loop body is two trips, buffer ``a`` then ``b``, so that no register a load is still
+        filling is ever copied. The last trip loads a trip that does not exist (the next
+        row's pairs or the zero pairs after the last row: addresses inside X, values unused)."""
+        lines = self._issue("a")
+        lines += ["setp.eq.u32 %p0, %q, 0;", "@%p0 bra PIPE_END;", "PIPE:"]
+        lines += self._issue("b") + self._consume("a")
+        lines += ["sub.u32 %q, %q, 1;", "setp.eq.u32 %p0, %q, 0;", "@%p0 bra.uni PIPE_END;"]
+        lines += self._issue("a") + self._consume("b")
+        lines += ["sub.u32 %q, %q, 1;", "setp.ne.u32 %p0, %q, 0;", "@%p0 bra.uni PIPE;", "PIPE_END:"]
+        return lines
+
+    def _issue(self, buffer: str) -> list[str]:
+        """The next trip's activation loads into ``buffer`` (float16 left unconverted, so that
+        nothing waits on them yet) and its values kept; then the pairs of the trip after."""
+        unroll, width = self.config.unroll, self.width
+        lines = [f"mov.b32 %w{buffer}{u}, %wn{u};" for u in range(unroll)]
+        lines += [f"mad.wide.u32 %pk{u}, %on{u}, 1, %px;" for u in range(unroll)]
+        for u in range(unroll):
+            columns = range(u * width, (u + 1) * width)
+            halves = [f"%h{buffer}{i}" for i in columns]
+            lines += self._load_row(f"%pk{u}", [f"%x{buffer}{i}" for i in columns], 1, halves=halves, convert=False)
+        lines.append(f"add.s64 %pv, %pv, {self.trip_bytes * self.warps};")
+        return lines + self._load_pairs("%wn", "%on")
+
+    def _consume(self, buffer: str) -> list[str]:
+        """The FMAs of the trip whose activations ``buffer`` holds."""
+        unroll, width = self.config.unroll, self.width
+        lines = []
+        if self.es == 2:
+            lines += [f"cvt.f32.f16 %x{buffer}{i}, %h{buffer}{i};" for i in range(unroll * width)]
+        return lines + [
+            f"fma.rn.f32 %acc{c}, %w{buffer}{u}, %x{buffer}{u * width + c}, %acc{c};"
+            for u in range(unroll)
+            for c in range(width)
         ]
 
     def _add_partials(self, accs: list[str]) -> list[str]:

@@ -145,11 +145,15 @@ class CsrEmitter:
         lines.append(f"add.s64 %rd10, {y}, %rd8;")
         return lines + self._store_row("%rd10", accs, self.ys.n)
 
-    def _load_row(self, base: str, dests: list[str], stride: int, offset: int = 0, guard: str = "") -> list[str]:
+    def _load_row(
+        self, base: str, dests: list[str], stride: int, offset: int = 0, guard: str = "",
+        halves: list[str] | None = None, convert: bool = True,
+    ) -> list[str]:
         """Loads ``len(dests)`` elements ``stride`` apart from ``[base+offset]`` as float32
-        (float16 is converted): one vector load where they are neighbours."""
+        (float16 goes through ``halves`` and is converted unless ``convert`` is False): one
+        vector load where they are neighbours."""
         es, count = self.es, len(dests)
-        halves = [f"%h{i}" for i in range(count)]
+        halves = halves or [f"%h{i}" for i in range(count)]
         kind, registers = ("f32", dests) if es == 4 else ("b16", halves)
         if count > 1 and stride == 1:
             lines = [f"{guard}ld.global.nc.v{count}.{kind} {{{', '.join(registers)}}}, [{base}+{offset}];"]
@@ -157,7 +161,7 @@ class CsrEmitter:
             lines = [
                 f"{guard}ld.global.nc.{kind} {r}, [{base}+{offset + c * stride * es}];" for c, r in enumerate(registers)
             ]
-        if es == 2:
+        if es == 2 and convert:
             lines += [f"{guard}cvt.f32.f16 {d}, {h};" for d, h in zip(dests, halves)]
         return lines
 

@@ -73,6 +73,8 @@ def _check_window(problem: SpmmProblem, config: CudaCsrConfig) -> None:
     win, es = problem.window, element_bytes(problem)
     if not config.column_lanes:
         raise UnsupportedProblem("through a convolution's window the CSR kernel needs lanes over columns")
+    if config.pipelined:
+        raise UnsupportedProblem("pipelined trips are not built through a convolution's window")
     if win.channels_last:
         raise UnsupportedProblem(
             "CSR column lanes through a window need NCHW: in NHWC neighbouring pixels are a channel count apart"

@@ -99,7 +99,7 @@ def prefers_column_lanes(problem: SpmmProblem) -> bool:
 # layers (7x7 pixels, 118k-236k nonzeros) at batch 1 1.2-1.6x faster than the unrolled
 # kernel, whose code streams in once per 32 pixels there; at 196 pixels (stage 3) they lost
 # 0.7-0.9x, at batch 8 2-7x.
-WINDOW_LANES_MAX_COLUMNS = 64
+WINDOW_LANES_MAX_PIXELS = 64
 WINDOW_LANES_MIN_NNZ = 100_000
 
 
@@ -109,7 +109,7 @@ def prefers_window_lanes(problem: SpmmProblem) -> bool:
         window is not None
         and not window.channels_last
         and batch is not None
-        and problem.static_columns * batch <= WINDOW_LANES_MAX_COLUMNS
+        and problem.static_columns * batch <= WINDOW_LANES_MAX_PIXELS
         and problem.weight.nnz >= WINDOW_LANES_MIN_NNZ
     )
 
@@ -117,7 +117,7 @@ def prefers_window_lanes(problem: SpmmProblem) -> bool:
 def default_cuda_config(problem: SpmmProblem, kernel: str | None = None, lanes: str | None = None) -> CudaConfig:
     """The untuned config of ``kernel`` ("unrolled" or "csr", whose ``lanes`` default to
     "nonzeros"), or by default of the kernel the heuristics prefer for ``problem``
-    (``prefers_column_lanes``, ``prefers_csr``)."""
+    (``prefers_column_lanes``, ``prefers_window_lanes``, ``prefers_csr``)."""
     if kernel is None:
         if prefers_column_lanes(problem) or prefers_window_lanes(problem):
             kernel, lanes = CudaCsrConfig.KERNEL, "columns"

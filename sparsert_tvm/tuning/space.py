@@ -70,7 +70,7 @@ CSR_WARPS_PER_ROW = (1, 2, 4)
 # Through a window, column lanes are searched up to this many pixels (over the batch): on
 # the H200 they lost 0.7-0.9x to the unrolled kernel at 196 and 2-7x at 392-25k
 # (benchmarks/results/window-lanes-h200.md).
-WINDOW_LANES_MAX_PIXELS = 256
+WINDOW_LANES_SEARCH_MAX_PIXELS = 256
 # Bytes of machine code per instruction (sm_90).
 INSTRUCTION_BYTES = 16
 
@@ -285,7 +285,7 @@ def _column_lanes_cost(problem: SpmmProblem, config: CudaCsrConfig, machine: Mac
     longest row's trips, each waiting on its activation loads (about twice the latency of a
     load that misses L1, as measured on the H200), shared by the row's warps."""
     columns = problem.static_columns or SYMBOLIC_COLUMNS
-    if problem.window is not None and columns * (problem.static_batch or 1) > WINDOW_LANES_MAX_PIXELS:
+    if problem.window is not None and columns * (problem.static_batch or 1) > WINDOW_LANES_SEARCH_MAX_PIXELS:
         return None
     width, unroll, warps = config.columns_per_lane, config.unroll, config.warps_per_row
     if width > 1 and config.columns_per_block >= 2 * columns:  # a tile of mostly missing columns

@@ -38,6 +38,7 @@ from sparsert_tvm.schedules.cuda.assemble import assemble, default_jobs  # noqa:
 from sparsert_tvm.schedules.cuda.ptx import emit_spmm_ptx  # noqa: E402
 from sparsert_tvm.tuning import default_cuda_config  # noqa: E402
 from sparsert_tvm.weights import SparseMatrix  # noqa: E402
+import results_json  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -155,7 +156,7 @@ def write_model_result(row: dict, name: str) -> None:
               f"| {(l['code_bytes'] or 0) / 2**20:.2f} MB |" for l in slowest]
     stem = RESULTS / f"compile_time-model-{row['model']}-{name}"
     RESULTS.mkdir(exist_ok=True)
-    stem.with_suffix(".json").write_text(json.dumps(row, indent=1))
+    stem.with_suffix(".json").write_text(results_json.dumps(row))
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
@@ -192,7 +193,7 @@ def main():
     RESULTS.mkdir(exist_ok=True)
     name = args.name or ("h100" if gpu else f"{os.cpu_count()}core")
     stem = RESULTS / f"compile_time-{args.target}-{name}"
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
+    stem.with_suffix(".json").write_text(results_json.dumps(result))
     lines = [
         f"# {args.target} compile time ({result['machine']}; device: {result['device'] or 'none'}; {result['date']})",
         "",

@@ -33,6 +33,7 @@ from tvm import relax
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import sparsert_tvm as sp  # noqa: E402
 from sparsert_tvm.build import host_cpu_target  # noqa: E402
+import results_json  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -130,7 +131,7 @@ def main():
               "rounds": args.rounds, "rows": rows}
     RESULTS.mkdir(exist_ok=True)
     stem = RESULTS / f"{args.suite}-conv-cpu-{args.name}"
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
+    stem.with_suffix(".json").write_text(results_json.dumps(result))
     lines = [
         f"# Convolutions on the CPU, suite {args.suite} ({machine}, {result['date']})", "",
         f"Median of {args.rounds} alternating rounds (fastest-slowest round in brackets).", "",

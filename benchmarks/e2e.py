@@ -58,6 +58,7 @@ from sparsert_tvm.build import cuda_target, host_cpu_target  # noqa: E402
 from sparsert_tvm.cache import cache_dir  # noqa: E402
 from sparsert_tvm.errors import last_line  # noqa: E402
 from sparsert_tvm.prune import prune_model  # noqa: E402
+import results_json  # noqa: E402
 
 MODELS = {  # cheapest first: a run cut short by its deadline has the cheap models
     "mobilenet_v1": models.mobilenet_v1,
@@ -310,7 +311,7 @@ def plot(result: dict, path: Path) -> None:
 
 
 def write(result: dict, out: Path) -> list[str]:
-    out.write_text(json.dumps(result, indent=1))
+    out.write_text(results_json.dumps(result))
     lines = markdown(result)
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     try:

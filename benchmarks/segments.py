@@ -33,6 +33,7 @@ from sparsert_tvm.problem import Layout  # noqa: E402
 from sparsert_tvm.schedules.cuda.assemble import assemble, default_jobs  # noqa: E402
 from sparsert_tvm.schedules.cuda.ptx import emit_spmm_ptx  # noqa: E402
 from sparsert_tvm.tuning import default_cuda_config  # noqa: E402
+import results_json  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 LAYERS = {
@@ -84,7 +85,7 @@ def main():
               "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores", "rows": rows}
     RESULTS.mkdir(exist_ok=True)
     stem = RESULTS / f"segments-{args.name}"
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
+    stem.with_suffix(".json").write_text(results_json.dumps(result))
     lines = [
         f"# Segment size: build time and code ({result['machine']}, {result['date']})", "",
         "Kernel cache off, default tiling, 10% density; emit = PTX generation, assemble = ptxas (parallel) + nvlink.", "",

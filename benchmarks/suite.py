@@ -41,6 +41,7 @@ from sparsert_tvm.schedules.config import CUDA_CONFIGS, CudaSpmmConfig
 from sparsert_tvm.schedules.cuda.rule import CudaSpmmRule, cuda_arch
 from sparsert_tvm.tuning import space
 from sparsert_tvm.tuning.tuner import TuneOptions, assemble_candidate
+import results_json  # noqa: E402
 
 TOLERANCE = {"float32": 1e-4, "float16": 2e-2}  # max error relative to the output's scale
 # Larger weights run untuned in the suite: their candidates' ptxas time would not fit the
@@ -245,8 +246,8 @@ def main(suites: dict, description: str, default_suite: str):
         fp32 = next(iter(case.libraries))
         print(f"[{i + 1}/{len(cases)}] {case.name}: sparsert {us['sparsert']} us, {fp32} {us[fp32]} us", flush=True)
         if i % 10 == 9:
-            Path(args.out).write_text(json.dumps(result, indent=1))
-    Path(args.out).write_text(json.dumps(result, indent=1))
+            Path(args.out).write_text(results_json.dumps(result))
+    Path(args.out).write_text(results_json.dumps(result))
     if len(alternatives) > 1:
         print(compare_alternatives(rows, alternatives))
 

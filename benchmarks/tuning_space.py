@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import json
 import math
 import sys
 import time
@@ -35,6 +34,7 @@ from sparsert_tvm.problem import Layout  # noqa: E402
 from sparsert_tvm.schedules.cuda.rule import CudaSpmmRule  # noqa: E402
 from sparsert_tvm.tuning import default_cuda_config, space  # noqa: E402
 from sparsert_tvm.tuning.tuner import Tuner  # noqa: E402
+import results_json  # noqa: E402
 
 SPMM_LAYERS = [  # name, M, K, layout, columns, images
     ("resnet50-1x1-256x64-s56", 256, 64, Layout.CHANNELS, 3136, 1),
@@ -151,7 +151,7 @@ def main():
                   f"best {timings[best]['config']}", flush=True)
             # Written after every layer: a run cut short keeps what it measured.
             result = {"device": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(), "layers": rows}
-            Path(args.out).write_text(json.dumps(result, indent=1))
+            Path(args.out).write_text(results_json.dumps(result))
             Path(args.out).with_suffix(".md").write_text("\n".join(markdown(result)) + "\n")
 
 

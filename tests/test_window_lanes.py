@@ -147,6 +147,23 @@ def test_tuning_space_has_window_lanes_only_for_few_pixels():
     assert kernels == [{"unrolled", "csr"}, {"unrolled"}]
 
 
+def test_cost_model_counts_each_taps_padded_trips():
+    """One nonzero in each of a 3x3 kernel's taps is 9 trips at any unrolling, not 2 at 8:
+    the model ranks 8 nonzeros per trip no better than 1 there, and better where every tap
+    has 8."""
+    rng = np.random.default_rng(19)
+    cost = {}
+    for per_tap in (1, 8):
+        case = make_conv(rng, 64, 16, (3, 3), (6, 6), 0.0, padding=(1, 1, 1, 1), layout="NCHW", batch=1)
+        case.weight[:, :per_tap] = 1.0  # per_tap channels of every tap in every row
+        problem = problem_of(case)
+        for unroll in (1, 8):
+            cost[per_tap, unroll] = space.estimated_cost(problem, lanes(unroll=unroll))
+    assert cost[1, 8] >= cost[1, 1]
+    assert cost[8, 8] < cost[8, 1]
+    assert space._window_trips(problem_of(case).weight, 9, 8).tolist() == [9] * 64
+
+
 @needs_ptxas
 def test_ptxas_assembles_the_default_without_spills(tmp_path):
     problem = problem_of(stage4(np.random.default_rng(16), 1))

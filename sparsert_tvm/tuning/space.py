@@ -283,17 +283,25 @@ def _column_lanes_cost(problem: SpmmProblem, config: CudaCsrConfig, machine: Mac
     """Cycles of the CSR kernel with lanes over columns: instructions per trip, activations
     through L1 (every nonzero reads a run of ``columns_per_block`` of them per tile), and the
     longest row's trips, each waiting on its activation loads (about twice the latency of a
-    load that misses L1, as measured on the H200), shared by the row's warps."""
-    columns = problem.static_columns or SYMBOLIC_COLUMNS
-    if problem.window is not None and columns * (problem.static_batch or 1) > WINDOW_LANES_SEARCH_MAX_PIXELS:
-        return None
+    load that misses L1, as measured on the H200), shared by the row's warps. Through a
+    window the batch is folded into the columns, each tap's run is padded to whole trips, and
+    each further warp of a row adds about one partly filled trip (its share starts inside a
+    tap's run)."""
+    columns, images = problem.static_columns or SYMBOLIC_COLUMNS, problem.static_batch or 1
     width, unroll, warps = config.columns_per_lane, config.unroll, config.warps_per_row
+    if problem.window is not None:
+        columns, images = columns * images, 1
+        if columns > WINDOW_LANES_SEARCH_MAX_PIXELS:
+            return None
+        trips = _window_trips(problem.weight, problem.window.kernel[0] * problem.window.kernel[1], unroll)
+        trips = trips + (warps - 1) * (trips > 0)
+    else:
+        trips = -(-problem.weight.row_nnz // unroll)
     if width > 1 and config.columns_per_block >= 2 * columns:  # a tile of mostly missing columns
         return None
-    trips = -(-problem.weight.row_nnz // unroll)
     if unroll > 2 and unroll > problem.weight.row_nnz.max(initial=0):
         return None
-    tiles = math.ceil(columns / config.columns_per_block) * (problem.static_batch or 1)
+    tiles = math.ceil(columns / config.columns_per_block) * images
     es = 4 if problem.dtype == "float32" else 2
     per_trip = unroll * (3 + width * (2 if es == 2 else 1)) + unroll / 2 + 4  # move, address, loads, FMAs
     issued = tiles * (float(trips.sum()) * per_trip + problem.M * warps * 40)
@@ -304,6 +312,13 @@ def _column_lanes_cost(problem: SpmmProblem, config: CudaCsrConfig, machine: Mac
     waves = math.ceil(blocks / (machine.sms * max(1, resident)))
     chain = math.ceil(int(trips.max(initial=0)) / warps) * 2 * machine.load_latency
     return max(throughput, l1, waves * (chain + 3 * machine.load_latency))
+
+
+@lru_cache(maxsize=256)
+def _window_trips(weight, taps: int, unroll: int) -> np.ndarray:
+    """Per row: trips of ``unroll`` nonzeros with each tap's run padded to whole trips."""
+    per_tap = (weight.dense != 0).reshape(weight.shape[0], -1, taps).sum(axis=1)
+    return (-(-per_tap // unroll)).sum(axis=1)
 
 
 @lru_cache(maxsize=256)

@@ -32,8 +32,8 @@ DEFAULT_DENSITY_THRESHOLD = {Layout.CHANNELS: 0.3, Layout.ROWS: 0.15}
 # 1.4x faster at 14x14 but 2x slower at 56x56 (benchmarks/results/small-conv-cpu-2core.md),
 # so on the CPU they stay with TVM. On CUDA, TVM's dense MobileNet ran 4.5x
 # slower than PyTorch (1.8 ms against 0.4 ms on the H100, see issue [e2e]); with our kernels
-# for its stem and depthwise layers too, it ran in 127 us on the H200 (PyTorch: 307 us;
-# benchmarks/results/e2e-h200.md). Layer by layer they are not yet timed against cuDNN.
+# for its stem and depthwise layers too, it ran in 87 us on the H200 at batch 1 (PyTorch fp32:
+# 298 us; benchmarks/results/e2e-h200.md). Layer by layer they are not yet timed against cuDNN.
 SMALL_CONVOLUTION_NNZ = 32768
 
 _OPTIONS = ("kernel_config", "dry_run", "tune", "tuning_database")

@@ -108,16 +108,7 @@ class ColumnLanes(CsrEmitter):
 
     def _trip(self) -> list[str]:
         """``unroll`` nonzeros: the activation loads, the next trip's pairs, the FMAs."""
-        unroll, width = self.config.unroll, self.width
-        lines = [f"mov.b32 %w{u}, %wn{u};" for u in range(unroll)]
-        lines += [f"mad.wide.u32 %pk{u}, %on{u}, 1, %px;" for u in range(unroll)]
-        for u in range(unroll):
-            lines += self._load_row(f"%pk{u}", [f"%x{u * width + c}" for c in range(width)], 1)
-        lines.append(f"add.s64 %pv, %pv, {self.trip_bytes * self.warps};")
-        lines += self._load_pairs("%wn", "%on")
-        return lines + [
-            f"fma.rn.f32 %acc{c}, %w{u}, %x{u * width + c}, %acc{c};" for u in range(unroll) for c in range(width)
-        ]
+        return self._issue("", convert=True) + self._consume("", converted=True)
 
     def _pipelined_trips(self) -> list[str]:
         """``%q`` trips, each loading the next trip's activations before its own FMAs, which
@@ -133,24 +124,25 @@ class ColumnLanes(CsrEmitter):
         lines += ["sub.u32 %q, %q, 1;", "setp.ne.u32 %p0, %q, 0;", "@%p0 bra.uni PIPE;", "PIPE_END:"]
         return lines
 
-    def _issue(self, buffer: str) -> list[str]:
-        """The next trip's activation loads into ``buffer`` (float16 left unconverted, so that
-        nothing waits on them yet) and its values kept; then the pairs of the trip after."""
+    def _issue(self, buffer: str, convert: bool = False) -> list[str]:
+        """A trip's activation loads into ``buffer`` (float16 converted right away only with
+        ``convert``: pipelined, nothing must wait on them yet) and its values kept; then the
+        pairs of the trip after."""
         unroll, width = self.config.unroll, self.width
         lines = [f"mov.b32 %w{buffer}{u}, %wn{u};" for u in range(unroll)]
         lines += [f"mad.wide.u32 %pk{u}, %on{u}, 1, %px;" for u in range(unroll)]
         for u in range(unroll):
             columns = range(u * width, (u + 1) * width)
             halves = [f"%h{buffer}{i}" for i in columns]
-            lines += self._load_row(f"%pk{u}", [f"%x{buffer}{i}" for i in columns], 1, halves=halves, convert=False)
+            lines += self._load_row(f"%pk{u}", [f"%x{buffer}{i}" for i in columns], 1, halves=halves, convert=convert)
         lines.append(f"add.s64 %pv, %pv, {self.trip_bytes * self.warps};")
         return lines + self._load_pairs("%wn", "%on")
 
-    def _consume(self, buffer: str) -> list[str]:
+    def _consume(self, buffer: str, converted: bool = False) -> list[str]:
         """The FMAs of the trip whose activations ``buffer`` holds."""
         unroll, width = self.config.unroll, self.width
         lines = []
-        if self.es == 2:
+        if self.es == 2 and not converted:
             lines += [f"cvt.f32.f16 %x{buffer}{i}, %h{buffer}{i};" for i in range(unroll * width)]
         return lines + [
             f"fma.rn.f32 %acc{c}, %w{buffer}{u}, %x{buffer}{u * width + c}, %acc{c};"

@@ -51,10 +51,7 @@ class CsrLayout:
 def csr_layout(problem: SpmmProblem, rows_per_block: int, sort_rows: bool, chunk: int = LANES) -> CsrLayout:
     weight = problem.weight
     row_nnz = weight.row_nnz
-    if sort_rows:
-        groups = group_rows_by_length(row_nnz, rows_per_block)
-    else:
-        groups = group_rows(row_nnz, rows_per_block, balance=False)
+    groups = _row_groups(row_nnz, rows_per_block, sort_rows)
     chunks = -(-row_nnz // chunk)
     total = int(chunks.sum()) * chunk
     values = np.zeros(total, weight.dense.dtype)
@@ -87,7 +84,7 @@ def window_csr_layout(
     then the trips of each tap (``window_taps(problem)`` of them), two 16-bit counts a word."""
     weight, taps = problem.weight, window_taps(problem)
     row_nnz = weight.row_nnz
-    groups = group_rows_by_length(row_nnz, rows_per_block) if sort_rows else group_rows(row_nnz, rows_per_block, False)
+    groups = _row_groups(row_nnz, rows_per_block, sort_rows)
     bias = _bias_bits(problem)
     tap_field = SLOT_FIELDS + bias.shape[1]
     tap_words = -(-taps // 2)
@@ -141,6 +138,11 @@ def _tap_runs(columns, row_values, taps, unroll, values: list, indices: list) ->
         values.append(padded_values)
         trips[t] = size // unroll
     return trips
+
+
+def _row_groups(row_nnz: np.ndarray, rows_per_block: int, sort_rows: bool) -> list[tuple[int, ...]]:
+    """Each block's rows: of similar lengths, heaviest first, or consecutive."""
+    return group_rows_by_length(row_nnz, rows_per_block) if sort_rows else group_rows(row_nnz, rows_per_block, False)
 
 
 def _bias_bits(problem: SpmmProblem) -> np.ndarray:

@@ -113,25 +113,30 @@ class PtxProgram:
         self.arrays[name] = data
 
     # -- execution -------------------------------------------------------------------
-    def launch(self, entry: str, grid, block: int, args: list, buffers: dict[str, np.ndarray]):
-        """Runs ``entry`` over ``grid`` with ``args`` (buffer names or ints)."""
+    def launch(self, entry: str, grid, block: int, args: list, buffers: dict[str, np.ndarray], order: str = "forward"):
+        """Runs ``entry`` over ``grid`` with ``args`` (buffer names or ints), one block after
+        another: in launch order, or ``"reverse"``, or ``"shuffle"`` (a fixed random order),
+        for kernels whose blocks meet through memory."""
         clash = set(buffers) & set(self.arrays)
         assert not clash, f"buffers named like module arrays: {clash}"
         shared = {name: np.empty(size, np.uint8) for name, size in self.shared.items()}
-        memory = _Memory(buffers | {name: data.copy() for name, data in self.arrays.items()} | shared)
+        memory = _Memory(buffers | self.arrays | shared)  # module arrays live on across launches
         values = [memory.address(a) if isinstance(a, str) else a for a in args]
         gx, gy, gz = grid
-        for z in range(gz):
-            for y in range(gy):
-                for x in range(gx):
-                    for data in shared.values():
-                        data.fill(0xFF)
-                    special = {
-                        "%ctaid.x": x, "%ctaid.y": y, "%ctaid.z": z,
-                        "%tid.x": np.arange(block, dtype=np.uint64), "%ntid.x": block,
-                    }
-                    params = dict(zip(self.functions[entry].params, values))
-                    self._run(self.functions[entry], params, special, memory, np.ones(block, bool))
+        blocks = [(x, y, z) for z in range(gz) for y in range(gy) for x in range(gx)]
+        if order == "reverse":
+            blocks.reverse()
+        elif order == "shuffle":
+            np.random.default_rng(0).shuffle(blocks)
+        for x, y, z in blocks:
+            for data in shared.values():
+                data.fill(0xFF)
+            special = {
+                "%ctaid.x": x, "%ctaid.y": y, "%ctaid.z": z, "%nctaid.x": gx,
+                "%tid.x": np.arange(block, dtype=np.uint64), "%ntid.x": block,
+            }
+            params = dict(zip(self.functions[entry].params, values))
+            self._run(self.functions[entry], params, special, memory, np.ones(block, bool))
 
     def _run(self, fn: _Function, params, special, memory, active):
         threads = len(active)
@@ -251,7 +256,21 @@ class PtxProgram:
                 pc = fn.labels[targets[int(index[0])]]
             elif op == "bar.sync":
                 assert active.all() and not parked, "bar.sync not reached by every thread of the block together"
-            elif op.startswith(("ld.global.nc.", "ld.const.", "ld.shared.")):
+            elif op == "bar.red.and.pred":
+                assert active.all() and not parked, "bar.red not reached by every thread of the block together"
+                assert ops[1] == "0"
+                write(ops[0], np.full(threads, bool(value(ops[2]).all())), active)
+            elif op == "membar.gl":  # blocks run one after another: nothing to order
+                continue
+            elif op == "atom.global.add.u32":  # one thread after another
+                address = _address(ops[1], value)
+                old = np.zeros(threads, np.uint32)
+                for t in np.nonzero(mask)[0]:
+                    one = np.arange(threads) == t
+                    old[t] = memory.load(address, one, np.uint32)[t]
+                    memory.store(address, np.full(threads, old[t] + int(value(ops[2])[t]), np.uint32), one)
+                write(ops[0], old, mask)
+            elif op.startswith(("ld.global.nc.", "ld.global.cg.", "ld.const.", "ld.shared.")):
                 kind, names = _TYPES[op[-3:]], _names(ops[0])
                 memory.check_alignment(_address(ops[1], value), mask, len(names) * kind().itemsize)
                 for i, dest in enumerate(names):

@@ -155,13 +155,16 @@ CUDA_TILINGS = [
     {"threads_per_block": 96, "fold_batch": True},  # tiles of whole warps, not a power of two
     {"padding_from_zeros": True},  # padding read from the module's zero array
     {"padding_from_zeros": True, "max_instructions_per_segment": 90, "fold_batch": True},
+    {"grid_split": 2, "rows_per_block": 4, "threads_per_block": 64},  # shares summed across blocks
+    {"grid_split": 4, "fold_batch": True, "max_instructions_per_segment": 90},
 ]
 CPU_TILINGS = [{"vector_lanes": 4}, {"vector_lanes": 8, "rows_per_chunk": 3, "max_nnz_per_segment": 30}]
 
 
 def check_tiling(target, layout, tiling):
-    case = conv(np.random.default_rng(6), "3x3", layout, m=20, channels=6, epilogue=("bias", "relu"))
-    (layer,) = check(case, target, kernel_config=tiling)
+    batch = 3 if tiling.get("grid_split", 1) > 1 else None  # its sums are sized for a static batch
+    case = conv(np.random.default_rng(6), "3x3", layout, m=20, channels=6, epilogue=("bias", "relu"), batch=batch)
+    (layer,) = check(case, target, batches=(batch,) if batch else (1, 3), kernel_config=tiling)
     assert {key: layer.params[key] for key in tiling} == tiling
 
 
@@ -187,6 +190,23 @@ def test_float16_on_the_gpu(gpu_target, layout, name, width):
     case = conv(rng, name, layout, dtype="float16", epilogue=("bias", "relu"))
     (layer,) = check(case, gpu_target, kernel_config={"vector_width": width, "threads_per_block": 32})
     assert layer.params["vector_width"] == width
+
+
+@pytest.mark.gpu
+def test_stride_two_layer_splits_its_grid_and_relaunches_identically(gpu_target):
+    """The default for a stride-2 layer (32 rows, a grid split): correct, and launched again
+    the same bit for bit, so the last block of each tile reset its count."""
+    rng = np.random.default_rng(13)
+    case = make_conv(rng, 64, 64, (3, 3), (28, 28), 0.1, stride=(2, 2), padding=(1, 1, 1, 1), batch=2,
+                     epilogue=("bias", "relu"))
+    compiled = Compiled(case.module(), gpu_target)
+    (layer,) = compiled.report
+    assert layer.decision == "sparse" and layer.params["grid_split"] == 8 and layer.params["rows_per_block"] == 32
+    arrays = case.inputs(rng, 2)
+    first = compiled(*arrays)
+    assert_close(first, case.reference(arrays))
+    for _ in range(3):
+        assert np.array_equal(compiled(*arrays), first)
 
 
 def test_float16_stays_dense_on_the_cpu():
@@ -225,11 +245,15 @@ EMULATED_CONFIGS = [
     CudaSpmmConfig(rows_per_block=2, threads_per_block=32, padding_from_zeros=True),
     CudaSpmmConfig(rows_per_block=3, threads_per_block=32, columns_per_thread=2, vector_width=4, fold_batch=True,
                    padding_from_zeros=True, max_instructions_per_segment=150),
+    # Shares of each group's kernel rows in blocks of their own, summed by the last to finish.
+    CudaSpmmConfig(rows_per_block=4, threads_per_block=32, grid_split=2),
+    CudaSpmmConfig(rows_per_block=3, threads_per_block=64, columns_per_thread=2, vector_width=2, fold_batch=True,
+                   grid_split=4, max_instructions_per_segment=150),
 ]
 EMULATED_IDS = [
     "plain", "two-columns-segmented", "vectors", "folded-three-columns", "folded-vectors-segmented", "folded-wide-vectors",
     "split-two", "split-four-folded-vectors-segmented", "folded-three-warps", "zero-array",
-    "zero-array-folded-wide-vectors-segmented",
+    "zero-array-folded-wide-vectors-segmented", "grid-split-two", "grid-split-four-folded-vectors-segmented",
 ]
 
 
@@ -315,6 +339,34 @@ def test_default_window_configs_cap_registers_only_for_16_rows():
     assert all(c.registers == (64 if c.rows_per_block >= 16 else 0) for c in unrolled)
 
 
+def test_stride_two_windows_get_sixteen_rows_and_a_grid_split():
+    """A layer reading four input pixels per output pixel gets 16 rows per block (32 with
+    the batch folded), and its grid is split into the fewest shares (up to 8) that give 128
+    blocks; stride 1, a
+    symbolic batch, 1x1 and depthwise layers keep the thread-count rule without a split. The
+    search keeps the default with twice and half its shares."""
+    rng = np.random.default_rng(19)
+
+    def default(batch=8, stride=(2, 2), groups=1, density=0.1, kernel=(3, 3)):
+        padding = (kernel[0] // 2,) * 4
+        case = make_conv(rng, 256, 256, kernel, (28, 28), density, stride=stride, padding=padding,
+                         batch=batch, groups=groups)
+        problem = problem_of(case)
+        return problem, default_cuda_config(problem)
+
+    problem, config = default()  # folded: 32 rows, 8 groups x 7 tiles of 224 pixels, 4 shares for 224 blocks
+    assert (config.rows_per_block, config.registers, config.segment_registers) == (32, 96, 96)
+    assert (config.grid_split, config.threads_per_block) == (4, 224)
+    shares = {c.grid_split for c in space.candidates(problem, CudaSpmmRule().check, 4) if c.KERNEL == "unrolled"}
+    assert shares >= {2, 4, 8}
+    single = default(batch=1)[1]  # 16 groups x 1 tile: 8 shares give 128 blocks
+    assert (single.rows_per_block, single.registers, single.grid_split) == (16, 64, 8)
+    assert default(stride=(1, 1))[1].grid_split == 1
+    assert default(batch=None)[1].grid_split == 1
+    assert default(groups=256, density=1.0)[1].grid_split == 1
+    assert default(kernel=(1, 1))[1].grid_split == 1  # downsampling shortcuts: not timed with it
+
+
 def test_folded_window_configs_aim_at_half_the_threads():
     """With the batch folded into the columns, rows per block are chosen for about 50k
     threads, not 100k: ResNet-50's stage-3 layer (256 channels of 14x14) gets 8 rows at
@@ -360,15 +412,10 @@ def test_window_searches_keep_twice_and_half_the_default_rows(batch):
     default = default_cuda_config(stage4)
     candidates = space.candidates(stage4, CudaSpmmRule().check, 3)
     assert candidates[0] == default
-    rows = {c.rows_per_block: c for c in candidates}
     for changed in (2 * default.rows_per_block, default.rows_per_block // 2):
-        if changed < 1:
-            continue
-        neighbour = rows[changed]
-        assert neighbour.registers == default_registers(changed)
-        assert neighbour == with_segment_budget(
-            dataclasses.replace(default, rows_per_block=changed, registers=neighbour.registers)
-        )
+        if changed in space.ROWS_PER_BLOCK:
+            neighbour = dataclasses.replace(default, rows_per_block=changed, registers=default_registers(changed))
+            assert with_segment_budget(neighbour) in candidates
 
 
 def test_only_taps_that_can_read_padding_are_predicated():

@@ -58,10 +58,11 @@ def problem_for(rng, layout, m, k, density, x_shape, epilogue=(), weight=None, d
     return SpmmProblem(SparseMatrix.from_dense(weight), layout, dtype, tuple(x_shape), tuple(y_shape), tuple(ops))
 
 
-def emulate(problem: SpmmProblem, config, rng, inputs=None, x_shape=None):
+def emulate(problem: SpmmProblem, config, rng, inputs=None, x_shape=None, order="shuffle"):
     """Runs the generated PTX (of either kernel, by the config's type) in the emulator on
-    ``inputs`` (X and the residual; random if None); returns (output, numpy reference).
-    A problem with symbolic dimensions runs at ``x_shape``."""
+    ``inputs`` (X and the residual; random if None), its blocks in ``order`` (see
+    ``PtxProgram.launch``); returns (output, numpy reference). A problem with symbolic
+    dimensions runs at ``x_shape``."""
     kernel = cuda_rule.emit_ptx(problem, config, "k", "sm_90")
     if x_shape is not None:
         y_shape = list(x_shape)
@@ -89,7 +90,7 @@ def emulate(problem: SpmmProblem, config, rng, inputs=None, x_shape=None):
     if kernel.folds_batch:  # as the launch wrapper does
         columns, batch = columns * batch, 1
     grid = (-(-columns // kernel.columns_per_block), kernel.row_groups, batch)
-    PtxProgram(*kernel.units).launch("k", grid, kernel.threads, args + ["y", columns], buffers)
+    PtxProgram(*kernel.units).launch("k", grid, kernel.threads, args + ["y", columns], buffers, order)
     return buffers["y"], problem.reference(x, buffers.get("r"))
 
 
@@ -281,11 +282,13 @@ def test_float32_vector_of_eight_is_rejected():
         (Layout.CHANNELS, CudaSpmmConfig(columns_per_thread=2), "float16"),
         (Layout.CHANNELS, CudaSpmmConfig(rows_per_block=4, split_k=4, max_instructions_per_segment=300), "float32"),
         (Layout.ROWS, CudaSpmmConfig(vector_width=2, split_k=2), "float16"),
+        (Layout.CHANNELS, CudaSpmmConfig(rows_per_block=16, grid_split=4, max_instructions_per_segment=300), "float32"),
+        (Layout.ROWS, CudaSpmmConfig(vector_width=2, grid_split=2), "float16"),
     ],
 )
 def test_ptxas_assembles_for_sm90(layout, config, dtype):
     rng = np.random.default_rng(3)
-    static = config.vector_width > 1
+    static = config.vector_width > 1 or config.grid_split > 1
     if layout is Layout.ROWS:
         x_shape = (64, 64) if static else (tirx.Var("n", "int64"), 64)
     else:
@@ -615,6 +618,74 @@ def test_emulated_split_k_matches_numpy(case):
     problem = problem_for(rng, layout, m, k, density, x_shape, ("bias", "residual", "relu"))
     out, ref = emulate(problem, config, rng)
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+
+
+@st.composite
+def grid_split_cases(draw):
+    """A random weight (empty rows included), layout, column count and grid split."""
+    m, k = draw(st.integers(1, 20)), draw(st.integers(1, 48))
+    density = draw(st.sampled_from([0.0, 0.05, 0.3, 1.0]))
+    config = CudaSpmmConfig(
+        rows_per_block=draw(st.integers(1, 5)),
+        threads_per_block=draw(st.sampled_from([32, 64])),
+        columns_per_thread=draw(st.integers(1, 2)),
+        grid_split=draw(st.sampled_from([2, 4, 8])),
+        max_instructions_per_segment=draw(st.sampled_from([60, 4096])),
+    )
+    layout = draw(st.sampled_from([Layout.ROWS, Layout.CHANNELS]))
+    columns = draw(st.integers(1, 100))
+    x_shape = (columns, k) if layout is Layout.ROWS else (draw(st.integers(1, 2)), k, 1, columns)
+    return m, k, density, layout, x_shape, config, draw(st.integers(0, 2**16))
+
+
+@settings(max_examples=25, deadline=None)
+@given(grid_split_cases())
+def test_emulated_grid_split_matches_numpy(case):
+    """Blocks run in a shuffled order, so any share of a tile may be the last to finish."""
+    m, k, density, layout, x_shape, config, seed = case
+    rng = np.random.default_rng(seed)
+    problem = problem_for(rng, layout, m, k, density, x_shape, ("bias", "residual", "relu"))
+    out, ref = emulate(problem, config, rng)
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("max_instructions_per_segment", [60, 4096])
+def test_grid_split_sums_shares_in_order_and_resets_its_counts(max_instructions_per_segment):
+    """Whichever block of a tile finishes last, the sums are added in share order (the
+    outputs are identical bit for bit), and the counts are back at zero for the next launch
+    (the module's arrays live on across launches)."""
+    rng = np.random.default_rng(31)
+    problem = problem_for(rng, Layout.CHANNELS, 24, 64, 0.3, (2, 64, 3, 30), ("bias",))
+    config = CudaSpmmConfig(rows_per_block=4, threads_per_block=32, grid_split=4,
+                            max_instructions_per_segment=max_instructions_per_segment)
+    kernel = emit_spmm_ptx(problem, config, "k", "sm_90")
+    program = PtxProgram(*kernel.units)
+    x = rng.standard_normal((2, 64, 3, 30)).astype("float32")
+    grid = (-(-90 // kernel.columns_per_block), kernel.row_groups, 2)
+    assert kernel.row_groups == 6 * 4
+    outputs = []
+    for order in ("forward", "reverse", "shuffle"):
+        buffers = {"x": x, "y": np.full((2, 24, 3, 30), np.nan, "float32")}
+        program.launch("k", grid, kernel.threads, ["x", "y", 90], buffers, order)
+        assert not program.arrays["k_counts"].any()
+        outputs.append(buffers["y"])
+    np.testing.assert_allclose(outputs[0], problem.reference(x), rtol=1e-5, atol=1e-5)
+    assert all(np.array_equal(outputs[0], out) for out in outputs[1:])
+    assert program.arrays["k_sums"].any()  # the partial sums went through the module array
+
+
+def test_grid_split_is_checked():
+    with pytest.raises(ValueError, match="grid_split"):
+        CudaSpmmConfig(grid_split=3)
+    with pytest.raises(ValueError, match="grid_split"):
+        CudaSpmmConfig(threads_per_block=64, split_k=2, grid_split=2)
+    rng = np.random.default_rng(23)
+    symbolic = problem_for(rng, Layout.CHANNELS, 16, 16, 0.3, (tirx.Var("n", "int64"), 16, 4, 4))
+    with pytest.raises(UnsupportedProblem, match="static column count and batch"):
+        cuda_rule.CudaSpmmRule().check(symbolic, CudaSpmmConfig(grid_split=2))
+    huge = problem_for(rng, Layout.CHANNELS, 1024, 16, 0.3, (64, 16, 32, 32))
+    with pytest.raises(UnsupportedProblem, match="partial sums of"):
+        emit_spmm_ptx(huge, CudaSpmmConfig(rows_per_block=16, grid_split=8), "k", "sm_90")
 
 
 def test_split_k_is_checked():

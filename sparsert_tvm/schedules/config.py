@@ -91,6 +91,17 @@ class CudaSpmmConfig(_CudaKernelConfig):
     # fetch, not on latency (benchmarks/results/split-k-h200.md). In the tuner's space only
     # where ``TuneOptions.split_k`` asks.
     split_k: int = 1
+    # The group's nonzero columns are cut into this many shares (as ``split_k`` cuts them),
+    # each computed by a block of its own: a launch row per (row group, share). The blocks
+    # of one tile leave their partial sums in a module array; the last of them to finish
+    # (a count per tile and group, taken atomically) adds them up in share order, so that
+    # results do not depend on which finished last, and runs the epilogue. Where a layer
+    # reads much more input than it writes (stride 2: four input pixels per output pixel),
+    # every row group streams the whole input from L2, so more rows per block cut that
+    # traffic, and the split keeps the grid of fewer row groups full. Needs a static column
+    # count and batch (the array is sized for the grid); launches of one kernel must not
+    # overlap (the Relax VM runs them in order on one stream).
+    grid_split: int = 1
     # Through a convolution's window, a load that may fall into the padding reads, for the
     # threads whose tap is outside the image, a zero-filled array of the module instead
     # (its base register is switched once per thread): no predicate and no zeroing move per
@@ -112,6 +123,8 @@ class CudaSpmmConfig(_CudaKernelConfig):
             raise ValueError("vector_width must be 1, 2, 4 or 8")
         if self.split_k not in (1, 2, 4, 8) or self.threads_per_block % (32 * self.split_k):
             raise ValueError("split_k must be 1, 2, 4 or 8 and leave whole warps of threads_per_block to each slice")
+        if self.grid_split not in (1, 2, 4, 8) or (self.grid_split > 1 and self.split_k > 1):
+            raise ValueError("grid_split must be 1, 2, 4 or 8, and 1 with split_k")
         if not 24 <= self.segment_registers <= 255:
             raise ValueError("segment_registers must be in 24..255")
         if self.registers and not 24 <= self.registers <= 255:

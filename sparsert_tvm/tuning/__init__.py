@@ -185,9 +185,14 @@ def with_segment_budget(config: CudaSpmmConfig) -> CudaSpmmConfig:
     higher (``segment_registers``), 4k-instruction segments made ResNet-50's 3x3 layers at
     8-16 rows per block 1.7-2x slower than one function, and 1-4 rows 0-16%
     (benchmarks/results/segments-vary-h200.json); with the cap they were within 0-13%
-    (segments-inline-h200.md). A thread's accumulators still buy its segments room."""
+    (segments-inline-h200.md). A thread's accumulators still buy its segments room. With a
+    grid split a launch row runs one share of its group, so the budget is shared out too:
+    a segment still holds whole launch rows, and ptxas gets smaller functions (ResNet-50's
+    stride-2 stage-3 layer at batch 1 took 27 s to assemble in two 64k-instruction
+    segments)."""
     accumulators = config.rows_per_block * config.columns_per_thread
     budget = min(MAX_SEGMENT_INSTRUCTIONS, SEGMENT_INSTRUCTIONS_PER_ACCUMULATOR * accumulators)
+    budget = max(SEGMENT_INSTRUCTIONS_PER_ACCUMULATOR, budget // config.grid_split)
     return dataclasses.replace(config, max_instructions_per_segment=budget)
 
 
@@ -247,14 +252,48 @@ def _window_config(problem: SpmmProblem, vectors: int, images: int, width: int, 
     threads = 32 if vectors <= 64 else 256 if vectors > 128 else 128
     column_tiles = -(-vectors // threads)
     target = _TARGET_THREADS_FOLDED if fold and _rows_share_columns(problem) else _TARGET_THREADS
-    rows = 16
-    while rows > 1 and -(-problem.M // rows) * column_tiles * images * threads < target:
-        rows //= 2
+    rows, shares = 16, 1
+    if _reads_more_than_it_writes(problem):
+        rows = 32 if fold else 16
+        blocks = -(-problem.M // rows) * column_tiles * images
+        shares = next(s for s in (1, 2, 4, 8) if s == 8 or blocks * s >= _GRID_SPLIT_TARGET_BLOCKS)
+    else:
+        while rows > 1 and -(-problem.M // rows) * column_tiles * images * threads < target:
+            rows //= 2
+    registers = default_registers(rows)
     return CudaSpmmConfig(
         rows_per_block=rows, threads_per_block=trimmed_threads(vectors, threads), vector_width=width,
-        fold_batch=fold, registers=default_registers(rows),
+        fold_batch=fold, registers=registers, grid_split=shares,
+        # Segments of 32 rows at 64 registers spill about 1.6 KB each (ptxas -v).
+        segment_registers=max(CudaSpmmConfig.segment_registers, registers),
         padding_from_zeros=_reads_padding_from_zeros(problem, vectors),
     )
+
+
+# Input pixels per output pixel from which a window layer's blocks get 16 or 32 rows and the
+# grid is split (``CudaSpmmConfig.grid_split``): stride 2 reads four.
+GRID_SPLIT_MIN_INPUT_RATIO = 3
+# Blocks the fewest shares of a grid split must give: about one per SM. More shares cost
+# more partial sums for the last block of each tile to add up.
+_GRID_SPLIT_TARGET_BLOCKS = 128
+
+
+def _reads_more_than_it_writes(problem: SpmmProblem) -> bool:
+    """Every row group reads its tiles' whole input from L2, and at stride 2 that is four
+    pixels per output pixel: the input traffic, not the FMAs, limits such layers. Blocks of
+    more rows read it once for more rows (16, or 32 with the batch folded, where a row
+    group's code serves many tiles), and a grid split into shares of the kernel rows keeps
+    the grid of so few groups about one block per SM. On the H200 this ran ResNet-50's
+    stride-2 3x3 layers at 90% 1.05-1.7x faster than the 100k-thread rule's 1-8 rows
+    (benchmarks/results/grid-split-h200.md). Needs a static batch, a kernel of more than one
+    tap and rows that share input (not depthwise)."""
+    window = problem.window
+    if window is None or problem.static_batch is None or problem.static_columns is None:
+        return False
+    (h, w), (oh, ow) = window.input_size, window.output_size
+    # 1x1 stride-2 layers (ResNet's downsampling shortcuts) were not timed with it.
+    taps = window.kernel[0] * window.kernel[1]
+    return taps > 1 and h * w >= GRID_SPLIT_MIN_INPUT_RATIO * oh * ow and _rows_share_columns(problem)
 
 
 def _rows_share_columns(problem: SpmmProblem) -> bool:
@@ -289,6 +328,7 @@ def trimmed_threads(vectors: int, threads: int, columns_per_thread: int = 1) -> 
 
 
 _SIXTEEN_ROW_REGISTERS = 64
+_THIRTY_TWO_ROW_REGISTERS = 96
 
 
 def default_registers(rows_per_block: int) -> int:
@@ -298,7 +338,10 @@ def default_registers(rows_per_block: int) -> int:
     (benchmarks/results/registers-vary-h200.md); on 20 ResNet-50 and MobileNet 1x1 layers of
     16 rows the cap gained 1.08x in geometric mean (up to 2x, and lost up to 14% on two:
     registers-spmm-h200.md). With 1-8 rows it changed nothing beyond noise or lost, so they
-    keep ptxas's choice; the tuner times the other cap (``TuneOptions.registers``)."""
+    keep ptxas's choice; the tuner times the other cap (``TuneOptions.registers``). 32 rows
+    (grid-split layers) get 96: 32 accumulators and as much room for loads in flight."""
+    if rows_per_block >= 32:
+        return _THIRTY_TWO_ROW_REGISTERS
     return _SIXTEEN_ROW_REGISTERS if rows_per_block >= 16 else 0
 
 

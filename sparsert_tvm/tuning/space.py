@@ -111,7 +111,7 @@ def candidates(
         with_segment_budget(dataclasses.replace(
             unrolled, rows_per_block=rows, threads_per_block=_tile_threads(problem, threads, cols, width, fold, split),
             columns_per_thread=cols, vector_width=width, fold_batch=fold, registers=default_registers(rows),
-            split_k=split,
+            split_k=split, grid_split=1,
         ))
         for rows, threads, cols, width, fold, split in itertools.product(
             ROWS_PER_BLOCK, THREADS, COLUMNS_PER_THREAD, VECTOR_WIDTHS[problem.dtype], folds, split_k
@@ -131,6 +131,8 @@ def candidates(
             CSR_ROWS_PER_BLOCK, CSR_COLUMN_LANE_TILES, CSR_COLUMN_UNROLL, CSR_WARPS_PER_ROW
         )
     ]
+    neighbours = _row_neighbours(problem, default) + _grid_split_neighbours(default)
+    space += neighbours
     scored = {}
     for config in space:
         cost = estimated_cost(problem, config, machine)
@@ -142,7 +144,7 @@ def candidates(
             continue
         scored[config] = cost
     ranked = sorted(scored, key=scored.get)
-    neighbours = [c for c in _row_neighbours(problem, default) if c in scored]
+    neighbours = [c for c in neighbours if c in scored]
     chosen = [default] + neighbours + [c for c in ranked if c != default and c not in neighbours]
     return _with_both_kernels(chosen, max(1, limit), scored)
 
@@ -162,6 +164,16 @@ def _row_neighbours(problem: SpmmProblem, default: CudaConfig) -> list[CudaSpmmC
             changed = dataclasses.replace(default, rows_per_block=rows, registers=default_registers(rows))
             neighbours.append(with_segment_budget(changed))
     return neighbours
+
+
+def _grid_split_neighbours(default: CudaConfig) -> list[CudaSpmmConfig]:
+    """A grid-split default with twice and half its shares, also kept whatever the model
+    thinks: the model does not count the input each row group reads from L2, which is what
+    the split is for."""
+    if not isinstance(default, CudaSpmmConfig) or default.grid_split == 1:
+        return []
+    shares = (2 * default.grid_split, default.grid_split // 2)
+    return [dataclasses.replace(default, grid_split=s) for s in shares if s in (1, 2, 4, 8)]
 
 
 def _tile_threads(problem: SpmmProblem, threads: int, cols: int, width: int, fold: bool, split: int) -> int:
@@ -201,7 +213,7 @@ def estimated_cost(problem: SpmmProblem, config: CudaConfig, machine: Machine = 
     images = problem.static_batch or 1
     if config.fold_batch:
         columns, images = columns * images, 1
-    split = config.split_k
+    split, shares = config.split_k, config.grid_split
     per_block = config.threads_per_block // split * config.columns_per_thread * config.vector_width
     # Blocks of more than a warp only where at least half their columns exist.
     if config.threads_per_block > 32 and per_block > 2 * columns:
@@ -210,12 +222,13 @@ def estimated_cost(problem: SpmmProblem, config: CudaConfig, machine: Machine = 
     loads, fmas = _group_work(problem.weight, config.rows_per_block, config.balance_rows)
     instructions = config.columns_per_thread * (loads + lanes * fmas)  # of each group
     code = INSTRUCTION_BYTES * instructions
-    # What each thread issues: its slice's share, and storing, reloading and adding the
-    # slices' sums.
-    per_thread = instructions / split + (3 * accumulators if split > 1 else 0)
+    # What each thread issues: its slice's (or grid share's) part, and storing, reloading
+    # and adding the slices' (or shares') sums.
+    per_thread = instructions / (split * shares) + (3 * accumulators if split > 1 else 0)
+    per_thread += (shares + 1) * accumulators if shares > 1 else 0
     warps = config.threads_per_block // 32
-    blocks = tiles * len(per_thread) * images
-    issued = tiles * images * warps * float(per_thread.sum())
+    blocks = tiles * len(per_thread) * images * shares
+    issued = tiles * images * shares * warps * float(per_thread.sum())
     registers = (accumulators + 2 * config.columns_per_thread * lanes + 24) * config.threads_per_block
     resident = min(
         machine.blocks_per_sm,
@@ -232,7 +245,7 @@ def estimated_cost(problem: SpmmProblem, config: CudaConfig, machine: Machine = 
     # all the SMs, and the longest group's through one SM per wave.
     fetch = max(
         tiles * images * float(code.sum()) / (machine.sms * machine.fetch_bytes_per_cycle),
-        math.ceil(blocks / machine.sms) * float(code.max()) / machine.fetch_bytes_per_cycle,
+        math.ceil(blocks / machine.sms) * float(code.max()) / shares / machine.fetch_bytes_per_cycle,
     )
     return max(throughput, tail, fetch)
 

@@ -15,7 +15,11 @@ one barrier) before the epilogue; out-of-range threads compute column 0 without 
 it, since every thread must reach the barrier. Cut into segments, each slice's share is a
 function of its own that leaves its sums in shared memory, and one more function per
 segment adds them up: ptxas adds two instructions to every load of a function whose body
-branches apart by warp.
+branches apart by warp. With ``grid_split`` shares, launch row ``g * S + s`` computes share
+``s`` of group ``g``: its block stores its partial sums in the module array ``<name>_sums``
+(slot ``(((tile * G + g) * S + s) * A + a) * threads + thread``), fences them, and its first
+thread counts the block in ``<name>_counts`` (one per tile and group); the block that
+counts last resets the count, adds every share's sums in share order and runs the epilogue.
 
 Convolutions with a ``ConvWindow`` read their input directly: each owned vector (of
 neighbouring output pixels of one row) gets a base address for its first pixel's window
@@ -58,6 +62,8 @@ _MAX_SHARED_BYTES = 48 * 1024
 # Device memory a kernel's zero array may take (``padding_from_zeros``): VGG-16's first
 # 3x3 layers (64 channels of 224x224) need 12.8 MB.
 _MAX_ZEROS_BYTES = 16 * 1024 * 1024
+# Device memory the partial sums of a grid split may take: S times the output.
+_MAX_SUMS_BYTES = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -219,13 +225,38 @@ def _zeros_bytes(problem: SpmmProblem, vector_width: int) -> int:
 
 def check_split(problem: SpmmProblem, config: CudaSpmmConfig) -> None:
     """Raises ``UnsupportedProblem`` if the partial sums of ``config.split_k`` slices do not
-    fit in a block's static shared memory."""
+    fit in a block's static shared memory, or those of ``config.grid_split`` shares cannot be
+    sized (a symbolic column count or batch) or exceed ``_MAX_SUMS_BYTES``."""
     size = _partials_bytes(problem, config)
     if config.split_k > 1 and size > _MAX_SHARED_BYTES:
         raise UnsupportedProblem(
             f"split_k {config.split_k}: partial sums of {size} bytes exceed "
             f"{_MAX_SHARED_BYTES} bytes of shared memory (fewer rows per block or threads)"
         )
+    if config.grid_split == 1:
+        return
+    if problem.static_columns is None or problem.static_batch is None:
+        raise UnsupportedProblem("grid_split: the partial sums are sized for a static column count and batch")
+    size = _sums_bytes(problem, config)
+    if size > _MAX_SUMS_BYTES:
+        raise UnsupportedProblem(f"grid_split {config.grid_split}: partial sums of {size} bytes exceed {_MAX_SUMS_BYTES}")
+
+
+def _launch_tiles(problem: SpmmProblem, config: CudaSpmmConfig) -> int:
+    """Blocks of one launch row (column tiles, times images where each has its own)."""
+    columns, images = problem.static_columns, problem.static_batch
+    if config.fold_batch:
+        columns, images = columns * images, 1
+    per_block = config.threads_per_block * config.columns_per_thread * config.vector_width
+    return -(-columns // per_block) * images
+
+
+def _sums_bytes(problem: SpmmProblem, config: CudaSpmmConfig) -> int:
+    """The grid split's partial sums: every block's accumulators, for each of its launch rows."""
+    element = _ElementType(problem.dtype, config.vector_width)
+    groups = -(-problem.M // config.rows_per_block)
+    per_block = _accumulators(config, element) * config.threads_per_block * element.register_bytes
+    return _launch_tiles(problem, config) * groups * config.grid_split * per_block
 
 
 def _partials_bytes(problem: SpmmProblem, config: CudaSpmmConfig) -> int:
@@ -249,8 +280,9 @@ def emit_spmm_ptx(problem: SpmmProblem, config: CudaSpmmConfig, name: str, arch:
     groups = group_rows(problem.weight.row_nnz, config.rows_per_block, config.balance_rows)
     emitter = _Emitter(problem, config, arch)
     emitter.check_offsets()
-    costs = [emitter.instructions(rows) for rows in groups]
-    segments = split_by_cost(groups, costs, config.max_instructions_per_segment)
+    work = [_Work(rows, g, share) for g, rows in enumerate(groups) for share in emitter.shares]
+    costs = [emitter.instructions(item.rows) // len(emitter.shares) for item in work]
+    segments = split_by_cost(work, costs, config.max_instructions_per_segment)
     most_threads = REGISTERS_PER_BLOCK // config.segment_registers
     if len(segments) > 1 and config.threads_per_block > most_threads:
         # The kernel takes its segments' register count, and nvlink refuses a block of
@@ -262,7 +294,7 @@ def emit_spmm_ptx(problem: SpmmProblem, config: CudaSpmmConfig, name: str, arch:
         )
 
     if len(segments) == 1:
-        units = (emitter.entry(name, inline_groups=groups),)
+        units = (emitter.entry(name, inline_work=work),)
     else:
         bounds, first = [], 0
         for segment in segments:
@@ -276,12 +308,22 @@ def emit_spmm_ptx(problem: SpmmProblem, config: CudaSpmmConfig, name: str, arch:
     return PtxKernel(
         name=name,
         units=units,
-        row_groups=len(groups),
+        row_groups=len(work),
         threads=config.threads_per_block,
         columns_per_block=emitter.slice_threads * config.columns_per_thread * config.vector_width,
         param_types=emitter.param_types,
         folds_batch=emitter.folds_batch,
     )
+
+
+@dataclass(frozen=True)
+class _Work:
+    """What one launch row computes: the rows of group ``group``, over all of their nonzero
+    columns (``share`` None) or over one share of them (a grid split)."""
+
+    rows: tuple[int, ...]
+    group: int
+    share: int | None = None
 
 
 class _Emitter:
@@ -295,7 +337,8 @@ class _Emitter:
     thread's first one: it gets its own bases ``%pxw<c>``, ``%pyw<c>``, ``%prw<c>``. Split
     into slices: ``%slice``, the thread's slice; ``%smem``, the block's partial sums;
     ``%sps``, where this thread's slice stores its own; ``%spr``, where the first slice
-    reads them.
+    reads them. Split across the grid: ``%wsb``, this thread's first slot of the partial
+    sums; ``%cnt``, its tile's first count.
     """
 
     def __init__(self, problem: SpmmProblem, config: CudaSpmmConfig, arch: str):
@@ -308,6 +351,12 @@ class _Emitter:
         self.lanes = self.element.registers
         self.accumulators = _accumulators(config, self.element)  # registers of a thread's sums
         self.split = config.split_k
+        self.grid_split = config.grid_split
+        # The share of its group's columns each launch row computes (None: all of them).
+        self.shares = list(range(self.grid_split)) if self.grid_split > 1 else [None]
+        # Every thread of a block must reach a barrier: none may leave early.
+        self.barriers = self.split > 1 or self.grid_split > 1
+        self.group_slots = -(-problem.M // config.rows_per_block)  # counts per tile
         self.slice_threads = config.threads_per_block // config.split_k  # threads owning distinct columns
         # Bytes between neighbouring slots of the partial sums (one per column thread).
         self.partial_stride = self.slice_threads * self.element.register_bytes
@@ -384,13 +433,18 @@ class _Emitter:
     def header(self) -> list[str]:
         return ptx_header(self.arch)
 
-    def entry(self, name, inline_groups=None, segment_bounds=None) -> str:
+    def entry(self, name, inline_work=None, segment_bounds=None) -> str:
         p, cfg = self.problem, self.config
         lines = self.header()
         if self.split > 1:
             lines += [f".shared .align 16 .b8 {name}_partials[{_partials_bytes(p, cfg)}];"]
         if self.zeros:  # no initialiser: zero-filled at load, no bytes in the cubin
             lines += [f".global .align 16 .b8 {name}_zeros[{_zeros_bytes(p, cfg.vector_width)}];"]
+        if self.grid_split > 1:
+            lines += [
+                f".global .align 16 .b8 {name}_sums[{_sums_bytes(p, cfg)}];",
+                f".global .align 4 .b8 {name}_counts[{4 * _launch_tiles(p, cfg) * self.group_slots}];",
+            ]
         if segment_bounds is not None:
             functions = [function for s in range(len(segment_bounds)) for function, _ in self.roles(name, s)]
             lines += [f".extern .func {function}{self._segment_params()};" for function in functions]
@@ -409,7 +463,7 @@ class _Emitter:
         lines.append(f"mad.lo.u32 %col0, %r1, {self.slice_threads * self.cols}, %r2;")
         if cfg.vector_width > 1:
             lines.append(f"mul.lo.u32 %col0, %col0, {cfg.vector_width};")
-        if self.split > 1:
+        if self.barriers:
             # Every thread must reach the barrier: one past the columns computes column 0,
             # and with no columns (``%ncols`` = 0 for it) owns no vector to store.
             lines += [
@@ -428,9 +482,11 @@ class _Emitter:
             # A window's columns are not linear in X: segments find the windows from %px and %col0.
             lines += self._advance("%rd5", None if self.window else self.x_strides.n, self.y_strides.n)
         lines += ["mov.u32 %g, %ctaid.y;"]
-        if inline_groups is not None:
+        if self.grid_split > 1:
+            lines += self._sums_setup(name)
+        if inline_work is not None:
             lines += self._column_setup()
-            lines += self._dispatch(inline_groups, first=0, exit_label="DONE")
+            lines += self._dispatch(inline_work, first=0, exit_label="DONE")
         else:
             if self.split > 1:
                 lines += self._slice_index()
@@ -445,7 +501,7 @@ class _Emitter:
             return [(f"{name}_seg{s}", None)]
         return [(f"{name}_seg{s}_k{t}", t) for t in range(self.split)] + [(f"{name}_seg{s}_sum", "sum")]
 
-    def segment(self, name, groups, first, role=None) -> str:
+    def segment(self, name, work, first, role=None) -> str:
         lines = self.header()
         lines += [f".visible .func {name}{self._segment_params()}", "{"]
         lines += self._declarations()
@@ -460,6 +516,8 @@ class _Emitter:
             lines.append("ld.param.u64 %smem, [s_smem];")
         if self.zeros:
             lines.append("ld.param.u64 %pz, [s_pz];")
+        if self.grid_split > 1:
+            lines += ["ld.param.u64 %wsb, [s_wsb];", "ld.param.u64 %cnt, [s_cnt];"]
         lines += [
             # Not a parameter: ptxas keeps global-memory descriptors in uniform registers
             # after the dispatch only where the branch index is known uniform; from a
@@ -467,13 +525,14 @@ class _Emitter:
             "mov.u32 %g, %ctaid.y;",
         ]
         lines += self._column_setup()
-        lines += self._dispatch(groups, first=first, exit_label="DONE", role=role)
+        lines += self._dispatch(work, first=first, exit_label="DONE", role=role)
         lines += ["DONE:", "ret;", "}"]
         return "\n".join(lines) + "\n"
 
     # -- pieces ----------------------------------------------------------------------
     def _segment_params(self) -> str:
         extra = (", .param .b64 s_smem" if self.split > 1 else "") + (", .param .b64 s_pz" if self.zeros else "")
+        extra += ", .param .b64 s_wsb, .param .b64 s_cnt" if self.grid_split > 1 else ""
         return f"(.param .b64 s_px, .param .b64 s_py, .param .b64 s_pr, .param .b32 s_col0, .param .b32 s_ncols{extra})"
 
     def _declarations(self) -> list[str]:
@@ -499,6 +558,8 @@ class _Emitter:
             lines += [f".reg .{reg} %w;", ".reg .b16 %h<2>;"]
         if self.split > 1:
             lines += [".reg .b32 %slice;", ".reg .b64 %smem, %sps, %spr;"]
+        if self.grid_split > 1:
+            lines += [".reg .b64 %wsb, %cnt;"]
         if self.window is not None:
             kh, chunks = self.window.kernel[0], self.cols * self.span.chunks
             lines += [
@@ -655,17 +716,17 @@ class _Emitter:
     def _guard(self, c: int, store: bool = False) -> str:
         # Vector 0 exists whenever the thread got this far, except that a split kernel's
         # threads past the columns compute column 0 (to reach the barrier) and store nothing.
-        return "" if c == 0 and not (store and self.split > 1) else f"@%pv{c} "
+        return "" if c == 0 and not (store and self.barriers) else f"@%pv{c} "
 
-    def _dispatch(self, groups, first: int, exit_label: str, role=None) -> list[str]:
+    def _dispatch(self, work: list[_Work], first: int, exit_label: str, role=None) -> list[str]:
         lines = []
         if first:
             lines.append(f"sub.u32 %g, %g, {first};")
-        targets = ", ".join(f"G{j}" for j in range(len(groups)))
+        targets = ", ".join(f"G{j}" for j in range(len(work)))
         lines += [f"TABLE: .branchtargets {targets};", "brx.idx %g, TABLE;"]
-        for j, rows in enumerate(groups):
+        for j, item in enumerate(work):
             lines.append(f"G{j}:")
-            lines += self._group(rows, f"G{j}", exit_label, role)
+            lines += self._group(item, f"G{j}", exit_label, role)
             lines.append(f"bra.uni {exit_label};")
         return lines
 
@@ -703,6 +764,8 @@ class _Emitter:
             args.append(("b64", "%smem"))
         if self.zeros:
             args.append(("b64", "%pz"))
+        if self.grid_split > 1:
+            args += [("b64", "%wsb"), ("b64", "%cnt")]
         lines = ["{"]
         for i, (kind, reg) in enumerate(args):
             lines += [f".param .{kind} c{i};", f"st.param.{kind} [c{i}], {reg};"]
@@ -711,11 +774,11 @@ class _Emitter:
     def _registers(self, prefix: str, first: int) -> list[str]:
         return [f"%{prefix}{first + l}" for l in range(self.lanes)]
 
-    def _group(self, rows, label: str, exit_label: str, role=None) -> list[str]:
+    def _group(self, item: _Work, label: str, exit_label: str, role=None) -> list[str]:
         """The rows' products and epilogue; of one slice's share, its sums left in shared
         memory (``role``: the slice); or the slices' sums added up and the epilogue
-        (``role="sum"``)."""
-        weight, cols, lanes = self.problem.weight, self.cols, self.lanes
+        (``role="sum"``); of one share of a grid split, its sums added up across blocks."""
+        weight, cols, lanes, rows = self.problem.weight, self.cols, self.lanes, item.rows
         count = len(rows) * cols * lanes
         zero = "0f00000000" if self.problem.dtype == "float32" else "0"
         lines = [f"mov.{self.element.reg} %a{j}, {zero};" for j in range(count)]
@@ -729,7 +792,11 @@ class _Emitter:
                 by_column.setdefault(k, []).append((i, v))
         columns = sorted(by_column)
         kernel_rows = self._kernel_rows(columns) if self.window is not None else {}
-        shares = self._slice_shares(columns, by_column)
+        if item.share is not None:
+            share = self._column_shares(columns, by_column, self.grid_split)[item.share]
+            products = self._products(share, by_column, kernel_rows)
+            return lines + products + self._add_across_blocks(item, count, exit_label) + self._epilogues(rows)
+        shares = self._column_shares(columns, by_column, self.split)
         if role is not None:
             return lines + self._products(shares[role], by_column, kernel_rows) + self._store_partials(count, "")
         products = [self._products(share, by_column, kernel_rows) for share in shares]
@@ -764,11 +831,11 @@ class _Emitter:
                 lines += self._epilogue(self._registers("a", (i * cols + c) * lanes), m, c)
         return lines
 
-    def _slice_shares(self, columns: list[int], by_column: dict) -> list[list[int]]:
-        """``columns`` cut into ``split_k`` consecutive shares of about equal work (a load
+    def _column_shares(self, columns: list[int], by_column: dict, count: int) -> list[list[int]]:
+        """``columns`` cut into ``count`` consecutive shares of about equal work (a load
         and the FMAs of each column); through a window, a kernel row's taps stay together,
         since they share its loads."""
-        if self.split == 1:
+        if count == 1:
             return [columns]
         units: list[list[int]] = []
         for k in columns:
@@ -780,10 +847,10 @@ class _Emitter:
         work = np.array([sum(1 + len(by_column[k]) for k in unit) for unit in units], dtype=float)
         middles = np.cumsum(work) - work / 2
         total = float(work.sum())
-        shares: list[list[int]] = [[] for _ in range(self.split)]
+        shares: list[list[int]] = [[] for _ in range(count)]
         for unit, middle in zip(units, middles):
             # The share whose part of the total work this unit's middle falls in.
-            shares[min(self.split - 1, int(self.split * middle / total))] += unit
+            shares[min(count - 1, int(count * middle / total))] += unit
         return shares
 
     def _store_partials(self, count: int, guard: str) -> list[str]:
@@ -800,6 +867,64 @@ class _Emitter:
                 t = f"%x{a % temporaries}"
                 offset = (s * self.accumulators + a) * self.partial_stride
                 lines += [f"ld.shared.{reg} {t}, [%spr+{offset}];", f"add.{arith} %a{a}, %a{a}, {t};"]
+        return lines
+
+    def _sums_setup(self, name: str) -> list[str]:
+        """``%cnt`` and ``%wsb``: the counts of this block's tile and this thread's first slot
+        of its partial sums (the tile: ``ctaid.z * nctaid.x + ctaid.x``)."""
+        per_tile = self.group_slots * self.grid_split * self.accumulators * self.config.threads_per_block
+        return [
+            "mov.u32 %r0, %ctaid.z;",
+            "mov.u32 %r1, %ctaid.x;",
+            "mov.u32 %r3, %nctaid.x;",
+            "mad.lo.u32 %r3, %r0, %r3, %r1;",
+            f"mul.wide.u32 %rd6, %r3, {4 * self.group_slots};",
+            f"mov.u64 %cnt, {name}_counts;",
+            "add.s64 %cnt, %cnt, %rd6;",
+            "mov.u32 %r0, %tid.x;",
+            f"mad.lo.u32 %r3, %r3, {per_tile}, %r0;",
+            f"mul.wide.u32 %rd6, %r3, {self.element.register_bytes};",
+            f"mov.u64 %wsb, {name}_sums;",
+            "add.s64 %wsb, %wsb, %rd6;",
+        ]
+
+    def _add_across_blocks(self, item: _Work, count: int, exit_label: str) -> list[str]:
+        """Stores this share's ``count`` accumulators and counts the block in; all but the
+        last block of the tile and group to count leave, and the last one loads every share's
+        sums (its own back too) and adds them in share order."""
+        reg, arith, shares = self.element.reg, self.element.arith, self.grid_split
+        temporaries, count_at = self.cols * self.lanes, f"[%cnt+{4 * item.group}]"
+
+        def slot(share: int, a: int) -> str:
+            index = ((item.group * shares + share) * self.accumulators + a) * self.config.threads_per_block
+            return f"[%wsb+{index * self.element.register_bytes}]"
+
+        lines = [f"st.global.{reg} {slot(item.share, a)}, %a{a};" for a in range(count)]
+        # The block's stores are ordered before its first thread's fence by the barrier, and
+        # that fence orders them before the count (as a grid-wide barrier does): one fence
+        # per block, not one per thread. The second fence orders the other blocks' sums,
+        # seen through the count, before this block's loads.
+        lines += [
+            "bar.sync 0;",
+            "mov.u32 %r3, %tid.x;",
+            "setp.eq.u32 %p0, %r3, 0;",
+            "mov.u32 %r3, 0;",
+            "@%p0 membar.gl;",
+            f"@%p0 atom.global.add.u32 %r3, {count_at}, 1;",
+            "@%p0 membar.gl;",
+            f"setp.ne.u32 %p0, %r3, {shares - 1};",
+            "bar.red.and.pred %p0, 0, %p0;",  # true unless the first thread counted last
+            f"@%p0 bra.uni {exit_label};",
+            "mov.u32 %r3, %tid.x;",
+            "setp.eq.u32 %p0, %r3, 0;",
+            f"@%p0 st.global.u32 {count_at}, 0;",  # ready for the next launch
+        ]
+        # From L2 (.cg): this SM's L1 may hold none of it, but must not serve a stale copy.
+        lines += [f"ld.global.cg.{reg} %a{a}, {slot(0, a)};" for a in range(count)]
+        for share in range(1, shares):
+            for a in range(count):
+                t = f"%x{a % temporaries}"
+                lines += [f"ld.global.cg.{reg} {t}, {slot(share, a)};", f"add.{arith} %a{a}, %a{a}, {t};"]
         return lines
 
     def _epilogue(self, accumulators: list[str], m: int, c: int) -> list[str]:

@@ -185,14 +185,13 @@ def with_segment_budget(config: CudaSpmmConfig) -> CudaSpmmConfig:
     higher (``segment_registers``), 4k-instruction segments made ResNet-50's 3x3 layers at
     8-16 rows per block 1.7-2x slower than one function, and 1-4 rows 0-16%
     (benchmarks/results/segments-vary-h200.json); with the cap they were within 0-13%
-    (segments-inline-h200.md). A thread's accumulators still buy its segments room. With a
-    grid split a launch row runs one share of its group, so the budget is shared out too:
-    a segment still holds whole launch rows, and ptxas gets smaller functions (ResNet-50's
-    stride-2 stage-3 layer at batch 1 took 27 s to assemble in two 64k-instruction
-    segments)."""
+    (segments-inline-h200.md). A thread's accumulators still buy its segments room. Grid
+    splits keep the whole budget although a launch row runs one share of its group: on
+    ResNet-50's stride-2 3x3 layers, the budget divided by the shares cut the whole model's
+    sparse build at batch 1 from 36 to 27 s but ran the layers at batch 1 up to 1.3x slower
+    (0.99x in geometric mean over the 20 layers at 90%, benchmarks/results/grid-split-h200.md)."""
     accumulators = config.rows_per_block * config.columns_per_thread
     budget = min(MAX_SEGMENT_INSTRUCTIONS, SEGMENT_INSTRUCTIONS_PER_ACCUMULATOR * accumulators)
-    budget = max(SEGMENT_INSTRUCTIONS_PER_ACCUMULATOR, budget // config.grid_split)
     return dataclasses.replace(config, max_instructions_per_segment=budget)
 
 
@@ -284,7 +283,7 @@ def _reads_more_than_it_writes(problem: SpmmProblem) -> bool:
     more rows read it once for more rows (16, or 32 with the batch folded, where a row
     group's code serves many tiles), and a grid split into shares of the kernel rows keeps
     the grid of so few groups about one block per SM. On the H200 this ran ResNet-50's
-    stride-2 3x3 layers at 90% 1.05-1.7x faster than the 100k-thread rule's 1-8 rows
+    stride-2 3x3 layers at 90% 1.0-1.9x faster than the 100k-thread rule's 1-16 rows
     (benchmarks/results/grid-split-h200.md). Needs a static batch, a kernel of more than one
     tap and rows that share input (not depthwise)."""
     window = problem.window

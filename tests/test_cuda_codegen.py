@@ -593,15 +593,17 @@ def test_segmented_split_k_gives_each_slice_functions_without_warp_branches():
 
 @st.composite
 def split_cases(draw):
-    """A random weight (empty rows included), layout, column count and split tiling."""
+    """A random weight (empty rows included), layout, column count, and each group's columns
+    split into shares: among a block's slices (``split_k``) or across blocks (``grid_split``)."""
     m, k = draw(st.integers(1, 20)), draw(st.integers(1, 48))
     density = draw(st.sampled_from([0.0, 0.05, 0.3, 1.0]))
-    split = draw(st.sampled_from([2, 4, 8]))
+    shares, across_blocks = draw(st.sampled_from([2, 4, 8])), draw(st.booleans())
     config = CudaSpmmConfig(
         rows_per_block=draw(st.integers(1, 5)),
-        threads_per_block=32 * split * draw(st.sampled_from([1, 2])),
+        threads_per_block=32 * draw(st.sampled_from([1, 2])) * (1 if across_blocks else shares),
         columns_per_thread=draw(st.integers(1, 2)),
-        split_k=split,
+        split_k=1 if across_blocks else shares,
+        grid_split=shares if across_blocks else 1,
         max_instructions_per_segment=draw(st.sampled_from([60, 4096])),
     )
     layout = draw(st.sampled_from([Layout.ROWS, Layout.CHANNELS]))
@@ -610,38 +612,10 @@ def split_cases(draw):
     return m, k, density, layout, x_shape, config, draw(st.integers(0, 2**16))
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=50, deadline=None)
 @given(split_cases())
-def test_emulated_split_k_matches_numpy(case):
-    m, k, density, layout, x_shape, config, seed = case
-    rng = np.random.default_rng(seed)
-    problem = problem_for(rng, layout, m, k, density, x_shape, ("bias", "residual", "relu"))
-    out, ref = emulate(problem, config, rng)
-    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
-
-
-@st.composite
-def grid_split_cases(draw):
-    """A random weight (empty rows included), layout, column count and grid split."""
-    m, k = draw(st.integers(1, 20)), draw(st.integers(1, 48))
-    density = draw(st.sampled_from([0.0, 0.05, 0.3, 1.0]))
-    config = CudaSpmmConfig(
-        rows_per_block=draw(st.integers(1, 5)),
-        threads_per_block=draw(st.sampled_from([32, 64])),
-        columns_per_thread=draw(st.integers(1, 2)),
-        grid_split=draw(st.sampled_from([2, 4, 8])),
-        max_instructions_per_segment=draw(st.sampled_from([60, 4096])),
-    )
-    layout = draw(st.sampled_from([Layout.ROWS, Layout.CHANNELS]))
-    columns = draw(st.integers(1, 100))
-    x_shape = (columns, k) if layout is Layout.ROWS else (draw(st.integers(1, 2)), k, 1, columns)
-    return m, k, density, layout, x_shape, config, draw(st.integers(0, 2**16))
-
-
-@settings(max_examples=25, deadline=None)
-@given(grid_split_cases())
-def test_emulated_grid_split_matches_numpy(case):
-    """Blocks run in a shuffled order, so any share of a tile may be the last to finish."""
+def test_emulated_splits_match_numpy(case):
+    """Blocks run in a shuffled order, so any share of a grid split's tile may finish last."""
     m, k, density, layout, x_shape, config, seed = case
     rng = np.random.default_rng(seed)
     problem = problem_for(rng, layout, m, k, density, x_shape, ("bias", "residual", "relu"))

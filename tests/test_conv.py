@@ -485,14 +485,19 @@ def test_padding_from_zeros_is_checked():
 
 
 @needs_ptxas
-@pytest.mark.parametrize("dtype, width, zeros", [("float32", 1, False), ("float16", 2, False), ("float32", 1, True)])
-def test_window_kernels_assemble(dtype, width, zeros):
+@pytest.mark.parametrize(
+    "dtype, width, zeros, shares",
+    [("float32", 1, False, 1), ("float16", 2, False, 1), ("float32", 1, True, 1), ("float16", 1, False, 4)],
+)
+def test_window_kernels_assemble(dtype, width, zeros, shares):
     from sparsert_tvm.schedules.cuda.assemble import assemble
 
     rng = np.random.default_rng(11)
-    problem = problem_of(conv(rng, "3x3/2", "NHWC", 0.3, m=16, channels=8, dtype=dtype, epilogue=("bias", "relu")))
+    problem = problem_of(conv(rng, "3x3/2", "NHWC", 0.3, m=16, channels=8, dtype=dtype, epilogue=("bias", "relu"),
+                              batch=2 if shares > 1 else None))  # a grid split needs a static batch
     config = CudaSpmmConfig(
-        rows_per_block=4, threads_per_block=32, columns_per_thread=2, vector_width=width, padding_from_zeros=zeros
+        rows_per_block=4, threads_per_block=32, columns_per_thread=2, vector_width=width, padding_from_zeros=zeros,
+        grid_split=shares,
     )
     kernel = emit_spmm_ptx(problem, dataclasses.replace(config, max_instructions_per_segment=600), "k", "sm_90")
     assert len(kernel.units) > 2

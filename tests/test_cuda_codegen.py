@@ -31,7 +31,8 @@ from sparsert_tvm.schedules.config import CudaSpmmConfig
 from sparsert_tvm.schedules.cuda import assemble as assemble_module
 from sparsert_tvm.schedules.cuda import rule as cuda_rule
 from sparsert_tvm.schedules.cuda.assemble import assemble
-from sparsert_tvm.schedules.cuda.ptx import emit_spmm_ptx, f32_immediate
+from sparsert_tvm.schedules.cuda.ptx import emit_spmm_ptx
+from sparsert_tvm.schedules.cuda.ptx_common import f32_immediate
 from sparsert_tvm.weights import SparseMatrix
 
 needs_ptxas = pytest.mark.skipif(shutil.which("ptxas") is None and not os.path.exists("/usr/local/cuda/bin/ptxas"),

@@ -309,7 +309,7 @@ def _reads_padding_from_zeros(problem: SpmmProblem, vectors: int) -> bool:
     H200. Larger images, whose code serves more pixels, ran 0.74-1.06x as fast with it
     (0.89x in geometric mean over 9 layers, benchmarks/results/padding-zeros-h200.md); the
     tuner times the other way."""
-    from ..schedules.cuda.ptx import padding_from_zeros_fits  # here: the CUDA rule imports this module
+    from ..schedules.cuda.unrolled_checks import padding_from_zeros_fits  # here: the CUDA rule imports this module
 
     return vectors <= 64 and padding_from_zeros_fits(problem, 1)
 

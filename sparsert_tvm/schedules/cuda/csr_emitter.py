@@ -9,7 +9,7 @@ import numpy as np
 from ...problem import BiasAdd, Clip, Layout, ResidualAdd, SpmmProblem
 from ..config import CudaCsrConfig
 from .csr_layout import NO_ROW, SLOT_FIELDS, CsrLayout
-from .ptx import clip_bounds, entry_declaration, f32_immediate, load_operands
+from .ptx_common import clip_bounds, entry_declaration, f32_immediate, load_operands
 
 # Slot tables up to this size go to the constant bank (64 KB a module); every warp reads
 # its own slot with one uniform load.

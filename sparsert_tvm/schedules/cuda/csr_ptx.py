@@ -31,7 +31,7 @@ from .csr_emitter import element_bytes
 from .csr_layout import LANES, csr_layout, window_csr_layout, window_taps
 from .csr_nonzero_lanes import NonzeroLanes
 from .csr_window_lanes import WindowLanes
-from .ptx import SUPPORTED_DTYPES, PtxKernel, param_types, ptx_header
+from .ptx_common import SUPPORTED_DTYPES, PtxKernel, param_types, ptx_header
 
 _MAX_IMMEDIATE = 2**31 - 1
 _MAX_U32 = 2**32 - 1

@@ -30,7 +30,7 @@ are loaded under a predicate computed once per thread, into registers zeroed fir
 branches and no im2col buffer.
 
 float16 kernels pack two neighbouring columns into one register and use paired
-``fma.rn.f16x2``; they accumulate in float16, like the inputs (see ``_ElementType``).
+``fma.rn.f16x2``; they accumulate in float16, like the inputs (see ``ElementType``).
 
 PTX goes straight to ptxas: the CUDA C route spends minutes in NVVM on such kernels. Large
 weights are split into *segments*, functions of bounded size that ptxas assembles
@@ -40,8 +40,6 @@ linearly with the size of a function.
 
 from __future__ import annotations
 
-import math
-import struct
 from dataclasses import dataclass
 
 import numpy as np
@@ -51,225 +49,29 @@ from ...problem import BiasAdd, Clip, ResidualAdd, SpmmProblem
 from ..base import require_dtype
 from ..config import REGISTERS_PER_BLOCK, CudaSpmmConfig
 from ..row_groups import group_rows, split_by_cost
+from .ptx_common import (
+    SUPPORTED_DTYPES,
+    PtxKernel,
+    clip_bounds,
+    entry_declaration,
+    load_operands,
+    param_types,
+    ptx_header,
+)
 from .row_span import RowSpan
+from .unrolled_checks import (
+    ElementType,
+    accumulators_of,
+    check_padding,
+    check_split,
+    check_vectorization,
+    launch_tiles,
+    partials_bytes,
+    sums_bytes,
+    zeros_bytes,
+)
 
-PTX_VERSION = "8.0"
-SUPPORTED_DTYPES = ("float32", "float16")
 _MAX_IMMEDIATE_OFFSET = 2**31 - 1
-_MAX_VECTOR_REGISTERS = 4  # ld/st .v4 of 32-bit registers
-# Static shared memory a block may declare.
-_MAX_SHARED_BYTES = 48 * 1024
-# Device memory a kernel's zero array may take (``padding_from_zeros``): VGG-16's first
-# 3x3 layers (64 channels of 224x224) need 12.8 MB.
-_MAX_ZEROS_BYTES = 16 * 1024 * 1024
-# Device memory the partial sums of a grid split may take: S times the output.
-_MAX_SUMS_BYTES = 64 * 1024 * 1024
-
-
-@dataclass(frozen=True)
-class PtxKernel:
-    """Generated PTX and what the launcher needs to know about it."""
-
-    name: str
-    units: tuple[str, ...]  # units[0] holds the entry; more than one must be linked
-    row_groups: int  # gridDim.y
-    threads: int  # blockDim.x
-    columns_per_block: int
-    param_types: tuple[str, ...]  # TVM argument types of the kernel parameters
-    # The batch is folded into the columns (``p_ncols`` = images x columns per image, one
-    # launch row) rather than the grid's z dimension.
-    folds_batch: bool = False
-
-    @property
-    def ptx_bytes(self) -> int:
-        return sum(len(u) for u in self.units)
-
-
-def f32_immediate(value: float) -> str:
-    """PTX's exact hexadecimal spelling of a float32 constant."""
-    return "0f%08X" % struct.unpack("<I", struct.pack("<f", value))[0]
-
-
-def f16_bits(value: float) -> int:
-    return int(np.array(value, np.float16).view(np.uint16))
-
-
-def clip_bounds(op: Clip) -> list[tuple[str, float]]:
-    """The ``max`` / ``min`` instructions (and their operand) that ``op`` needs."""
-    return [(name, bound) for name, bound in (("max", op.lo), ("min", op.hi)) if math.isfinite(bound)]
-
-
-# -- what every kernel of this package starts with: the launch signature of the wrapper
-def ptx_header(arch: str) -> list[str]:
-    return [f".version {PTX_VERSION}", f".target {arch}", ".address_size 64", ""]
-
-
-def param_types(problem: SpmmProblem) -> tuple[str, ...]:
-    """TVM argument types of ``(x, [residual], y, ncols)``."""
-    return ("handle",) * (3 if problem.has_residual else 2) + ("int32",)
-
-
-def entry_declaration(name: str, has_residual: bool, threads: int, registers: int = 0) -> list[str]:
-    params = ["p_x"] + (["p_r"] if has_residual else []) + ["p_y"]
-    decl = ", ".join(f".param .u64 {q}" for q in params) + ", .param .u32 p_ncols"
-    return [f".visible .entry {name}({decl})", f".maxntid {threads}, 1, 1"] + ([f".maxnreg {registers}"] if registers else []) + ["{"]
-
-
-def load_operands(has_residual: bool) -> list[str]:
-    """``%px``, ``%py``, ``%pr`` (global addresses of X, Y, the residual) and ``%ncols``."""
-    lines = [
-        "ld.param.u64 %rd1, [p_x];",
-        "ld.param.u64 %rd2, [p_y];",
-        "cvta.to.global.u64 %px, %rd1;",
-        "cvta.to.global.u64 %py, %rd2;",
-    ]
-    if has_residual:
-        lines += ["ld.param.u64 %rd3, [p_r];", "cvta.to.global.u64 %pr, %rd3;"]
-    return lines + ["ld.param.u32 %ncols, [p_ncols];"]
-
-
-@dataclass(frozen=True)
-class _ElementType:
-    """How a vector of ``width`` neighbouring columns sits in registers.
-
-    float32: one register per column, FMAs take the weight as an immediate. float16: with an
-    even width, two columns per 32-bit register and paired ``f16x2`` arithmetic; with width
-    1, one 16-bit register. PTX has no f16 immediates, so the weight is moved into ``%w``
-    first (ptxas folds the move into the FMA's immediate operand).
-    """
-
-    dtype: str
-    width: int
-
-    @property
-    def element_bytes(self) -> int:
-        return 4 if self.dtype == "float32" else 2
-
-    @property
-    def columns_per_register(self) -> int:
-        return 2 if self.dtype == "float16" and self.width % 2 == 0 else 1
-
-    @property
-    def registers(self) -> int:
-        return self.width // self.columns_per_register
-
-    @property
-    def register_bytes(self) -> int:
-        return 2 if self.reg == "b16" else 4
-
-    @property
-    def reg(self) -> str:  # register and memory type
-        return {1: "b16", 2: "b32"}[self.columns_per_register] if self.dtype == "float16" else "f32"
-
-    @property
-    def arith(self) -> str:
-        return "f32" if self.dtype == "float32" else ("f16x2" if self.columns_per_register == 2 else "f16")
-
-    def constant(self, value: float) -> tuple[list[str], str]:
-        """Instructions putting ``value`` in every lane, and the operand naming it."""
-        if self.dtype == "float32":
-            return [], f32_immediate(value)
-        bits = f16_bits(value)
-        if self.columns_per_register == 2:
-            return [f"mov.b32 %w, 0x{bits << 16 | bits:08X};"], "%w"
-        return [f"mov.b16 %w, 0x{bits:04X};"], "%w"
-
-
-def check_vectorization(problem: SpmmProblem, config: CudaSpmmConfig) -> None:
-    """Raises ``UnsupportedProblem`` if ``config.vector_width`` or ``config.fold_batch``
-    cannot be used for ``problem``."""
-    if config.fold_batch and not problem.images_apart:
-        raise UnsupportedProblem("fold_batch: this layout has no batch dimension of its own (its rows are the columns)")
-    width = config.vector_width
-    if width == 1:
-        return
-    element = _ElementType(problem.dtype, width)
-    if element.registers > _MAX_VECTOR_REGISTERS:
-        raise UnsupportedProblem(f"vector_width {width} exceeds one 128-bit load of {problem.dtype}")
-    if problem.window is not None:
-        # A vector's pixels must share an output row (their windows are then neighbours).
-        if problem.window.output_size[1] % width:
-            raise UnsupportedProblem(f"vector_width {width} needs an output width divisible by it")
-        return
-    if problem.x_strides().n != 1:
-        raise UnsupportedProblem("vector loads need neighbouring columns of X adjacent in memory")
-    columns = problem.static_columns
-    if columns is None or columns % width:
-        raise UnsupportedProblem(f"vector_width {width} needs a static column count divisible by it")
-
-
-def check_padding(problem: SpmmProblem, config: CudaSpmmConfig) -> None:
-    """Raises ``UnsupportedProblem`` if ``config.padding_from_zeros`` cannot be used."""
-    if not config.padding_from_zeros:
-        return
-    if problem.window is None:
-        raise UnsupportedProblem("padding_from_zeros: only a convolution's window reads padding")
-    size = _zeros_bytes(problem, config.vector_width)
-    if size > _MAX_ZEROS_BYTES:
-        raise UnsupportedProblem(f"padding_from_zeros: {size} bytes of zeros exceed {_MAX_ZEROS_BYTES}")
-
-
-def padding_from_zeros_fits(problem: SpmmProblem, vector_width: int) -> bool:
-    """Whether the zero array of a window kernel with vectors of ``vector_width`` pixels
-    stays within the device memory allowed for it."""
-    return _zeros_bytes(problem, vector_width) <= _MAX_ZEROS_BYTES
-
-
-def _zeros_bytes(problem: SpmmProblem, vector_width: int) -> int:
-    """The zero array's size: the reach of a load's immediate offset past its chunk's start
-    in channel 0 (later channels, and the rest of the chunk), rounded up to 16 bytes."""
-    window, span = problem.window, RowSpan.of(problem.window, vector_width)
-    reach = (window.channels - 1) * window.channel_stride + span.chunk * window.pixel_stride
-    return -(-reach * _ElementType(problem.dtype, 1).element_bytes // 16) * 16
-
-
-def check_split(problem: SpmmProblem, config: CudaSpmmConfig) -> None:
-    """Raises ``UnsupportedProblem`` if the partial sums of ``config.split_k`` slices do not
-    fit in a block's static shared memory, or those of ``config.grid_split`` shares cannot be
-    sized (a symbolic column count or batch) or exceed ``_MAX_SUMS_BYTES``."""
-    size = _partials_bytes(problem, config)
-    if config.split_k > 1 and size > _MAX_SHARED_BYTES:
-        raise UnsupportedProblem(
-            f"split_k {config.split_k}: partial sums of {size} bytes exceed "
-            f"{_MAX_SHARED_BYTES} bytes of shared memory (fewer rows per block or threads)"
-        )
-    if config.grid_split == 1:
-        return
-    if problem.static_columns is None or problem.static_batch is None:
-        raise UnsupportedProblem("grid_split: the partial sums are sized for a static column count and batch")
-    size = _sums_bytes(problem, config)
-    if size > _MAX_SUMS_BYTES:
-        raise UnsupportedProblem(f"grid_split {config.grid_split}: partial sums of {size} bytes exceed {_MAX_SUMS_BYTES}")
-
-
-def _launch_tiles(problem: SpmmProblem, config: CudaSpmmConfig) -> int:
-    """Blocks of one launch row (column tiles, times images where each has its own)."""
-    columns, images = problem.static_columns, problem.static_batch
-    if config.fold_batch:
-        columns, images = columns * images, 1
-    per_block = config.threads_per_block * config.columns_per_thread * config.vector_width
-    return -(-columns // per_block) * images
-
-
-def _sums_bytes(problem: SpmmProblem, config: CudaSpmmConfig) -> int:
-    """The grid split's partial sums: every block's accumulators, for each of its launch rows."""
-    element = _ElementType(problem.dtype, config.vector_width)
-    groups = -(-problem.M // config.rows_per_block)
-    per_block = _accumulators(config, element) * config.threads_per_block * element.register_bytes
-    return _launch_tiles(problem, config) * groups * config.grid_split * per_block
-
-
-def _partials_bytes(problem: SpmmProblem, config: CudaSpmmConfig) -> int:
-    """Shared memory for the partial sums of every slice (in one function, the first slice
-    keeps its own in registers)."""
-    element = _ElementType(problem.dtype, config.vector_width)
-    slice_threads = config.threads_per_block // config.split_k
-    return config.split_k * _accumulators(config, element) * slice_threads * element.register_bytes
-
-
-def _accumulators(config: CudaSpmmConfig, element: _ElementType) -> int:
-    """Accumulator registers of a thread: one per row of its group and owned register."""
-    return config.rows_per_block * config.columns_per_thread * element.registers
 
 
 def emit_spmm_ptx(problem: SpmmProblem, config: CudaSpmmConfig, name: str, arch: str) -> PtxKernel:
@@ -345,11 +147,11 @@ class _Emitter:
         self.problem = problem
         self.config = config
         self.arch = arch
-        self.element = _ElementType(problem.dtype, config.vector_width)
+        self.element = ElementType(problem.dtype, config.vector_width)
         self.es = self.element.element_bytes
         self.cols = config.columns_per_thread
         self.lanes = self.element.registers
-        self.accumulators = _accumulators(config, self.element)  # registers of a thread's sums
+        self.accumulators = accumulators_of(config, self.element)  # registers of a thread's sums
         self.split = config.split_k
         self.grid_split = config.grid_split
         # The share of its group's columns each launch row computes (None: all of them).
@@ -437,13 +239,13 @@ class _Emitter:
         p, cfg = self.problem, self.config
         lines = self.header()
         if self.split > 1:
-            lines += [f".shared .align 16 .b8 {name}_partials[{_partials_bytes(p, cfg)}];"]
+            lines += [f".shared .align 16 .b8 {name}_partials[{partials_bytes(p, cfg)}];"]
         if self.zeros:  # no initialiser: zero-filled at load, no bytes in the cubin
-            lines += [f".global .align 16 .b8 {name}_zeros[{_zeros_bytes(p, cfg.vector_width)}];"]
+            lines += [f".global .align 16 .b8 {name}_zeros[{zeros_bytes(p, cfg.vector_width)}];"]
         if self.grid_split > 1:
             lines += [
-                f".global .align 16 .b8 {name}_sums[{_sums_bytes(p, cfg)}];",
-                f".global .align 4 .b8 {name}_counts[{4 * _launch_tiles(p, cfg) * self.group_slots}];",
+                f".global .align 16 .b8 {name}_sums[{sums_bytes(p, cfg)}];",
+                f".global .align 4 .b8 {name}_counts[{4 * launch_tiles(p, cfg) * self.group_slots}];",
             ]
         if segment_bounds is not None:
             functions = [function for s in range(len(segment_bounds)) for function, _ in self.roles(name, s)]

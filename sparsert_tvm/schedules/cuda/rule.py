@@ -37,7 +37,9 @@ from ..base import (
 from ..config import CudaConfig, CudaCsrConfig, CudaSpmmConfig, cuda_config_from_dict
 from .assemble import assemble
 from .csr_ptx import check_csr, emit_csr_ptx
-from .ptx import SUPPORTED_DTYPES, PtxKernel, check_padding, check_split, check_vectorization, emit_spmm_ptx
+from .ptx import emit_spmm_ptx
+from .ptx_common import SUPPORTED_DTYPES, PtxKernel
+from .unrolled_checks import check_padding, check_split, check_vectorization
 
 _LAUNCH_TAGS = ["blockIdx.x", "blockIdx.y", "blockIdx.z", "threadIdx.x"]
 _MAX_GRID_YZ = 65535

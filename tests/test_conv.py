@@ -18,6 +18,7 @@ from sparsert_tvm.schedules.config import CudaSpmmConfig
 from sparsert_tvm.schedules.cuda.ptx import emit_spmm_ptx
 from sparsert_tvm.schedules.cuda.row_span import RowSpan
 from sparsert_tvm.schedules.cuda.rule import CudaSpmmRule
+from sparsert_tvm.schedules.cuda.staged_input import StagedInput
 from sparsert_tvm.tuning import default_cuda_config, default_registers, space, tuner, with_segment_budget
 from sparsert_tvm.tuning.tuner import TuneOptions
 from test_cuda_codegen import emulate, needs_ptxas
@@ -193,6 +194,24 @@ def test_float16_on_the_gpu(gpu_target, layout, name, width):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize(
+    "tiling",
+    [
+        {"stage_channels": 2, "rows_per_block": 4, "threads_per_block": 64},
+        {"stage_channels": 3, "fold_batch": True, "columns_per_thread": 2, "max_instructions_per_segment": 90},
+        {"stage_channels": 4, "fold_batch": True, "grid_split": 2, "vector_width": 2, "threads_per_block": 32},
+    ],
+    ids=str,
+)
+@pytest.mark.parametrize("name", ["3x3", "3x3/2", "5x5"])
+def test_staged_input_on_the_gpu(gpu_target, name, tiling):
+    """Input staged in shared memory (NCHW only): correct across chunks, images and shares."""
+    case = conv(np.random.default_rng(14), name, "NCHW", m=20, channels=6, epilogue=("bias", "relu"), batch=3)
+    (layer,) = check(case, gpu_target, batches=(3,), kernel_config=tiling)
+    assert {key: layer.params[key] for key in tiling} == tiling
+
+
+@pytest.mark.gpu
 def test_stride_two_layer_splits_its_grid_and_relaunches_identically(gpu_target):
     """The default for a stride-2 layer (32 rows, a grid split): correct, and launched again
     the same bit for bit, so the last block of each tile reset its count."""
@@ -207,6 +226,34 @@ def test_stride_two_layer_splits_its_grid_and_relaunches_identically(gpu_target)
     assert_close(first, case.reference(arrays))
     for _ in range(3):
         assert np.array_equal(compiled(*arrays), first)
+
+
+def test_staged_band_covers_every_tile_and_is_refused_where_it_cannot_work():
+    """The band's rows are the most any tile reads (a tile may run from one image into the
+    next, padding rows between them), its bytes fit in shared memory, and layouts, shapes
+    and tilings the copy cannot serve are refused with a reason."""
+    rng = np.random.default_rng(21)
+    case = make_conv(rng, 16, 8, (3, 3), (7, 7), 0.3, padding=(1, 1, 1, 1), batch=3)
+    problem = problem_of(case)
+    config = CudaSpmmConfig(threads_per_block=32, fold_batch=True, stage_channels=4)
+    staged = StagedInput.of(problem, config)
+    # 147 pixels in tiles of 32: the tile of pixels 32-63 runs from output row 4 of image 0
+    # to output row 2 of image 1, which read padded rows 4-8 of image 0 and 0-4 of image 1.
+    assert (staged.padded, staged.rows, staged.chunk, staged.slots) == ((9, 9), 5 + 5, 4, 3)
+    assert staged.bytes == 4 * staged.rows * 9 * 4
+    rule = CudaSpmmRule()
+    refusals = {
+        "NCHW": (make_conv(rng, 16, 8, (3, 3), (7, 7), 0.3, padding=(1, 1, 1, 1), batch=3, layout="NHWC"), config),
+        "static batch": (make_conv(rng, 16, 8, (3, 3), (7, 7), 0.3, padding=(1, 1, 1, 1), batch=None), config),
+        "split_k": (case, dataclasses.replace(config, split_k=2, threads_per_block=64)),
+        "thread per padded input column": (make_conv(rng, 16, 8, (3, 3), (7, 40), 0.3, padding=(1, 1, 1, 1), batch=1),
+                                           config),
+        "shared memory": (make_conv(rng, 16, 512, (3, 3), (56, 56), 0.3, padding=(1, 1, 1, 1), batch=1),
+                          CudaSpmmConfig(threads_per_block=256, stage_channels=512)),
+    }
+    for reason, (refused, tiling) in refusals.items():
+        with pytest.raises(UnsupportedProblem, match=reason):
+            rule.check(problem_of(refused), tiling)
 
 
 def test_float16_stays_dense_on_the_cpu():
@@ -249,12 +296,34 @@ EMULATED_CONFIGS = [
     CudaSpmmConfig(rows_per_block=4, threads_per_block=32, grid_split=2),
     CudaSpmmConfig(rows_per_block=3, threads_per_block=64, columns_per_thread=2, vector_width=2, fold_batch=True,
                    grid_split=4, max_instructions_per_segment=150),
+    # Input staged in shared memory two channels at a time (NCHW only); a band running across
+    # images, in segments and shares of a grid split.
+    CudaSpmmConfig(rows_per_block=4, threads_per_block=32, stage_channels=2),
+    CudaSpmmConfig(rows_per_block=3, threads_per_block=64, columns_per_thread=2, vector_width=2, fold_batch=True,
+                   stage_channels=2, grid_split=2, max_instructions_per_segment=150),
 ]
 EMULATED_IDS = [
     "plain", "two-columns-segmented", "vectors", "folded-three-columns", "folded-vectors-segmented", "folded-wide-vectors",
     "split-two", "split-four-folded-vectors-segmented", "folded-three-warps", "zero-array",
     "zero-array-folded-wide-vectors-segmented", "grid-split-two", "grid-split-four-folded-vectors-segmented",
+    "staged", "staged-folded-vectors-grid-split-segmented",
 ]
+
+
+def emulate_window(case: ConvCase, config: CudaSpmmConfig, rng, layout: str):
+    """``case`` emulated with ``config`` (one pixel per vector where its output width does
+    not divide): the output and the reference, or None where ``config`` stages the input of
+    an NHWC layer, which the generator must refuse."""
+    problem = problem_of(case)
+    if problem.window.output_size[1] % config.vector_width:
+        config = dataclasses.replace(config, vector_width=1)
+    arrays = case.inputs(rng, 2)
+    if config.stage_channels and layout == "NHWC":
+        with pytest.raises(UnsupportedProblem, match="NCHW"):
+            emulate(problem, config, rng, arrays)
+        return None
+    out, _ = emulate(problem, config, rng, arrays)
+    return out, case.reference(arrays)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
@@ -266,13 +335,11 @@ def test_emulated_windows(name, layout, config, dtype):
     (instead of a padding zero) fails here even where it would happen to read a zero."""
     rng = np.random.default_rng(9)
     case = conv(rng, name, layout, m=10, channels=3, dtype=dtype, batch=2, epilogue=("bias", "residual", "relu6"))
-    problem = problem_of(case)
-    if problem.window.output_size[1] % config.vector_width:
-        config = dataclasses.replace(config, vector_width=1)
-    arrays = case.inputs(rng, 2)
-    out, _ = emulate(problem, config, rng, arrays)
-    assert out.dtype == np.dtype(dtype)
-    assert_close(out, case.reference(arrays), dtype)
+    result = emulate_window(case, config, rng, layout)
+    if result is not None:
+        out, reference = result
+        assert out.dtype == np.dtype(dtype)
+        assert_close(out, reference, dtype)
 
 
 @pytest.mark.parametrize("config", EMULATED_CONFIGS, ids=EMULATED_IDS)
@@ -280,12 +347,9 @@ def test_emulated_windows(name, layout, config, dtype):
 def test_emulated_depthwise(layout, config):
     rng = np.random.default_rng(15)
     case = conv(rng, "3x3/2", layout, 1.0, m=6, channels=6, groups=6, batch=2, epilogue=("bias", "relu6"))
-    problem = problem_of(case)
-    if problem.window.output_size[1] % config.vector_width:
-        config = dataclasses.replace(config, vector_width=1)
-    arrays = case.inputs(rng, 2)
-    out, _ = emulate(problem, config, rng, arrays)
-    assert_close(out, case.reference(arrays))
+    result = emulate_window(case, config, rng, layout)
+    if result is not None:
+        assert_close(*result)
 
 
 @st.composite
@@ -486,18 +550,22 @@ def test_padding_from_zeros_is_checked():
 
 @needs_ptxas
 @pytest.mark.parametrize(
-    "dtype, width, zeros, shares",
-    [("float32", 1, False, 1), ("float16", 2, False, 1), ("float32", 1, True, 1), ("float16", 1, False, 4)],
+    "dtype, width, zeros, shares, staged",
+    [
+        ("float32", 1, False, 1, 0), ("float16", 2, False, 1, 0), ("float32", 1, True, 1, 0), ("float16", 1, False, 4, 0),
+        ("float32", 1, False, 2, 3), ("float16", 2, False, 1, 3),
+    ],
 )
-def test_window_kernels_assemble(dtype, width, zeros, shares):
+def test_window_kernels_assemble(dtype, width, zeros, shares, staged):
     from sparsert_tvm.schedules.cuda.assemble import assemble
 
     rng = np.random.default_rng(11)
-    problem = problem_of(conv(rng, "3x3/2", "NHWC", 0.3, m=16, channels=8, dtype=dtype, epilogue=("bias", "relu"),
-                              batch=2 if shares > 1 else None))  # a grid split needs a static batch
+    layout = "NCHW" if staged else "NHWC"  # staging reads NCHW only
+    problem = problem_of(conv(rng, "3x3/2", layout, 0.3, m=16, channels=8, dtype=dtype, epilogue=("bias", "relu"),
+                              batch=2 if shares > 1 or staged else None))  # those need a static batch
     config = CudaSpmmConfig(
         rows_per_block=4, threads_per_block=32, columns_per_thread=2, vector_width=width, padding_from_zeros=zeros,
-        grid_split=shares,
+        grid_split=shares, stage_channels=staged,
     )
     kernel = emit_spmm_ptx(problem, dataclasses.replace(config, max_instructions_per_segment=600), "k", "sm_90")
     assert len(kernel.units) > 2

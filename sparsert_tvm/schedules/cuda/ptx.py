@@ -59,6 +59,7 @@ from .ptx_common import (
     ptx_header,
 )
 from .row_span import RowSpan
+from .staged_input import StagedInput
 from .unrolled_checks import (
     ElementType,
     accumulators_of,
@@ -167,7 +168,12 @@ class _Emitter:
         self.x_strides = problem.x_strides()
         self.y_strides = problem.y_strides()
         self.window = problem.window
-        self.span = None if self.window is None else RowSpan.of(self.window, config.vector_width)
+        self.staged = StagedInput.of(problem, config) if config.stage_channels else None
+        if self.window is None:
+            self.span = None
+        else:  # staged, one element per load: the band's columns are not aligned as X's are
+            self.span = RowSpan(self.window, config.vector_width, 1) if self.staged else RowSpan.of(self.window, config.vector_width)
+        self.barriers = self.barriers or self.staged is not None
         self.zeros = self.window is not None and config.padding_from_zeros
         self.folds_batch = config.fold_batch
         self.param_types = param_types(problem)
@@ -207,7 +213,7 @@ class _Emitter:
         """About how many instructions ``_group(rows)`` emits: an FMA per nonzero and owned
         register, and the loads of each needed activation vector (through a window, of each
         chunk of a kernel row read, zeroed first where it may read padding, and the moves
-        pairing float16 pixels)."""
+        pairing float16 pixels; staged, of each chunk of channels' copy)."""
         weight = self.problem.weight
         reduction = 3 * (self.split - 1) * len(rows) * self.cols * self.lanes  # store, load, add
         needed = np.unique(np.concatenate([weight.row(m)[0] for m in rows])) if rows else np.empty(0, int)
@@ -215,10 +221,14 @@ class _Emitter:
         if self.window is None:
             return self.cols * (nnz + len(needed)) * self.lanes + reduction
         span, loads = self.span, 0
-        for (_, ky), taps in self._kernel_rows(needed).items():
+        kernel_rows = self._kernel_rows(needed)
+        for (_, ky), taps in kernel_rows.items():
             for q, _, size in span.loads(taps):
-                inside = self.zeros or (self.window.row_in_image(ky) and span.chunk_in_image(q))
+                inside = self.zeros or self.staged or (self.window.row_in_image(ky) and span.chunk_in_image(q))
                 loads += 1 if inside else 1 + size
+        if self.staged:
+            chunks = {self.staged.chunk_of(channel) for channel, _ in kernel_rows}
+            loads += len(chunks) * self.staged.copy_instructions()
         pairs = len(needed) * self.lanes if self.element.columns_per_register == 2 else 0
         return self.cols * (nnz * self.lanes + loads + pairs) + reduction
 
@@ -240,6 +250,11 @@ class _Emitter:
         lines = self.header()
         if self.split > 1:
             lines += [f".shared .align 16 .b8 {name}_partials[{partials_bytes(p, cfg)}];"]
+        if self.staged:
+            lines += [
+                f".shared .align 16 .b8 {name}_staged[{self.staged.bytes}];",
+                f".global .align 16 .b8 {name}_stage_zeros[{self.staged.zeros_bytes}];",
+            ]
         if self.zeros:  # no initialiser: zero-filled at load, no bytes in the cubin
             lines += [f".global .align 16 .b8 {name}_zeros[{zeros_bytes(p, cfg.vector_width)}];"]
         if self.grid_split > 1:
@@ -259,6 +274,8 @@ class _Emitter:
             lines += ["mov.u64 %pr, 0;"]  # segments take it as an argument either way
         if self.zeros:
             lines += [f"mov.u64 %pz, {name}_zeros;"]
+        if self.staged:
+            lines += [f"mov.u64 %stg, {name}_staged;", f"mov.u64 %szr, {name}_stage_zeros;"]
         lines += ["mov.u32 %r1, %ctaid.x;", "mov.u32 %r2, %tid.x;"]
         if self.split > 1:
             lines += [f"rem.u32 %r2, %r2, {self.slice_threads};", f"mov.u64 %smem, {name}_partials;"]
@@ -320,6 +337,8 @@ class _Emitter:
             lines.append("ld.param.u64 %pz, [s_pz];")
         if self.grid_split > 1:
             lines += ["ld.param.u64 %wsb, [s_wsb];", "ld.param.u64 %cnt, [s_cnt];"]
+        if self.staged:
+            lines += ["ld.param.u64 %stg, [s_stg];", "ld.param.u64 %szr, [s_szr];"]
         lines += [
             # Not a parameter: ptxas keeps global-memory descriptors in uniform registers
             # after the dispatch only where the branch index is known uniform; from a
@@ -335,6 +354,7 @@ class _Emitter:
     def _segment_params(self) -> str:
         extra = (", .param .b64 s_smem" if self.split > 1 else "") + (", .param .b64 s_pz" if self.zeros else "")
         extra += ", .param .b64 s_wsb, .param .b64 s_cnt" if self.grid_split > 1 else ""
+        extra += ", .param .b64 s_stg, .param .b64 s_szr" if self.staged else ""
         return f"(.param .b64 s_px, .param .b64 s_py, .param .b64 s_pr, .param .b32 s_col0, .param .b32 s_ncols{extra})"
 
     def _declarations(self) -> list[str]:
@@ -362,6 +382,8 @@ class _Emitter:
             lines += [".reg .b32 %slice;", ".reg .b64 %smem, %sps, %spr;"]
         if self.grid_split > 1:
             lines += [".reg .b64 %wsb, %cnt;"]
+        if self.staged:
+            lines += self.staged.declarations(self.cols, self._span_type)
         if self.window is not None:
             kh, chunks = self.window.kernel[0], self.cols * self.span.chunks
             lines += [
@@ -394,6 +416,8 @@ class _Emitter:
         """Which owned vectors exist (``%pv<c>``) and, for a window, where their windows are;
         split into slices, the thread's slice and places in the partial sums."""
         lines = self._slice_setup() if self.split > 1 else []
+        if self.staged:
+            lines += self.staged.block_setup()
         for c in range(self.cols):
             lines += [f"add.u32 %colc, %col0, {c * self.vector_stride};", f"setp.lt.u32 %pv{c}, %colc, %ncols;"]
             pixel, x_base = "%colc", "%px"
@@ -402,6 +426,8 @@ class _Emitter:
                 pixel, x_base = "%pix", f"%pxw{c}"
             if self.window is not None:
                 lines += self._window_setup(c, pixel, x_base)
+            if self.staged:
+                lines += self.staged.vector_setup(c, "%img" if self.folds_batch else None)
         return lines
 
     def _slice_setup(self) -> list[str]:
@@ -568,6 +594,8 @@ class _Emitter:
             args.append(("b64", "%pz"))
         if self.grid_split > 1:
             args += [("b64", "%wsb"), ("b64", "%cnt")]
+        if self.staged:
+            args += [("b64", "%stg"), ("b64", "%szr")]
         lines = ["{"]
         for i, (kind, reg) in enumerate(args):
             lines += [f".param .{kind} c{i};", f"st.param.{kind} [c{i}], {reg};"]
@@ -614,7 +642,13 @@ class _Emitter:
         """Loads and FMAs of ``columns`` into the accumulators."""
         cols, lanes, lines = self.cols, self.lanes, []
         fma = f"fma.rn.{self.element.arith}"
+        staged_chunk = None
         for k in columns:
+            if self.staged and self.staged.chunk_of(self.window.tap(k)[0]) != staged_chunk:
+                # The block's threads are done with the previous chunk before its band is overwritten.
+                lines += ["bar.sync 0;"] if staged_chunk is not None else []
+                staged_chunk = self.staged.chunk_of(self.window.tap(k)[0])
+                lines += self.staged.copy(staged_chunk, self._span_type)
             for c in range(cols):
                 lines += self._load_x(k, c, kernel_rows)
             for i, v in by_column[k]:
@@ -787,6 +821,11 @@ class _Emitter:
         span, kind = self.span, self._span_type
         zero = "0f00000000" if kind == "f32" else "0"
         lines = []
+        if self.staged:  # the band holds the padding's zeros
+            for _, first, _ in span.loads(taps):
+                offset = self.staged.offset(channel, ky, span.first + first + self.window.padding[1])
+                lines.append(f"ld.shared.{kind} %s{c * span.length + first}, [%sx{c}+{offset}];")
+            return lines
         for q, first, size in span.loads(taps):
             registers = [f"%s{c * span.length + r}" for r in range(first, first + size)]
             padded = self._reads_padding(self._chunk_terms(ky, c, q), c)

@@ -39,7 +39,7 @@ from .assemble import assemble
 from .csr_ptx import check_csr, emit_csr_ptx
 from .ptx import emit_spmm_ptx
 from .ptx_common import SUPPORTED_DTYPES, PtxKernel
-from .unrolled_checks import check_padding, check_split, check_vectorization
+from .unrolled_checks import check_padding, check_split, check_staging, check_vectorization
 
 _LAUNCH_TAGS = ["blockIdx.x", "blockIdx.y", "blockIdx.z", "threadIdx.x"]
 _MAX_GRID_YZ = 65535
@@ -95,6 +95,7 @@ class CudaSpmmRule(SparseKernelRule):
             check_vectorization(problem, config)
             check_split(problem, config)
             check_padding(problem, config)
+            check_staging(problem, config)
 
     def config_from_dict(self, fields):
         return cuda_config_from_dict(fields)

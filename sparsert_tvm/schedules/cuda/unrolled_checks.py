@@ -11,6 +11,7 @@ from ...problem import SpmmProblem
 from ..config import CudaSpmmConfig
 from .ptx_common import f16_bits, f32_immediate
 from .row_span import RowSpan
+from .staged_input import StagedInput
 
 _MAX_VECTOR_REGISTERS = 4  # ld/st .v4 of 32-bit registers
 # Static shared memory a block may declare.
@@ -101,6 +102,12 @@ def check_padding(problem: SpmmProblem, config: CudaSpmmConfig) -> None:
     size = zeros_bytes(problem, config.vector_width)
     if size > _MAX_ZEROS_BYTES:
         raise UnsupportedProblem(f"padding_from_zeros: {size} bytes of zeros exceed {_MAX_ZEROS_BYTES}")
+
+
+def check_staging(problem: SpmmProblem, config: CudaSpmmConfig) -> None:
+    """Raises ``UnsupportedProblem`` if ``config.stage_channels`` cannot be used."""
+    if config.stage_channels:
+        StagedInput.of(problem, config)
 
 
 def padding_from_zeros_fits(problem: SpmmProblem, vector_width: int) -> bool:

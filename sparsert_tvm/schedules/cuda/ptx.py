@@ -157,8 +157,9 @@ class _Emitter:
         self.grid_split = config.grid_split
         # The share of its group's columns each launch row computes (None: all of them).
         self.shares = list(range(self.grid_split)) if self.grid_split > 1 else [None]
+        self.staged = StagedInput.of(problem, config) if config.stage_channels else None
         # Every thread of a block must reach a barrier: none may leave early.
-        self.barriers = self.split > 1 or self.grid_split > 1
+        self.barriers = self.split > 1 or self.grid_split > 1 or self.staged is not None
         self.group_slots = -(-problem.M // config.rows_per_block)  # counts per tile
         self.slice_threads = config.threads_per_block // config.split_k  # threads owning distinct columns
         # Bytes between neighbouring slots of the partial sums (one per column thread).
@@ -168,12 +169,12 @@ class _Emitter:
         self.x_strides = problem.x_strides()
         self.y_strides = problem.y_strides()
         self.window = problem.window
-        self.staged = StagedInput.of(problem, config) if config.stage_channels else None
         if self.window is None:
             self.span = None
-        else:  # staged, one element per load: the band's columns are not aligned as X's are
-            self.span = RowSpan(self.window, config.vector_width, 1) if self.staged else RowSpan.of(self.window, config.vector_width)
-        self.barriers = self.barriers or self.staged is not None
+        elif self.staged:  # one element per load: the band's columns are not aligned as X's are
+            self.span = RowSpan(self.window, config.vector_width, 1)
+        else:
+            self.span = RowSpan.of(self.window, config.vector_width)
         self.zeros = self.window is not None and config.padding_from_zeros
         self.folds_batch = config.fold_batch
         self.param_types = param_types(problem)
@@ -810,7 +811,8 @@ class _Emitter:
         return f"%s{c * self.span.length + self.span.register(l, self.window.tap(k)[2])}"
 
     def _load_kernel_row(self, channel: int, ky: int, taps: list[int], c: int) -> list[str]:
-        """Loads what ``taps`` of kernel row ``(channel, ky)`` read for vector ``c``.
+        """Loads what ``taps`` of kernel row ``(channel, ky)`` read for vector ``c``: from the
+        staged band, or from X as follows.
 
         A chunk that may lie in the padding is loaded under its predicate into registers
         zeroed first, or (``padding_from_zeros``) through its switched base. The zeroing

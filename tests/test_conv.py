@@ -552,8 +552,8 @@ def test_padding_from_zeros_is_checked():
 @pytest.mark.parametrize(
     "dtype, width, zeros, shares, staged",
     [
-        ("float32", 1, False, 1, 0), ("float16", 2, False, 1, 0), ("float32", 1, True, 1, 0), ("float16", 1, False, 4, 0),
-        ("float32", 1, False, 2, 3), ("float16", 2, False, 1, 3),
+        ("float32", 1, False, 1, 0), ("float16", 2, False, 1, 0), ("float32", 1, True, 1, 0),
+        ("float16", 1, False, 4, 0), ("float32", 1, False, 2, 3), ("float16", 2, False, 1, 3),
     ],
 )
 def test_window_kernels_assemble(dtype, width, zeros, shares, staged):

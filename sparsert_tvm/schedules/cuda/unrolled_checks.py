@@ -140,7 +140,9 @@ def check_split(problem: SpmmProblem, config: CudaSpmmConfig) -> None:
         raise UnsupportedProblem("grid_split: the partial sums are sized for a static column count and batch")
     size = sums_bytes(problem, config)
     if size > _MAX_SUMS_BYTES:
-        raise UnsupportedProblem(f"grid_split {config.grid_split}: partial sums of {size} bytes exceed {_MAX_SUMS_BYTES}")
+        raise UnsupportedProblem(
+            f"grid_split {config.grid_split}: partial sums of {size} bytes exceed {_MAX_SUMS_BYTES}"
+        )
 
 
 def launch_tiles(problem: SpmmProblem, config: CudaSpmmConfig) -> int:

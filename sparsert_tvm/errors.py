@@ -30,6 +30,12 @@ class RuntimeUnavailable(SparseRTError):
     """The machine lacks a runtime the target needs (e.g. TVM's CUDA runtime)."""
 
 
+@tvm_ffi.register_error
+class WrongOutput(UnsupportedProblem):
+    """A generated kernel's output differs from the dense reference (found while tuning):
+    the candidate is dropped, and where it is the default, the layer stays dense."""
+
+
 def last_line(error: BaseException) -> str:
     """The last line of an error's message (TVM's errors end with the one that says what
     failed, after a C++ backtrace), or its type's name."""

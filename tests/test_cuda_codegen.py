@@ -79,20 +79,28 @@ def emulate(problem: SpmmProblem, config, rng, inputs=None, x_shape=None, order=
         if problem.has_residual:
             inputs.append(rng.standard_normal(y_shape).astype(dtype))
     x = inputs[0]
-    buffers = {"x": x, "y": np.full(y_shape, np.nan, dtype)}
+    residual = inputs[1] if problem.has_residual else None
+    # The kernel reads X^T where it asks for it; the reference takes X.
+    x_read = np.ascontiguousarray(x.reshape(-1, problem.K).T) if problem.x_transposed else x
+    y = np.full(y_shape, np.nan, dtype)
+    launch_emulated(kernel, problem, x_read, residual, y, order)
+    return y, problem.reference(x, residual)
+
+
+def launch_emulated(kernel, problem: SpmmProblem, x, residual, y, order="shuffle"):
+    """Runs ``kernel`` in the emulator over the grid the launch wrapper would give it for
+    ``problem`` (static shapes), on X as the kernel reads it; writes ``y``."""
+    buffers = {"x": x, "y": y}
     args = ["x"]
-    if problem.has_residual:
-        buffers["r"] = inputs[1]
+    if residual is not None:
+        buffers["r"] = residual
         args.append("r")
-    if problem.x_transposed:  # the kernel reads X^T; the reference takes X
-        buffers["x"] = np.ascontiguousarray(x.reshape(-1, problem.K).T)
     columns = problem.static_columns
     batch = 1 if problem.x_transposed else problem.static_batch
     if kernel.folds_batch:  # as the launch wrapper does
         columns, batch = columns * batch, 1
     grid = (-(-columns // kernel.columns_per_block), kernel.row_groups, batch)
     PtxProgram(*kernel.units).launch("k", grid, kernel.threads, args + ["y", columns], buffers, order)
-    return buffers["y"], problem.reference(x, buffers.get("r"))
 
 
 @pytest.mark.parametrize("layout", [Layout.ROWS, Layout.CHANNELS])

@@ -9,16 +9,18 @@ import tvm
 
 import sparsert_tvm as sp
 from helpers import CPU_TARGET, Compiled, assert_close, make_case, sparse_matrix
-from sparsert_tvm.problem import Layout, SpmmProblem
-from sparsert_tvm.schedules.config import CudaCsrConfig, CudaSpmmConfig
+from sparsert_tvm.errors import WrongOutput
+from sparsert_tvm.problem import Layout, ResidualAdd, SpmmProblem
+from sparsert_tvm.schedules.config import CUDA_CONFIGS, CudaCsrConfig, CudaSpmmConfig
 from sparsert_tvm.schedules.cuda import rule as cuda_rule
 from sparsert_tvm import tuning
 from sparsert_tvm.tuning import default_cuda_config, space
 from sparsert_tvm.tuning.database import TuningDatabase, TuningRecord, problem_key
 from sparsert_tvm.tuning import tuner
+from sparsert_tvm.tuning.measure import output_error
 from sparsert_tvm.tuning.tuner import TuneOptions
 from sparsert_tvm.weights import SparseMatrix
-from test_cuda_codegen import needs_ptxas
+from test_cuda_codegen import launch_emulated, needs_ptxas
 
 CUDA = tvm.target.Target({"kind": "cuda", "arch": "sm_90"}, host=CPU_TARGET)
 
@@ -204,7 +206,8 @@ def test_pass_tunes_once_then_reuses_the_database(tmp_path, monkeypatch):
 
     rng = np.random.default_rng(5)
     case = make_case(rng, "conv_nchw", 48, 32, 0.2, (2, 32, 4, 8), ("bias", "relu"))
-    options = TuneOptions(max_candidates=5, timer=timer, progress=False, database=tmp_path / "tuning.json")
+    options = TuneOptions(max_candidates=5, timer=timer, progress=False, database=tmp_path / "tuning.json",
+                          runner=emulated_runner)
     out = sp.SparsifyWeights(CUDA, 1.0, tune=options)(case.module())
     (layer,) = sp.report_of(out).layers
     assert len(timed) == 5 + 1 and layer.params["config_source"] == "tuned"  # + the winner's other register cap
@@ -236,13 +239,73 @@ def test_tuned_module_is_correct_on_the_gpu(gpu_target, tmp_path, dtype):
     assert len(TuningDatabase(tmp_path / "tuning.json")) == 1
 
 
+def emulated_runner(built, target, arrays):
+    """A tuner's runner without a GPU: the candidate's PTX in the emulator."""
+    problem = built.problem
+    kernel_class = CUDA_CONFIGS[built.params["kernel"]]
+    config = kernel_class(**{f.name: built.params[f.name] for f in dataclasses.fields(kernel_class)})
+    kernel = cuda_rule.emit_ptx(problem, config, "k", "sm_90")
+    y = arrays[-1].copy()
+    launch_emulated(kernel, problem, arrays[0], arrays[1] if problem.has_residual else None, y)
+    return y
+
+
 def _tuner_with(monkeypatch, tmp_path, timer, **options):
-    """A Tuner whose builds skip the CUDA runtime (no GPU here)."""
+    """A Tuner whose builds skip the CUDA runtime (no GPU here); outputs are checked only
+    where asked (``runner=emulated_runner``)."""
     from sparsert_tvm.tuning.tuner import Tuner
 
     monkeypatch.setattr(cuda_rule, "create_cuda_module", lambda cubin, kernel: None)
+    options.setdefault("check_outputs", "runner" in options)
     options = TuneOptions(timer=timer, progress=False, database=tmp_path / "tuning.json", **options)
     return Tuner(cuda_rule.CudaSpmmRule(), CUDA, options)
+
+
+@needs_ptxas
+def test_the_tuner_drops_a_faster_candidate_whose_output_is_wrong(monkeypatch, tmp_path):
+    """Each candidate runs once (here in the emulator) before it is timed; one whose output
+    is off never wins, however fast, and a wrong default keeps the layer dense."""
+    problem = channels_problem(np.random.default_rng(11))
+    default = default_cuda_config(problem)
+
+    def corrupting(wrong):
+        def run(built, target, arrays):
+            out = emulated_runner(built, target, arrays)
+            return out + 1.0 if wrong(built.params) else out
+
+        return run
+
+    def is_default(params):
+        return all(params.get(key) == value for key, value in default.as_dict().items())
+
+    def fake_us(built, target):  # every other candidate faster than the default
+        return 5.0 if is_default(built.params) else 1.0
+
+    tuner = _tuner_with(monkeypatch, tmp_path, fake_us, max_candidates=4, registers=(),
+                        runner=corrupting(lambda params: not is_default(params)))
+    record = tuner.tune(problem, "k")
+    assert record.config == default.as_dict() and record.candidates == 1
+    tuner = _tuner_with(monkeypatch, tmp_path, fake_us, max_candidates=4, registers=(), runner=emulated_runner)
+    record = tuner.tune(problem, "k")  # all correct: one of the faster ones wins
+    assert record.config != default.as_dict() and record.candidates == 4
+    tuner = _tuner_with(monkeypatch, tmp_path, fake_us, max_candidates=4, runner=corrupting(lambda params: True))
+    with pytest.raises(WrongOutput, match="output off by"):
+        tuner.tune(problem, "k")
+    assert issubclass(WrongOutput, sp.UnsupportedProblem)  # the pass keeps such a layer dense
+
+
+def test_output_error_is_relative_to_the_output_and_rejects_non_finite_values(monkeypatch):
+    """``output_error`` compares with numpy's float64 answer, X^T read back as X."""
+    rng = np.random.default_rng(12)
+    problem = dataclasses.replace(channels_problem(rng), epilogue=(ResidualAdd(),))
+    transposed = SpmmProblem(problem.weight, Layout.ROWS, "float32", (20, 48), (20, 64), x_transposed=True)
+    for case in (problem, transposed):
+        built = cuda_rule.CudaSpmmRule()
+        monkeypatch.setattr(cuda_rule, "create_cuda_module", lambda cubin, kernel: None)
+        kernel = built.build(case, default_cuda_config(case), CUDA, "k")
+        assert output_error(kernel, CUDA, emulated_runner) < 1e-5
+        assert output_error(kernel, CUDA, lambda b, t, a: emulated_runner(b, t, a) * 1.01) > 1e-3
+        assert np.isnan(output_error(kernel, CUDA, lambda b, t, a: emulated_runner(b, t, a) * np.nan))
 
 
 @needs_ptxas

@@ -10,6 +10,8 @@ and can pass its own timer to the tuner.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import tvm
 from tvm import sym, tirx
@@ -29,8 +31,9 @@ def static_shape(dims, symbolic_size: int) -> tuple[int, ...]:
     return tuple(out)
 
 
-def operands(built: BuiltKernel, device, symbolic_size: int = 1, seed: int = 0) -> list:
-    """Random inputs and an output buffer for ``built``'s launch wrapper."""
+def random_arrays(built: BuiltKernel, symbolic_size: int = 1, seed: int = 0) -> list[np.ndarray]:
+    """Random inputs and a zeroed output for ``built``'s launch wrapper (X as the kernel
+    reads it, the residual if any, Y)."""
     problem = built.problem
     x_dims, y_dims = operand_shapes(problem)
     x_shape, y_shape = static_shape(x_dims, symbolic_size), static_shape(y_dims, symbolic_size)
@@ -39,7 +42,46 @@ def operands(built: BuiltKernel, device, symbolic_size: int = 1, seed: int = 0) 
     if problem.has_residual:
         arrays.append(rng.standard_normal(y_shape).astype(problem.dtype))
     arrays.append(np.zeros(y_shape, problem.dtype))
-    return [tvm.runtime.tensor(a, device) for a in arrays]
+    return arrays
+
+
+def operands(built: BuiltKernel, device, symbolic_size: int = 1, seed: int = 0) -> list:
+    """``random_arrays`` on ``device``."""
+    return [tvm.runtime.tensor(a, device) for a in random_arrays(built, symbolic_size, seed)]
+
+
+def run_on_device(built: BuiltKernel, target, arrays: list[np.ndarray]) -> np.ndarray:
+    """``built``'s output for ``arrays`` (its operands, the output last), launched once."""
+    device = tvm.cuda(0)
+    lib, name = build_launcher(built, target)
+    tensors = [tvm.runtime.tensor(a, device) for a in arrays]
+    lib[name](*tensors)
+    return tensors[-1].numpy()
+
+
+Runner = Callable[[BuiltKernel, object, list], np.ndarray]
+
+# A candidate whose output is further than this from numpy's, relative to the output's
+# scale, is wrong. Correct kernels differ by their order of accumulation: float32 by about
+# 1e-6, float16 (accumulated in float16) by up to about 1e-2 on ResNet-50's layers.
+OUTPUT_TOLERANCE = {"float32": 1e-3, "float16": 1e-1}
+
+
+def output_error(built: BuiltKernel, target, run: Runner, symbolic_size: int = 1) -> float:
+    """The largest difference between ``built``'s output on random operands (``run``) and
+    numpy's float64 answer, relative to the output's scale (NaN where either is not finite)."""
+    problem = built.problem
+    arrays = random_arrays(built, symbolic_size, seed=1)
+    actual = run(built, target, arrays).astype(np.float64)
+    x = arrays[0]
+    if problem.x_transposed:  # the kernel reads X^T; the reference takes X
+        x = x.T.reshape(static_shape(problem.x_shape, symbolic_size))
+    expected = problem.reference(x, arrays[1] if problem.has_residual else None).astype(np.float64)
+    if not expected.size:
+        return 0.0
+    if not (np.isfinite(actual).all() and np.isfinite(expected).all()):
+        return float("nan")
+    return float(np.abs(actual - expected).max() / max(1.0, float(np.abs(expected).max())))
 
 
 def build_launcher(built: BuiltKernel, target):

@@ -23,7 +23,7 @@ from pathlib import Path
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from .. import cache
-from ..errors import SparseRTError
+from ..errors import SparseRTError, WrongOutput
 from ..problem import SpmmProblem
 from ..schedules.base import BuiltKernel
 from ..schedules.config import CudaConfig, CudaCsrConfig, CudaSpmmConfig
@@ -31,7 +31,7 @@ from ..schedules.cuda.assemble import assemble
 from ..schedules.cuda.rule import cuda_arch, emit_ptx
 from . import space
 from .database import TuningDatabase, TuningRecord, default_path, problem_key
-from .measure import time_with_evaluator
+from .measure import OUTPUT_TOLERANCE, Runner, output_error, run_on_device, time_with_evaluator
 
 Timer = Callable[[BuiltKernel, object], float]
 
@@ -61,7 +61,10 @@ class TuneOptions:
     ``max_candidates``, within the budget; ``()`` or False: none. ``split_k``: the slices per
     block of the unrolled kernel in the search space; only 1 by default, since split
     kernels lost on every ResNet-50 3x3 layer timed (split-k-h200.md; ``(1, 2, 4)``
-    searches them).
+    searches them). ``check_outputs``: each candidate first runs once on random operands,
+    through ``runner(built, target, arrays)`` (default: on the device), and one whose output
+    differs from numpy's by more than ``measure.OUTPUT_TOLERANCE`` of its scale is dropped
+    (a wrong default is an error): a faster wrong kernel must never win.
     """
 
     max_candidates: int = 8
@@ -76,6 +79,8 @@ class TuneOptions:
     padding_variants: bool = True
     pipeline_variants: bool = True
     split_k: tuple[int, ...] = space.SPLIT_K
+    check_outputs: bool = True
+    runner: Runner | None = None
 
     def __post_init__(self):
         if self.max_candidates < 1 or self.budget_s <= 0 or self.symbolic_size < 1:
@@ -131,6 +136,8 @@ class Tuner:
                 return False
             try:
                 built = self.rule.build(problem, config, self.target, name)
+                if options.check_outputs:
+                    self._check_output(built, options)
                 timings.append((config, timer(built, self.target)))
                 segments[config] = built.params.get("segments", 1)
             except SparseRTError:
@@ -164,6 +171,13 @@ class Tuner:
         )
         self.database.put(problem_key(problem, self.arch), record)
         return record
+
+    def _check_output(self, built: BuiltKernel, options: TuneOptions) -> None:
+        """Raises ``WrongOutput`` if ``built`` computes something else than numpy does."""
+        error = output_error(built, self.target, options.runner or run_on_device, options.symbolic_size)
+        tolerance = OUTPUT_TOLERANCE[built.problem.dtype]
+        if not error <= tolerance:  # NaN too
+            raise WrongOutput(f"{built.params}: output off by {error:.3g} of its scale (more than {tolerance:g})")
 
     def _assemble_ahead(self, problem, configs, name):
         """ptxas for all candidates at once; ``rule.build`` then finds them in the cache."""

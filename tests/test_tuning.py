@@ -294,6 +294,30 @@ def test_the_tuner_drops_a_faster_candidate_whose_output_is_wrong(monkeypatch, t
     assert issubclass(WrongOutput, sp.UnsupportedProblem)  # the pass keeps such a layer dense
 
 
+@needs_ptxas
+def test_staging_enters_the_search_only_where_asked_and_its_outputs_are_checked(monkeypatch, tmp_path):
+    """Staged configs are tried only with ``TuneOptions.stage_channels`` and only for NCHW
+    windows; here the fake timer prefers them, and they win after the emulator checked them."""
+    from conv_cases import make_conv
+    from test_conv import problem_of
+
+    rng = np.random.default_rng(13)
+    nchw = problem_of(make_conv(rng, 24, 8, (3, 3), (6, 6), 0.3, padding=(1, 1, 1, 1), batch=2))
+    nhwc = problem_of(make_conv(rng, 24, 8, (3, 3), (6, 6), 0.3, padding=(1, 1, 1, 1), batch=2, layout="NHWC"))
+    check = cuda_rule.CudaSpmmRule().check
+
+    def staged(problem, **options):
+        return {getattr(c, "stage_channels", 0) for c in space.candidates(problem, check, 6, **options)}
+
+    assert staged(nchw) == staged(nhwc, stage_channels=(0, 4)) == {0}
+    assert staged(nchw, stage_channels=(0, 2, 4)) == {0, 2, 4}
+    tuner = _tuner_with(monkeypatch, tmp_path, lambda built, target: 1.0 if built.params.get("stage_channels") else 5.0,
+                        max_candidates=4, stage_channels=(0, 4), runner=emulated_runner)
+    assert tuner.tune(nchw, "k").config["stage_channels"] == 4
+    with pytest.raises(ValueError, match="stage_channels"):
+        TuneOptions(stage_channels=(-1,))
+
+
 def test_output_error_is_relative_to_the_output_and_rejects_non_finite_values(monkeypatch):
     """``output_error`` compares with numpy's float64 answer, X^T read back as X."""
     rng = np.random.default_rng(12)

@@ -106,8 +106,10 @@ class CudaSpmmConfig(_CudaKernelConfig):
     # shared memory, this many input channels at a time (0: loads read global memory), and
     # the code loads from there without padding predicates (``cuda.staged_input``). On
     # ResNet-50's stage-1 3x3 layer at batch 8 and 16 channels, 2-5% fewer instructions than
-    # the predicated global loads, a third of them coalesced copies. Checked in the PTX
-    # emulator and by ptxas only, not yet on a GPU: opt-in, outside the tuner's space.
+    # with predicated global loads, and a third as many global loads (the copy's,
+    # coalesced). Checked in the PTX
+    # emulator and by ptxas only, not yet on a GPU: opt-in, and the tuner tries it only
+    # where asked (``TuneOptions.stage_channels``).
     stage_channels: int = 0
     # Through a convolution's window, a load that may fall into the padding reads, for the
     # threads whose tap is outside the image, a zero-filled array of the module instead

@@ -51,6 +51,9 @@ COLUMNS_PER_THREAD = (1, 2)
 # lost on every ResNet-50 3x3 layer timed on the H200 (benchmarks/results/split-k-h200.md),
 # so the tuner only tries them where asked (``TuneOptions``).
 SPLIT_K = (1,)
+# Input channels staged in shared memory at a time (``stage_channels``) searched unless the
+# caller asks for more: staging has not run on a GPU yet (0: none).
+STAGE_CHANNELS = (0,)
 VECTOR_WIDTHS = {"float32": (1, 2, 4), "float16": (1, 2, 4, 8)}
 # Accumulator registers per thread beyond which ptxas starts spilling.
 MAX_ACCUMULATORS = 64
@@ -95,10 +98,17 @@ class Machine:
 
 
 def candidates(
-    problem: SpmmProblem, check, limit: int, machine: Machine = Machine(), split_k: tuple[int, ...] = SPLIT_K
+    problem: SpmmProblem,
+    check,
+    limit: int,
+    machine: Machine = Machine(),
+    split_k: tuple[int, ...] = SPLIT_K,
+    stage_channels: tuple[int, ...] = STAGE_CHANNELS,
 ) -> list[CudaConfig]:
     """Up to ``limit`` configs of both kernels, best estimate first; the untuned default is
     always among them. ``split_k``: the slices per block tried for the unrolled kernel.
+    ``stage_channels``: through an NCHW window, the unrolled default also staging its input
+    that many channels at a time, kept whatever the model thinks (it does not model them).
 
     ``check(problem, config)`` raises ``UnsupportedProblem`` for configs the generator
     rejects.
@@ -132,6 +142,7 @@ def candidates(
         )
     ]
     neighbours = _row_neighbours(problem, default) + _grid_split_neighbours(default)
+    neighbours += _staged(unrolled, stage_channels)
     space += neighbours
     scored = {}
     for config in space:
@@ -174,6 +185,12 @@ def _grid_split_neighbours(default: CudaConfig) -> list[CudaSpmmConfig]:
         return []
     shares = (2 * default.grid_split, default.grid_split // 2)
     return [dataclasses.replace(default, grid_split=s) for s in shares if s in (1, 2, 4, 8)]
+
+
+def _staged(unrolled: CudaSpmmConfig, stage_channels: tuple[int, ...]) -> list[CudaSpmmConfig]:
+    """The unrolled default staging its input ``stage_channels`` channels at a time (the
+    generator refuses what cannot be staged)."""
+    return [dataclasses.replace(unrolled, stage_channels=c) for c in stage_channels if c != unrolled.stage_channels]
 
 
 def _tile_threads(problem: SpmmProblem, threads: int, cols: int, width: int, fold: bool, split: int) -> int:

@@ -61,7 +61,9 @@ class TuneOptions:
     ``max_candidates``, within the budget; ``()`` or False: none. ``split_k``: the slices per
     block of the unrolled kernel in the search space; only 1 by default, since split
     kernels lost on every ResNet-50 3x3 layer timed (split-k-h200.md; ``(1, 2, 4)``
-    searches them). ``check_outputs``: each candidate first runs once on random operands,
+    searches them). ``stage_channels``: input channels staged in shared memory at a time
+    also tried for window layers (``CudaSpmmConfig.stage_channels``); only 0 (none) by
+    default, since staging has not been timed on a GPU (``(0, 8, 16)`` tries it). ``check_outputs``: each candidate first runs once on random operands,
     through ``runner(built, target, arrays)`` (default: on the device), and one whose output
     differs from numpy's by more than ``measure.OUTPUT_TOLERANCE`` of its scale is dropped
     (a wrong default is an error): a faster wrong kernel must never win.
@@ -79,6 +81,7 @@ class TuneOptions:
     padding_variants: bool = True
     pipeline_variants: bool = True
     split_k: tuple[int, ...] = space.SPLIT_K
+    stage_channels: tuple[int, ...] = space.STAGE_CHANNELS
     check_outputs: bool = True
     runner: Runner | None = None
 
@@ -91,6 +94,8 @@ class TuneOptions:
             CudaSpmmConfig(segment_registers=registers)  # raises ValueError outside 24..255
         for split in self.split_k:
             CudaSpmmConfig(threads_per_block=256, split_k=split)  # raises ValueError outside 1, 2, 4, 8
+        for channels in self.stage_channels:
+            CudaSpmmConfig(stage_channels=channels)  # raises ValueError below 0
 
 
 def open_database(database) -> TuningDatabase:
@@ -125,7 +130,10 @@ class Tuner:
         options = self.options or TuneOptions()
         timer = options.timer or (lambda built, target: time_with_evaluator(built, target, options.symbolic_size))
         start = time.perf_counter()
-        configs = space.candidates(problem, self.rule.check, options.max_candidates, split_k=options.split_k)
+        configs = space.candidates(
+            problem, self.rule.check, options.max_candidates, split_k=options.split_k,
+            stage_channels=options.stage_channels,
+        )
         if options.assemble_ahead:
             self._assemble_ahead(problem, configs, name)
         timings, segments = [], {}

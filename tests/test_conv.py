@@ -407,14 +407,14 @@ def test_stride_two_windows_get_sixteen_rows_and_a_grid_split():
     """A layer reading four input pixels per output pixel gets 16 rows per block (32 with
     the batch folded), and its grid is split into the fewest shares (up to 8) that give 128
     blocks; stride 1, a
-    symbolic batch, 1x1 and depthwise layers keep the thread-count rule without a split. The
-    search keeps the default with twice and half its shares."""
+    symbolic batch, 1x1, depthwise and float16 layers keep the thread-count rule without a
+    split. The search keeps the default with twice and half its shares."""
     rng = np.random.default_rng(19)
 
-    def default(batch=8, stride=(2, 2), groups=1, density=0.1, kernel=(3, 3)):
+    def default(batch=8, stride=(2, 2), groups=1, density=0.1, kernel=(3, 3), dtype="float32"):
         padding = (kernel[0] // 2,) * 4
         case = make_conv(rng, 256, 256, kernel, (28, 28), density, stride=stride, padding=padding,
-                         batch=batch, groups=groups)
+                         batch=batch, groups=groups, dtype=dtype)
         problem = problem_of(case)
         return problem, default_cuda_config(problem)
 
@@ -429,6 +429,7 @@ def test_stride_two_windows_get_sixteen_rows_and_a_grid_split():
     assert default(batch=None)[1].grid_split == 1
     assert default(groups=256, density=1.0)[1].grid_split == 1
     assert default(kernel=(1, 1))[1].grid_split == 1  # downsampling shortcuts: not timed with it
+    assert default(dtype="float16")[1].grid_split == 1  # not yet run on a GPU
 
 
 def test_folded_window_configs_aim_at_half_the_threads():

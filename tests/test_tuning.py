@@ -17,7 +17,7 @@ from sparsert_tvm import tuning
 from sparsert_tvm.tuning import default_cuda_config, space
 from sparsert_tvm.tuning.database import TuningDatabase, TuningRecord, problem_key
 from sparsert_tvm.tuning import tuner
-from sparsert_tvm.tuning.measure import output_error
+from sparsert_tvm.tuning.measure import OutputCheck
 from sparsert_tvm.tuning.tuner import TuneOptions
 from sparsert_tvm.weights import SparseMatrix
 from test_cuda_codegen import launch_emulated, needs_ptxas
@@ -319,7 +319,7 @@ def test_staging_enters_the_search_only_where_asked_and_its_outputs_are_checked(
 
 
 def test_output_error_is_relative_to_the_output_and_rejects_non_finite_values(monkeypatch):
-    """``output_error`` compares with numpy's float64 answer, X^T read back as X."""
+    """``OutputCheck`` compares with numpy's float64 answer, X^T read back as X."""
     rng = np.random.default_rng(12)
     problem = dataclasses.replace(channels_problem(rng), epilogue=(ResidualAdd(),))
     transposed = SpmmProblem(problem.weight, Layout.ROWS, "float32", (20, 48), (20, 64), x_transposed=True)
@@ -327,9 +327,10 @@ def test_output_error_is_relative_to_the_output_and_rejects_non_finite_values(mo
         built = cuda_rule.CudaSpmmRule()
         monkeypatch.setattr(cuda_rule, "create_cuda_module", lambda cubin, kernel: None)
         kernel = built.build(case, default_cuda_config(case), CUDA, "k")
-        assert output_error(kernel, CUDA, emulated_runner) < 1e-5
-        assert output_error(kernel, CUDA, lambda b, t, a: emulated_runner(b, t, a) * 1.01) > 1e-3
-        assert np.isnan(output_error(kernel, CUDA, lambda b, t, a: emulated_runner(b, t, a) * np.nan))
+        check = OutputCheck(case)
+        assert check.error(kernel, CUDA, emulated_runner) < 1e-5
+        assert check.error(kernel, CUDA, lambda b, t, a: emulated_runner(b, t, a) * 1.01) > 1e-3
+        assert np.isnan(check.error(kernel, CUDA, lambda b, t, a: emulated_runner(b, t, a) * np.nan))
 
 
 @needs_ptxas

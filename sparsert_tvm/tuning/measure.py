@@ -16,6 +16,7 @@ import numpy as np
 import tvm
 from tvm import sym, tirx
 
+from ..problem import SpmmProblem
 from ..schedules.base import BuiltKernel, operand_shapes
 
 
@@ -31,10 +32,9 @@ def static_shape(dims, symbolic_size: int) -> tuple[int, ...]:
     return tuple(out)
 
 
-def random_arrays(built: BuiltKernel, symbolic_size: int = 1, seed: int = 0) -> list[np.ndarray]:
-    """Random inputs and a zeroed output for ``built``'s launch wrapper (X as the kernel
-    reads it, the residual if any, Y)."""
-    problem = built.problem
+def random_arrays(problem: SpmmProblem, symbolic_size: int = 1, seed: int = 0) -> list[np.ndarray]:
+    """Random inputs and a zeroed output for the launch wrapper of a kernel of ``problem``
+    (X as the kernel reads it, the residual if any, Y)."""
     x_dims, y_dims = operand_shapes(problem)
     x_shape, y_shape = static_shape(x_dims, symbolic_size), static_shape(y_dims, symbolic_size)
     rng = np.random.default_rng(seed)
@@ -47,7 +47,7 @@ def random_arrays(built: BuiltKernel, symbolic_size: int = 1, seed: int = 0) -> 
 
 def operands(built: BuiltKernel, device, symbolic_size: int = 1, seed: int = 0) -> list:
     """``random_arrays`` on ``device``."""
-    return [tvm.runtime.tensor(a, device) for a in random_arrays(built, symbolic_size, seed)]
+    return [tvm.runtime.tensor(a, device) for a in random_arrays(built.problem, symbolic_size, seed)]
 
 
 def run_on_device(built: BuiltKernel, target, arrays: list[np.ndarray]) -> np.ndarray:
@@ -67,21 +67,28 @@ Runner = Callable[[BuiltKernel, object, list], np.ndarray]
 OUTPUT_TOLERANCE = {"float32": 1e-3, "float16": 1e-1}
 
 
-def output_error(built: BuiltKernel, target, run: Runner, symbolic_size: int = 1) -> float:
-    """The largest difference between ``built``'s output on random operands (``run``) and
-    numpy's float64 answer, relative to the output's scale (NaN where either is not finite)."""
-    problem = built.problem
-    arrays = random_arrays(built, symbolic_size, seed=1)
-    actual = run(built, target, arrays).astype(np.float64)
-    x = arrays[0]
-    if problem.x_transposed:  # the kernel reads X^T; the reference takes X
-        x = x.T.reshape(static_shape(problem.x_shape, symbolic_size))
-    expected = problem.reference(x, arrays[1] if problem.has_residual else None).astype(np.float64)
-    if not expected.size:
-        return 0.0
-    if not (np.isfinite(actual).all() and np.isfinite(expected).all()):
-        return float("nan")
-    return float(np.abs(actual - expected).max() / max(1.0, float(np.abs(expected).max())))
+class OutputCheck:
+    """Random operands of one problem and numpy's float64 answer for them, computed once for
+    all the candidate kernels of a layer."""
+
+    def __init__(self, problem: SpmmProblem, symbolic_size: int = 1):
+        self.arrays = random_arrays(problem, symbolic_size, seed=1)
+        x = self.arrays[0]
+        if problem.x_transposed:  # the kernel reads X^T; the reference takes X
+            x = x.T.reshape(static_shape(problem.x_shape, symbolic_size))
+        residual = self.arrays[1] if problem.has_residual else None
+        self.expected = problem.reference(x, residual).astype(np.float64)
+
+    def error(self, built: BuiltKernel, target, run: Runner) -> float:
+        """The largest difference between ``built``'s output on the operands (``run``) and
+        numpy's, relative to the output's scale (NaN where either is not finite)."""
+        actual = run(built, target, self.arrays).astype(np.float64)
+        expected = self.expected
+        if not expected.size:
+            return 0.0
+        if not (np.isfinite(actual).all() and np.isfinite(expected).all()):
+            return float("nan")
+        return float(np.abs(actual - expected).max() / max(1.0, float(np.abs(expected).max())))
 
 
 def build_launcher(built: BuiltKernel, target):

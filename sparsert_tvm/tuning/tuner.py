@@ -31,7 +31,7 @@ from ..schedules.cuda.assemble import assemble
 from ..schedules.cuda.rule import cuda_arch, emit_ptx
 from . import space
 from .database import TuningDatabase, TuningRecord, default_path, problem_key
-from .measure import OUTPUT_TOLERANCE, Runner, output_error, run_on_device, time_with_evaluator
+from .measure import OUTPUT_TOLERANCE, OutputCheck, Runner, run_on_device, time_with_evaluator
 
 Timer = Callable[[BuiltKernel, object], float]
 
@@ -63,8 +63,10 @@ class TuneOptions:
     kernels lost on every ResNet-50 3x3 layer timed (split-k-h200.md; ``(1, 2, 4)``
     searches them). ``stage_channels``: input channels staged in shared memory at a time
     also tried for window layers (``CudaSpmmConfig.stage_channels``); only 0 (none) by
-    default, since staging has not been timed on a GPU (``(0, 8, 16)`` tries it). ``check_outputs``: each candidate first runs once on random operands,
-    through ``runner(built, target, arrays)`` (default: on the device), and one whose output
+    default, since staging has not been timed on a GPU (``(0, 8, 16)`` tries it).
+    ``check_outputs``: each candidate first runs once on random operands (the same for all,
+    numpy's answer computed once), through ``runner(built, target, arrays)`` (default: on
+    the device), and one whose output
     differs from numpy's by more than ``measure.OUTPUT_TOLERANCE`` of its scale is dropped
     (a wrong default is an error): a faster wrong kernel must never win.
     """
@@ -137,6 +139,7 @@ class Tuner:
         if options.assemble_ahead:
             self._assemble_ahead(problem, configs, name)
         timings, segments = [], {}
+        check = OutputCheck(problem, options.symbolic_size) if options.check_outputs else None
 
         def measure(config):
             """Times ``config``; False once the layer's budget is spent (the default is always timed)."""
@@ -144,8 +147,8 @@ class Tuner:
                 return False
             try:
                 built = self.rule.build(problem, config, self.target, name)
-                if options.check_outputs:
-                    self._check_output(built, options)
+                if check is not None:
+                    self._check_output(built, check, options.runner or run_on_device)
                 timings.append((config, timer(built, self.target)))
                 segments[config] = built.params.get("segments", 1)
             except SparseRTError:
@@ -180,9 +183,9 @@ class Tuner:
         self.database.put(problem_key(problem, self.arch), record)
         return record
 
-    def _check_output(self, built: BuiltKernel, options: TuneOptions) -> None:
+    def _check_output(self, built: BuiltKernel, check: OutputCheck, run: Runner) -> None:
         """Raises ``WrongOutput`` if ``built`` computes something else than numpy does."""
-        error = output_error(built, self.target, options.runner or run_on_device, options.symbolic_size)
+        error = check.error(built, self.target, run)
         tolerance = OUTPUT_TOLERANCE[built.problem.dtype]
         if not error <= tolerance:  # NaN too
             raise WrongOutput(f"{built.params}: output off by {error:.3g} of its scale (more than {tolerance:g})")

@@ -84,7 +84,8 @@ def emit_spmm_ptx(problem: SpmmProblem, config: CudaSpmmConfig, name: str, arch:
     emitter = _Emitter(problem, config, arch)
     emitter.check_offsets()
     work = [_Work(rows, g, share) for g, rows in enumerate(groups) for share in emitter.shares]
-    costs = [emitter.instructions(item.rows) // len(emitter.shares) for item in work]
+    group_costs = [emitter.instructions(rows) // len(emitter.shares) for rows in groups]
+    costs = [group_costs[item.group] for item in work]
     segments = split_by_cost(work, costs, config.max_instructions_per_segment)
     most_threads = REGISTERS_PER_BLOCK // config.segment_registers
     if len(segments) > 1 and config.threads_per_block > most_threads:
@@ -645,10 +646,11 @@ class _Emitter:
         fma = f"fma.rn.{self.element.arith}"
         staged_chunk = None
         for k in columns:
-            if self.staged and self.staged.chunk_of(self.window.tap(k)[0]) != staged_chunk:
+            chunk = self.staged.chunk_of(self.window.tap(k)[0]) if self.staged else None
+            if chunk != staged_chunk:
                 # The block's threads are done with the previous chunk before its band is overwritten.
                 lines += ["bar.sync 0;"] if staged_chunk is not None else []
-                staged_chunk = self.staged.chunk_of(self.window.tap(k)[0])
+                staged_chunk = chunk
                 lines += self.staged.copy(staged_chunk, self._span_type)
             for c in range(cols):
                 lines += self._load_x(k, c, kernel_rows)

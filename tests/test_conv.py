@@ -256,6 +256,22 @@ def test_staged_band_covers_every_tile_and_is_refused_where_it_cannot_work():
             rule.check(problem_of(refused), tiling)
 
 
+def test_asking_for_staging_turns_the_zero_array_off():
+    """A small image's default reads its padding from a zero array, which staging cannot
+    combine with: asking for staging (kernel_config or the tuner) turns it off, unless
+    asked for both (then refused with the reason)."""
+    rng = np.random.default_rng(23)
+    problem = problem_of(make_conv(rng, 32, 16, (3, 3), (8, 8), 0.2, stride=(2, 2), padding=(1, 1, 1, 1), batch=2))
+    rule, default = CudaSpmmRule(), default_cuda_config(problem)
+    assert default.padding_from_zeros
+    staged = rule.with_overrides(problem, default, {"stage_channels": 4})
+    assert staged.stage_channels == 4 and not staged.padding_from_zeros
+    rule.check(problem, staged)
+    assert all(not c.padding_from_zeros for c in space._staged(default, (4, 8)))
+    with pytest.raises(UnsupportedProblem, match="padding_from_zeros"):
+        rule.check(problem, rule.with_overrides(problem, default, {"stage_channels": 4, "padding_from_zeros": True}))
+
+
 def test_float16_stays_dense_on_the_cpu():
     compiled = Compiled(conv(np.random.default_rng(8), "3x3", "NCHW", dtype="float16").module(), CPU_TARGET)
     (layer,) = compiled.report

@@ -422,9 +422,8 @@ def test_default_window_configs_cap_registers_only_for_16_rows():
 def test_stride_two_windows_get_sixteen_rows_and_a_grid_split():
     """A layer reading four input pixels per output pixel gets 16 rows per block (32 with
     the batch folded), and its grid is split into the fewest shares (up to 8) that give 128
-    blocks; stride 1, a
-    symbolic batch, 1x1, depthwise and float16 layers keep the thread-count rule without a
-    split. The search keeps the default with twice and half its shares."""
+    blocks; stride 1, a symbolic batch, 1x1, depthwise, dense and float16 layers keep the
+    thread-count rule without a split. The search keeps the default with twice and half its shares."""
     rng = np.random.default_rng(19)
 
     def default(batch=8, stride=(2, 2), groups=1, density=0.1, kernel=(3, 3), dtype="float32"):
@@ -446,6 +445,8 @@ def test_stride_two_windows_get_sixteen_rows_and_a_grid_split():
     assert default(groups=256, density=1.0)[1].grid_split == 1
     assert default(kernel=(1, 1))[1].grid_split == 1  # downsampling shortcuts: not timed with it
     assert default(dtype="float16")[1].grid_split == 1  # not yet run on a GPU
+    dense = default(density=1.0)[1]  # a stem left dense: its FMAs limit it
+    assert dense.grid_split == 1 and dense.rows_per_block < 32
 
 
 def test_folded_window_configs_aim_at_half_the_threads():

@@ -272,6 +272,11 @@ def _window_config(problem: SpmmProblem, vectors: int, images: int, width: int, 
 # Input pixels per output pixel from which a window layer's blocks get 16 or 32 rows and the
 # grid is split (``CudaSpmmConfig.grid_split``): stride 2 reads four.
 GRID_SPLIT_MIN_INPUT_RATIO = 3
+# Density above which a window layer keeps the 100k-thread rule. On the H200 the dense stems
+# ran faster with it than with the split's tiling: ResNet-50's 7x7 at batch 1 8.4 against
+# 11.3 us, at batch 8 40.3 against 45.0; MobileNet v1's 3x3 at batch 1 2.4 against 4.4
+# (benchmarks/results/stem-grid-rule-h200.json).
+GRID_SPLIT_MAX_DENSITY = 0.5
 # Blocks the fewest shares of a grid split must give: about one per SM. More shares cost
 # more partial sums for the last block of each tile to add up.
 _GRID_SPLIT_TARGET_BLOCKS = 128
@@ -286,9 +291,12 @@ def _reads_more_than_it_writes(problem: SpmmProblem) -> bool:
     stride-2 3x3 layers at 90% 1.0-1.9x faster than the 100k-thread rule's 1-16 rows
     (benchmarks/results/grid-split-h200.md). Needs a static batch, a kernel of more than one
     tap and rows that share input (not depthwise); float32 only until float16 splits have
-    run on a GPU."""
+    run on a GPU. Not for weights that pruning left dense (stems): they do dozens of FMAs
+    per input value read, and their FMAs, not their input, limit them."""
     window = problem.window
     if window is None or problem.static_batch is None or problem.static_columns is None:
+        return False
+    if problem.weight.nnz > GRID_SPLIT_MAX_DENSITY * problem.M * problem.K:
         return False
     if problem.dtype != "float32":  # float16 grid splits have run in the emulator only
         return False

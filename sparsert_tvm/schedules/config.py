@@ -104,12 +104,10 @@ class CudaSpmmConfig(_CudaKernelConfig):
     grid_split: int = 1
     # Through an NCHW window: the block copies the band of input rows its tile reads into
     # shared memory, this many input channels at a time (0: loads read global memory), and
-    # the code loads from there without padding predicates (``cuda.staged_input``). On
-    # ResNet-50's stage-1 3x3 layer at batch 8 and 16 channels, 2-5% fewer instructions than
-    # with predicated global loads, and a third as many global loads (the copy's,
-    # coalesced). Checked in the PTX
-    # emulator and by ptxas only, not yet on a GPU: opt-in, and the tuner tries it only
-    # where asked (``TuneOptions.stage_channels``).
+    # the code loads from there without padding predicates (``cuda.staged_input``). Correct
+    # on the H200, but 1.5-4.6x slower than the default on every ResNet-50 3x3 layer timed:
+    # the shared-memory queue fills, one load per tap (staged-input-h200.md). Opt-in: the
+    # tuner tries it only where asked (``TuneOptions.stage_channels``).
     stage_channels: int = 0
     # Through a convolution's window, a load that may fall into the padding reads, for the
     # threads whose tap is outside the image, a zero-filled array of the module instead

@@ -18,8 +18,6 @@ from ..schedules.config import CpuSpmmConfig, CudaConfig, CudaCsrConfig, CudaSpm
 _TARGET_BLOCKS = 264
 # Threads that keep an H100 busy (about 768 per SM) where each has a long serial stream.
 _TARGET_THREADS = 100_000
-# Window kernels whose batch is folded into the columns: half as many (``_window_config``).
-_TARGET_THREADS_FOLDED = 50_000
 
 
 def default_vector_width(problem: SpmmProblem) -> int:
@@ -242,22 +240,19 @@ def _window_config(problem: SpmmProblem, vectors: int, images: int, width: int, 
     rows as keep about 100k threads busy. On ResNet-50's 3x3 layers at batch 1 this ran
     1.4x and 2.1x faster than the 1x1 rule on the H100 (``benchmarks/tuning_space.py --family
     conv --grid``; that run's JSON was not kept), and 1, 2 or 4 rows were still the fastest
-    on the H200. With the batch folded into the columns, about 50k threads: on the H200 the
-    rows that this picks ran ResNet-50's 3x3 layers at batch 8 up to 1.4x faster than the
-    100k rule's (stage 3 at stride 2: 8 rows, not 4), while at batch 1 halving the threads
-    lost up to 1.6x (benchmarks/results/rows-vary-h200.md; why was not profiled). Depthwise
-    layers, whose rows share no input for a block's rows to load once, keep 100k: the sweep
-    did not cover them."""
+    on the H200. With the batch folded into the columns too: as microbenchmarks, twice the
+    rows (about 50k threads) ran ResNet-50's stride-1 3x3 layers at batch 8 up to 1.2x faster
+    (rows-vary-h200.md), but in the whole model, where each kernel's code comes cold from
+    device memory, they made it 1.10x slower (benchmarks/results/in-model-rows-h200.md)."""
     threads = 32 if vectors <= 64 else 256 if vectors > 128 else 128
     column_tiles = -(-vectors // threads)
-    target = _TARGET_THREADS_FOLDED if fold and _rows_share_columns(problem) else _TARGET_THREADS
     rows, shares = 16, 1
     if _reads_more_than_it_writes(problem):
         rows = 32 if fold else 16
         blocks = -(-problem.M // rows) * column_tiles * images
         shares = next(s for s in (1, 2, 4, 8) if s == 8 or blocks * s >= _GRID_SPLIT_TARGET_BLOCKS)
     else:
-        while rows > 1 and -(-problem.M // rows) * column_tiles * images * threads < target:
+        while rows > 1 and -(-problem.M // rows) * column_tiles * images * threads < _TARGET_THREADS:
             rows //= 2
     registers = default_registers(rows)
     return CudaSpmmConfig(
@@ -292,9 +287,11 @@ def _reads_more_than_it_writes(problem: SpmmProblem) -> bool:
     (benchmarks/results/grid-split-h200.md). Needs a static batch, a kernel of more than one
     tap and rows that share input (not depthwise); float32 only until float16 splits have
     run on a GPU. Not for weights that pruning left dense (stems): they do dozens of FMAs
-    per input value read, and their FMAs, not their input, limit them."""
+    per input value read, and their FMAs, not their input, limit them. Not at batch 1: there
+    the whole ResNet-50 ran 1.02x faster without it (390.6 against 398.0 us, its sparse
+    build 18 s against 40), at batch 8 1.006x slower (benchmarks/results/in-model-rows-h200.md)."""
     window = problem.window
-    if window is None or problem.static_batch is None or problem.static_columns is None:
+    if window is None or problem.static_batch in (None, 1) or problem.static_columns is None:
         return False
     if problem.weight.nnz > GRID_SPLIT_MAX_DENSITY * problem.M * problem.K:
         return False

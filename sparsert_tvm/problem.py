@@ -98,21 +98,21 @@ class ConvWindow:
     input_size: tuple[int, int]
     channels_last: bool  # NHWC rather than NCHW
 
-    @property
+    @cached_property  # the PTX emitter asks for it per load
     def output_size(self) -> tuple[int, int]:
         (h, w), (kh, kw), (sh, sw) = self.input_size, self.kernel, self.stride
         top, left, bottom, right = self.padding
         return (h + top + bottom - kh) // sh + 1, (w + left + right - kw) // sw + 1
 
-    @property
+    @cached_property
     def pixel_stride(self) -> int:
         return self.channels if self.channels_last else 1
 
-    @property
+    @cached_property
     def row_stride(self) -> int:
         return self.input_size[1] * self.pixel_stride
 
-    @property
+    @cached_property
     def channel_stride(self) -> int:
         return 1 if self.channels_last else self.input_size[0] * self.input_size[1]
 

@@ -395,6 +395,8 @@ def test_row_span_loads_are_aligned_and_cover_every_tap(span_and_taps):
         assert q * span.chunk <= first and first + size <= (q + 1) * span.chunk <= span.length
         loaded.update(range(first, first + size))
     assert {span.register(j, kx) for j in range(span.pixels) for kx in taps} <= loaded
+    # Kept per set of taps: asked again, in another order, or of a new span, the same loads.
+    assert span.loads(taps) == span.loads(taps[::-1]) == RowSpan(win, span.pixels, span.chunk).loads(taps)
     origins = range(0, win.output_size[1] * win.stride[1], step)
     for q in range(span.chunks):
         columns = [[ix0 + span.chunk_start(q) + e for e in range(span.chunk)] for ix0 in origins]

@@ -33,6 +33,7 @@ from sparsert_tvm.schedules.cuda import rule as cuda_rule
 from sparsert_tvm.schedules.cuda.assemble import assemble
 from sparsert_tvm.schedules.cuda.ptx import emit_spmm_ptx
 from sparsert_tvm.schedules.cuda.ptx_common import f32_immediate
+from sparsert_tvm.schedules.cuda.unrolled_checks import ElementType
 from sparsert_tvm.weights import SparseMatrix
 
 needs_ptxas = pytest.mark.skipif(shutil.which("ptxas") is None and not os.path.exists("/usr/local/cuda/bin/ptxas"),
@@ -177,6 +178,24 @@ def test_float_immediates_are_exact():
     for value in [0.1, -3.5e-39, 1e38, -0.0, float("inf"), 1.17549435e-38]:
         bits = int(f32_immediate(value)[2:], 16)
         assert struct.unpack("<f", struct.pack("<I", bits))[0] == np.float32(value)
+
+
+@pytest.mark.parametrize("dtype, width", [("float32", 1), ("float16", 1), ("float16", 2)])
+def test_a_rows_constants_are_spelled_as_one_value_at_a_time(dtype, width):
+    """``ElementType.constants`` (a row's values converted at once) writes what the
+    reference spelling does: ``f32_immediate`` for float32, the value's float16 bits
+    (twice, for paired columns) moved into ``%w`` for float16."""
+    largest = 1e38 if dtype == "float32" else 65504.0
+    values = np.array([0.1, -3.5e-39, largest, -0.0, 1.17549435e-38, 6e-8, -2.5], dtype=dtype)
+    element = ElementType(dtype, width)
+    for value, (setup, operand) in zip(values.tolist(), element.constants(values)):
+        assert (setup, operand) == element.constant(value)
+        if dtype == "float32":
+            assert setup == () and operand == f32_immediate(value)
+        else:
+            bits = int(np.float16(value).view(np.uint16))
+            spelled = f"mov.b32 %w, 0x{bits << 16 | bits:08X};" if width == 2 else f"mov.b16 %w, 0x{bits:04X};"
+            assert setup == (spelled,) and operand == "%w"
 
 
 def test_unsupported_dtype_is_rejected():

@@ -177,6 +177,8 @@ class _Emitter:
         else:
             self.span = RowSpan.of(self.window, config.vector_width)
         self.zeros = self.window is not None and config.padding_from_zeros
+        self._kernel_row_loads: dict[tuple, tuple[str, ...]] = {}  # ``_load_kernel_row``'s
+        self._constants_of_rows: dict[int, list] = {}  # ``_row_constants``'s
         self.folds_batch = config.fold_batch
         self.param_types = param_types(problem)
 
@@ -610,18 +612,17 @@ class _Emitter:
         """The rows' products and epilogue; of one slice's share, its sums left in shared
         memory (``role``: the slice); or the slices' sums added up and the epilogue
         (``role="sum"``); of one share of a grid split, its sums added up across blocks."""
-        weight, cols, lanes, rows = self.problem.weight, self.cols, self.lanes, item.rows
+        cols, lanes, rows = self.cols, self.lanes, item.rows
         count = len(rows) * cols * lanes
         zero = "0f00000000" if self.problem.dtype == "float32" else "0"
         lines = [f"mov.{self.element.reg} %a{j}, {zero};" for j in range(count)]
         if role == "sum":
             return lines + self._add_partials(count, range(self.split)) + self._epilogues(rows)
         # Nonzeros of the group by column: each needed activation is loaded once.
-        by_column: dict[int, list[tuple[int, float]]] = {}
+        by_column: dict[int, list[tuple[int, tuple[tuple[str, ...], str]]]] = {}  # (row, its constant)
         for i, m in enumerate(rows):
-            indices, values = weight.row(m)
-            for k, v in zip(indices.tolist(), values.tolist()):
-                by_column.setdefault(k, []).append((i, v))
+            for k, constant in self._row_constants(m):
+                by_column.setdefault(k, []).append((i, constant))
         columns = sorted(by_column)
         kernel_rows = self._kernel_rows(columns) if self.window is not None else {}
         if item.share is not None:
@@ -640,6 +641,14 @@ class _Emitter:
         lines += ["bar.sync 0;", f"@%p0 bra.uni {exit_label};"] + self._add_partials(count, range(1, self.split))
         return lines + self._epilogues(rows)
 
+    def _row_constants(self, m: int) -> list[tuple[int, tuple[tuple[str, ...], str]]]:
+        """Row ``m``'s columns and constants, kept: a grid split's shares each walk the rows."""
+        found = self._constants_of_rows.get(m)
+        if found is None:
+            indices, values = self.problem.weight.row(m)
+            found = self._constants_of_rows[m] = list(zip(indices.tolist(), self.element.constants(values)))
+        return found
+
     def _products(self, columns, by_column: dict, kernel_rows: dict) -> list[str]:
         """Loads and FMAs of ``columns`` into the accumulators."""
         cols, lanes, lines = self.cols, self.lanes, []
@@ -654,13 +663,12 @@ class _Emitter:
                 lines += self.staged.copy(staged_chunk, self._span_type)
             for c in range(cols):
                 lines += self._load_x(k, c, kernel_rows)
-            for i, v in by_column[k]:
-                setup, operand = self.element.constant(v)
+            x = [self._x_register(k, c, l) for c in range(cols) for l in range(lanes)]
+            for i, (setup, operand) in by_column[k]:
                 lines += setup
-                for c in range(cols):
-                    for l in range(lanes):
-                        acc = f"%a{(i * cols + c) * lanes + l}"
-                        lines.append(f"{fma} {acc}, {self._x_register(k, c, l)}, {operand}, {acc};")
+                for j, x_j in enumerate(x):
+                    acc = f"%a{i * cols * lanes + j}"
+                    lines.append(f"{fma} {acc}, {x_j}, {operand}, {acc};")
         return lines
 
     def _epilogues(self, rows) -> list[str]:
@@ -798,7 +806,7 @@ class _Emitter:
             return self._load(self._registers("x", c * self.lanes), *self.x_address(k, c), self.x_strides.n, c)
         channel, ky, kx = self.window.tap(k)
         taps = kernel_rows[(channel, ky)]
-        lines = self._load_kernel_row(channel, ky, taps, c) if kx == taps[0] else []
+        lines = list(self._load_kernel_row(channel, ky, taps, c)) if kx == taps[0] else []
         if self.element.columns_per_register == 2:
             first = c * self.span.length
             for l in range(self.lanes):
@@ -812,7 +820,16 @@ class _Emitter:
             return f"%x{c * self.lanes + l}"
         return f"%s{c * self.span.length + self.span.register(l, self.window.tap(k)[2])}"
 
-    def _load_kernel_row(self, channel: int, ky: int, taps: list[int], c: int) -> list[str]:
+    def _load_kernel_row(self, channel: int, ky: int, taps: list[int], c: int) -> tuple[str, ...]:
+        """The loads of a kernel row, kept per (row, taps, vector): a layer's row groups load
+        the same rows with the same few sets of taps many times over."""
+        key = (channel, ky, tuple(taps), c)
+        lines = self._kernel_row_loads.get(key)
+        if lines is None:
+            lines = self._kernel_row_loads[key] = tuple(self._emit_kernel_row_loads(channel, ky, taps, c))
+        return lines
+
+    def _emit_kernel_row_loads(self, channel: int, ky: int, taps: list[int], c: int) -> list[str]:
         """Loads what ``taps`` of kernel row ``(channel, ky)`` read for vector ``c``: from the
         staged band, or from X as follows.
 

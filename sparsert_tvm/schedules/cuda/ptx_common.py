@@ -8,8 +8,6 @@ import math
 import struct
 from dataclasses import dataclass
 
-import numpy as np
-
 from ...problem import Clip, SpmmProblem
 
 PTX_VERSION = "8.0"
@@ -38,10 +36,6 @@ class PtxKernel:
 def f32_immediate(value: float) -> str:
     """PTX's exact hexadecimal spelling of a float32 constant."""
     return "0f%08X" % struct.unpack("<I", struct.pack("<f", value))[0]
-
-
-def f16_bits(value: float) -> int:
-    return int(np.array(value, np.float16).view(np.uint16))
 
 
 def clip_bounds(op: Clip) -> list[tuple[str, float]]:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import cached_property
 
 from ...problem import ConvWindow
 
@@ -46,17 +47,17 @@ class RowSpan:
         """Input column read by pixel ``j`` at tap ``kx``, relative to ``ix0``."""
         return j * self.window.stride[1] + kx - self.window.padding[1]
 
-    @property
+    @cached_property
     def first(self) -> int:
         """Relative column where the first chunk that any tap reads starts."""
         return self.position(0, 0) // self.chunk * self.chunk
 
-    @property
+    @cached_property
     def chunks(self) -> int:
         """Chunks between the first and the last position any tap reads."""
         return (self.position(self.pixels - 1, self.window.kernel[1] - 1) - self.first) // self.chunk + 1
 
-    @property
+    @cached_property
     def length(self) -> int:
         """Registers holding one row's chunks."""
         return self.chunks * self.chunk
@@ -65,10 +66,22 @@ class RowSpan:
         """Index (among the row's ``length`` registers) of what pixel ``j`` reads at tap ``kx``."""
         return self.position(j, kx) - self.first
 
-    def loads(self, taps: Iterable[int]) -> list[tuple[int, int, int]]:
+    def loads(self, taps: Iterable[int]) -> tuple[tuple[int, int, int], ...]:
         """``(chunk, first register, registers)`` of each load that taps ``kx`` of one
         kernel row need: of each chunk they read, the narrowest aligned part holding every
-        element they read (at the borders of the span, often one element)."""
+        element they read (at the borders of the span, often one element). Kept per set of
+        taps: a layer's row groups ask for the same few sets hundreds of thousands of times."""
+        taps = tuple(taps)
+        loads = self._loads_of_taps.get(taps)
+        if loads is None:
+            loads = self._loads_of_taps[taps] = self._narrowest_loads(taps)
+        return loads
+
+    @cached_property
+    def _loads_of_taps(self) -> dict[tuple[int, ...], tuple[tuple[int, int, int], ...]]:
+        return {}
+
+    def _narrowest_loads(self, taps: tuple[int, ...]) -> tuple[tuple[int, int, int], ...]:
         by_chunk: dict[int, list[int]] = {}
         for r in {self.register(j, kx) for kx in taps for j in range(self.pixels)}:
             by_chunk.setdefault(r // self.chunk, []).append(r % self.chunk)
@@ -78,7 +91,7 @@ class RowSpan:
             while lo // size != hi // size:
                 size *= 2
             loads.append((q, q * self.chunk + lo // size * size, size))
-        return loads
+        return tuple(loads)
 
     def chunk_start(self, q: int) -> int:
         """Relative input column of chunk ``q``'s first element."""

@@ -6,10 +6,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from ...errors import UnsupportedProblem
 from ...problem import SpmmProblem
 from ..config import CudaSpmmConfig
-from .ptx_common import f16_bits, f32_immediate
 from .row_span import RowSpan
 from .staged_input import StagedInput
 
@@ -60,14 +61,18 @@ class ElementType:
     def arith(self) -> str:
         return "f32" if self.dtype == "float32" else ("f16x2" if self.columns_per_register == 2 else "f16")
 
-    def constant(self, value: float) -> tuple[list[str], str]:
+    def constant(self, value: float) -> tuple[tuple[str, ...], str]:
         """Instructions putting ``value`` in every lane, and the operand naming it."""
+        return self.constants(np.array([value]))[0]
+
+    def constants(self, values: np.ndarray) -> list[tuple[tuple[str, ...], str]]:
+        """``constant`` of each of ``values``, their bits taken in one conversion."""
         if self.dtype == "float32":
-            return [], f32_immediate(value)
-        bits = f16_bits(value)
+            return [((), "0f%08X" % bits) for bits in values.astype(np.float32).view(np.uint32).tolist()]
+        halves = values.astype(np.float16).view(np.uint16).tolist()
         if self.columns_per_register == 2:
-            return [f"mov.b32 %w, 0x{bits << 16 | bits:08X};"], "%w"
-        return [f"mov.b16 %w, 0x{bits:04X};"], "%w"
+            return [((f"mov.b32 %w, 0x{bits << 16 | bits:08X};",), "%w") for bits in halves]
+        return [((f"mov.b16 %w, 0x{bits:04X};",), "%w") for bits in halves]
 
 
 def check_vectorization(problem: SpmmProblem, config: CudaSpmmConfig) -> None:

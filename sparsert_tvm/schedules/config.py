@@ -145,6 +145,11 @@ class CudaSpmmConfig(_CudaKernelConfig):
     def assembler_options(self) -> dict:
         return super().assembler_options() | {"function_registers": self.segment_registers}
 
+    def staged(self, channels: int) -> CudaSpmmConfig:
+        """This tiling staging its input ``channels`` at a time, its padding then read from
+        the band (which holds the padding's zeros itself), not from the zero array."""
+        return dataclasses.replace(self, stage_channels=channels, padding_from_zeros=False)
+
 
 @dataclass(frozen=True)
 class CudaCsrConfig(_CudaKernelConfig):

@@ -190,11 +190,7 @@ def _grid_split_neighbours(default: CudaConfig) -> list[CudaSpmmConfig]:
 def _staged(unrolled: CudaSpmmConfig, stage_channels: tuple[int, ...]) -> list[CudaSpmmConfig]:
     """The unrolled default staging its input ``stage_channels`` channels at a time (the
     generator refuses what cannot be staged)."""
-    return [
-        dataclasses.replace(unrolled, stage_channels=c, padding_from_zeros=False)  # the band holds the padding
-        for c in stage_channels
-        if c != unrolled.stage_channels
-    ]
+    return [unrolled.staged(c) for c in stage_channels if c != unrolled.stage_channels]
 
 
 def _tile_threads(problem: SpmmProblem, threads: int, cols: int, width: int, fold: bool, split: int) -> int:

@@ -107,9 +107,9 @@ class CudaSpmmRule(SparseKernelRule):
         lanes = fields.get("lanes")
         if config.KERNEL != kernel or (lanes is not None and getattr(config, "lanes", None) != lanes):
             config = default_cuda_config(problem, kernel, lanes)  # that kernel's (and lanes') own tiling
-        if fields.get("stage_channels") and "padding_from_zeros" not in fields:
-            fields["padding_from_zeros"] = False  # the staged band holds the padding's zeros itself
         config = dataclasses.replace(config, **fields)
+        if fields.get("stage_channels") and "padding_from_zeros" not in fields:
+            config = config.staged(config.stage_channels)
         if isinstance(config, CudaSpmmConfig) and "max_instructions_per_segment" not in fields:
             config = with_segment_budget(config)  # sized for the tiling asked for
         return config

@@ -68,7 +68,7 @@ class ElementType:
     def constants(self, values: np.ndarray) -> list[tuple[tuple[str, ...], str]]:
         """``constant`` of each of ``values``, their bits taken in one conversion."""
         if self.dtype == "float32":
-            return [((), "0f%08X" % bits) for bits in values.astype(np.float32).view(np.uint32).tolist()]
+            return [((), f"0f{bits:08X}") for bits in values.astype(np.float32).view(np.uint32).tolist()]
         halves = values.astype(np.float16).view(np.uint16).tolist()
         if self.columns_per_register == 2:
             return [((f"mov.b32 %w, 0x{bits << 16 | bits:08X};",), "%w") for bits in halves]

@@ -28,6 +28,7 @@ from tvm import relax
 from . import build
 from .errors import last_line
 from .report import SparsityReport
+from .tuning.measure import relative_error
 
 CUDA_GRAPH_CONFIG = {"relax.backend.use_cuda_graph": True}
 
@@ -154,11 +155,6 @@ def with_cuda_graph(builder, device, arrays, expected: np.ndarray) -> tuple[floa
         return end_to_end_us(vm, device, arrays), ""
     except Exception as error:  # noqa: BLE001 - whatever fails, the report says what
         return None, last_line(error)
-
-
-def relative_error(got: np.ndarray, expected: np.ndarray) -> float:
-    """Largest absolute difference, relative to the output's scale (at least 1)."""
-    return float(np.abs(got - expected).max() / max(1.0, float(np.abs(expected).max()))) if expected.size else 0.0
 
 
 def _first_output(value) -> np.ndarray:

@@ -80,15 +80,14 @@ class OutputCheck:
         self.expected = problem.reference(x, residual).astype(np.float64)
 
     def error(self, built: BuiltKernel, target, run: Runner) -> float:
-        """The largest difference between ``built``'s output on the operands (``run``) and
-        numpy's, relative to the output's scale (NaN where either is not finite)."""
-        actual = run(built, target, self.arrays).astype(np.float64)
-        expected = self.expected
-        if not expected.size:
-            return 0.0
-        if not (np.isfinite(actual).all() and np.isfinite(expected).all()):
-            return float("nan")
-        return float(np.abs(actual - expected).max() / max(1.0, float(np.abs(expected).max())))
+        """``relative_error`` of ``built``'s output on the operands (``run``) against numpy's
+        (NaN or infinite where the output is not finite)."""
+        return relative_error(run(built, target, self.arrays).astype(np.float64), self.expected)
+
+
+def relative_error(got: np.ndarray, expected: np.ndarray) -> float:
+    """Largest absolute difference, relative to the output's scale (at least 1)."""
+    return float(np.abs(got - expected).max() / max(1.0, float(np.abs(expected).max()))) if expected.size else 0.0
 
 
 def build_launcher(built: BuiltKernel, target):

@@ -239,6 +239,20 @@ def test_tuned_module_is_correct_on_the_gpu(gpu_target, tmp_path, dtype):
     assert len(TuningDatabase(tmp_path / "tuning.json")) == 1
 
 
+@pytest.mark.gpu
+def test_the_tuner_builds_one_launcher_per_candidate(gpu_target, tmp_path, monkeypatch):
+    """The output check and the timer of a candidate share its compiled launch wrapper."""
+    from sparsert_tvm.tuning import measure
+
+    compiled = []
+    compile_launcher = measure._compile_launcher
+    monkeypatch.setattr(measure, "_compile_launcher", lambda *args: compiled.append(1) or compile_launcher(*args))
+    problem = channels_problem(np.random.default_rng(12))
+    options = TuneOptions(max_candidates=3, registers=(), progress=False, database=tmp_path / "tuning.json")
+    record = tuner.Tuner(cuda_rule.CudaSpmmRule(), gpu_target, options).tune(problem, "k")
+    assert record.candidates >= 2 and len(compiled) == record.candidates
+
+
 def emulated_runner(built, target, arrays):
     """A tuner's runner without a GPU: the candidate's PTX in the emulator."""
     problem = built.problem

@@ -35,6 +35,8 @@ class BuiltKernel:
     code_bytes: int | None = None
     compile_seconds: float = 0.0
     extern: str | None = None
+    # Launch wrappers compiled to time or run it alone, by target (``tuning.measure``).
+    launchers: dict = field(default_factory=dict, repr=False, compare=False)
 
 
 class SparseKernelRule(abc.ABC):

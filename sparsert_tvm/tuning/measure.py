@@ -91,7 +91,15 @@ def relative_error(got: np.ndarray, expected: np.ndarray) -> float:
 
 
 def build_launcher(built: BuiltKernel, target):
-    """The wrapper compiled into a runtime module, the kernel's cubin imported into it."""
+    """The wrapper compiled into a runtime module, the kernel's cubin imported into it: once
+    per target, kept on ``built`` (the tuner's output check and its timer share it)."""
+    key = str(target)
+    if key not in built.launchers:
+        built.launchers[key] = _compile_launcher(built, target)
+    return built.launchers[key]
+
+
+def _compile_launcher(built: BuiltKernel, target):
     name = built.func.attrs["global_symbol"]
     lib = tvm.tirx.build(tvm.IRModule({name: built.func}), target=target)
     for module in built.external_modules:

@@ -147,7 +147,7 @@ def measure_torch(model, x: np.ndarray, mode: str, device: torch.device, runs: i
             return module(x_torch)
 
         with torch.inference_mode():
-            us = graph_time_us(step, replays=runs) if device.type == "cuda" else wall_time_us(step, runs)
+            us = graph_time_us(step, [x_torch], replays=runs) if device.type == "cuda" else wall_time_us(step, runs)
             return us, step(0).float().cpu().numpy()
     finally:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False

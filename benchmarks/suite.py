@@ -10,7 +10,8 @@ name, ``--config FIELD=V,...`` times every case with those fields of its default
 changed (as ``kernel_config`` would; several alternatives separated by ``;`` time every case
 with each, in one process: their kernels are assembled side by side and the contenders
 timed once, and the run ends with each alternative's geometric-mean speedup over the
-first), ``--deadline`` stops starting new cases after that many
+first), ``--cold`` times every contender with a cold L2 but its input (``harness``), as a
+whole model runs it, ``--deadline`` stops starting new cases after that many
 seconds and ``--resume`` skips the cases a previous partial run of the same JSON holds, so a
 long suite can run in several calls.
 ``compile_s`` is the time to generate and assemble the default config's kernel without the
@@ -33,6 +34,7 @@ import time
 import traceback
 from pathlib import Path
 
+import harness
 import torch
 from harness import graph_timer, reference, sparse_problem, time_sparsert, time_torch, time_tvm_dense
 
@@ -204,11 +206,14 @@ def main(suites: dict, description: str, default_suite: str):
     parser.add_argument("--jobs", type=int, default=16, help="processes assembling kernels ahead of timing")
     parser.add_argument("--deadline", type=float, default=None, help="start no case after this many seconds")
     parser.add_argument("--resume", default=None, help="JSON of a partial run: keep its cases, run the rest")
+    parser.add_argument("--cold", action="store_true",
+                        help="time every contender with a cold L2 but its input (harness.py), as in a whole model")
     parser.add_argument("--cases", default=None, help="run only the cases whose name matches this regular expression")
     parser.add_argument("--config", default=None,
                         help="FIELD=V,...: these fields of every case's default config changed; "
                              "A;B;...: every case once with each (rows named 'case [A]')")
     args = parser.parse_args()
+    harness.COLD_L2 = args.cold
     alternatives = (args.config or "").split(";")
     overrides = [parse_overrides(text) for text in alternatives]
     start = time.perf_counter()
@@ -235,7 +240,7 @@ def main(suites: dict, description: str, default_suite: str):
           f"({ahead:.0f} s of work)", flush=True)
     dense = DenseTimes()
     result = {"device": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(), "suite": args.suite,
-              "dtype": args.dtype, "tune_candidates": args.tune_candidates,
+              "dtype": args.dtype, "tune_candidates": args.tune_candidates, "l2": "cold" if args.cold else "warm",
               "config": overrides[0] if len(overrides) == 1 else overrides, "cases": rows}
     for i, (case, config) in enumerate(cases):
         if args.deadline and time.perf_counter() - start > args.deadline:

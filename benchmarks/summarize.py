@@ -24,6 +24,8 @@ BASELINES = {  # by the JSON's "kind"
     "conv": ("cudnn_fp32", "cudnn_tf32", "cudnn_fp16", "tvm_dense"),
 }
 LIBRARY = {"spmm": "cuBLAS", "conv": "cuDNN"}
+COLD_NOTE = (", each call with a cold L2 but its input (`--cold`: weights and our kernels' code come from "
+             "device memory, as in a whole model)")
 
 
 def same_precision(kind: str, dtype: str) -> str:
@@ -180,7 +182,8 @@ def main(path: str):
         f"# {source.stem}: {result['device']}, {result['date']}",
         "",
         f"{len(cases)} cases, {correct} correct against a float64 product{declined_text}. Geometric mean of "
-        "sparsert's speedup (contender time / sparsert time), timed with CUDA graphs:",
+        "sparsert's speedup (contender time / sparsert time), timed with CUDA graphs"
+        f"{COLD_NOTE if result.get('l2') == 'cold' else ''}:",
         "",
         *summary_table(cases, kind),
         "",

@@ -253,6 +253,18 @@ def test_the_tuner_builds_one_launcher_per_candidate(gpu_target, tmp_path, monke
     assert record.candidates >= 2 and len(compiled) == record.candidates
 
 
+@pytest.mark.gpu
+def test_cold_and_warm_timers_time_a_kernel(gpu_target):
+    """Both timers give microseconds of one launch; a cold launch (code and weights from device
+    memory, and launched alone) is not faster than a tenth of a warm one, nor a thousand times slower."""
+    from sparsert_tvm.tuning import measure
+
+    problem = channels_problem(np.random.default_rng(13))
+    built = cuda_rule.CudaSpmmRule().build(problem, default_cuda_config(problem), gpu_target, "k")
+    warm, cold = measure.time_warm(built, gpu_target), measure.time_cold(built, gpu_target, launches=10)
+    assert 0 < warm < 1000 and 0.1 * warm < cold < 1000 * warm
+
+
 def emulated_runner(built, target, arrays):
     """A tuner's runner without a GPU: the candidate's PTX in the emulator."""
     problem = built.problem

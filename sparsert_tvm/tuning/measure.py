@@ -1,11 +1,15 @@
 """Timing one generated kernel on the device, with TVM's runtime only.
 
 The kernel's launch wrapper is built on its own, given random operands of the problem's
-shapes (symbolic dimensions take ``symbolic_size``), and timed with TVM's time evaluator:
-many back-to-back launches between two device synchronisations, best of several repeats.
-Back-to-back launches include the host's launch cost (a few microseconds), which hides
-differences between kernels faster than that; benchmarks/ times with CUDA graphs instead
-and can pass its own timer to the tuner.
+shapes (symbolic dimensions take ``symbolic_size``), and timed with TVM's time evaluator.
+``time_cold`` (the tuner's default) times single launches, each after overwriting the L2
+and reading the input back: in a whole model a kernel's code and weights come from device
+memory (a model's kernels hold far more code than the L2), and there tilings rank
+differently than when one kernel is replayed with its code in L2 (on the H200,
+benchmarks/results/cold-l2-h200.md). ``time_warm`` times many back-to-back launches between
+two device synchronisations, best of several repeats. Both include the host's launch cost
+(a few microseconds), which hides differences between kernels faster than that;
+benchmarks/ times with CUDA graphs instead and can pass its own timer to the tuner.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from collections.abc import Callable
 
 import numpy as np
 import tvm
+import tvm_ffi
 from tvm import sym, tirx
 
 from ..problem import SpmmProblem
@@ -107,10 +112,35 @@ def _compile_launcher(built: BuiltKernel, target):
     return lib, name
 
 
-def time_with_evaluator(built: BuiltKernel, target, symbolic_size: int = 1, min_ms: int = 20) -> float:
-    """Microseconds per launch: the best of five repeats of about ``min_ms`` each."""
+def time_warm(built: BuiltKernel, target, symbolic_size: int = 1, min_ms: int = 20) -> float:
+    """Microseconds per launch, its code and data in L2: the best of five repeats of about
+    ``min_ms`` of back-to-back launches each."""
     device = tvm.cuda(0)
     lib, name = build_launcher(built, target)
     args = operands(built, device, symbolic_size)
     evaluator = lib.time_evaluator(name, device, number=20, repeat=5, min_repeat_ms=int(min_ms))  # TVM takes an int
     return float(min(evaluator(*args).results)) * 1e6
+
+
+# Bytes copied before each cold launch: more than twice the L2 of an H100 (50 MB) or H200 (60 MB).
+L2_SCRUB_BYTES = 128 << 20
+_BEFORE_COLD_LAUNCH = "sparsert.before_cold_launch"
+
+
+def time_cold(built: BuiltKernel, target, symbolic_size: int = 1, launches: int = 30) -> float:
+    """Microseconds of one launch that finds its input in L2 but its code, and all else, in
+    device memory: the median of ``launches``, each timed alone after a device copy of
+    ``L2_SCRUB_BYTES`` and one of the input (which reads it back into L2)."""
+    device = tvm.cuda(0)
+    lib, name = build_launcher(built, target)
+    args = operands(built, device, symbolic_size)
+    scrub = [tvm.runtime.empty((L2_SCRUB_BYTES // 4,), "int32", device) for _ in range(2)]
+    input_copy = tvm.runtime.empty(args[0].shape, args[0].dtype, device)
+
+    def before_launch(*_):  # TVM's evaluator calls it before each repeat, then synchronises
+        scrub[1].copyfrom(scrub[0])
+        input_copy.copyfrom(args[0])
+
+    tvm_ffi.register_global_func(_BEFORE_COLD_LAUNCH, before_launch, override=True)
+    evaluator = lib.time_evaluator(name, device, number=1, repeat=launches, f_preproc=_BEFORE_COLD_LAUNCH)
+    return float(np.median(evaluator(*args).results)) * 1e6

@@ -31,7 +31,7 @@ from ..schedules.cuda.assemble import assemble
 from ..schedules.cuda.rule import cuda_arch, emit_ptx
 from . import space
 from .database import TuningDatabase, TuningRecord, default_path, problem_key
-from .measure import OUTPUT_TOLERANCE, OutputCheck, Runner, run_on_device, time_with_evaluator
+from .measure import OUTPUT_TOLERANCE, OutputCheck, Runner, run_on_device, time_cold
 
 Timer = Callable[[BuiltKernel, object], float]
 
@@ -43,8 +43,11 @@ class TuneOptions:
     ``max_candidates`` configs at most (the default config included), and no new candidate
     once ``budget_s`` seconds went into the layer. ``database``: a path or a
     ``TuningDatabase``; None means ``tuning.json`` in the kernel cache directory.
-    ``timer(built, target)`` returns microseconds per launch (default: TVM's time
-    evaluator); ``symbolic_size`` is what symbolic dimensions are set to while timing.
+    ``timer(built, target)`` returns microseconds per launch (default: ``measure.time_cold``,
+    single launches with a cold L2 but their input, as in a whole model;
+    ``measure.time_warm`` replays the kernel with its code in L2, which ranked ResNet-50's
+    3x3 tilings at batch 8 the other way round); ``symbolic_size`` is what symbolic
+    dimensions are set to while timing.
     ``assemble_ahead``: run ptxas for all candidates in parallel before timing (off where
     the caller already did). ``registers``: the entry register caps (``.maxnreg``, 0: none)
     also timed for an unrolled winner; on ResNet-50 and MobileNet 1x1 layers at batch 8 the
@@ -131,7 +134,7 @@ class Tuner:
 
     def tune(self, problem: SpmmProblem, name: str) -> TuningRecord:
         options = self.options or TuneOptions()
-        timer = options.timer or (lambda built, target: time_with_evaluator(built, target, options.symbolic_size))
+        timer = options.timer or (lambda built, target: time_cold(built, target, options.symbolic_size))
         start = time.perf_counter()
         configs = space.candidates(
             problem, self.rule.check, options.max_candidates, split_k=options.split_k,

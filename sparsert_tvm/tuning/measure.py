@@ -142,5 +142,8 @@ def time_cold(built: BuiltKernel, target, symbolic_size: int = 1, launches: int 
         input_copy.copyfrom(args[0])
 
     tvm_ffi.register_global_func(_BEFORE_COLD_LAUNCH, before_launch, override=True)
-    evaluator = lib.time_evaluator(name, device, number=1, repeat=launches, f_preproc=_BEFORE_COLD_LAUNCH)
-    return float(np.median(evaluator(*args).results)) * 1e6
+    try:
+        evaluator = lib.time_evaluator(name, device, number=1, repeat=launches, f_preproc=_BEFORE_COLD_LAUNCH)
+        return float(np.median(evaluator(*args).results)) * 1e6
+    finally:  # lets the scrub buffers go
+        tvm_ffi.remove_global_func(_BEFORE_COLD_LAUNCH)

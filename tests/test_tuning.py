@@ -393,12 +393,33 @@ def test_a_record_of_other_config_fields_counts_as_missing(monkeypatch, tmp_path
     tuner = _tuner_with(monkeypatch, tmp_path, lambda built, target: 1.0)
     stale = default_cuda_config(problem).as_dict()
     stale["max_nnz_per_segment"] = stale.pop("max_instructions_per_segment")
-    record = TuningRecord(config=stale, us=1.0, default_us=1.0, candidates=1, tune_s=0.0, problem="", target="sm_90")
+    record = TuningRecord(config=stale, us=1.0, default_us=1.0, candidates=1, tune_s=0.0, problem="", target="sm_90",
+                          timing="custom")
     tuner.database.put(problem_key(problem, tuner.arch), record)
     assert tuner.lookup(problem) is None
     record.config = default_cuda_config(problem).as_dict()
     tuner.database.put(problem_key(problem, tuner.arch), record)
     assert tuner.lookup(problem) == default_cuda_config(problem)
+
+
+def test_a_record_timed_another_way_is_tuned_again_but_reused_without_tuning(tmp_path):
+    """Tuning with one timing (here the default, cold) re-tunes records timed another way;
+    a compile that only reuses the database takes them as they are."""
+    from sparsert_tvm.tuning import measure
+
+    problem = channels_problem(np.random.default_rng(14))
+    config = default_cuda_config(problem).as_dict()
+    path = tmp_path / "tuning.json"
+    record = TuningRecord(config=config, us=1.0, default_us=1.0, candidates=1, tune_s=0.0)  # written before timing was kept
+    TuningDatabase(path).put(problem_key(problem, "sm_90"), record)
+    assert json.loads(path.read_text())["records"].popitem()[1]["timing"] == "warm"
+    rule = cuda_rule.CudaSpmmRule()
+    tuning_cold = tuner.Tuner(rule, CUDA, TuneOptions(progress=False, database=path))
+    tuning_warm = tuner.Tuner(rule, CUDA, TuneOptions(timer=measure.time_warm, progress=False, database=path))
+    reusing = tuner.Tuner(rule, CUDA, None, database=path)
+    assert tuning_cold.lookup(problem) is None
+    assert tuning_warm.lookup(problem) == reusing.lookup(problem) == default_cuda_config(problem)
+    assert tuner.timing_of(TuneOptions(timer=lambda built, target: 1.0)) == "custom"
 
 
 @needs_ptxas

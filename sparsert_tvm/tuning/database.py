@@ -31,6 +31,9 @@ class TuningRecord:
     problem: str = ""  # human-readable summary of what was tuned
     target: str = ""
     timings: list = field(default_factory=list)  # (config, us) of every candidate timed
+    # How candidates were timed (``tuner.timing_of``); records written before it was kept
+    # were timed warm (or by a custom timer).
+    timing: str = "warm"
 
     @property
     def speedup(self) -> float:

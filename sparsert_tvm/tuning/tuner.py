@@ -104,6 +104,12 @@ class TuneOptions:
             CudaSpmmConfig(stage_channels=channels)  # raises ValueError below 0
 
 
+def timing_of(options: TuneOptions) -> str:
+    """How ``options`` time candidates: "cold" (the default timer), or the timer's ``l2``
+    attribute ("warm", "cold"), or "custom"."""
+    return "cold" if options.timer is None else getattr(options.timer, "l2", "custom")
+
+
 def open_database(database) -> TuningDatabase:
     if isinstance(database, TuningDatabase):
         return database
@@ -123,9 +129,10 @@ class Tuner:
     def lookup(self, problem: SpmmProblem) -> CudaConfig | None:
         """The recorded config, or None; a record written by a version whose config had
         other fields (or an unknown kernel) counts as missing (the layer is tuned again if
-        tuning is on)."""
+        tuning is on), and so does, with tuning on, one whose candidates were timed another
+        way (``timing_of``: a warm replay can rank tilings the other way round)."""
         record = self.database.get(problem_key(problem, self.arch))
-        if record is None:
+        if record is None or (self.options is not None and record.timing != timing_of(self.options)):
             return None
         try:
             return self.rule.config_from_dict(record.config)
@@ -183,6 +190,7 @@ class Tuner:
             problem=f"{problem.M}x{problem.K} nnz={problem.weight.nnz} N={problem.columns} {problem.dtype}",
             target=self.arch,
             timings=[(c.as_dict(), us) for c, us in timings],
+            timing=timing_of(options),
         )
         self.database.put(problem_key(problem, self.arch), record)
         return record

@@ -40,6 +40,7 @@ linearly with the size of a function.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -179,6 +180,12 @@ class _Emitter:
         self.zeros = self.window is not None and config.padding_from_zeros
         self._kernel_row_loads: dict[tuple, tuple[str, ...]] = {}  # ``_load_kernel_row``'s
         self._constants_of_rows: dict[int, list] = {}  # ``_row_constants``'s
+        # Kept because every row group asks again: each column's (channel, ky, kx) through a
+        # window, the registers its activations land in, a column's loads (no window).
+        self._taps = [self.window.tap(k) for k in range(problem.K)] if self.window is not None else []
+        self._x_of_tap: dict[int, list[str]] = {}
+        self._column_loads: dict[tuple[int, int], tuple[str, ...]] = {}
+        self._accumulator_names: list[str] = []  # "%a<j>", grown as row groups need them
         self.folds_batch = config.fold_batch
         self.param_types = param_types(problem)
 
@@ -241,7 +248,7 @@ class _Emitter:
         the order of the columns."""
         rows: dict[tuple[int, int], list[int]] = {}
         for k in columns:
-            channel, ky, kx = self.window.tap(int(k))
+            channel, ky, kx = self._taps[k]
             rows.setdefault((channel, ky), []).append(kx)
         return rows
 
@@ -651,24 +658,27 @@ class _Emitter:
 
     def _products(self, columns, by_column: dict, kernel_rows: dict) -> list[str]:
         """Loads and FMAs of ``columns`` into the accumulators."""
-        cols, lanes, lines = self.cols, self.lanes, []
+        width, lines = self.cols * self.lanes, []
         fma = f"fma.rn.{self.element.arith}"
+        accumulators = self._accumulator_names
         staged_chunk = None
         for k in columns:
-            chunk = self.staged.chunk_of(self.window.tap(k)[0]) if self.staged else None
+            chunk = self.staged.chunk_of(self._taps[k][0]) if self.staged else None
             if chunk != staged_chunk:
                 # The block's threads are done with the previous chunk before its band is overwritten.
                 lines += ["bar.sync 0;"] if staged_chunk is not None else []
                 staged_chunk = chunk
                 lines += self.staged.copy(staged_chunk, self._span_type)
-            for c in range(cols):
+            for c in range(self.cols):
                 lines += self._load_x(k, c, kernel_rows)
-            x = [self._x_register(k, c, l) for c in range(cols) for l in range(lanes)]
+            x = self._x_registers(k)
             for i, (setup, operand) in by_column[k]:
                 lines += setup
-                for j, x_j in enumerate(x):
-                    acc = f"%a{i * cols * lanes + j}"
-                    lines.append(f"{fma} {acc}, {x_j}, {operand}, {acc};")
+                end = (i + 1) * width
+                if end > len(accumulators):
+                    accumulators += [f"%a{j}" for j in range(len(accumulators), end)]
+                row = accumulators[end - width:end]
+                lines += [f"{fma} {acc}, {x_j}, {operand}, {acc};" for acc, x_j in zip(row, x)]
         return lines
 
     def _epilogues(self, rows) -> list[str]:
@@ -686,7 +696,7 @@ class _Emitter:
             return [columns]
         units: list[list[int]] = []
         for k in columns:
-            same_row = self.window is not None and units and self.window.tap(units[-1][-1])[:2] == self.window.tap(k)[:2]
+            same_row = self.window is not None and units and self._taps[units[-1][-1]][:2] == self._taps[k][:2]
             if same_row:
                 units[-1].append(k)
             else:
@@ -797,28 +807,44 @@ class _Emitter:
         return lines
 
     # -- memory ----------------------------------------------------------------------
-    def _load_x(self, k: int, c: int, kernel_rows: dict[tuple[int, int], list[int]]) -> list[str]:
-        """Puts column ``k`` of ``A`` for owned vector ``c`` where ``_x_register`` finds it:
+    def _load_x(self, k: int, c: int, kernel_rows: dict[tuple[int, int], list[int]]) -> Sequence[str]:
+        """Puts column ``k`` of ``A`` for owned vector ``c`` where ``_x_registers`` finds it:
         loaded into ``%x``, or through a window, the kernel row's chunks (where ``k`` is the
         first of the row's taps that the group reads, ``kernel_rows``), then float16 pixels
         paired into ``%x``."""
         if self.window is None:
-            return self._load(self._registers("x", c * self.lanes), *self.x_address(k, c), self.x_strides.n, c)
-        channel, ky, kx = self.window.tap(k)
+            key = (k, c)
+            loads = self._column_loads.get(key)
+            if loads is None:
+                registers = self._registers("x", c * self.lanes)
+                loads = tuple(self._load(registers, *self.x_address(k, c), self.x_strides.n, c))
+                self._column_loads[key] = loads
+            return loads
+        channel, ky, kx = self._taps[k]
         taps = kernel_rows[(channel, ky)]
-        lines = list(self._load_kernel_row(channel, ky, taps, c)) if kx == taps[0] else []
-        if self.element.columns_per_register == 2:
-            first = c * self.span.length
-            for l in range(self.lanes):
-                low, high = (f"%s{first + self.span.register(2 * l + h, kx)}" for h in (0, 1))
-                lines.append(f"mov.b32 %x{c * self.lanes + l}, {{{low}, {high}}};")
+        loads = self._load_kernel_row(channel, ky, taps, c) if kx == taps[0] else ()
+        if self.element.columns_per_register == 1:
+            return loads
+        lines, first = list(loads), c * self.span.length
+        for l in range(self.lanes):
+            low, high = (f"%s{first + self.span.register(2 * l + h, kx)}" for h in (0, 1))
+            lines.append(f"mov.b32 %x{c * self.lanes + l}, {{{low}, {high}}};")
         return lines
 
-    def _x_register(self, k: int, c: int, l: int) -> str:
-        """The register holding lane ``l`` of column ``k`` for vector ``c``."""
-        if self.window is None or self.element.columns_per_register == 2:
-            return f"%x{c * self.lanes + l}"
-        return f"%s{c * self.span.length + self.span.register(l, self.window.tap(k)[2])}"
+    def _x_registers(self, k: int) -> list[str]:
+        """The registers holding column ``k``'s activations, by vector and lane: ``%x`` as
+        loaded or paired, or through a float32 window the kernel row's chunk registers of
+        tap ``kx``."""
+        kx = self._taps[k][2] if self.window is not None and self.element.columns_per_register == 1 else -1
+        found = self._x_of_tap.get(kx)
+        if found is None:
+            vectors, lanes = range(self.cols), range(self.lanes)
+            if kx < 0:
+                found = [f"%x{c * self.lanes + l}" for c in vectors for l in lanes]
+            else:
+                found = [f"%s{c * self.span.length + self.span.register(l, kx)}" for c in vectors for l in lanes]
+            self._x_of_tap[kx] = found
+        return found
 
     def _load_kernel_row(self, channel: int, ky: int, taps: list[int], c: int) -> tuple[str, ...]:
         """The loads of a kernel row, kept per (row, taps, vector): a layer's row groups load

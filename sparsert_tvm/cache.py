@@ -5,7 +5,9 @@ flags), so a changed weight can never hit a stale entry. Writes go to a temporar
 and are renamed into place, so concurrent compiles and interrupted writes never leave a
 partial entry; entries carry their own digest and a corrupt one is ignored and rebuilt.
 
-``SPARSERT_CACHE_DIR`` moves the cache; ``SPARSERT_CACHE=0`` turns it off.
+``SPARSERT_CACHE_DIR`` moves the cache; ``SPARSERT_CACHE=0`` turns it off;
+``SPARSERT_CACHE=refresh`` builds everything anew and stores it (a timed cold compile that
+still leaves its entries for the builds after it).
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ def cache_key(*parts: str | bytes) -> str:
 
 def load(kind: str, key: str) -> bytes | None:
     root = cache_dir()
-    if root is None:
+    if root is None or os.environ.get("SPARSERT_CACHE", "").lower() == "refresh":
         return None
     try:
         blob = (root / kind / key).read_bytes()

@@ -392,6 +392,33 @@ def test_entry_register_cap_lets_ptxas_keep_loads_in_flight(tmp_path, monkeypatc
 
 
 @needs_ptxas
+def test_a_refreshing_build_assembles_anew_and_stores_for_the_next(tmp_path, monkeypatch):
+    """``SPARSERT_CACHE=refresh`` never reads an entry but writes one; ``0`` does neither."""
+    from sparsert_tvm.schedules.cuda import assemble as assembler
+
+    monkeypatch.setenv("SPARSERT_CACHE_DIR", str(tmp_path))
+    rng = np.random.default_rng(7)
+    kernel = emit_spmm_ptx(problem_for(rng, Layout.ROWS, 8, 8, 0.5, (4, 8)), CudaSpmmConfig(), "k", "sm_90")
+    runs = []
+    run_ptxas = assembler.subprocess.run
+
+    def counting(command, **options):
+        runs.extend([] if "--version" in command else [command[0]])
+        return run_ptxas(command, **options)
+
+    monkeypatch.setattr(assembler.subprocess, "run", counting)
+    monkeypatch.setenv("SPARSERT_CACHE", "0")
+    assemble(kernel.units, "sm_90")
+    assert len(runs) == 1 and not (tmp_path / "cubin").exists()
+    monkeypatch.setenv("SPARSERT_CACHE", "refresh")
+    for expected_runs in (2, 3):  # assembled every time, and stored
+        cubin = assemble(kernel.units, "sm_90")
+        assert len(runs) == expected_runs and len(list((tmp_path / "cubin").iterdir())) == 1
+    monkeypatch.delenv("SPARSERT_CACHE")
+    assert assemble(kernel.units, "sm_90") == cubin and len(runs) == 3  # the stored entry
+
+
+@needs_ptxas
 def test_assembly_is_cached_and_corrupt_entries_are_rebuilt(tmp_path, monkeypatch):
     monkeypatch.setenv("SPARSERT_CACHE_DIR", str(tmp_path))
     rng = np.random.default_rng(4)

@@ -66,7 +66,7 @@ def graph_time_us(step, inputs, calls: int = 20, replays: int = 30, budget_us: f
     estimate = max(1.0, start.elapsed_time(end) * 1e3)
     calls = max(1, min(calls, int(budget_us / (estimate * replays))))
     replays = max(5, min(replays, int(budget_us / (estimate * calls))))
-    timed = _graph([before, step], calls)
+    timed = _graph([step] if before is None else [before, step], calls)
     if before is None:
         return statistics.median(_replay_us(timed, calls) for _ in range(replays))
     alone = _graph([before], calls)
@@ -82,8 +82,7 @@ def _graph(steps, calls: int) -> torch.cuda.CUDAGraph:
     with tvm_ffi.use_torch_stream(torch.cuda.graph(graph)):
         for i in range(calls):
             for step in steps:
-                if step is not None:
-                    step(i)
+                step(i)
     graph.replay()
     torch.cuda.synchronize()
     return graph

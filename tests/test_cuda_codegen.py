@@ -275,6 +275,20 @@ def test_emulated_float16_kernels_round_like_float16(layout, x_shape, transposed
     np.testing.assert_allclose(out.astype(np.float64), ref64.astype(np.float64), rtol=2e-2, atol=2e-2)
 
 
+def test_emulated_scalar_float16_kernels_cut_into_segments_round_like_float16():
+    """Scalar half kernels get small segments (``tuning.SCALAR_HALF_MAX_SEGMENT_INSTRUCTIONS``):
+    cut into several, they still round after every FMA in the order of one function."""
+    rng = np.random.default_rng(13)
+    problem = problem_for(rng, Layout.CHANNELS, 21, 24, 0.3, (2, 24, 5, 5), ("bias", "residual"), dtype="float16")
+    config = CudaSpmmConfig(rows_per_block=8, threads_per_block=32, max_instructions_per_segment=24)
+    assert len(emit_spmm_ptx(problem, config, "k", "sm_90").units) > 2
+    out, _ = emulate(problem, config, np.random.default_rng(14))
+    inputs_rng = np.random.default_rng(14)  # the same draws emulate() made
+    x = inputs_rng.standard_normal(tuple(int(d) for d in problem.x_shape)).astype("float16")
+    residual = inputs_rng.standard_normal(tuple(int(d) for d in problem.y_shape)).astype("float16")
+    np.testing.assert_array_equal(out, float16_reference(problem, x, residual))
+
+
 @pytest.mark.parametrize(
     "x_shape, width, message",
     [

@@ -40,6 +40,24 @@ def test_segments_grow_with_the_accumulators_of_a_thread():
         assert budget == min(tuning.MAX_SEGMENT_INSTRUCTIONS, tuning.SEGMENT_INSTRUCTIONS_PER_ACCUMULATOR * accumulators)
 
 
+def test_scalar_half_kernels_get_smaller_segments():
+    rng = np.random.default_rng(3)
+    rule = cuda_rule.CudaSpmmRule()
+    budgets = {}
+    for dtype, spatial in (("float16", (7, 7)), ("float16", (6, 8)), ("float32", (7, 7))):
+        problem = channels_problem(rng, spatial=spatial, dtype=dtype)
+        config = rule.with_overrides(problem, default_cuda_config(problem, CudaSpmmConfig.KERNEL), {"rows_per_block": 16})
+        budgets[dtype, config.vector_width] = config.max_instructions_per_segment
+        for candidate in space.candidates(problem, rule.check, 64):
+            if isinstance(candidate, CudaSpmmConfig) and dtype == "float16" and candidate.vector_width == 1:
+                assert candidate.max_instructions_per_segment <= tuning.SCALAR_HALF_MAX_SEGMENT_INSTRUCTIONS
+    assert budgets == {
+        ("float16", 1): tuning.SCALAR_HALF_MAX_SEGMENT_INSTRUCTIONS,  # 49 pixels: one half per register
+        ("float16", 2): tuning.MAX_SEGMENT_INSTRUCTIONS,
+        ("float32", 1): tuning.MAX_SEGMENT_INSTRUCTIONS,
+    }
+
+
 def test_kernel_config_overrides_resize_segments_unless_they_set_them():
     problem = channels_problem(np.random.default_rng(0))
     rule = cuda_rule.CudaSpmmRule()

@@ -169,15 +169,22 @@ def default_csr_config(problem: SpmmProblem) -> CudaCsrConfig:
 
 
 def default_unrolled_config(problem: SpmmProblem) -> CudaSpmmConfig:
-    return with_segment_budget(_unrolled_tiling(problem))
+    return with_segment_budget(_unrolled_tiling(problem), problem)
 
 
 # Instructions per segment for each accumulator a thread holds, and the most per segment.
 SEGMENT_INSTRUCTIONS_PER_ACCUMULATOR = 4096
 MAX_SEGMENT_INSTRUCTIONS = 65536
+# The most per segment where a thread does scalar half arithmetic (float16, one column per
+# register). ptxas pairs such a kernel's rows into HFMA2s itself (a PRMT for most FMAs), and
+# that takes far longer than linear in the function's size: MobileNet v2's 1280x320 1x1 layer
+# at batch 8 (16 rows per block, 41k nonzeros) took 95.5 s to assemble as one function and
+# 2.8 s as four on 2 cores, against 7.3 s in float32 (segments-fp16-2core.md); the four ran
+# 0.95x as fast on the H200 (6.65 against 6.33 us, segments-fp16-h200.json).
+SCALAR_HALF_MAX_SEGMENT_INSTRUCTIONS = 16384
 
 
-def with_segment_budget(config: CudaSpmmConfig) -> CudaSpmmConfig:
+def with_segment_budget(config: CudaSpmmConfig, problem: SpmmProblem) -> CudaSpmmConfig:
     """``config`` with segments sized for its tiling. Segments are functions of the call
     ABI and run slower than inline code: on the H200, before their registers were capped
     higher (``segment_registers``), 4k-instruction segments made ResNet-50's 3x3 layers at
@@ -189,7 +196,9 @@ def with_segment_budget(config: CudaSpmmConfig) -> CudaSpmmConfig:
     sparse build at batch 1 from 36 to 27 s but ran the layers at batch 1 up to 1.3x slower
     (0.99x in geometric mean over the 20 layers at 90%, benchmarks/results/grid-split-h200.md)."""
     accumulators = config.rows_per_block * config.columns_per_thread
-    budget = min(MAX_SEGMENT_INSTRUCTIONS, SEGMENT_INSTRUCTIONS_PER_ACCUMULATOR * accumulators)
+    scalar_half = problem.dtype == "float16" and config.vector_width % 2 == 1
+    most = SCALAR_HALF_MAX_SEGMENT_INSTRUCTIONS if scalar_half else MAX_SEGMENT_INSTRUCTIONS
+    budget = min(most, SEGMENT_INSTRUCTIONS_PER_ACCUMULATOR * accumulators)
     return dataclasses.replace(config, max_instructions_per_segment=budget)
 
 

@@ -122,7 +122,7 @@ def candidates(
             unrolled, rows_per_block=rows, threads_per_block=_tile_threads(problem, threads, cols, width, fold, split),
             columns_per_thread=cols, vector_width=width, fold_batch=fold, registers=default_registers(rows),
             split_k=split, grid_split=1,
-        ))
+        ), problem)
         for rows, threads, cols, width, fold, split in itertools.product(
             ROWS_PER_BLOCK, THREADS, COLUMNS_PER_THREAD, VECTOR_WIDTHS[problem.dtype], folds, split_k
         )
@@ -173,7 +173,7 @@ def _row_neighbours(problem: SpmmProblem, default: CudaConfig) -> list[CudaSpmmC
     for rows in (2 * default.rows_per_block, default.rows_per_block // 2):
         if rows in ROWS_PER_BLOCK:
             changed = dataclasses.replace(default, rows_per_block=rows, registers=default_registers(rows))
-            neighbours.append(with_segment_budget(changed))
+            neighbours.append(with_segment_budget(changed, problem))
     return neighbours
 
 

@@ -111,7 +111,7 @@ class CudaSpmmRule(SparseKernelRule):
         if fields.get("stage_channels") and "padding_from_zeros" not in fields:
             config = config.staged(config.stage_channels)
         if isinstance(config, CudaSpmmConfig) and "max_instructions_per_segment" not in fields:
-            config = with_segment_budget(config)  # sized for the tiling asked for
+            config = with_segment_budget(config, problem)  # sized for the tiling asked for
         return config
 
     def transposes_input(self, problem):

@@ -57,6 +57,24 @@ SMALL = {  # the CNNs also output their last feature map (see check_against_dens
 }
 
 
+# MobileNet v2: ToMixedPrecision itself fails on its imported ReLU6 (apache-tvm 0.27.0.post1,
+# "Expected TensorType, but got R.Callable" in infer_amp_utils.cc).
+@pytest.mark.parametrize("name", ["bert", "mobilenet_v1", "resnet50"])
+def test_models_tvm_converts_to_float16_keep_every_sparse_layer(name):
+    """``ToMixedPrecision`` casts each weight constant to float16 (``astype``) and runs the
+    operators in float16: the pass sees through the cast and finds the same layers. (BERT's
+    residual adds stay float32 after the conversion, so they are not fused into its kernels.)"""
+    _, mod = pruned_module(SMALL[name](np.random.default_rng(0)))
+    cuda = tvm.target.Target({"kind": "cuda", "arch": "sm_90"})
+    half = relax.transform.ToMixedPrecision(out_dtype="float16")(mod)
+    assert "float16" in half.script()
+    layers = {}
+    for dtype, module in (("float32", mod), ("float16", half)):
+        report = sp.report_of(sp.SparsifyWeights(cuda, dry_run=True)(module))
+        layers[dtype] = sorted((l.op, l.M, l.K, l.nnz) for l in report.sparse_layers)
+    assert layers["float32"] and layers["float16"] == layers["float32"]
+
+
 def outputs(vm, x, device) -> list[np.ndarray]:
     result = vm["main"](tvm.runtime.tensor(x, device))
     return [result.numpy()] if hasattr(result, "numpy") else [value.numpy() for value in result]

@@ -46,7 +46,8 @@ def test_scalar_half_kernels_get_smaller_segments():
     budgets = {}
     for dtype, spatial in (("float16", (7, 7)), ("float16", (6, 8)), ("float32", (7, 7))):
         problem = channels_problem(rng, spatial=spatial, dtype=dtype)
-        config = rule.with_overrides(problem, default_cuda_config(problem, CudaSpmmConfig.KERNEL), {"rows_per_block": 16})
+        unrolled = default_cuda_config(problem, CudaSpmmConfig.KERNEL)
+        config = rule.with_overrides(problem, unrolled, {"rows_per_block": 16})
         budgets[dtype, config.vector_width] = config.max_instructions_per_segment
         for candidate in space.candidates(problem, rule.check, 64):
             if isinstance(candidate, CudaSpmmConfig) and dtype == "float16" and candidate.vector_width == 1:

@@ -195,8 +195,10 @@ def with_segment_budget(config: CudaSpmmConfig, problem: SpmmProblem) -> CudaSpm
     ResNet-50's stride-2 3x3 layers, the budget divided by the shares cut the whole model's
     sparse build at batch 1 from 36 to 27 s but ran the layers at batch 1 up to 1.3x slower
     (0.99x in geometric mean over the 20 layers at 90%, benchmarks/results/grid-split-h200.md)."""
+    from ..schedules.cuda.unrolled_checks import ElementType  # here: the CUDA rule imports this module
+
     accumulators = config.rows_per_block * config.columns_per_thread
-    scalar_half = problem.dtype == "float16" and config.vector_width % 2 == 1
+    scalar_half = ElementType(problem.dtype, config.vector_width).arith == "f16"
     most = SCALAR_HALF_MAX_SEGMENT_INSTRUCTIONS if scalar_half else MAX_SEGMENT_INSTRUCTIONS
     budget = min(most, SEGMENT_INSTRUCTIONS_PER_ACCUMULATOR * accumulators)
     return dataclasses.replace(config, max_instructions_per_segment=budget)

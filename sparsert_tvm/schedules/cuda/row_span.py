@@ -19,7 +19,7 @@ their pixels ``channels`` apart and use chunks of one element.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 
 from ...problem import ConvWindow
@@ -33,6 +33,8 @@ class RowSpan:
     window: ConvWindow
     pixels: int  # output pixels per vector (the config's vector_width)
     chunk: int  # elements per load
+    # ``loads`` of each set of taps asked for, kept.
+    _loads_of_taps: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @classmethod
     def of(cls, window: ConvWindow, pixels: int) -> RowSpan:
@@ -76,10 +78,6 @@ class RowSpan:
         if loads is None:
             loads = self._loads_of_taps[taps] = self._narrowest_loads(taps)
         return loads
-
-    @cached_property
-    def _loads_of_taps(self) -> dict[tuple[int, ...], tuple[tuple[int, int, int], ...]]:
-        return {}
 
     def _narrowest_loads(self, taps: tuple[int, ...]) -> tuple[tuple[int, int, int], ...]:
         by_chunk: dict[int, list[int]] = {}

@@ -5,6 +5,8 @@ import tvm
 from hypothesis import HealthCheck, settings
 
 from helpers import CPU_TARGET, cuda_target
+from sparsert_tvm import tuning
+from sparsert_tvm.schedules.config import CpuSpmmConfig
 
 
 settings.register_profile(
@@ -29,13 +31,16 @@ def _private_kernel_cache(tmp_path_factory):
     yield
 
 
-@pytest.fixture(params=["llvm", pytest.param("cuda", marks=pytest.mark.gpu)])
-def target(request):
-    """Every numerical test runs on the CPU, and on the GPU where there is one."""
+@pytest.fixture(params=["llvm", "llvm-unrolled", pytest.param("cuda", marks=pytest.mark.gpu)])
+def target(request, monkeypatch):
+    """Every numerical test runs on the CPU with both of its kernels (the data-driven one,
+    its default, and the unrolled one), and on the GPU where there is one."""
     if request.param == "cuda":
         if not has_gpu():
             pytest.skip("needs an NVIDIA GPU and TVM's CUDA runtime")
         return cuda_target()
+    if request.param == "llvm-unrolled":
+        monkeypatch.setattr(tuning, "DEFAULT_CPU_KERNEL", CpuSpmmConfig.KERNEL)
     return CPU_TARGET
 
 

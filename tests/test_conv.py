@@ -159,7 +159,12 @@ CUDA_TILINGS = [
     {"grid_split": 2, "rows_per_block": 4, "threads_per_block": 64},  # shares summed across blocks
     {"grid_split": 4, "fold_batch": True, "max_instructions_per_segment": 90},
 ]
-CPU_TILINGS = [{"vector_lanes": 4}, {"vector_lanes": 8, "rows_per_chunk": 3, "max_nnz_per_segment": 30}]
+CPU_TILINGS = [
+    {"vector_lanes": 4},
+    {"vector_lanes": 8, "rows_per_chunk": 3, "max_nnz_per_segment": 30},
+    {"kernel": "csr", "vector_lanes": 4, "row_blocks": 3, "chains": 3},
+    {"kernel": "csr", "vector_lanes": 2, "row_blocks": 1, "chains": 1},
+]
 
 
 def check_tiling(target, layout, tiling):

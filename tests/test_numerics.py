@@ -117,14 +117,23 @@ def test_cuda_float16_pairs_by_default(gpu_target):
 
 @pytest.mark.parametrize(
     "config",
-    [{"vector_lanes": 1}, {"vector_lanes": 4, "rows_per_chunk": 5}, {"max_nnz_per_segment": 30, "rows_per_chunk": 3}],
+    [
+        {"vector_lanes": 1},
+        {"vector_lanes": 4, "rows_per_chunk": 5},
+        {"max_nnz_per_segment": 30, "rows_per_chunk": 3},
+        {"kernel": "csr", "vector_lanes": 1, "chains": 1},
+        {"kernel": "csr", "vector_lanes": 4, "row_blocks": 3, "chains": 3},
+        {"kernel": "csr", "vector_lanes": 8, "row_blocks": 200},  # more blocks than rows: some empty
+    ],
     ids=str,
 )
-def test_cpu_tilings(config):
+@pytest.mark.parametrize("kind", ["matmul", "matmul_t", "conv_nchw", "conv_nhwc"])
+def test_cpu_tilings(config, kind):
+    """150 rows: the CSR kernel's row output (matmul) is stored in chunks of 64 rows."""
     rng = np.random.default_rng(7)
-    for kind in ("matmul", "conv_nchw"):
-        case = make_case(rng, kind, 37, 48, 0.2, X_SHAPES[kind], ("bias", "residual", "relu"))
-        check(case, CPU_TARGET, batches=(1, 5, 19), kernel_config=config)
+    case = make_case(rng, kind, 150, 48, 0.2, X_SHAPES[kind], ("bias", "residual", "relu"))
+    report = check(case, CPU_TARGET, batches=(1, 5, 19), kernel_config=config)
+    assert {key: report.layers[0].params[key] for key in config} == config
 
 
 @pytest.mark.parametrize("lanes", [4, 16, 32])
@@ -135,6 +144,7 @@ def test_cpu_vector_stores(lanes, spatial):
     rng = np.random.default_rng(12)
     case = make_case(rng, "conv_nchw", 37, 48, 0.2, (None, 48, *spatial), ("bias", "residual", "relu6"))
     check(case, CPU_TARGET, batches=(1, 3), kernel_config={"vector_lanes": lanes})
+    check(case, CPU_TARGET, batches=(1, 3), kernel_config={"kernel": "csr", "vector_lanes": lanes})
 
 
 def test_1d_activation(target):

@@ -177,7 +177,7 @@ class _SparsifyWeights:
             # Candidates own disjoint bindings (find_candidates shares out the epilogues).
             plan = plans[job.function]
             assert job.candidate.tail not in plan, f"two kernels would replace {job.candidate.tail.name}"
-            plan[job.candidate.tail] = _Planned(callee, job.candidate, built.problem.x_transposed)
+            plan[job.candidate.tail] = _Planned(callee, job.candidate, built.problem.x_transposed, built.constants)
         for gv, func in functions:
             if plans[gv]:
                 rewriter.builder_.update_func(gv, rewriter.rewrite(func, plans[gv]))
@@ -306,6 +306,7 @@ class _Planned:
     kernel: tvm.ir.GlobalVar | relax.ExternFunc  # a PrimFunc of the module, or a compiled one
     candidate: Candidate
     transpose_x: bool
+    constants: tuple = ()
 
     def call(self, builder, visit) -> relax.Call:
         """The call replacing the candidate, preceded by the transpose it may need."""
@@ -317,6 +318,7 @@ class _Planned:
                 x = builder.emit(relax.op.reshape(x, relax.ShapeExpr([problem.columns, problem.K])))
             x = builder.emit(relax.op.permute_dims(x))
         args = [x] + ([visit(candidate.residual)] if candidate.residual is not None else [])
+        args += [relax.const(array) for array in self.constants]
         if isinstance(self.kernel, relax.ExternFunc):
             return relax.call_dps_packed(self.kernel, args, candidate.tail.ty)
         return relax.call_tir(self.kernel, args, candidate.tail.ty)

@@ -30,6 +30,8 @@ class BuiltKernel:
     problem: SpmmProblem
     # Compiled modules the IRModule must carry in its ``external_mods`` attribute.
     external_modules: list = field(default_factory=list)
+    # Arrays the kernel takes after its operands (before the output), passed as constants.
+    constants: tuple = ()
     # Tiling and derived choices, for the report.
     params: dict = field(default_factory=dict)
     code_bytes: int | None = None

@@ -15,15 +15,28 @@ from typing import ClassVar
 REGISTERS_PER_BLOCK = 65536
 
 
-class _CudaKernelConfig:
-    """What both CUDA configs share: ``as_dict()`` names the kernel, so that a tuning record
-    says which config class to rebuild (``cuda_config_from_dict``)."""
+class _NamedKernelConfig:
+    """``as_dict()`` names the kernel, so that a tuning record or a ``kernel_config`` dict
+    says which config class to rebuild (``config_from_dict``)."""
 
     KERNEL: ClassVar[str]
 
     def as_dict(self) -> dict:
         return {"kernel": self.KERNEL} | dataclasses.asdict(self)
 
+
+def config_from_dict(fields: dict, configs: dict[str, type], target: str):
+    """The config of ``configs`` that ``as_dict()`` wrote; a dict without ``"kernel"`` is the
+    unrolled kernel's. Raises TypeError on unknown fields and ValueError on an unknown kernel
+    or bad values."""
+    fields = dict(fields)
+    kernel = fields.pop("kernel", "unrolled")
+    if kernel not in configs:
+        raise ValueError(f"unknown {target} kernel {kernel!r}; known: {sorted(configs)}")
+    return configs[kernel](**fields)
+
+
+class _CudaKernelConfig(_NamedKernelConfig):
     def assembler_options(self) -> dict:
         """Keyword arguments of ``cuda.assemble.assemble`` for this config's kernels."""
         return {"opt_level": self.ptxas_opt_level}
@@ -237,16 +250,13 @@ def cuda_config_from_dict(fields: dict) -> CudaConfig:
     has the narrowest. Raises TypeError on unknown fields and ValueError on an unknown
     kernel or bad values."""
     fields = dict(fields)
-    kernel = fields.pop("kernel", CudaSpmmConfig.KERNEL)
-    if kernel not in CUDA_CONFIGS:
-        raise ValueError(f"unknown CUDA kernel {kernel!r}; known: {sorted(CUDA_CONFIGS)}")
-    if kernel == CudaCsrConfig.KERNEL and fields.get("lanes") == "columns":
+    if fields.get("kernel") == CudaCsrConfig.KERNEL and fields.get("lanes") == "columns":
         fields.setdefault("columns_per_block", 32)
-    return CUDA_CONFIGS[kernel](**fields)
+    return config_from_dict(fields, CUDA_CONFIGS, "CUDA")
 
 
 @dataclass(frozen=True)
-class CpuSpmmConfig:
+class CpuSpmmConfig(_NamedKernelConfig):
     """Tiling of the unrolled CPU kernel.
 
     The product's columns are processed ``vector_lanes`` at a time (one SIMD vector per
@@ -257,6 +267,8 @@ class CpuSpmmConfig:
     written out before the next chunk starts, so the staging tile stays in L1.
     """
 
+    KERNEL: ClassVar[str] = "unrolled"
+
     vector_lanes: int = 16
     rows_per_chunk: int = 128
     max_nnz_per_segment: int = 16384
@@ -266,11 +278,36 @@ class CpuSpmmConfig:
     def __post_init__(self):
         _check_positive(self, "vector_lanes", "rows_per_chunk", "max_nnz_per_segment", "max_layer_nnz")
 
-    def as_dict(self) -> dict:
-        return dataclasses.asdict(self)
+
+@dataclass(frozen=True)
+class CpuCsrConfig(_NamedKernelConfig):
+    """Tiling of the data-driven (CSR) CPU kernel: the nonzeros' values and input offsets
+    are arrays the kernel walks, so its code, and its compile time, do not grow with the
+    weight.
+
+    Tiles of ``vector_lanes`` columns as in the unrolled kernel; each tile's rows are shared
+    out in ``row_blocks`` tasks of about equal nonzeros (so that a product of a single tile,
+    a matrix-vector product, still uses every core), and each row's nonzeros are summed in
+    ``chains`` independent chains of fused multiply-adds (to hide their latency).
+    """
+
+    KERNEL: ClassVar[str] = "csr"
+
+    vector_lanes: int = 32
+    row_blocks: int = 1
+    chains: int = 2
+    # Arrays, not code: bounded only by 32-bit offsets.
+    max_layer_nnz: int = 100_000_000
+
+    def __post_init__(self):
+        _check_positive(self, "vector_lanes", "row_blocks", "chains", "max_layer_nnz")
 
 
-KernelConfig = CudaSpmmConfig | CudaCsrConfig | CpuSpmmConfig
+CpuConfig = CpuSpmmConfig | CpuCsrConfig
+CPU_CONFIGS: dict[str, type] = {c.KERNEL: c for c in (CpuSpmmConfig, CpuCsrConfig)}
+
+
+KernelConfig = CudaSpmmConfig | CudaCsrConfig | CpuSpmmConfig | CpuCsrConfig
 
 
 def _check_positive(config, *names):

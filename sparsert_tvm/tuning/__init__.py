@@ -12,7 +12,7 @@ import dataclasses
 import tvm_ffi
 
 from ..problem import Layout, SpmmProblem
-from ..schedules.config import CpuSpmmConfig, CudaConfig, CudaCsrConfig, CudaSpmmConfig
+from ..schedules.config import CpuConfig, CpuCsrConfig, CpuSpmmConfig, CudaConfig, CudaCsrConfig, CudaSpmmConfig
 
 # Blocks needed to give every SM of a large GPU (132 on an H100) a couple of blocks.
 _TARGET_BLOCKS = 264
@@ -363,7 +363,12 @@ def default_registers(rows_per_block: int) -> int:
     return _SIXTEEN_ROW_REGISTERS if rows_per_block >= 16 else 0
 
 
-def default_cpu_config(problem: SpmmProblem, target) -> CpuSpmmConfig:
+def default_cpu_config(problem: SpmmProblem, target) -> CpuConfig:
+    return cpu_config(problem, DEFAULT_CPU_KERNEL, cpu_vector_lanes(problem, target))
+
+
+def cpu_vector_lanes(problem: SpmmProblem, target) -> int:
+    """Columns per tile of either CPU kernel on ``target``."""
     # Two SIMD registers per accumulator: on a 2-core AVX-512 machine 32 lanes ran 1.0-4x
     # faster than 16 on six ResNet/MobileNet-like layers (a tile's fixed costs are shared
     # by more columns, and each row's FMA chains interleave two registers). TVM reports 512
@@ -376,7 +381,44 @@ def default_cpu_config(problem: SpmmProblem, target) -> CpuSpmmConfig:
     if columns is not None:
         # No wider than the columns there are (N = 1 is a matrix-vector product).
         lanes = min(lanes, 1 << max(0, columns - 1).bit_length())
-    return CpuSpmmConfig(vector_lanes=lanes)
+    return lanes
+
+
+def cpu_config(problem: SpmmProblem, kernel: str, lanes: int) -> CpuConfig:
+    """The default tiling of CPU kernel ``kernel`` ("unrolled" or "csr") at ``lanes``."""
+    if kernel == CpuSpmmConfig.KERNEL:
+        return CpuSpmmConfig(vector_lanes=lanes)
+    # Two chains pay on long rows (an FC layer at N = 1: 1.4x faster on the 2-core machine),
+    # but the rest of an odd row costs a loop of its own: ResNet-50's and MobileNet's 1x1
+    # layers of 32-64 input channels (3-6 nonzeros per row at 10%) ran 1.2-1.4x slower.
+    long_rows = problem.weight.nnz >= _LONG_ROW_NNZ * problem.M
+    return CpuCsrConfig(vector_lanes=lanes, row_blocks=cpu_row_blocks(problem, lanes), chains=2 if long_rows else 1)
+
+
+_LONG_ROW_NNZ = 16
+
+
+DEFAULT_CPU_KERNEL = CpuCsrConfig.KERNEL
+# Parallel tasks per image the CSR kernel aims for, per core: enough that uneven tasks even out.
+_TASKS_PER_CORE = 4
+
+
+def cpu_row_blocks(problem: SpmmProblem, lanes: int) -> int:
+    """Row blocks per tile of the CSR kernel: a few tasks per core over the image's tiles
+    (one block where the tiles alone give that many, and every core where the column count
+    is only known at run time)."""
+    from ..schedules.base import default_jobs
+
+    window, columns = problem.window, problem.static_columns
+    if window is not None:
+        row_lanes = min(lanes, 1 << max(0, window.output_size[1] - 1).bit_length())
+        tiles = window.output_size[0] * -(-window.output_size[1] // row_lanes)
+    elif columns is not None:
+        tiles = -(-columns // lanes)
+    else:
+        tiles = 1
+    wanted = _TASKS_PER_CORE * default_jobs()
+    return max(1, min(problem.M, -(-wanted // tiles)))
 
 
 def _vector_bits(target) -> int:

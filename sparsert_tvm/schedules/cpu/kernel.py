@@ -71,11 +71,11 @@ def cpu_spmm_kernel(problem: SpmmProblem, config: CpuSpmmConfig, name: str) -> t
                             for lo in range(0, len(segment), config.rows_per_chunk):
                                 chunk = segment[lo : lo + config.rows_per_chunk]
                                 if direct:
-                                    _compute_and_store(problem, chunk, read, y_flat, r_flat, b, tiling.first(tile), lanes)
+                                    _compute_and_store(problem, chunk, tiling, read, y_flat, r_flat, b, tile)
                                     continue
                                 with T.vectorized(0, lanes) as lane:
                                     for i, m in enumerate(chunk):
-                                        acc = _row_sum(problem, m, lambda k, lane=lane: read(k, lane))
+                                        acc = _row_sum(problem, m, lambda k, lane=lane: read(tiling.tap_offset(k), lane))
                                         T.buffer_store(yt, _apply(vector_ops, acc, m, dtype), [i * lanes + lane])
                                 _store_tile(problem, chunk, store_ops, yt, y_flat, r_flat, b, tiling, tile)
     return builder.get()
@@ -106,7 +106,36 @@ class _ColumnTiles:
         with T.serial(0, problem.K) as k:
             with T.vectorized(0, lanes) as lane:
                 T.buffer_store(xt, _x_element(problem, x_flat, b, k, tile * lanes + lane, self.columns), [k * lanes + lane])
-        return lambda k, lane: xt[k * lanes + lane]
+        return lambda offset, lane: xt[offset + lane]
+
+    def tap_offset(self, k: int) -> int:
+        """Where column ``k`` of ``A``'s inputs starts, relative to what ``reader`` reads."""
+        return k * self.lanes
+
+    def packed(self, x_flat, b):
+        """Every tile staged at once, ``xt[tile, k, lane]`` (shared by the tasks that compute
+        a tile's rows), and ``reader(tile)`` of it. Staged in runs of a few rows of ``A``'s
+        columns per task, so that even a single tile is staged by every core."""
+        problem, lanes, tiles = self.problem, self.lanes, self.count()
+        run = 64
+        runs = -(-problem.K // run)
+        xt = T.alloc_buffer((tiles * problem.K * lanes,), problem.dtype, scope="global")
+        with T.parallel(0, tiles * runs) as task:
+            tile, first = tirx.floordiv(task, runs), tirx.floormod(task, runs) * run
+            with T.serial(0, tirx.min(run, problem.K - first)) as i:
+                k = first + i
+                with T.vectorized(0, lanes) as lane:
+                    element = _x_element(problem, x_flat, b, k, tile * lanes + lane, self.columns)
+                    T.buffer_store(xt, element, [(tile * problem.K + k) * lanes + lane])
+
+        def reader(tile):
+            base = tile * problem.K * lanes
+            return lambda offset, lane: xt[base + offset + lane]
+
+        return reader
+
+    def count(self):
+        return tirx.ceildiv(self.columns, self.lanes)
 
     def first(self, tile):
         """The tile's first column."""
@@ -192,7 +221,13 @@ class _RowTiles:
 
     def reader(self, xp, b, tile):
         origin = self._row(tile) * self.sh * self.row + self._column(tile)
-        return lambda k, lane: xp[origin + self.offsets[k] + lane]
+        return lambda offset, lane: xp[origin + offset + lane]
+
+    def tap_offset(self, k: int) -> int:
+        return self.offsets[k]
+
+    def count(self):
+        return self.oh * self.tiles_per_row
 
     def _row(self, tile):
         return tirx.floordiv(tile, self.tiles_per_row)
@@ -219,7 +254,7 @@ def _fill(buf, start, count: int, value, width: int = 16):
             T.buffer_store(buf, value(lo + i) if callable(value) else value, [start + lo + i])
 
 
-def _store_tile(problem: SpmmProblem, rows, ops, yt, y_flat, r_flat, b, tiling, tile):
+def _store_tile(problem: SpmmProblem, rows, ops, yt, y_flat, r_flat, b, tiling, tile, bias=None):
     """``yt`` (the rows' sums) to ``Y``, the epilogue's ``ops`` applied: a vector per row
     for a whole tile whose columns are neighbours in Y, else one column at a time up to the
     last one."""
@@ -229,7 +264,7 @@ def _store_tile(problem: SpmmProblem, rows, ops, yt, y_flat, r_flat, b, tiling, 
     def store(lane):
         for i, m in enumerate(rows):
             offset = b * ys.batch + m * ys.k + (first + lane) * ys.n
-            T.buffer_store(y_flat, _apply(ops, yt[i * lanes + lane], m, dtype, r_flat, offset), [offset])
+            T.buffer_store(y_flat, _apply(ops, yt[i * lanes + lane], m, dtype, r_flat, offset, bias), [offset])
 
     def one_by_one():
         with T.serial(0, lanes) as lane:
@@ -248,14 +283,14 @@ def _store_tile(problem: SpmmProblem, rows, ops, yt, y_flat, r_flat, b, tiling, 
             one_by_one()
 
 
-def _compute_and_store(problem: SpmmProblem, rows, read, y_flat, r_flat, b, first, lanes: int):
-    """Each row's sums, epilogue and vector store in one vectorised loop (whole tiles from
-    column ``first``, Y's columns contiguous)."""
-    ys = problem.y_strides()
-    with T.vectorized(0, lanes) as lane:
+def _compute_and_store(problem: SpmmProblem, rows, tiling, read, y_flat, r_flat, b, tile):
+    """Each row's sums, epilogue and vector store in one vectorised loop (whole tiles, Y's
+    columns contiguous)."""
+    ys, first = problem.y_strides(), tiling.first(tile)
+    with T.vectorized(0, tiling.lanes) as lane:
         for m in rows:
             offset = b * ys.batch + m * ys.k + first + lane
-            acc = _row_sum(problem, m, lambda k: read(k, lane))
+            acc = _row_sum(problem, m, lambda k: read(tiling.tap_offset(k), lane))
             T.buffer_store(y_flat, _apply(problem.epilogue, acc, m, problem.dtype, r_flat, offset), [offset])
 
 
@@ -304,10 +339,12 @@ def _row_sum(problem: SpmmProblem, m: int, read, chains: int = 4):
     return terms[0]
 
 
-def _apply(ops, value, m: int, dtype: str, residual=None, offset=None):
+def _apply(ops, value, m, dtype: str, residual=None, offset=None, bias=None):
+    """``value`` of row ``m`` through the epilogue ``ops``; ``bias(op, m)`` reads a bias add's
+    value where ``m`` is not a Python int (by default it is a constant)."""
     for op in ops:
         if isinstance(op, BiasAdd):
-            value = value + tirx.const(op.values[m], dtype)
+            value = value + (tirx.const(op.values[m], dtype) if bias is None else bias(op, m))
         elif isinstance(op, ResidualAdd):
             value = value + residual[offset]
         elif isinstance(op, Clip):

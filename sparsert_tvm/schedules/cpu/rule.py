@@ -1,6 +1,7 @@
-"""CPU (``llvm`` target) kernels: TIR written here and compiled here, each into an LLVM
-module of its own that rides in the IRModule's ``external_mods`` and that Relax calls with
-``call_dps_packed``.
+"""CPU (``llvm`` target) kernels, unrolled (``kernel``) or data-driven (``csr_kernel``): TIR
+written here and compiled here, each into an LLVM module of its own that rides in the
+IRModule's ``external_mods`` and that Relax calls with ``call_dps_packed`` (the CSR kernel's
+arrays as constant arguments).
 
 Compiled with the model instead, all kernels went through one LLVM module, lowered and then
 turned into machine code one function after another when the module was first loaded (about
@@ -11,15 +12,25 @@ releases Python's lock while it does.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import tvm
 
 from ...errors import UnsupportedProblem
-from ...tuning import default_cpu_config
-from ..base import BuiltKernel, KernelJob, SparseKernelRule, default_jobs, unless_unsupported
-from ..config import CpuSpmmConfig
+from ...tuning import cpu_config, default_cpu_config
+from ..base import (
+    BuiltKernel,
+    KernelJob,
+    SparseKernelRule,
+    default_jobs,
+    require_dtype,
+    require_nnz_at_most,
+    unless_unsupported,
+)
+from ..config import CPU_CONFIGS, CpuConfig, CpuCsrConfig, CpuSpmmConfig, config_from_dict
+from .csr_kernel import cpu_csr_kernel
 from .kernel import SUPPORTED_DTYPES, cpu_spmm_kernel
 from .lowering import KERNEL_LLVM_OPTIONS, register_pipeline, with_llvm_options
 
@@ -27,14 +38,35 @@ from .lowering import KERNEL_LLVM_OPTIONS, register_pipeline, with_llvm_options
 class CpuSpmmRule(SparseKernelRule):
     dtypes = SUPPORTED_DTYPES
     config_class = CpuSpmmConfig
+    config_classes = (CpuSpmmConfig, CpuCsrConfig)
 
     def is_target(self, target):
         return target.kind.name == "llvm"
 
+    def check(self, problem, config):
+        if isinstance(config, CpuCsrConfig):
+            require_dtype(problem, self.dtypes, self.__class__.__name__)
+            require_nnz_at_most(problem, config.max_layer_nnz, "the CSR kernel's cap", "its offsets are 32-bit")
+        else:
+            super().check(problem, config)
+
+    def config_from_dict(self, fields):
+        return config_from_dict(fields, CPU_CONFIGS, "CPU")
+
+    def with_overrides(self, problem, config, overrides):
+        # Overrides name their kernel ("kernel": "csr"); without it they are the unrolled one's.
+        fields = dict(overrides)
+        kernel = fields.pop("kernel", CpuSpmmConfig.KERNEL)
+        if kernel not in CPU_CONFIGS:
+            raise ValueError(f"unknown CPU kernel {kernel!r}; known: {sorted(CPU_CONFIGS)}")
+        if config.KERNEL != kernel:
+            config = cpu_config(problem, kernel, config.vector_lanes)  # lanes sized for this CPU
+        return dataclasses.replace(config, **fields)
+
     def default_config(self, problem, target):
         return default_cpu_config(problem, target)
 
-    def build(self, problem, config: CpuSpmmConfig, target, name) -> BuiltKernel:
+    def build(self, problem, config: CpuConfig, target, name) -> BuiltKernel:
         return self._compile(self._write(KernelJob(problem, config, name)), target)
 
     def build_all(self, jobs, target):
@@ -49,14 +81,19 @@ class CpuSpmmRule(SparseKernelRule):
             return list(pool.map(compile_one, written))
 
     @staticmethod
-    def _write(job: KernelJob) -> tuple[KernelJob, tvm.tirx.PrimFunc, float]:
+    def _write(job: KernelJob) -> tuple[KernelJob, tvm.tirx.PrimFunc, tuple, float]:
         start = time.perf_counter()
-        func = cpu_spmm_kernel(job.problem, job.config, _kernel_name(job.name))
-        return job, func, time.perf_counter() - start
+        name = _kernel_name(job.name)
+        if isinstance(job.config, CpuCsrConfig):
+            func, arrays = cpu_csr_kernel(job.problem, job.config, name)
+            constants = (arrays.values, arrays.index)
+        else:
+            func, constants = cpu_spmm_kernel(job.problem, job.config, name), ()
+        return job, func, constants, time.perf_counter() - start
 
     @staticmethod
     def _compile(written, target) -> BuiltKernel:
-        job, func, seconds = written
+        job, func, constants, seconds = written
         start = time.perf_counter()
         name = _kernel_name(job.name)
         target = with_llvm_options(tvm.target.Target(target), KERNEL_LLVM_OPTIONS)
@@ -67,6 +104,7 @@ class CpuSpmmRule(SparseKernelRule):
             extern=name,
             problem=job.problem,
             external_modules=[module],
+            constants=constants,
             params=job.config.as_dict(),
             compile_seconds=seconds + time.perf_counter() - start,
         )

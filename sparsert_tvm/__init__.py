@@ -9,13 +9,14 @@ from .build import compile, default_target
 from .errors import RuntimeUnavailable, SparseRTError, ToolchainError, UnsupportedProblem
 from .passes import DEFAULT_DENSITY_THRESHOLD, SMALL_CONVOLUTION_NNZ, SparsifyWeights
 from .report import LayerReport, SparsityReport, report_of
-from .schedules import CpuSpmmConfig, CudaCsrConfig, CudaSpmmConfig
+from .schedules import CpuCsrConfig, CpuSpmmConfig, CudaCsrConfig, CudaSpmmConfig
 from .tuning.database import TuningDatabase
 from .tuning.tuner import TuneOptions
 
 __all__ = [
     "DEFAULT_DENSITY_THRESHOLD",
     "SMALL_CONVOLUTION_NNZ",
+    "CpuCsrConfig",
     "CpuSpmmConfig",
     "CudaCsrConfig",
     "CudaSpmmConfig",

@@ -39,7 +39,8 @@ class SparseMatrix:
         return str(self.dense.dtype)
 
     @cached_property
-    def _csr(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def csr(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(indptr, column indices, values)``."""
         # Only true nonzeros reach the kernels; NaN counts as nonzero. Row-major order
         # gives each row's columns in increasing order.
         mask = self.dense != 0
@@ -50,7 +51,7 @@ class SparseMatrix:
 
     @property
     def nnz(self) -> int:
-        return int(self._csr[0][-1])
+        return int(self.csr[0][-1])
 
     @property
     def density(self) -> float:
@@ -59,11 +60,11 @@ class SparseMatrix:
 
     @property
     def row_nnz(self) -> np.ndarray:
-        return np.diff(self._csr[0])
+        return np.diff(self.csr[0])
 
     def row(self, m: int) -> tuple[np.ndarray, np.ndarray]:
         """Column indices and values of the nonzeros of row ``m``, in column order."""
-        indptr, indices, values = self._csr
+        indptr, indices, values = self.csr
         lo, hi = indptr[m], indptr[m + 1]
         return indices[lo:hi], values[lo:hi]
 

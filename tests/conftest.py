@@ -6,7 +6,6 @@ from hypothesis import HealthCheck, settings
 
 from helpers import CPU_TARGET, cuda_target
 from sparsert_tvm import tuning
-from sparsert_tvm.schedules.config import CpuSpmmConfig
 
 
 settings.register_profile(
@@ -31,16 +30,16 @@ def _private_kernel_cache(tmp_path_factory):
     yield
 
 
-@pytest.fixture(params=["llvm", "llvm-unrolled", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.fixture(params=["llvm-csr", "llvm-unrolled", pytest.param("cuda", marks=pytest.mark.gpu)])
 def target(request, monkeypatch):
-    """Every numerical test runs on the CPU with both of its kernels (the data-driven one,
-    its default, and the unrolled one), and on the GPU where there is one."""
+    """Every numerical test runs on the CPU with each of its kernels by default (the
+    data-driven one, then the unrolled one), and on the GPU where there is one."""
     if request.param == "cuda":
         if not has_gpu():
             pytest.skip("needs an NVIDIA GPU and TVM's CUDA runtime")
         return cuda_target()
-    if request.param == "llvm-unrolled":
-        monkeypatch.setattr(tuning, "DEFAULT_CPU_KERNEL", CpuSpmmConfig.KERNEL)
+    unrolled_max_nnz = 0 if request.param == "llvm-csr" else 10**9
+    monkeypatch.setattr(tuning, "CPU_UNROLLED_MAX_NNZ", unrolled_max_nnz)
     return CPU_TARGET
 
 

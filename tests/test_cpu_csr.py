@@ -1,7 +1,7 @@
 """The CPU's data-driven (CSR) kernel: its arrays, its default, and choosing between kernels.
 
-Its numerics against numpy run in every CPU test of the other files (it is the CPU's default
-kernel; the ``target`` fixture runs them again with the unrolled one)."""
+Its numerics against numpy run in every CPU test of the other files (the ``target`` fixture
+runs each with either CPU kernel as the default)."""
 
 import numpy as np
 import pytest
@@ -9,6 +9,8 @@ import tvm
 from tvm import relax
 
 import sparsert_tvm as sp
+from sparsert_tvm import tuning
+from sparsert_tvm.errors import UnsupportedProblem
 from helpers import CPU_TARGET, Case, make_case, pruned_matrix
 from sparsert_tvm.problem import Layout, SpmmProblem
 from sparsert_tvm.schedules.cpu.csr_kernel import csr_arrays
@@ -39,20 +41,28 @@ def test_row_blocks_split_the_rows_into_even_consecutive_runs(blocks):
 
 
 def test_offsets_beyond_32_bits_are_refused():
+    """As an ``UnsupportedProblem``: the pass then leaves the layer dense, with the reason."""
     problem = _problem(np.eye(4, dtype="float32"))
-    with pytest.raises(ValueError, match="32 bits"):
+    with pytest.raises(UnsupportedProblem, match="32 bits"):
         csr_arrays(problem, lambda k: k * 2**30, 1)
 
 
-def test_the_cpu_default_is_the_csr_kernel_and_the_unrolled_one_is_a_choice():
+def test_the_cpu_default_unrolls_small_weights_only_and_either_kernel_is_a_choice():
     rng = np.random.default_rng(1)
-    case = make_case(rng, "conv_nchw", 30, 48, 0.2, X_SHAPES["conv_nchw"], ("bias", "relu"))
-    (layer,) = check(case, CPU_TARGET).layers
+    small = make_case(rng, "conv_nchw", 30, 48, 0.2, X_SHAPES["conv_nchw"], ("bias", "relu"))
+    assert np.count_nonzero(small.weight) <= tuning.CPU_UNROLLED_MAX_NNZ
+    (layer,) = check(small, CPU_TARGET).layers
+    assert layer.params["kernel"] == "unrolled"
+    large = make_case(rng, "conv_nchw", 100, 48, 0.5, X_SHAPES["conv_nchw"], ("bias", "relu"))
+    assert np.count_nonzero(large.weight) > tuning.CPU_UNROLLED_MAX_NNZ
+    (layer,) = check(large, CPU_TARGET).layers
     assert layer.params["kernel"] == "csr" and layer.params["row_blocks"] >= 1
-    (layer,) = check(case, CPU_TARGET, kernel_config={"kernel": "unrolled"}).layers
+    (layer,) = check(small, CPU_TARGET, kernel_config={"kernel": "csr"}).layers
+    assert layer.params["kernel"] == "csr"
+    (layer,) = check(large, CPU_TARGET, kernel_config={"kernel": "unrolled"}).layers
     assert layer.params["kernel"] == "unrolled" and "rows_per_chunk" in layer.params
     # A dict without "kernel" holds the unrolled kernel's fields, as on CUDA.
-    (layer,) = check(case, CPU_TARGET, kernel_config={"vector_lanes": 4}).layers
+    (layer,) = check(large, CPU_TARGET, kernel_config={"vector_lanes": 4}).layers
     assert layer.params["kernel"] == "unrolled" and layer.params["vector_lanes"] == 4
 
 

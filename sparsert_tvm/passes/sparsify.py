@@ -54,9 +54,10 @@ def SparsifyWeights(target, density_threshold: float | None = None, **options) -
         (depthwise layers) too.
     kernel_config : dict or config object, optional
         Overrides of the kernel tiling applied to every rewritten layer (fields of
-        ``CudaSpmmConfig`` or ``CpuSpmmConfig``), or a whole config. On CUDA a
-        ``CudaCsrConfig``, or a dict with ``"kernel": "csr"`` and its fields, selects the
-        data-driven kernel; a dict without ``"kernel"`` holds fields of the unrolled one.
+        ``CudaSpmmConfig`` or ``CpuSpmmConfig``), or a whole config. A ``CudaCsrConfig`` or
+        ``CpuCsrConfig``, or a dict with ``"kernel": "csr"`` and its fields, selects the
+        data-driven kernel (the CPU's default); a dict without ``"kernel"`` holds fields of
+        the unrolled one (``{"kernel": "unrolled"}`` alone: its default tiling).
     dry_run : bool, optional
         Decide and report, but generate nothing and leave the module's functions as they
         are (what ``sparsert inspect`` shows).

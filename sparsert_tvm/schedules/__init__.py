@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .base import BuiltKernel, SparseKernelRule
-from .config import CpuSpmmConfig, CudaCsrConfig, CudaSpmmConfig, KernelConfig
+from .config import CpuCsrConfig, CpuSpmmConfig, CudaCsrConfig, CudaSpmmConfig, KernelConfig
 from .cpu.rule import CpuSpmmRule
 from .cuda.rule import CudaSpmmRule
 
@@ -18,6 +18,7 @@ def rule_for(target) -> SparseKernelRule | None:
 __all__ = [
     "RULES",
     "BuiltKernel",
+    "CpuCsrConfig",
     "CpuSpmmConfig",
     "CudaCsrConfig",
     "CudaSpmmConfig",

@@ -364,7 +364,21 @@ def default_registers(rows_per_block: int) -> int:
 
 
 def default_cpu_config(problem: SpmmProblem, target) -> CpuConfig:
-    return cpu_config(problem, DEFAULT_CPU_KERNEL, cpu_vector_lanes(problem, target))
+    return cpu_config(problem, default_cpu_kernel(problem.weight.nnz), cpu_vector_lanes(problem, target))
+
+
+# The CPU's unrolled kernel costs about half a millisecond of compile time per nonzero on 2
+# cores, and on the 2-core machine it was no faster than the CSR kernel but on small weights:
+# ResNet-50's 3x3 layers 0.71-1.09x as fast, 1x1 layers of 2k-13k nonzeros 1.21x slower in
+# geometric mean; MobileNet's dense 3x3 stem (864 nonzeros) 1.34x faster, and 1x1 layers of
+# at most 2,048 nonzeros even (0.98x; benchmarks/results/*-cpu-2core.md). Those compile in
+# under a second.
+CPU_UNROLLED_MAX_NNZ = 2048
+
+
+def default_cpu_kernel(nnz: int) -> str:
+    """The CPU kernel a weight of ``nnz`` nonzeros gets by default."""
+    return CpuSpmmConfig.KERNEL if nnz <= CPU_UNROLLED_MAX_NNZ else CpuCsrConfig.KERNEL
 
 
 def cpu_vector_lanes(problem: SpmmProblem, target) -> int:
@@ -398,7 +412,6 @@ def cpu_config(problem: SpmmProblem, kernel: str, lanes: int) -> CpuConfig:
 _LONG_ROW_NNZ = 16
 
 
-DEFAULT_CPU_KERNEL = CpuCsrConfig.KERNEL
 # Parallel tasks per image the CSR kernel aims for, per core: enough that uneven tasks even out.
 _TASKS_PER_CORE = 4
 

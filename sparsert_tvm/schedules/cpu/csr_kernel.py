@@ -1,7 +1,7 @@
 """CPU: a data-driven (CSR) kernel: the nonzeros' values and input offsets are arrays that
 a loop walks, so its code is the same few instructions whatever the weight.
 
-Tiles of columns are those of the unrolled kernel (``kernel._ColumnTiles``, ``_RowTiles``):
+Tiles of columns are those of the unrolled kernel (``kernel.ColumnTiles``, ``RowTiles``):
 each row of a tile is one vector accumulator (``vector_lanes`` columns) updated once per
 nonzero of the row, ``acc += value * X[offset : offset + lanes]``, with ``offset`` the
 nonzero's column of ``A`` as a position in the tile's input. Rows are shared out in
@@ -22,10 +22,12 @@ from tvm import tirx
 from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
 
-from ...problem import BiasAdd, ResidualAdd, SpmmProblem
+from ...errors import UnsupportedProblem
+from ...problem import BiasAdd, SpmmProblem
 from ..base import KERNEL_ATTR, OPAQUE_PATTERN, kernel_columns_and_batch, operand_shapes, require_dtype
 from ..config import CpuCsrConfig
-from .kernel import SUPPORTED_DTYPES, _apply, _ColumnTiles, _flat_view, _RowTiles, _store_tile, _whole
+from .kernel import SUPPORTED_DTYPES
+from .tiles import ColumnTiles, RowTiles, apply_epilogue, flat_view, split_epilogue, store_tile, whole
 
 
 @dataclass(frozen=True)
@@ -40,17 +42,20 @@ class CsrArrays:
 
 
 def csr_arrays(problem: SpmmProblem, tap_offset, blocks: int) -> CsrArrays:
-    indptr, columns, nonzeros = problem.weight._csr
+    """The arrays of ``problem``'s weight for tiles whose column ``k`` of ``A`` is at
+    ``tap_offset(k)``, its rows in ``blocks`` blocks. Raises ``UnsupportedProblem`` where an
+    offset does not fit in 32 bits."""
+    indptr, columns, nonzeros = problem.weight.csr
     # Blocks of consecutive rows of about equal cost (a row costs its nonzeros and a store).
     cost = np.cumsum(problem.weight.row_nnz + 1)
     bounds = np.searchsorted(cost, np.arange(blocks + 1) * (cost[-1] if len(cost) else 0) / blocks, side="right")
     bounds[0], bounds[-1] = 0, problem.M
-    offsets = np.array([tap_offset(int(k)) for k in columns], dtype=np.int64)
+    offsets = np.array([tap_offset(k) for k in range(problem.K)], dtype=np.int64)[columns]
     biases = [np.asarray(op.values, problem.dtype) for op in problem.epilogue if isinstance(op, BiasAdd)]
     values = np.concatenate([nonzeros.astype(problem.dtype), *biases, np.zeros(1, problem.dtype)])
     index = np.concatenate([indptr, bounds, offsets, [0]])
     if index.max(initial=0) >= 2**31:
-        raise ValueError("CSR offsets must fit in 32 bits")
+        raise UnsupportedProblem("the CSR kernel's offsets into its input would not fit in 32 bits")
     starts = np.cumsum([problem.weight.nnz] + [len(b) for b in biases])[:-1]
     return CsrArrays(values, index.astype(np.int32), tuple(int(s) for s in starts), problem.M + 1,
                      problem.M + 1 + blocks + 1)
@@ -61,7 +66,7 @@ def cpu_csr_kernel(problem: SpmmProblem, config: CpuCsrConfig, name: str) -> tup
     dtype = problem.dtype
     x_dims, y_dims = operand_shapes(problem)
     columns, batch = kernel_columns_and_batch(problem, x_dims)
-    tiling = (_ColumnTiles if problem.window is None else _RowTiles)(problem, columns, config.vector_lanes)
+    tiling = (ColumnTiles if problem.window is None else RowTiles)(problem, columns, config.vector_lanes)
     arrays = csr_arrays(problem, tiling.tap_offset, config.row_blocks)
 
     with IRBuilder() as builder:
@@ -74,11 +79,11 @@ def cpu_csr_kernel(problem: SpmmProblem, config: CpuCsrConfig, name: str) -> tup
             index = T.match_buffer(T.arg("index", T.handle()), arrays.index.shape, "int32")
             y = T.match_buffer(T.arg("y", T.handle()), y_dims, dtype)
             with T.sblock("root"):
-                T.reads(*[_whole(b) for b in (x, residual, values, index) if b is not None])
-                T.writes(_whole(y))
-                x_flat = _flat_view(x)
-                rows = _Rows(problem, config, tiling, arrays, values, index, _flat_view(y),
-                             _flat_view(residual) if residual is not None else None)
+                T.reads(*[whole(b) for b in (x, residual, values, index) if b is not None])
+                T.writes(whole(y))
+                x_flat = flat_view(x)
+                rows = _Rows(problem, config, tiling, arrays, values, index, flat_view(y),
+                             flat_view(residual) if residual is not None else None)
                 with T.serial(0, batch) as b:
                     if problem.window is None:
                         reader = tiling.packed(x_flat, b)
@@ -102,8 +107,7 @@ class _Rows:
                  y_flat, r_flat):
         self.problem, self.config, self.tiling, self.arrays = problem, config, tiling, arrays
         self.values, self.index, self.y_flat, self.r_flat = values, index, y_flat, r_flat
-        split = next((i for i, op in enumerate(problem.epilogue) if isinstance(op, ResidualAdd)), len(problem.epilogue))
-        self.vector_ops, self.store_ops = problem.epilogue[:split], problem.epilogue[split:]
+        self.vector_ops, self.store_ops = split_epilogue(problem)
         biases = [op for op in problem.epilogue if isinstance(op, BiasAdd)]
         self.bias_start = {id(op): start for op, start in zip(biases, arrays.bias_starts)}
 
@@ -118,7 +122,7 @@ class _Rows:
             # A tile's columns are neighbours in Y: each row is stored as it is summed.
             with T.serial(first, last) as m:
                 self._sum_row(m, read, acc, acc)
-                _store_tile(self.problem, [m], self.store_ops, acc, self.y_flat, self.r_flat, b, self.tiling, tile,
+                store_tile(self.problem, [m], self.store_ops, acc, self.y_flat, self.r_flat, b, self.tiling, tile,
                             self.bias)
             return
         # ROWS: a row's columns are ``M`` apart in Y. Chunks of rows are summed first and
@@ -148,7 +152,7 @@ class _Rows:
             total = acc[lane]
             for chain in range(1, chains):
                 total = total + acc[chain * lanes + lane]
-            T.buffer_store(out, _apply(self.vector_ops, total, m, dtype, bias=self.bias), [at + lane])
+            T.buffer_store(out, apply_epilogue(self.vector_ops, total, m, dtype, bias=self.bias), [at + lane])
 
     def _accumulate(self, nz, chain, read, acc):
         lanes = self.tiling.lanes
@@ -166,6 +170,6 @@ class _Rows:
                 with T.Then():
                     with T.serial(lo, hi) as m:
                         offset = b * ys.batch + m * ys.k + (first + lane) * ys.n
-                        value = _apply(self.store_ops, yt[(m - lo) * lanes + lane], m, problem.dtype, self.r_flat,
-                                       offset, self.bias)
+                        value = yt[(m - lo) * lanes + lane]
+                        value = apply_epilogue(self.store_ops, value, m, problem.dtype, self.r_flat, offset, self.bias)
                         T.buffer_store(self.y_flat, value, [offset])

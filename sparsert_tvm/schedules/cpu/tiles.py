@@ -1,0 +1,282 @@
+"""What the CPU kernels share: how tiles of the product's columns read their inputs, and how
+a tile's sums go through the epilogue into ``Y``.
+
+Without a window the tile of ``X`` is staged into a small buffer ``xt[k, lane]`` (transposed
+for the ROWS layout); through a convolution's window, tiles are pieces of output rows read
+straight from a zero-padded copy of the image, in NCHW order whatever the layout. Either way
+``reader`` gives ``read(offset, lane)``, where ``tap_offset(k)`` is the offset of column ``k``
+of ``A``.
+"""
+
+from __future__ import annotations
+
+import math
+
+from tvm import tirx
+from tvm.script.ir_builder import tirx as T
+
+from ...problem import BiasAdd, Clip, ResidualAdd, SpmmProblem
+
+# Staging buffers larger than this go to the heap (TVM's workspace) instead of the stack.
+_STACK_BYTES = 128 * 1024
+
+
+class ColumnTiles:
+    """Tiles of ``lanes`` consecutive columns of the product, each staged (transposed for
+    the ROWS layout) into ``xt[k, lane]`` before its rows are computed; or, where the
+    product is a single tile whose columns are neighbours in ``X`` (a small image, N = 1),
+    read where they are (``in_place``): staging would only copy them."""
+
+    def __init__(self, problem: SpmmProblem, columns, lanes: int):
+        self.problem, self.columns, self.lanes = problem, columns, lanes
+        self.always_whole = problem.static_columns is not None and problem.static_columns % lanes == 0
+        self.in_place = problem.static_columns == lanes and (lanes == 1 or problem.x_strides().n == 1)
+
+    def prepare(self, x_flat, b):
+        """What the tiles read: ``X`` itself."""
+        return x_flat
+
+    def loop(self):
+        tiles = tirx.ceildiv(self.columns, self.lanes)
+        static_columns = self.problem.static_columns
+        if static_columns is not None and static_columns <= self.lanes:
+            return T.serial(0, tiles)  # a single tile (small static N) needs no thread pool
+        return T.parallel(0, tiles)
+
+    def reader(self, x_flat, b, tile):
+        problem, lanes = self.problem, self.lanes
+        if self.in_place:
+            xs = problem.x_strides()
+            return lambda offset, lane: x_flat[b * xs.batch + offset + lane * xs.n]
+        xt = scratch(problem.K * lanes, problem.dtype)
+        with T.serial(0, problem.K) as k:
+            with T.vectorized(0, lanes) as lane:
+                element = _x_element(problem, x_flat, b, k, tile * lanes + lane, self.columns)
+                T.buffer_store(xt, element, [k * lanes + lane])
+        return lambda offset, lane: xt[offset + lane]
+
+    def tap_offset(self, k: int) -> int:
+        """Where column ``k`` of ``A``'s inputs starts, relative to what ``reader`` reads."""
+        return k * (self.problem.x_strides().k if self.in_place else self.lanes)
+
+    def packed(self, x_flat, b):
+        """Every tile staged at once, ``xt[tile, k, lane]`` (shared by the tasks that compute
+        a tile's rows), and ``reader(tile)`` of it (of ``X`` itself, ``in_place``). Staged in
+        runs of a few rows of ``A``'s columns per task, so that even a single tile is staged
+        by every core."""
+        if self.in_place:
+            return lambda tile: self.reader(x_flat, b, tile)
+        problem, lanes, tiles = self.problem, self.lanes, self.count()
+        run = 64
+        runs = -(-problem.K // run)
+        xt = T.alloc_buffer((tiles * problem.K * lanes,), problem.dtype, scope="global")
+        with T.parallel(0, tiles * runs) as task:
+            tile, first = tirx.floordiv(task, runs), tirx.floormod(task, runs) * run
+            with T.serial(0, tirx.min(run, problem.K - first)) as i:
+                k = first + i
+                with T.vectorized(0, lanes) as lane:
+                    element = _x_element(problem, x_flat, b, k, tile * lanes + lane, self.columns)
+                    T.buffer_store(xt, element, [(tile * problem.K + k) * lanes + lane])
+
+        def reader(tile):
+            base = tile * problem.K * lanes
+            return lambda offset, lane: xt[base + offset + lane]
+
+        return reader
+
+    def count(self):
+        return tirx.ceildiv(self.columns, self.lanes)
+
+    def first(self, tile):
+        """The tile's first column."""
+        return tile * self.lanes
+
+    def whole(self, tile):
+        return (tile + 1) * self.lanes <= self.columns
+
+    def valid(self, tile, lane):
+        return tile * self.lanes + lane < self.columns
+
+
+class RowTiles:
+    """Convolutions through a window: tiles of ``lanes`` neighbouring pixels of one output
+    row, read straight from a copy of the image with its padding zeros written out (NCHW
+    order: an NHWC image is transposed into it, so that each tap is one contiguous vector
+    in both layouts).
+
+    Tap ``(c, ky, kx)`` of a tile is then one contiguous vector at a fixed offset from the
+    tile's origin: no per-lane index arithmetic, no bounds checks and no staging, so a
+    depthwise layer costs its nine taps per pixel, not every channel's. With a column
+    stride ``s`` the copy's rows are split into ``s`` phases (columns ``s q + p`` at ``p
+    wq + q``) so that the taps stay contiguous (LLVM takes minutes over strided vectors).
+    Rows are long enough for the last tile's lanes past the row's end, whose results are
+    dropped."""
+
+    def __init__(self, problem: SpmmProblem, columns, lanes: int):
+        self.problem, window = problem, problem.window
+        (self.h, self.w), (self.kh, self.kw), (self.sh, self.sw) = window.input_size, window.kernel, window.stride
+        self.top, self.left = window.padding[0], window.padding[1]
+        self.channels = window.channels
+        self.oh, self.ow = window.output_size
+        self.lanes = min(lanes, 1 << max(0, self.ow - 1).bit_length())  # no wider than a row
+        self.tiles_per_row = -(-self.ow // self.lanes)
+        self.hp = (self.oh - 1) * self.sh + self.kh  # padded rows and columns the taps read
+        padded_width = (self.tiles_per_row * self.lanes - 1) * self.sw + self.kw
+        self.wq = -(-padded_width // self.sw)  # columns per phase
+        self.row = self.sw * self.wq
+        self.always_whole = self.ow % self.lanes == 0
+        self.offsets = []  # of each tap from a tile's origin
+        for k in range(problem.K):
+            c, ky, kx = window.tap(k)
+            self.offsets.append((c * self.hp + ky) * self.row + kx % self.sw * self.wq + kx // self.sw)
+
+    def prepare(self, x_flat, b):
+        """The image, padded with zeros, as ``xp[c, hp, phase, wq]`` (an NHWC image is
+        transposed on the way)."""
+        problem, window, hp, row = self.problem, self.problem.window, self.hp, self.row
+        rows = min(self.h, hp - self.top)
+        xp = T.alloc_buffer((self.channels * hp * row,), problem.dtype, scope="global")
+        image = b * problem.x_strides().batch
+        with T.parallel(0, self.channels) as c:
+            for py in [*range(self.top), *range(self.top + rows, hp)]:
+                _fill(xp, (c * hp + py) * row, row, zero(problem.dtype))
+        # An NHWC row holds every channel: read it whole (from L1) before the next one.
+        outer, inner = (rows, self.channels) if window.channels_last else (self.channels, rows)
+        with T.parallel(0, outer) as i:
+            with T.serial(0, inner) as j:
+                iy, c = (i, j) if window.channels_last else (j, i)
+                source = image + c * window.channel_stride + iy * window.row_stride
+                self._copy_row(x_flat, xp, source, (c * hp + iy + self.top) * row)
+        return xp
+
+    def _copy_row(self, x_flat, xp, source, start):
+        """Input row ``source`` into the copy's row ``start``, split into column phases with
+        the padding columns zero."""
+        sw, wq, pixel = self.sw, self.wq, self.problem.window.pixel_stride
+        cols, pad = min(self.w, self.row - self.left), zero(self.problem.dtype)
+        for phase in range(sw):  # padded column sw * q + phase is image column sw * q + phase - left
+            lo = min(wq, max(0, -(-(self.left - phase) // sw)))
+            hi = min(wq, max(lo, -(-(self.left + cols - phase) // sw)))
+            first = lo * sw + phase - self.left
+
+            def element(i, first=first):
+                return x_flat[source + (first + i * sw) * pixel]
+
+            _fill(xp, start + phase * wq, lo, pad)
+            _fill(xp, start + phase * wq + lo, hi - lo, element)
+            _fill(xp, start + phase * wq + hi, wq - hi, pad)
+
+    def loop(self):
+        return T.parallel(0, self.oh * self.tiles_per_row)
+
+    def reader(self, xp, b, tile):
+        origin = self._row(tile) * self.sh * self.row + self._column(tile)
+        return lambda offset, lane: xp[origin + offset + lane]
+
+    def tap_offset(self, k: int) -> int:
+        return self.offsets[k]
+
+    def count(self):
+        return self.oh * self.tiles_per_row
+
+    def _row(self, tile):
+        return tirx.floordiv(tile, self.tiles_per_row)
+
+    def _column(self, tile):
+        """The tile's first pixel within its output row."""
+        return tirx.floormod(tile, self.tiles_per_row) * self.lanes
+
+    def first(self, tile):
+        return self._row(tile) * self.ow + self._column(tile)
+
+    def whole(self, tile):
+        return self._column(tile) + self.lanes <= self.ow
+
+    def valid(self, tile, lane):
+        return self._column(tile) + lane < self.ow
+
+
+def _fill(buf, start, count: int, value, width: int = 16):
+    """``buf[start + i] = value(i)`` (or a constant) for ``i < count``, in vectors of at
+    most ``width``."""
+    for lo in range(0, count, width):
+        with T.vectorized(0, min(width, count - lo)) as i:
+            T.buffer_store(buf, value(lo + i) if callable(value) else value, [start + lo + i])
+
+
+def store_tile(problem: SpmmProblem, rows, ops, yt, y_flat, r_flat, b, tiling, tile, bias=None):
+    """``yt`` (the rows' sums) to ``Y``, the epilogue's ``ops`` applied: a vector per row
+    for a whole tile whose columns are neighbours in Y, else one column at a time up to the
+    last one."""
+    ys, dtype, lanes = problem.y_strides(), problem.dtype, tiling.lanes
+    first = tiling.first(tile)
+
+    def store(lane):
+        for i, m in enumerate(rows):
+            offset = b * ys.batch + m * ys.k + (first + lane) * ys.n
+            T.buffer_store(y_flat, apply_epilogue(ops, yt[i * lanes + lane], m, dtype, r_flat, offset, bias), [offset])
+
+    def one_by_one():
+        with T.serial(0, lanes) as lane:
+            with T.If(tiling.valid(tile, lane)):
+                with T.Then():
+                    store(lane)
+
+    if ys.n != 1:
+        one_by_one()
+        return
+    with T.If(tiling.whole(tile)):
+        with T.Then():
+            with T.vectorized(0, lanes) as lane:
+                store(lane)
+        with T.Else():
+            one_by_one()
+
+
+def _x_element(problem: SpmmProblem, x_flat, b, k, n, columns):
+    """``X`` at (image ``b``, column ``k`` of ``A``, column ``n``), zero past the last column."""
+    xs = problem.x_strides()
+    return tirx.if_then_else(n < columns, x_flat[b * xs.batch + k * xs.k + n * xs.n], zero(problem.dtype))
+
+
+def whole(buf):
+    return buf[tuple(slice(0, d) for d in buf.shape)]
+
+
+def flat_view(buf):
+    size = tirx.IntImm("int64", 1)
+    for d in buf.shape:
+        size = size * d
+    return T.decl_buffer((size,), buf.dtype, data=buf.data)
+
+
+def scratch(elements: int, dtype: str):
+    scope = "local" if elements * 4 <= _STACK_BYTES else "global"
+    return T.alloc_buffer((elements,), dtype, scope=scope)
+
+
+def zero(dtype):
+    return tirx.const(0, dtype)
+
+
+def apply_epilogue(ops, value, m, dtype: str, residual=None, offset=None, bias=None):
+    """``value`` of row ``m`` through the epilogue ``ops``; ``bias(op, m)`` reads a bias add's
+    value where ``m`` is not a Python int (by default it is a constant)."""
+    for op in ops:
+        if isinstance(op, BiasAdd):
+            value = value + (tirx.const(op.values[m], dtype) if bias is None else bias(op, m))
+        elif isinstance(op, ResidualAdd):
+            value = value + residual[offset]
+        elif isinstance(op, Clip):
+            if math.isfinite(op.lo):
+                value = tirx.max(value, tirx.const(op.lo, dtype))
+            if math.isfinite(op.hi):
+                value = tirx.min(value, tirx.const(op.hi, dtype))
+    return value
+
+
+def split_epilogue(problem: SpmmProblem):
+    """The epilogue's ops up to the residual add, which run on whole vectors of sums, and
+    the rest, which run as each value is stored (they read the residual)."""
+    split = next((i for i, op in enumerate(problem.epilogue) if isinstance(op, ResidualAdd)), len(problem.epilogue))
+    return problem.epilogue[:split], problem.epilogue[split:]

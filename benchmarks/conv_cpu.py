@@ -1,4 +1,4 @@
-"""Convolutions on the CPU: the unrolled kernel against TVM's build of the same layer.
+"""Convolutions on the CPU: our two kernels against TVM's build of the same layer.
 
     python benchmarks/conv_cpu.py [--suite small|resnet50] [--name 2core]
 
@@ -6,9 +6,10 @@
 ``SparsifyWeights`` rewrites at any density on the CPU (``SMALL_CONVOLUTION_NNZ``);
 ``resnet50`` times ResNet-50's 3x3 layers at batch 1, pruned uniformly, in both layouts
 (NCHW with OIHW weights as PyTorch and ONNX give them, NHWC with HWIO as TFLite does). Each
-layer (ReLU fused) is built by ``tvm.compile`` and by ``sparsert_tvm.compile`` for this
-machine's CPU and timed with the VM's time evaluator in ``--rounds`` rounds that alternate the
-two builds (10 runs each per round); the median round is reported with the fastest and
+layer (ReLU fused) is built by ``tvm.compile`` and by ``sparsert_tvm.compile`` with each of our
+CPU kernels (``kernel_config={"kernel": "csr" | "unrolled"}``; the table says which one the
+layer gets by default) for this machine's CPU and timed with the VM's time evaluator in
+``--rounds`` rounds that alternate the three builds (10 runs each per round); the median round is reported with the fastest and
 slowest, since a small shared machine drifts by tens of percent between one layer's timings
 and the next. Outputs are compared. Writes ``benchmarks/results/<suite>-conv-cpu-<name>.json``
 and ``.md``.
@@ -32,10 +33,12 @@ from tvm import relax
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import sparsert_tvm as sp  # noqa: E402
+from sparsert_tvm import tuning  # noqa: E402
 from sparsert_tvm.build import host_cpu_target  # noqa: E402
 import results_json  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
+KERNELS = ("csr", "unrolled")  # our two CPU kernels, each asked for by name
 
 
 class Layer(NamedTuple):
@@ -66,10 +69,15 @@ SUITES = {
 }
 
 
-def conv_module(layer: Layer) -> tvm.IRModule:
+def layer_weight(layer: Layer) -> np.ndarray:
+    """The layer's OIHW filters, pruned uniformly to its density."""
     rng = np.random.default_rng(0)
     shape = (layer.out_channels, layer.in_channels // layer.groups, layer.kernel, layer.kernel)
-    weight = (rng.standard_normal(shape) * (rng.random(shape) < layer.density)).astype("float32")
+    return (rng.standard_normal(shape) * (rng.random(shape) < layer.density)).astype("float32")
+
+
+def conv_module(layer: Layer) -> tvm.IRModule:
+    weight = layer_weight(layer)
     nhwc = layer.layout == "NHWC"
     kernel_layout = "HWIO" if nhwc else "OIHW"
     weight = np.ascontiguousarray(weight.transpose(["OIHW".index(axis) for axis in kernel_layout]))
@@ -98,7 +106,10 @@ def measure(name: str, layer: Layer, rounds: int) -> dict:
     # Dense small layers are rewritten only with the threshold at 1.
     threshold = 1.0 if layer.density == 1.0 else None
     outputs, timers = {}, {}
-    builds = {"tvm": lambda: tvm.compile(mod, target), "sparsert": lambda: sp.compile(mod, target, threshold)}
+    builds = {"tvm": lambda: tvm.compile(mod, target)} | {
+        kernel: lambda kernel=kernel: sp.compile(mod, target, threshold, kernel_config={"kernel": kernel})
+        for kernel in KERNELS
+    }
     for label, build in builds.items():
         start = time.perf_counter()
         vm = relax.VirtualMachine(build(), tvm.cpu())
@@ -111,9 +122,14 @@ def measure(name: str, layer: Layer, rounds: int) -> dict:
             times[label].append(timer(x).mean * 1e6)
     for label, us in times.items():
         row[f"{label}_us"], row[f"{label}_us_range"] = float(np.median(us)), [min(us), max(us)]
-    row["speedup"] = row["tvm_us"] / row["sparsert_us"]
-    row["max_rel_error"] = float(np.abs(outputs["tvm"] - outputs["sparsert"]).max() / np.abs(outputs["tvm"]).max())
+    row["default"] = tuning.default_cpu_kernel(int(np.count_nonzero(layer_weight(layer))))
+    row["speedup"] = row["tvm_us"] / row[f"{row['default']}_us"]
+    row["max_rel_error"] = max(_error(outputs["tvm"], outputs[kernel]) for kernel in KERNELS)
     return row
+
+
+def _error(reference, output) -> float:
+    return float(np.abs(reference - output).max() / np.abs(reference).max())
 
 
 def main():
@@ -135,11 +151,13 @@ def main():
     lines = [
         f"# Convolutions on the CPU, suite {args.suite} ({machine}, {result['date']})", "",
         f"Median of {args.rounds} alternating rounds (fastest-slowest round in brackets).", "",
-        "| layer | weights | TVM | sparsert | speedup | max error | sparsert build |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| layer | weights | TVM | CSR kernel | unrolled kernel | default | default vs TVM | max error "
+        "| CSR build | unrolled build |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    lines += [f"| {r['layer']} | {r['weights']:,} | {_us(r, 'tvm')} | {_us(r, 'sparsert')} "
-              f"| {r['speedup']:.2f}x | {r['max_rel_error']:.1e} | {r['sparsert_build_s']:.1f} s |" for r in rows]
+    lines += [f"| {r['layer']} | {r['weights']:,} | {_us(r, 'tvm')} | {_us(r, 'csr')} | {_us(r, 'unrolled')} "
+              f"| {r['default']} | {r['speedup']:.2f}x | {r['max_rel_error']:.1e} | {r['csr_build_s']:.1f} s "
+              f"| {r['unrolled_build_s']:.1f} s |" for r in rows]
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

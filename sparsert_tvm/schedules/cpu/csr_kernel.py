@@ -1,7 +1,7 @@
 """CPU: a data-driven (CSR) kernel: the nonzeros' values and input offsets are arrays that
 a loop walks, so its code is the same few instructions whatever the weight.
 
-Tiles of columns are those of the unrolled kernel (``kernel.ColumnTiles``, ``RowTiles``):
+Tiles of columns are those of the unrolled kernel (``tiles.ColumnTiles``, ``RowTiles``):
 each row of a tile is one vector accumulator (``vector_lanes`` columns) updated once per
 nonzero of the row, ``acc += value * X[offset : offset + lanes]``, with ``offset`` the
 nonzero's column of ``A`` as a position in the tile's input. Rows are shared out in
@@ -24,10 +24,10 @@ from tvm.script.ir_builder import tirx as T
 
 from ...errors import UnsupportedProblem
 from ...problem import BiasAdd, SpmmProblem
-from ..base import KERNEL_ATTR, OPAQUE_PATTERN, kernel_columns_and_batch, operand_shapes, require_dtype
+from ..base import kernel_columns_and_batch, operand_shapes, require_dtype
 from ..config import CpuCsrConfig
 from .kernel import SUPPORTED_DTYPES
-from .tiles import ColumnTiles, RowTiles, apply_epilogue, flat_view, split_epilogue, store_tile, whole
+from .tiles import apply_epilogue, declare_kernel, flat_view, split_epilogue, store_tile, tiling_for, whole
 
 
 @dataclass(frozen=True)
@@ -66,18 +66,13 @@ def cpu_csr_kernel(problem: SpmmProblem, config: CpuCsrConfig, name: str) -> tup
     dtype = problem.dtype
     x_dims, y_dims = operand_shapes(problem)
     columns, batch = kernel_columns_and_batch(problem, x_dims)
-    tiling = (ColumnTiles if problem.window is None else RowTiles)(problem, columns, config.vector_lanes)
+    tiling = tiling_for(problem, columns, config.vector_lanes)
     arrays = csr_arrays(problem, tiling.tap_offset, config.row_blocks)
 
     with IRBuilder() as builder:
         with T.prim_func():
-            T.func_name(name)
-            T.func_attr({"tirx.noalias": True, "op_pattern": OPAQUE_PATTERN, KERNEL_ATTR: True})
-            x = T.match_buffer(T.arg("x", T.handle()), x_dims, dtype)
-            residual = T.match_buffer(T.arg("residual", T.handle()), y_dims, dtype) if problem.has_residual else None
-            values = T.match_buffer(T.arg("values", T.handle()), arrays.values.shape, dtype)
-            index = T.match_buffer(T.arg("index", T.handle()), arrays.index.shape, "int32")
-            y = T.match_buffer(T.arg("y", T.handle()), y_dims, dtype)
+            constants = [("values", arrays.values.shape, dtype), ("index", arrays.index.shape, "int32")]
+            x, residual, (values, index), y = declare_kernel(name, problem, x_dims, y_dims, constants)
             with T.sblock("root"):
                 T.reads(*[whole(b) for b in (x, residual, values, index) if b is not None])
                 T.writes(whole(y))

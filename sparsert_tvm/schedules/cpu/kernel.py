@@ -19,10 +19,20 @@ from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
 
 from ...problem import SpmmProblem
-from ..base import KERNEL_ATTR, OPAQUE_PATTERN, kernel_columns_and_batch, operand_shapes, require_dtype
+from ..base import kernel_columns_and_batch, operand_shapes, require_dtype
 from ..config import CpuSpmmConfig
 from ..row_groups import split_by_cost
-from .tiles import ColumnTiles, RowTiles, apply_epilogue, flat_view, scratch, split_epilogue, store_tile, whole, zero
+from .tiles import (
+    apply_epilogue,
+    declare_kernel,
+    flat_view,
+    scratch,
+    split_epilogue,
+    store_tile,
+    tiling_for,
+    whole,
+    zero,
+)
 
 SUPPORTED_DTYPES = ("float32",)
 
@@ -32,8 +42,7 @@ def cpu_spmm_kernel(problem: SpmmProblem, config: CpuSpmmConfig, name: str) -> t
     dtype = problem.dtype
     x_dims, y_dims = operand_shapes(problem)
     columns, batch = kernel_columns_and_batch(problem, x_dims)
-    window = problem.window
-    tiling = (ColumnTiles if window is None else RowTiles)(problem, columns, config.vector_lanes)
+    tiling = tiling_for(problem, columns, config.vector_lanes)
     lanes = tiling.lanes
     segments = split_by_cost(list(range(problem.M)), problem.weight.row_nnz.tolist(), config.max_nnz_per_segment)
     # Epilogue ops up to the residual add run on whole vectors, the rest as each value is stored.
@@ -44,11 +53,7 @@ def cpu_spmm_kernel(problem: SpmmProblem, config: CpuSpmmConfig, name: str) -> t
 
     with IRBuilder() as builder:
         with T.prim_func():
-            T.func_name(name)
-            T.func_attr({"tirx.noalias": True, "op_pattern": OPAQUE_PATTERN, KERNEL_ATTR: True})
-            x = T.match_buffer(T.arg("x", T.handle()), x_dims, dtype)
-            residual = T.match_buffer(T.arg("residual", T.handle()), y_dims, dtype) if problem.has_residual else None
-            y = T.match_buffer(T.arg("y", T.handle()), y_dims, dtype)
+            x, residual, _, y = declare_kernel(name, problem, x_dims, y_dims)
             with T.sblock("root"):
                 T.reads(*[whole(b) for b in (x, residual) if b is not None])
                 T.writes(whole(y))

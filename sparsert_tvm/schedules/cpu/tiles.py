@@ -16,6 +16,7 @@ from tvm import tirx
 from tvm.script.ir_builder import tirx as T
 
 from ...problem import BiasAdd, Clip, ResidualAdd, SpmmProblem
+from ..base import KERNEL_ATTR, OPAQUE_PATTERN
 
 # Staging buffers larger than this go to the heap (TVM's workspace) instead of the stack.
 _STACK_BYTES = 128 * 1024
@@ -280,3 +281,22 @@ def split_epilogue(problem: SpmmProblem):
     the rest, which run as each value is stored (they read the residual)."""
     split = next((i for i, op in enumerate(problem.epilogue) if isinstance(op, ResidualAdd)), len(problem.epilogue))
     return problem.epilogue[:split], problem.epilogue[split:]
+
+
+def tiling_for(problem: SpmmProblem, columns, lanes: int):
+    return (ColumnTiles if problem.window is None else RowTiles)(problem, columns, lanes)
+
+
+def declare_kernel(name: str, problem: SpmmProblem, x_dims, y_dims, arrays=()):
+    """Inside ``T.prim_func()``: names the kernel and declares its buffers in the order Relax
+    passes them: ``x``, the residual (where the epilogue adds one), ``arrays`` (``(name,
+    shape, dtype)`` each) and ``y``. Returns ``(x, residual or None, [arrays], y)``."""
+    T.func_name(name)
+    T.func_attr({"tirx.noalias": True, "op_pattern": OPAQUE_PATTERN, KERNEL_ATTR: True})
+    dtype = problem.dtype
+    x = T.match_buffer(T.arg("x", T.handle()), x_dims, dtype)
+    residual = T.match_buffer(T.arg("residual", T.handle()), y_dims, dtype) if problem.has_residual else None
+    buffers = [T.match_buffer(T.arg(label, T.handle()), shape, kind) for label, shape, kind in arrays]
+    y = T.match_buffer(T.arg("y", T.handle()), y_dims, dtype)
+    return x, residual, buffers, y
+

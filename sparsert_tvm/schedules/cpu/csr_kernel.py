@@ -80,11 +80,7 @@ def cpu_csr_kernel(problem: SpmmProblem, config: CpuCsrConfig, name: str) -> tup
                 rows = _Rows(problem, config, tiling, arrays, values, index, flat_view(y),
                              flat_view(residual) if residual is not None else None)
                 with T.serial(0, batch) as b:
-                    if problem.window is None:
-                        reader = tiling.packed(x_flat, b)
-                    else:
-                        source = tiling.prepare(x_flat, b)
-                        reader = lambda tile: tiling.reader(source, b, tile)  # noqa: E731
+                    reader = tiling.tile_reader(x_flat, b)
                     blocks = config.row_blocks
                     with T.parallel(0, tiling.count() * blocks) as task:
                         tile, block = tirx.floordiv(task, blocks), tirx.floormod(task, blocks)
@@ -95,7 +91,7 @@ def cpu_csr_kernel(problem: SpmmProblem, config: CpuCsrConfig, name: str) -> tup
 class _Rows:
     """One task: a block of rows of one tile, each summed over its nonzeros and stored."""
 
-    # Rows whose sums are kept before a ROWS output stores them (see ``_emit_transposed``).
+    # Rows whose sums are kept before a ROWS output stores them (see ``_store_transposed``).
     CHUNK = 64
 
     def __init__(self, problem: SpmmProblem, config: CpuCsrConfig, tiling, arrays: CsrArrays, values, index,

@@ -60,7 +60,7 @@ class ColumnTiles:
         """Where column ``k`` of ``A``'s inputs starts, relative to what ``reader`` reads."""
         return k * (self.problem.x_strides().k if self.in_place else self.lanes)
 
-    def packed(self, x_flat, b):
+    def tile_reader(self, x_flat, b):
         """Every tile staged at once, ``xt[tile, k, lane]`` (shared by the tasks that compute
         a tile's rows), and ``reader(tile)`` of it (of ``X`` itself, ``in_place``). Staged in
         runs of a few rows of ``A``'s columns per task, so that even a single tile is staged
@@ -169,6 +169,11 @@ class RowTiles:
 
     def loop(self):
         return T.parallel(0, self.oh * self.tiles_per_row)
+
+    def tile_reader(self, x_flat, b):
+        """``reader(tile)`` of the padded copy, which every tile shares."""
+        xp = self.prepare(x_flat, b)
+        return lambda tile: self.reader(xp, b, tile)
 
     def reader(self, xp, b, tile):
         origin = self._row(tile) * self.sh * self.row + self._column(tile)

@@ -390,12 +390,17 @@ def cpu_vector_lanes(problem: SpmmProblem, target) -> int:
     # as well: on 2 cores of a znver3 (AVX2) 16 and 32 lanes ran within noise of each other
     # on seven ResNet-50 1x1 and 3x3 layers (32 took 0.90-1.16x the time of 16, medians of
     # 8 interleaved rounds, 2026-12-04).
+    from ..schedules.cpu.tiles import lanes_within
+
     lanes = max(1, 2 * _vector_bits(target) // 32)
     columns = problem.static_columns
-    if columns is not None:
-        # No wider than the columns there are (N = 1 is a matrix-vector product).
-        lanes = min(lanes, 1 << max(0, columns - 1).bit_length())
-    return lanes
+    return lanes if columns is None else lanes_within(lanes, columns)
+
+
+# Average nonzeros per row from which the CSR kernel sums a row in two chains.
+_LONG_ROW_NNZ = 16
+# Parallel tasks per image the CSR kernel aims for, per core: enough that uneven tasks even out.
+_TASKS_PER_CORE = 4
 
 
 def cpu_config(problem: SpmmProblem, kernel: str, lanes: int) -> CpuConfig:
@@ -409,27 +414,14 @@ def cpu_config(problem: SpmmProblem, kernel: str, lanes: int) -> CpuConfig:
     return CpuCsrConfig(vector_lanes=lanes, row_blocks=cpu_row_blocks(problem, lanes), chains=2 if long_rows else 1)
 
 
-_LONG_ROW_NNZ = 16
-
-
-# Parallel tasks per image the CSR kernel aims for, per core: enough that uneven tasks even out.
-_TASKS_PER_CORE = 4
-
-
 def cpu_row_blocks(problem: SpmmProblem, lanes: int) -> int:
     """Row blocks per tile of the CSR kernel: a few tasks per core over the image's tiles
     (one block where the tiles alone give that many, and every core where the column count
     is only known at run time)."""
     from ..schedules.base import default_jobs
+    from ..schedules.cpu.tiles import static_tile_count
 
-    window, columns = problem.window, problem.static_columns
-    if window is not None:
-        row_lanes = min(lanes, 1 << max(0, window.output_size[1] - 1).bit_length())
-        tiles = window.output_size[0] * -(-window.output_size[1] // row_lanes)
-    elif columns is not None:
-        tiles = -(-columns // lanes)
-    else:
-        tiles = 1
+    tiles = static_tile_count(problem, lanes) or 1
     wanted = _TASKS_PER_CORE * default_jobs()
     return max(1, min(problem.M, -(-wanted // tiles)))
 

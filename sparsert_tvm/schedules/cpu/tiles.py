@@ -31,7 +31,10 @@ class ColumnTiles:
     def __init__(self, problem: SpmmProblem, columns, lanes: int):
         self.problem, self.columns, self.lanes = problem, columns, lanes
         self.always_whole = problem.static_columns is not None and problem.static_columns % lanes == 0
-        self.in_place = problem.static_columns == lanes and (lanes == 1 or problem.x_strides().n == 1)
+        self.x_strides = problem.x_strides()
+        self.in_place = problem.static_columns == lanes and (lanes == 1 or self.x_strides.n == 1)
+        # Between neighbouring columns of A's inputs in what ``reader`` reads.
+        self.k_stride = self.x_strides.k if self.in_place else lanes
 
     def prepare(self, x_flat, b):
         """What the tiles read: ``X`` itself."""
@@ -47,7 +50,7 @@ class ColumnTiles:
     def reader(self, x_flat, b, tile):
         problem, lanes = self.problem, self.lanes
         if self.in_place:
-            xs = problem.x_strides()
+            xs = self.x_strides
             return lambda offset, lane: x_flat[b * xs.batch + offset + lane * xs.n]
         xt = scratch(problem.K * lanes, problem.dtype)
         with T.serial(0, problem.K) as k:
@@ -58,7 +61,7 @@ class ColumnTiles:
 
     def tap_offset(self, k: int) -> int:
         """Where column ``k`` of ``A``'s inputs starts, relative to what ``reader`` reads."""
-        return k * (self.problem.x_strides().k if self.in_place else self.lanes)
+        return k * self.k_stride
 
     def tile_reader(self, x_flat, b):
         """Every tile staged at once, ``xt[tile, k, lane]`` (shared by the tasks that compute
@@ -119,7 +122,7 @@ class RowTiles:
         self.top, self.left = window.padding[0], window.padding[1]
         self.channels = window.channels
         self.oh, self.ow = window.output_size
-        self.lanes = min(lanes, 1 << max(0, self.ow - 1).bit_length())  # no wider than a row
+        self.lanes = lanes_within(lanes, self.ow)
         self.tiles_per_row = -(-self.ow // self.lanes)
         self.hp = (self.oh - 1) * self.sh + self.kh  # padded rows and columns the taps read
         padded_width = (self.tiles_per_row * self.lanes - 1) * self.sw + self.kw
@@ -286,6 +289,21 @@ def split_epilogue(problem: SpmmProblem):
     the rest, which run as each value is stored (they read the residual)."""
     split = next((i for i, op in enumerate(problem.epilogue) if isinstance(op, ResidualAdd)), len(problem.epilogue))
     return problem.epilogue[:split], problem.epilogue[split:]
+
+
+def lanes_within(lanes: int, width: int) -> int:
+    """``lanes``, but no wider than ``width`` columns (rounded up to a power of two): one
+    tile of a matrix-vector product is one column wide, one of a 7x7 image's rows 8."""
+    return min(lanes, 1 << max(0, width - 1).bit_length())
+
+
+def static_tile_count(problem: SpmmProblem, lanes: int) -> int | None:
+    """Tiles per image of ``lanes`` columns, where the column count is known before run time."""
+    if problem.window is not None:
+        rows, width = problem.window.output_size
+        return rows * -(-width // lanes_within(lanes, width))
+    columns = problem.static_columns
+    return None if columns is None else -(-columns // lanes)
 
 
 def tiling_for(problem: SpmmProblem, columns, lanes: int):

@@ -99,11 +99,12 @@ class SparsityReport:
 
     def summary(self) -> str:
         sparse = self.sparse_layers
-        read = sum(layer.nnz for layer in sparse if layer.params.get("kernel") == "csr")
+        unrolled = sum(layer.nnz for layer in sparse if layer.params.get("kernel", "unrolled") == "unrolled")
+        read = sum(layer.nnz for layer in sparse) - unrolled
         return (
             f"{len(sparse)} of {len(self.layers)} candidates sparse, "
-            f"{sum(layer.nnz for layer in sparse) - read:,} nonzeros unrolled, "
-            + (f"{read:,} read from arrays (CSR kernels), " if read else "")
+            f"{unrolled:,} nonzeros unrolled, "
+            + (f"{read:,} read from arrays (CSR and depthwise kernels), " if read else "")
             + self._build_time(sparse)
         )
 

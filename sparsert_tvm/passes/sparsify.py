@@ -17,6 +17,7 @@ from ..problem import Layout
 from ..report import REPORT_ATTR, LayerReport, report_of
 from ..schedules import KernelConfig, rule_for
 from ..schedules.base import BuiltKernel, KernelJob
+from ..schedules.cpu.depthwise_kernel import input_channels
 from .candidates import Candidate, find_candidates
 
 # Densities at or below which a weight is rewritten when the caller gives no threshold, by
@@ -242,7 +243,10 @@ def _is_small_convolution(candidate: Candidate, cuda: bool) -> bool:
     """Rewritten at any density (see ``SMALL_CONVOLUTION_NNZ``)."""
     problem = candidate.problem
     grouped = candidate.groups > 1
-    kind = (problem.window is not None or grouped) if cuda else (problem.window is not None and not grouped)
+    if cuda:
+        kind = problem.window is not None or grouped
+    else:
+        kind = problem.window is not None and (not grouped or input_channels(problem) is not None)
     return kind and candidate.weight.nnz <= SMALL_CONVOLUTION_NNZ
 
 

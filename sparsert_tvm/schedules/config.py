@@ -303,11 +303,28 @@ class CpuCsrConfig(_NamedKernelConfig):
         _check_positive(self, "vector_lanes", "row_blocks", "chains", "max_layer_nnz")
 
 
-CpuConfig = CpuSpmmConfig | CpuCsrConfig
-CPU_CONFIGS: dict[str, type] = {c.KERNEL: c for c in (CpuSpmmConfig, CpuCsrConfig)}
+@dataclass(frozen=True)
+class CpuDepthwiseConfig(_NamedKernelConfig):
+    """Tiling of the CPU's depthwise kernel (NCHW convolutions whose filters each read one
+    input channel): a task per output channel and image, each output row computed in
+    vectors of ``vector_lanes`` pixels (fewer where the row is narrower)."""
+
+    KERNEL: ClassVar[str] = "depthwise"
+
+    vector_lanes: int = 16
+    output_rows: int = 4
+    # Arrays, not code; bounded by the filters' size (every channel holds every used tap).
+    max_layer_nnz: int = 100_000_000
+
+    def __post_init__(self):
+        _check_positive(self, "vector_lanes", "output_rows", "max_layer_nnz")
 
 
-KernelConfig = CudaSpmmConfig | CudaCsrConfig | CpuSpmmConfig | CpuCsrConfig
+CpuConfig = CpuSpmmConfig | CpuCsrConfig | CpuDepthwiseConfig
+CPU_CONFIGS: dict[str, type] = {c.KERNEL: c for c in (CpuSpmmConfig, CpuCsrConfig, CpuDepthwiseConfig)}
+
+
+KernelConfig = CudaSpmmConfig | CudaCsrConfig | CpuConfig
 
 
 def _check_positive(config, *names):

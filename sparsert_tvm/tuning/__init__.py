@@ -12,7 +12,15 @@ import dataclasses
 import tvm_ffi
 
 from ..problem import Layout, SpmmProblem
-from ..schedules.config import CpuConfig, CpuCsrConfig, CpuSpmmConfig, CudaConfig, CudaCsrConfig, CudaSpmmConfig
+from ..schedules.config import (
+    CpuConfig,
+    CpuCsrConfig,
+    CpuDepthwiseConfig,
+    CpuSpmmConfig,
+    CudaConfig,
+    CudaCsrConfig,
+    CudaSpmmConfig,
+)
 
 # Blocks needed to give every SM of a large GPU (132 on an H100) a couple of blocks.
 _TARGET_BLOCKS = 264
@@ -364,7 +372,7 @@ def default_registers(rows_per_block: int) -> int:
 
 
 def default_cpu_config(problem: SpmmProblem, target) -> CpuConfig:
-    return cpu_config(problem, default_cpu_kernel(problem.weight.nnz), cpu_vector_lanes(problem, target))
+    return cpu_config(problem, default_cpu_kernel(problem), cpu_vector_lanes(problem, target))
 
 
 # The CPU's unrolled kernel costs about half a millisecond of compile time per nonzero on 2
@@ -376,9 +384,14 @@ def default_cpu_config(problem: SpmmProblem, target) -> CpuConfig:
 CPU_UNROLLED_MAX_NNZ = 2048
 
 
-def default_cpu_kernel(nnz: int) -> str:
-    """The CPU kernel a weight of ``nnz`` nonzeros gets by default."""
-    return CpuSpmmConfig.KERNEL if nnz <= CPU_UNROLLED_MAX_NNZ else CpuCsrConfig.KERNEL
+def default_cpu_kernel(problem: SpmmProblem) -> str:
+    """The CPU kernel ``problem`` gets by default: depthwise convolutions their own, other
+    weights by their nonzeros."""
+    from ..schedules.cpu.depthwise_kernel import input_channels
+
+    if input_channels(problem) is not None:
+        return CpuDepthwiseConfig.KERNEL
+    return CpuSpmmConfig.KERNEL if problem.weight.nnz <= CPU_UNROLLED_MAX_NNZ else CpuCsrConfig.KERNEL
 
 
 def cpu_vector_lanes(problem: SpmmProblem, target) -> int:
@@ -404,9 +417,15 @@ _TASKS_PER_CORE = 4
 
 
 def cpu_config(problem: SpmmProblem, kernel: str, lanes: int) -> CpuConfig:
-    """The default tiling of CPU kernel ``kernel`` ("unrolled" or "csr") at ``lanes``."""
+    """The default tiling of CPU kernel ``kernel`` ("unrolled", "csr" or "depthwise") at ``lanes``."""
     if kernel == CpuSpmmConfig.KERNEL:
         return CpuSpmmConfig(vector_lanes=lanes)
+    if kernel == CpuDepthwiseConfig.KERNEL:
+        # One SIMD register per vector, and four output rows at a time where the taps' values
+        # leave registers for them (on the 2-core machine 1.0-1.4x faster than one row at 3x3
+        # stride 1, 1.15x slower at 5x5; .probe-free numbers in the README's CPU section).
+        taps = problem.window.kernel[0] * problem.window.kernel[1] if problem.window is not None else 1
+        return CpuDepthwiseConfig(vector_lanes=max(1, lanes // 2), output_rows=4 if taps <= 9 else 1)
     # Two chains pay on long rows (an FC layer at N = 1: 1.4x faster on the 2-core machine),
     # but the rest of an odd row costs a loop of its own: ResNet-50's and MobileNet's 1x1
     # layers of 32-64 input channels (3-6 nonzeros per row at 10%) ran 1.2-1.4x slower.

@@ -1,7 +1,7 @@
-"""CPU (``llvm`` target) kernels, unrolled (``kernel``) or data-driven (``csr_kernel``): TIR
-written here and compiled here, each into an LLVM module of its own that rides in the
-IRModule's ``external_mods`` and that Relax calls with ``call_dps_packed`` (the CSR kernel's
-arrays as constant arguments).
+"""CPU (``llvm`` target) kernels, unrolled (``kernel``), data-driven (``csr_kernel``) or for
+depthwise convolutions (``depthwise_kernel``): TIR written here and compiled here, each into
+an LLVM module of its own that rides in the IRModule's ``external_mods`` and that Relax calls
+with ``call_dps_packed`` (the data-driven kernels' arrays as constant arguments).
 
 Compiled with the model instead, all kernels went through one LLVM module, lowered and then
 turned into machine code one function after another when the module was first loaded (about
@@ -29,8 +29,9 @@ from ..base import (
     require_nnz_at_most,
     unless_unsupported,
 )
-from ..config import CPU_CONFIGS, CpuConfig, CpuCsrConfig, CpuSpmmConfig, config_from_dict
+from ..config import CPU_CONFIGS, CpuConfig, CpuCsrConfig, CpuDepthwiseConfig, CpuSpmmConfig, config_from_dict
 from .csr_kernel import cpu_csr_kernel
+from .depthwise_kernel import cpu_depthwise_kernel, require_depthwise
 from .kernel import SUPPORTED_DTYPES, cpu_spmm_kernel
 from .lowering import KERNEL_LLVM_OPTIONS, register_pipeline, with_llvm_options
 
@@ -38,7 +39,7 @@ from .lowering import KERNEL_LLVM_OPTIONS, register_pipeline, with_llvm_options
 class CpuSpmmRule(SparseKernelRule):
     dtypes = SUPPORTED_DTYPES
     config_class = CpuSpmmConfig
-    config_classes = (CpuSpmmConfig, CpuCsrConfig)
+    config_classes = (CpuSpmmConfig, CpuCsrConfig, CpuDepthwiseConfig)
 
     def is_target(self, target):
         return target.kind.name == "llvm"
@@ -47,6 +48,9 @@ class CpuSpmmRule(SparseKernelRule):
         if isinstance(config, CpuCsrConfig):
             require_dtype(problem, self.dtypes, self.__class__.__name__)
             require_nnz_at_most(problem, config.max_layer_nnz, "the CSR kernel's cap", "its offsets are 32-bit")
+        elif isinstance(config, CpuDepthwiseConfig):
+            require_dtype(problem, self.dtypes, self.__class__.__name__)
+            require_depthwise(problem)
         else:
             super().check(problem, config)
 
@@ -87,6 +91,9 @@ class CpuSpmmRule(SparseKernelRule):
         if isinstance(job.config, CpuCsrConfig):
             func, arrays = cpu_csr_kernel(job.problem, job.config, name)
             constants = (arrays.values, arrays.index)
+        elif isinstance(job.config, CpuDepthwiseConfig):
+            func, arrays = cpu_depthwise_kernel(job.problem, job.config, name)
+            constants = (arrays.values, arrays.channels)
         else:
             func, constants = cpu_spmm_kernel(job.problem, job.config, name), ()
         return job, func, constants, time.perf_counter() - start

@@ -138,20 +138,43 @@ class RowTiles:
         """The image, padded with zeros, as ``xp[c, hp, phase, wq]`` (an NHWC image is
         transposed on the way)."""
         problem, window, hp, row = self.problem, self.problem.window, self.hp, self.row
-        rows = min(self.h, hp - self.top)
-        xp = T.alloc_buffer((self.channels * hp * row,), problem.dtype, scope="global")
+        xp = T.alloc_buffer((self.channels * self.plane_size,), problem.dtype, scope="global")
         image = b * problem.x_strides().batch
+        if not window.channels_last:
+            with T.parallel(0, self.channels) as c:
+                self.fill_plane(x_flat, image, c, xp, c * self.plane_size)
+            return xp
         with T.parallel(0, self.channels) as c:
-            for py in [*range(self.top), *range(self.top + rows, hp)]:
-                _fill(xp, (c * hp + py) * row, row, zero(problem.dtype))
+            self._fill_padding_rows(xp, c * self.plane_size)
         # An NHWC row holds every channel: read it whole (from L1) before the next one.
-        outer, inner = (rows, self.channels) if window.channels_last else (self.channels, rows)
-        with T.parallel(0, outer) as i:
-            with T.serial(0, inner) as j:
-                iy, c = (i, j) if window.channels_last else (j, i)
+        with T.parallel(0, self._image_rows) as iy:
+            with T.serial(0, self.channels) as c:
                 source = image + c * window.channel_stride + iy * window.row_stride
                 self._copy_row(x_flat, xp, source, (c * hp + iy + self.top) * row)
         return xp
+
+    @property
+    def plane_size(self) -> int:
+        """Elements of one channel's padded copy."""
+        return self.hp * self.row
+
+    @property
+    def _image_rows(self) -> int:
+        """Rows of the image that the taps read."""
+        return min(self.h, self.hp - self.top)
+
+    def fill_plane(self, x_flat, image, c, xp, start):
+        """Channel ``c`` of the image at ``image`` in ``x_flat``, padded, into ``xp[start :
+        start + plane_size]``."""
+        window = self.problem.window
+        self._fill_padding_rows(xp, start)
+        with T.serial(0, self._image_rows) as iy:
+            source = image + c * window.channel_stride + iy * window.row_stride
+            self._copy_row(x_flat, xp, source, start + (iy + self.top) * self.row)
+
+    def _fill_padding_rows(self, xp, start):
+        for py in [*range(self.top), *range(self.top + self._image_rows, self.hp)]:
+            _fill(xp, start + py * self.row, self.row, zero(self.problem.dtype))
 
     def _copy_row(self, x_flat, xp, source, start):
         """Input row ``source`` into the copy's row ``start``, split into column phases with

@@ -35,6 +35,7 @@ GEOMETRIES = {  # kernel, stride, padding (top, left, bottom, right), input size
     "3x1-valid": ((3, 1), (1, 1), (0, 0, 0, 0), (6, 5)),
     "5x3/1x2-asymmetric": ((5, 3), (1, 2), (2, 0, 1, 3), (9, 8)),
     "3x3-on-1x1": ((3, 3), (1, 1), (1, 1, 1, 1), (1, 1)),  # only the centre tap reads data
+    "4x4/4": ((4, 4), (4, 4), (0, 0, 0, 0), (9, 19)),  # patches; the widest stride gathered by shuffles
 }
 LAYOUTS = ["NCHW", "NHWC"]
 

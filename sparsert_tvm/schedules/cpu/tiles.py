@@ -186,11 +186,8 @@ class RowTiles:
             hi = min(wq, max(lo, -(-(self.left + cols - phase) // sw)))
             first = lo * sw + phase - self.left
 
-            def element(i, first=first):
-                return x_flat[source + (first + i * sw) * pixel]
-
             _fill(xp, start + phase * wq, lo, pad)
-            _fill(xp, start + phase * wq + lo, hi - lo, element)
+            _gather(xp, start + phase * wq + lo, hi - lo, x_flat, source + first * pixel, sw * pixel)
             _fill(xp, start + phase * wq + hi, wq - hi, pad)
 
     def loop(self):
@@ -234,6 +231,33 @@ def _fill(buf, start, count: int, value, width: int = 16):
     for lo in range(0, count, width):
         with T.vectorized(0, min(width, count - lo)) as i:
             T.buffer_store(buf, value(lo + i) if callable(value) else value, [start + lo + i])
+
+
+# Strides up to this gather from one contiguous load (a strided vector load is one scalar load per lane).
+_SHUFFLE_MAX_STRIDE = 4
+
+
+def _gather(buf, start, count: int, source_buf, source, stride: int, width: int = 16):
+    """``buf[start + i] = source_buf[source + i * stride]`` for ``i < count``, in vectors of
+    at most ``width``; small strides (a strided convolution's column phases) as a contiguous
+    load of the span, shuffled."""
+    if stride == 1 or stride > _SHUFFLE_MAX_STRIDE:
+        _fill(buf, start, count, lambda i: source_buf[source + i * stride], width)
+        return
+    for lo in range(0, count, width):
+        lanes = min(width, count - lo)
+        first = source + lo * stride
+        if lanes == 1:
+            T.buffer_store(buf, source_buf[first], [start + lo])
+            continue
+        span = tirx.BufferLoad(source_buf, [_ramp(first, (lanes - 1) * stride + 1)])
+        picked = tirx.Shuffle([span], [tirx.IntImm("int32", lane * stride) for lane in range(lanes)])
+        T.buffer_store(buf, picked, [_ramp(start + lo, lanes)])
+
+
+def _ramp(base, lanes: int):
+    base = tirx.convert(base)
+    return tirx.Ramp(base, tirx.const(1, str(base.ty)), lanes)
 
 
 def store_tile(problem: SpmmProblem, rows, ops, yt, y_flat, r_flat, b, tiling, tile, bias=None):

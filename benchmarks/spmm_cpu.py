@@ -37,7 +37,7 @@ import results_json  # noqa: E402
 from sparsert_tvm.build import host_cpu_target  # noqa: E402
 from sparsert_tvm.problem import Layout, SpmmProblem  # noqa: E402
 from sparsert_tvm.schedules.cpu.rule import CpuSpmmRule  # noqa: E402
-from sparsert_tvm.tuning import cpu_config, cpu_vector_lanes  # noqa: E402
+from sparsert_tvm.tuning import cpu_config  # noqa: E402
 from sparsert_tvm.weights import SparseMatrix  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -72,11 +72,11 @@ def run_case(name, group, m, k, n, layout, density, args, target, rule) -> dict:
            "nnz": problem.weight.nnz, "us": dict.fromkeys(CONTENDERS), "compile_s": {}, "max_rel_error": {},
            "params": {}}
     timers = {}
-    lanes = cpu_vector_lanes(problem, target)
     for label, kernel in (("sparsert", "csr"), ("sparsert_unrolled", "unrolled")):
         if kernel == "unrolled" and problem.weight.nnz > args.unrolled_max_nnz:
             continue
-        timers[label] = _our_kernel(problem, rule, cpu_config(problem, kernel, lanes), target, x, reference, row, label)
+        config = cpu_config(problem, kernel, target)
+        timers[label] = _our_kernel(problem, rule, config, target, x, reference, row, label)
     timers.update(_libraries(w, x, layout))
     for label, timer in timers.items():
         time.sleep(0.5)  # for the threads of the contender before to stop spinning

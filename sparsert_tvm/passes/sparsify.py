@@ -234,7 +234,7 @@ class _SparsifyWeights:
         if overrides is not None:
             if dataclasses.is_dataclass(overrides):
                 return overrides, "kernel_config"
-            return self.rule.with_overrides(problem, config, overrides), "kernel_config"
+            return self.rule.with_overrides(problem, config, overrides, self.target), "kernel_config"
         tuned = self.tuner.lookup(problem) if self.tuner is not None else None
         return (tuned, "database") if tuned is not None else (config, "default")
 

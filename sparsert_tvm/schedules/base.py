@@ -65,8 +65,9 @@ class SparseKernelRule(abc.ABC):
         """The config that ``config.as_dict()`` wrote (tuning records)."""
         return self.config_class(**fields)
 
-    def with_overrides(self, problem: SpmmProblem, config, overrides: dict):
-        """``config`` (the layer's default) with the fields of a ``kernel_config`` dict."""
+    def with_overrides(self, problem: SpmmProblem, config, overrides: dict, target=None):
+        """``config`` (the layer's default for ``target``) with the fields of a
+        ``kernel_config`` dict."""
         return dataclasses.replace(config, **overrides)
 
     def transposes_input(self, problem: SpmmProblem) -> bool:

@@ -263,14 +263,15 @@ class CpuSpmmConfig(_NamedKernelConfig):
     accumulator; through an NCHW window, no more than an output row holds). Consecutive
     rows of ``A`` holding at most ``max_nnz_per_segment`` nonzeros form a segment, a
     parallel loop of its own (LLVM's code generation is super-linear in function size);
-    within a segment, rows are unrolled in chunks of ``rows_per_chunk`` whose results are
-    written out before the next chunk starts, so the staging tile stays in L1.
+    within a segment, rows are unrolled in chunks of ``rows_per_chunk``, whose sums are
+    kept in registers while the chunk's columns of ``A`` are read one after another (the
+    default leaves four of the CPU's vector registers for the rest).
     """
 
     KERNEL: ClassVar[str] = "unrolled"
 
     vector_lanes: int = 16
-    rows_per_chunk: int = 128
+    rows_per_chunk: int = 28
     max_nnz_per_segment: int = 16384
     # Larger weights stay dense: LLVM takes minutes beyond this (measured in the README).
     max_layer_nnz: int = 250_000

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 
 import tvm_ffi
+from tvm.target.codegen import target_has_features
 
 from ..problem import Layout, SpmmProblem
 from ..schedules.config import (
@@ -372,7 +373,7 @@ def default_registers(rows_per_block: int) -> int:
 
 
 def default_cpu_config(problem: SpmmProblem, target) -> CpuConfig:
-    return cpu_config(problem, default_cpu_kernel(problem), cpu_vector_lanes(problem, target))
+    return cpu_config(problem, default_cpu_kernel(problem), target)
 
 
 # The CPU's unrolled kernel costs about half a millisecond of compile time per nonzero on 2
@@ -394,20 +395,20 @@ def default_cpu_kernel(problem: SpmmProblem) -> str:
     return CpuSpmmConfig.KERNEL if problem.weight.nnz <= CPU_UNROLLED_MAX_NNZ else CpuCsrConfig.KERNEL
 
 
-def cpu_vector_lanes(problem: SpmmProblem, target) -> int:
-    """Columns per tile of either CPU kernel on ``target``."""
-    # Two SIMD registers per accumulator: on a 2-core AVX-512 machine 32 lanes ran 1.0-4x
-    # faster than 16 on six ResNet/MobileNet-like layers (a tile's fixed costs are shared
-    # by more columns, and each row's FMA chains interleave two registers). TVM reports 512
-    # bits for every x86 CPU tried (haswell and znver3 too), so AVX2 machines get 32 lanes
-    # as well: on 2 cores of a znver3 (AVX2) 16 and 32 lanes ran within noise of each other
-    # on seven ResNet-50 1x1 and 3x3 layers (32 took 0.90-1.16x the time of 16, medians of
-    # 8 interleaved rounds, 2026-12-04).
+def cpu_vector_lanes(problem: SpmmProblem, target, registers: int = 2) -> int:
+    """Columns per tile of ``registers`` SIMD registers on ``target`` (fewer where the product
+    has fewer columns)."""
     from ..schedules.cpu.tiles import lanes_within
 
-    lanes = max(1, 2 * _vector_bits(target) // 32)
+    lanes = max(1, registers * _vector_bits(target) // 32)
     columns = problem.static_columns
     return lanes if columns is None else lanes_within(lanes, columns)
+
+
+def cpu_vector_registers(target) -> int:
+    """SIMD registers of ``target``'s CPU: 32 with AVX-512 and on AArch64, else 16."""
+    wide = target.kind.name == "llvm" and "aarch64" in str(target.attrs.get("mtriple", ""))
+    return 32 if wide or target_has_features("avx512f", target) else 16
 
 
 # Average nonzeros per row from which the CSR kernel sums a row in two chains.
@@ -416,16 +417,27 @@ _LONG_ROW_NNZ = 16
 _TASKS_PER_CORE = 4
 
 
-def cpu_config(problem: SpmmProblem, kernel: str, lanes: int) -> CpuConfig:
-    """The default tiling of CPU kernel ``kernel`` ("unrolled", "csr" or "depthwise") at ``lanes``."""
+def cpu_config(problem: SpmmProblem, kernel: str, target) -> CpuConfig:
+    """The default tiling of CPU kernel ``kernel`` ("unrolled", "csr" or "depthwise") on ``target``."""
     if kernel == CpuSpmmConfig.KERNEL:
-        return CpuSpmmConfig(vector_lanes=lanes)
+        # One register per row's sums, and as many rows per chunk as leave four registers for
+        # the taps and values: 28 rows of 16 lanes ran ResNet-50's stem 2.2 ms against 2.3-2.6
+        # ms for 22-32 rows or 32 lanes on the 2-core AVX-512 machine.
+        return CpuSpmmConfig(vector_lanes=cpu_vector_lanes(problem, target, 1),
+                             rows_per_chunk=cpu_vector_registers(target) - 4)
     if kernel == CpuDepthwiseConfig.KERNEL:
-        # One SIMD register per vector, and four output rows at a time where the taps' values
-        # leave registers for them (on the 2-core machine 1.0-1.4x faster than one row at 3x3
-        # stride 1, 1.15x slower at 5x5; .probe-free numbers in the README's CPU section).
+        # One register per vector, and four output rows at a time where the taps' values leave
+        # registers for them (on the 2-core machine 1.0-1.4x faster than one row at 3x3, 1.15x
+        # slower at 5x5).
         taps = problem.window.kernel[0] * problem.window.kernel[1] if problem.window is not None else 1
-        return CpuDepthwiseConfig(vector_lanes=max(1, lanes // 2), output_rows=4 if taps <= 9 else 1)
+        return CpuDepthwiseConfig(vector_lanes=cpu_vector_lanes(problem, target, 1), output_rows=4 if taps <= 9 else 1)
+    # Two registers per row's sums: on the 2-core AVX-512 machine 32 lanes ran 1.0-4x faster
+    # than 16 on six ResNet/MobileNet-like layers (a tile's fixed costs are shared by more
+    # columns, and each row's FMA chains interleave two registers). TVM reports 512 bits for
+    # every x86 CPU tried (haswell and znver3 too), so AVX2 machines get 32 lanes as well: on
+    # 2 cores of a znver3 (AVX2) 16 and 32 lanes ran within noise of each other on seven
+    # ResNet-50 1x1 and 3x3 layers (32 took 0.90-1.16x the time of 16, 2026-12-04).
+    lanes = cpu_vector_lanes(problem, target)
     # Two chains pay on long rows (an FC layer at N = 1: 1.4x faster on the 2-core machine),
     # but the rest of an odd row costs a loop of its own: ResNet-50's and MobileNet's 1x1
     # layers of 32-64 input channels (3-6 nonzeros per row at 10%) ran 1.2-1.4x slower.

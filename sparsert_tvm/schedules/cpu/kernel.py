@@ -1,18 +1,22 @@
 """CPU: an unrolled TIR kernel per weight, vectorised over the product's columns.
 
-For each tile of ``vector_lanes`` columns (``tiles``), every row of ``A`` becomes one vector
-expression over the tile's inputs, with the nonzero values as constants and the column
-indices as fixed offsets. Sums are stored as vectors where the tile's
-columns are neighbours in ``Y`` and the tiles are whole; else written to ``yt``, which a
-scalar loop stores to ``Y`` with the bounds check of the last tile. Rows are unrolled in
-chunks so that ``yt`` stays small, and cut into segments, one parallel loop (one LLVM
-function) each, to bound compile time.
+For each tile of ``vector_lanes`` columns (``tiles``), rows of ``A`` are taken in chunks
+whose sums are vectors held in registers: the chunk's columns of ``A`` are read in order,
+each tap (one vector of the tile's inputs at a fixed offset) loaded once and multiplied into
+every row of the chunk that has it, with the nonzero values as constants. Sums are stored
+as vectors where the tile's columns are neighbours in ``Y`` and the tiles are whole; else
+written to ``yt``, which a scalar loop stores to ``Y`` with the bounds check of the last
+tile. Rows are cut into segments, one parallel loop (one LLVM function) each, to bound
+compile time.
 
-All rows share a single vectorised loop per chunk: TVM's lowering passes are linear in the
-size of such a body but quadratic in the number of separate loops.
+Each chunk is a single vectorised loop whose sums are bound variables (SSA values for LLVM,
+which keeps them in registers): TVM's lowering passes are linear in the size of such a body
+but quadratic in the number of separate loops.
 """
 
 from __future__ import annotations
+
+from collections import defaultdict
 
 from tvm import tirx
 from tvm.script.ir_builder import IRBuilder
@@ -68,27 +72,24 @@ def cpu_spmm_kernel(problem: SpmmProblem, config: CpuSpmmConfig, name: str) -> t
                             yt = None if direct else scratch(min(config.rows_per_chunk, len(segment)) * lanes, dtype)
                             for lo in range(0, len(segment), config.rows_per_chunk):
                                 chunk = segment[lo : lo + config.rows_per_chunk]
-                                if direct:
-                                    _compute_and_store(problem, chunk, tiling, read, y_flat, r_flat, b, tile)
-                                    continue
                                 with T.vectorized(0, lanes) as lane:
-                                    for i, m in enumerate(chunk):
-                                        acc = _row_sum(problem, m, lambda k, lane=lane: read(k, lane))
-                                        acc = apply_epilogue(vector_ops, acc, m, dtype)
-                                        T.buffer_store(yt, acc, [i * lanes + lane])
-                                store_tile(problem, chunk, store_ops, yt, y_flat, r_flat, b, tiling, tile)
+                                    sums = _chunk_sums(problem, chunk, lambda k, lane=lane: read(k, lane))
+                                    for i, (m, total) in enumerate(zip(chunk, sums)):
+                                        if direct:
+                                            _store_row(problem, m, total, tiling, y_flat, r_flat, b, tile, lane)
+                                        else:
+                                            total = apply_epilogue(vector_ops, total, m, dtype)
+                                            T.buffer_store(yt, total, [i * lanes + lane])
+                                if not direct:
+                                    store_tile(problem, chunk, store_ops, yt, y_flat, r_flat, b, tiling, tile)
     return builder.get()
 
 
-def _compute_and_store(problem: SpmmProblem, rows, tiling, read, y_flat, r_flat, b, tile):
-    """Each row's sums, epilogue and vector store in one vectorised loop (whole tiles, Y's
-    columns contiguous)."""
-    ys, first = problem.y_strides(), tiling.first(tile)
-    with T.vectorized(0, tiling.lanes) as lane:
-        for m in rows:
-            offset = b * ys.batch + m * ys.k + first + lane
-            acc = _row_sum(problem, m, lambda k: read(k, lane))
-            T.buffer_store(y_flat, apply_epilogue(problem.epilogue, acc, m, problem.dtype, r_flat, offset), [offset])
+def _store_row(problem: SpmmProblem, m: int, total, tiling, y_flat, r_flat, b, tile, lane):
+    """Row ``m``'s sums through the epilogue into ``Y`` (a whole tile, Y's columns contiguous)."""
+    ys = problem.y_strides()
+    offset = b * ys.batch + m * ys.k + tiling.first(tile) + lane
+    T.buffer_store(y_flat, apply_epilogue(problem.epilogue, total, m, problem.dtype, r_flat, offset), [offset])
 
 
 def _taps(tiling, read):
@@ -96,22 +97,22 @@ def _taps(tiling, read):
     return lambda k, lane: read(tiling.tap_offset(k), lane)
 
 
-def _row_sum(problem: SpmmProblem, m: int, read, chains: int = 4):
-    """Sum of ``value * read(k)`` over row ``m``: a few independent chains of fused
-    multiply-adds (instruction-level parallelism), added at the end."""
-    indices, values = problem.weight.row(m)
+def _chunk_sums(problem: SpmmProblem, rows: list[int], read) -> list:
+    """Each row's sum of ``value * read(k)``, as bound variables. Columns of ``A`` go in
+    order, each tap read once and multiplied into every row of the chunk that has it: the
+    chunk's sums stay in registers and a tap is loaded once per chunk, not once per
+    nonzero (2x faster on ResNet-50's 3x3 layers and stem, whose taps are unaligned loads)."""
+    by_column = defaultdict(list)
+    for i, m in enumerate(rows):
+        indices, values = problem.weight.row(m)
+        for k, value in zip(indices.tolist(), values.tolist()):
+            by_column[k].append((i, value))
     dtype = problem.dtype
-    partial = [None] * chains
-    for j, (k, v) in enumerate(zip(indices, values)):
-        x = read(int(k))
-        c = tirx.const(float(v), dtype)
-        acc = partial[j % chains]
-        partial[j % chains] = x * c if acc is None else tirx.call_llvm_pure_intrin(dtype, "llvm.fmuladd", x, c, acc)
-    terms = [p for p in partial if p is not None]
-    if not terms:
-        return zero(dtype)
-    while len(terms) > 1:
-        terms = [terms[i] + terms[i + 1] if i + 1 < len(terms) else terms[i] for i in range(0, len(terms), 2)]
-    return terms[0]
-
-
+    sums = [None] * len(rows)
+    for k in sorted(by_column):
+        tap = T.bind(read(k))
+        for i, value in by_column[k]:
+            c = tirx.const(value, dtype)
+            product = tap * c if sums[i] is None else tirx.call_llvm_pure_intrin(dtype, "llvm.fmuladd", tap, c, sums[i])
+            sums[i] = T.bind(product)
+    return [zero(dtype) if total is None else total for total in sums]

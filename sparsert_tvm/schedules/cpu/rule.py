@@ -57,14 +57,14 @@ class CpuSpmmRule(SparseKernelRule):
     def config_from_dict(self, fields):
         return config_from_dict(fields, CPU_CONFIGS, "CPU")
 
-    def with_overrides(self, problem, config, overrides):
+    def with_overrides(self, problem, config, overrides, target=None):
         # Overrides name their kernel ("kernel": "csr"); without it they are the unrolled one's.
         fields = dict(overrides)
         kernel = fields.pop("kernel", CpuSpmmConfig.KERNEL)
         if kernel not in CPU_CONFIGS:
             raise ValueError(f"unknown CPU kernel {kernel!r}; known: {sorted(CPU_CONFIGS)}")
         if config.KERNEL != kernel:
-            config = cpu_config(problem, kernel, config.vector_lanes)  # lanes sized for this CPU
+            config = cpu_config(problem, kernel, target or _host_cpu())  # that kernel's tiling for the CPU
         return dataclasses.replace(config, **fields)
 
     def default_config(self, problem, target):
@@ -115,6 +115,12 @@ class CpuSpmmRule(SparseKernelRule):
             params=job.config.as_dict(),
             compile_seconds=seconds + time.perf_counter() - start,
         )
+
+
+def _host_cpu():
+    from ...build import host_cpu_target  # the package's entry points import the rules
+
+    return host_cpu_target()
 
 
 def _kernel_name(name: str) -> str:

@@ -100,7 +100,7 @@ class CudaSpmmRule(SparseKernelRule):
     def config_from_dict(self, fields):
         return cuda_config_from_dict(fields)
 
-    def with_overrides(self, problem, config, overrides):
+    def with_overrides(self, problem, config, overrides, target=None):
         # Overrides name their kernel ("kernel": "csr"); without it they are the unrolled one's.
         fields = dict(overrides)
         kernel = fields.pop("kernel", CudaSpmmConfig.KERNEL)

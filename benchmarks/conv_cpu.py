@@ -1,4 +1,4 @@
-"""Convolutions on the CPU: our two kernels against TVM's build of the same layer.
+"""Convolutions on the CPU: our kernels against TVM's build of the same layer.
 
     python benchmarks/conv_cpu.py [--suite small|resnet50] [--name 2core]
 
@@ -7,12 +7,12 @@
 ``resnet50`` times ResNet-50's 3x3 layers at batch 1, pruned uniformly, in both layouts
 (NCHW with OIHW weights as PyTorch and ONNX give them, NHWC with HWIO as TFLite does). Each
 layer (ReLU fused) is built by ``tvm.compile`` and by ``sparsert_tvm.compile`` with each of our
-CPU kernels (``kernel_config={"kernel": "csr" | "unrolled"}``; the table says which one the
-layer gets by default) for this machine's CPU and timed with the VM's time evaluator in
-``--rounds`` rounds that alternate the three builds (10 runs each per round); the median round is reported with the fastest and
-slowest, since a small shared machine drifts by tens of percent between one layer's timings
-and the next. Outputs are compared. Writes ``benchmarks/results/<suite>-conv-cpu-<name>.json``
-and ``.md``.
+CPU kernels (``kernel_config={"kernel": "csr" | "unrolled" | "depthwise"}``, those that take
+the layer; the table says which one it gets by default) for this machine's CPU and timed with
+the VM's time evaluator in ``--rounds`` rounds that alternate the builds (10 runs each per
+round); the median round is reported with the fastest and slowest, since a small shared
+machine drifts by tens of percent between one layer's timings and the next. Outputs are
+compared. Writes ``benchmarks/results/<suite>-conv-cpu-<name>.json`` and ``.md``.
 """
 
 from __future__ import annotations
@@ -34,11 +34,12 @@ from tvm import relax
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import sparsert_tvm as sp  # noqa: E402
 from sparsert_tvm import tuning  # noqa: E402
+from sparsert_tvm.passes.candidates import find_candidates  # noqa: E402
 from sparsert_tvm.build import host_cpu_target  # noqa: E402
 import results_json  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-KERNELS = ("csr", "unrolled")  # our two CPU kernels, each asked for by name
+KERNELS = ("csr", "unrolled", "depthwise")  # our CPU kernels, each asked for by name (where it applies)
 
 
 class Layer(NamedTuple):
@@ -56,8 +57,13 @@ SUITES = {
     "small": {
         "mobilenet stem 3x3/2, 32x3 @224": Layer(32, 3, 3, 224, 2),
         "resnet-50 stem 7x7/2, 64x3 @224": Layer(64, 3, 7, 224, 2),
+        "depthwise 3x3, 32 @112": Layer(32, 32, 3, 112, groups=32),
+        "depthwise 3x3/2, 64 @112": Layer(64, 64, 3, 112, 2, groups=64),
         "depthwise 3x3, 128 @56": Layer(128, 128, 3, 56, groups=128),
+        "depthwise 3x3, 256 @28": Layer(256, 256, 3, 28, groups=256),
         "depthwise 3x3, 512 @14": Layer(512, 512, 3, 14, groups=512),
+        "depthwise 3x3, 1024 @7": Layer(1024, 1024, 3, 7, groups=1024),
+        "depthwise 5x5, 480 @14": Layer(480, 480, 5, 14, groups=480),
     },
     "resnet50": {
         f"3x3 {m}@{size}{'/2' if stride == 2 else ''}, {density:.0%} {layout}":
@@ -99,32 +105,41 @@ def input_shape(layer: Layer) -> tuple[int, ...]:
     return (1, s, s, c) if layer.layout == "NHWC" else (1, c, s, s)
 
 
-def measure(name: str, layer: Layer, rounds: int) -> dict:
+def measure(name: str, layer: Layer, rounds: int, unrolled_max_nnz: int) -> dict:
     mod, target = conv_module(layer), host_cpu_target()
     x = tvm.runtime.tensor(np.random.default_rng(1).standard_normal(input_shape(layer)).astype("float32"))
     row = {"layer": name, "weights": layer.out_channels * (layer.in_channels // layer.groups) * layer.kernel**2}
     # Dense small layers are rewritten only with the threshold at 1.
     threshold = 1.0 if layer.density == 1.0 else None
     outputs, timers = {}, {}
-    builds = {"tvm": lambda: tvm.compile(mod, target)} | {
-        kernel: lambda kernel=kernel: sp.compile(mod, target, threshold, kernel_config={"kernel": kernel})
+    builds = {"tvm": lambda report: tvm.compile(mod, target)} | {
+        kernel: lambda report, kernel=kernel: sp.compile(
+            mod, target, threshold, kernel_config={"kernel": kernel}, report=report
+        )
         for kernel in KERNELS
+        if kernel != "unrolled" or np.count_nonzero(layer_weight(layer)) <= unrolled_max_nnz
     }
+    row["unrolled_us"] = row["unrolled_build_s"] = None
     for label, build in builds.items():
+        report = sp.SparsityReport()
         start = time.perf_counter()
-        vm = relax.VirtualMachine(build(), tvm.cpu())
+        vm = relax.VirtualMachine(build(report), tvm.cpu())
+        if label != "tvm" and not report.sparse_layers:  # the kernel does not take this layer
+            row[f"{label}_us"] = row[f"{label}_build_s"] = None
+            continue
         row[f"{label}_build_s"] = round(time.perf_counter() - start, 2)
         outputs[label] = vm["main"](x).numpy()
         timers[label] = vm.time_evaluator("main", tvm.cpu(), number=10, repeat=1)
-    times = {label: [] for label in builds}
+    times = {label: [] for label in timers}
     for _ in range(rounds):
         for label, timer in timers.items():
             times[label].append(timer(x).mean * 1e6)
     for label, us in times.items():
         row[f"{label}_us"], row[f"{label}_us_range"] = float(np.median(us)), [min(us), max(us)]
-    row["default"] = tuning.default_cpu_kernel(int(np.count_nonzero(layer_weight(layer))))
+    (candidate,) = find_candidates("main", mod["main"])
+    row["default"] = tuning.default_cpu_kernel(candidate.problem)
     row["speedup"] = row["tvm_us"] / row[f"{row['default']}_us"]
-    row["max_rel_error"] = max(_error(outputs["tvm"], outputs[kernel]) for kernel in KERNELS)
+    row["max_rel_error"] = max(_error(outputs["tvm"], outputs[kernel]) for kernel in outputs)
     return row
 
 
@@ -136,35 +151,45 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--suite", choices=sorted(SUITES), default="small")
     parser.add_argument("--name", default=f"{os.cpu_count()}core")
-    parser.add_argument("--rounds", type=int, default=8, help="timing rounds, alternating the two builds")
+    parser.add_argument("--rounds", type=int, default=8, help="timing rounds, alternating the builds")
+    parser.add_argument("--unrolled-max-nnz", type=int, default=20_000,
+                        help="build the unrolled kernel up to this many nonzeros (about 1.5 ms of build per nonzero)")
     args = parser.parse_args()
     rows = []
     for name, layer in SUITES[args.suite].items():
-        rows.append(measure(name, layer, args.rounds))
+        rows.append(measure(name, layer, args.rounds, args.unrolled_max_nnz))
         print(json.dumps(rows[-1]), flush=True)
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
     result = {"date": datetime.date.today().isoformat(), "machine": machine, "suite": args.suite,
-              "rounds": args.rounds, "rows": rows}
+              "rounds": args.rounds, "unrolled_max_nnz": args.unrolled_max_nnz, "rows": rows}
     RESULTS.mkdir(exist_ok=True)
     stem = RESULTS / f"{args.suite}-conv-cpu-{args.name}"
     stem.with_suffix(".json").write_text(results_json.dumps(result))
     lines = [
         f"# Convolutions on the CPU, suite {args.suite} ({machine}, {result['date']})", "",
-        f"Median of {args.rounds} alternating rounds (fastest-slowest round in brackets).", "",
-        "| layer | weights | TVM | CSR kernel | unrolled kernel | default | default vs TVM | max error "
-        "| CSR build | unrolled build |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        f"`python benchmarks/conv_cpu.py --suite {args.suite} --rounds {args.rounds} --unrolled-max-nnz "
+        f"{args.unrolled_max_nnz}`: median of the alternating rounds (fastest-slowest round in brackets); "
+        "`-`: the kernel does not take the layer, or was not built.", "",
+        "| layer | weights | TVM | CSR kernel | unrolled kernel | depthwise kernel | default | default vs TVM "
+        "| max error | CSR build | unrolled build | depthwise build |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     lines += [f"| {r['layer']} | {r['weights']:,} | {_us(r, 'tvm')} | {_us(r, 'csr')} | {_us(r, 'unrolled')} "
-              f"| {r['default']} | {r['speedup']:.2f}x | {r['max_rel_error']:.1e} | {r['csr_build_s']:.1f} s "
-              f"| {r['unrolled_build_s']:.1f} s |" for r in rows]
+              f"| {_us(r, 'depthwise')} | {r['default']} | {r['speedup']:.2f}x | {r['max_rel_error']:.1e} "
+              f"| {_build(r, 'csr')} | {_build(r, 'unrolled')} | {_build(r, 'depthwise')} |" for r in rows]
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
 def _us(row: dict, label: str) -> str:
+    if row[f"{label}_us"] is None:
+        return "-"
     lo, hi = row[f"{label}_us_range"]
     return f"{row[f'{label}_us']:,.0f} us ({lo:,.0f}-{hi:,.0f})"
+
+
+def _build(row: dict, label: str) -> str:
+    return "-" if row[f"{label}_build_s"] is None else f"{row[f'{label}_build_s']:.1f} s"
 
 
 if __name__ == "__main__":

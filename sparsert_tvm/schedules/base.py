@@ -16,8 +16,10 @@ from .config import KernelConfig
 
 # relax's OpPatternKind::kOpaque: keeps FuseOps from merging our kernels with neighbours.
 OPAQUE_PATTERN = 8
-# Function attribute that routes a generated kernel through the lean lowering pipeline.
+# Function attribute that routes a generated kernel through the lean lowering pipeline ...
 KERNEL_ATTR = "sparsert.kernel"
+# ... and one that leaves StmtSimplify out of it (straight-line kernels, see cpu/lowering.py).
+UNSIMPLIFIED_ATTR = "sparsert.unsimplified"
 
 
 @dataclass

@@ -376,13 +376,13 @@ def default_cpu_config(problem: SpmmProblem, target) -> CpuConfig:
     return cpu_config(problem, default_cpu_kernel(problem), target)
 
 
-# The CPU's unrolled kernel costs about half a millisecond of compile time per nonzero on 2
-# cores, and on the 2-core machine it was no faster than the CSR kernel but on small weights:
-# ResNet-50's 3x3 layers 0.71-1.09x as fast, 1x1 layers of 2k-13k nonzeros 1.21x slower in
-# geometric mean; MobileNet's dense 3x3 stem (864 nonzeros) 1.34x faster, and 1x1 layers of
-# at most 2,048 nonzeros even (0.98x; benchmarks/results/*-cpu-2core.md). Those compile in
-# under a second.
-CPU_UNROLLED_MAX_NNZ = 2048
+# The CPU's unrolled kernel builds in about half a millisecond per nonzero on 2 cores (0.4 ms
+# for ResNet-50's dense stem, 0.75 ms for a 59k-nonzero 3x3 layer), so it is the default up
+# to 16k nonzeros (8 s at most). Against the CSR kernel on the 2-core machine it ran
+# ResNet-50's stem 2.2x, its 3x3 layers at 10% 1.8-2.2x and 1x1 layers of 13k nonzeros
+# 1.1-1.4x faster (benchmarks/results/resnet50-conv-cpu-2core.md, small-conv-cpu-2core.md);
+# beyond the cap it would still be faster, at build times of a minute or more per layer.
+CPU_UNROLLED_MAX_NNZ = 16384
 
 
 def default_cpu_kernel(problem: SpmmProblem) -> str:

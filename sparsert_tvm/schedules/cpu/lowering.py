@@ -3,8 +3,10 @@
 Unrolled kernels hold tens of thousands of statements, and several passes of TVM's default
 TIR pipeline (common subexpression elimination, buffer compaction, ...) take minutes on
 them while having nothing to improve. PrimFuncs carrying ``KERNEL_ATTR`` go through a
-short list of the passes they need; everything else goes through TVM's default pipeline
-unchanged.
+short list of the passes they need (without the simplifier where they also carry
+``UNSIMPLIFIED_ATTR``: the unrolled kernel's bound sums, on which its time grows faster than
+their number, while the data-driven kernels ran 10x slower without it); everything else goes
+through TVM's default pipeline unchanged.
 
 For unrolled kernels two of LLVM's machine passes take most of the code generation while
 gaining nothing on straight-line code: machine-level LICM weighs hoisting every one of the
@@ -20,7 +22,7 @@ import tvm
 from tvm import s_tir, tirx
 from tvm.tirx import compilation_pipeline
 
-from ..base import KERNEL_ATTR
+from ..base import KERNEL_ATTR, UNSIMPLIFIED_ATTR
 
 PIPELINE_NAME = "sparsert"
 KERNEL_LLVM_OPTIONS = ("-disable-machine-licm", "-disable-post-ra")
@@ -41,14 +43,14 @@ def register_pipeline() -> str:
     return PIPELINE_NAME
 
 
-def _lean_passes():
+def _lean_passes(simplify: bool = True):
     return [
         s_tir.transform.ConvertBlocksToOpaque(),
         s_tir.transform.LowerOpaqueBlock(),
         tirx.transform.FlattenBuffer(),
         tirx.transform.NarrowDataType(32),
         tirx.transform.VectorizeLoop(True),
-        tirx.transform.StmtSimplify(),
+        *([tirx.transform.StmtSimplify()] if simplify else []),
         tirx.transform.VerifyMemory(),
         tirx.transform.AnnotateEntryFunc(),
         tirx.transform.SplitHostDevice(),
@@ -70,9 +72,11 @@ def _pipeline_factory():
         lowered = {}
         if others:
             lowered.update(default(tvm.IRModule(others, attrs=mod.attrs)).functions_items())
-        if kernels:
-            lean = tvm.ir.transform.Sequential(_lean_passes())
-            lowered.update(lean(tvm.IRModule(kernels, attrs=mod.attrs)).functions_items())
+        for simplify in (True, False):
+            group = {gv: f for gv, f in kernels.items() if (UNSIMPLIFIED_ATTR not in f.attrs) == simplify}
+            if group:
+                lean = tvm.ir.transform.Sequential(_lean_passes(simplify))
+                lowered.update(lean(tvm.IRModule(group, attrs=mod.attrs)).functions_items())
         return tvm.IRModule(lowered, attrs=mod.attrs)
 
     return _pipeline, finalize_host, finalize_device

@@ -16,7 +16,7 @@ from tvm import tirx
 from tvm.script.ir_builder import tirx as T
 
 from ...problem import BiasAdd, Clip, ResidualAdd, SpmmProblem
-from ..base import KERNEL_ATTR, OPAQUE_PATTERN
+from ..base import KERNEL_ATTR, OPAQUE_PATTERN, UNSIMPLIFIED_ATTR
 
 # Staging buffers larger than this go to the heap (TVM's workspace) instead of the stack.
 _STACK_BYTES = 128 * 1024
@@ -375,12 +375,14 @@ def tiling_for(problem: SpmmProblem, columns, lanes: int):
     return (ColumnTiles if problem.window is None else RowTiles)(problem, columns, lanes)
 
 
-def declare_kernel(name: str, problem: SpmmProblem, x_dims, y_dims, arrays=()):
+def declare_kernel(name: str, problem: SpmmProblem, x_dims, y_dims, arrays=(), simplify: bool = True):
     """Inside ``T.prim_func()``: names the kernel and declares its buffers in the order Relax
     passes them: ``x``, the residual (where the epilogue adds one), ``arrays`` (``(name,
-    shape, dtype)`` each) and ``y``. Returns ``(x, residual or None, [arrays], y)``."""
+    shape, dtype)`` each) and ``y``. Returns ``(x, residual or None, [arrays], y)``. Without
+    ``simplify`` the kernel is lowered without TIR's simplifier."""
     T.func_name(name)
-    T.func_attr({"tirx.noalias": True, "op_pattern": OPAQUE_PATTERN, KERNEL_ATTR: True})
+    attrs = {"tirx.noalias": True, "op_pattern": OPAQUE_PATTERN, KERNEL_ATTR: True}
+    T.func_attr(attrs if simplify else attrs | {UNSIMPLIFIED_ATTR: True})
     dtype = problem.dtype
     x = T.match_buffer(T.arg("x", T.handle()), x_dims, dtype)
     residual = T.match_buffer(T.arg("residual", T.handle()), y_dims, dtype) if problem.has_residual else None

@@ -23,11 +23,19 @@ from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
 
 from ...errors import UnsupportedProblem
-from ...problem import BiasAdd, SpmmProblem
+from ...problem import SpmmProblem
 from ..base import kernel_columns_and_batch, operand_shapes, require_dtype
 from ..config import CpuCsrConfig
 from .kernel import SUPPORTED_DTYPES
-from .tiles import apply_epilogue, declare_kernel, flat_view, split_epilogue, store_tile, tiling_for, whole
+from .tiles import (
+    apply_epilogue,
+    bias_reader,
+    kernel_body,
+    split_epilogue,
+    store_tile,
+    tiling_for,
+    values_and_biases,
+)
 
 
 @dataclass(frozen=True)
@@ -51,14 +59,11 @@ def csr_arrays(problem: SpmmProblem, tap_offset, blocks: int) -> CsrArrays:
     bounds = np.searchsorted(cost, np.arange(blocks + 1) * (cost[-1] if len(cost) else 0) / blocks, side="right")
     bounds[0], bounds[-1] = 0, problem.M
     offsets = np.array([tap_offset(k) for k in range(problem.K)], dtype=np.int64)[columns]
-    biases = [np.asarray(op.values, problem.dtype) for op in problem.epilogue if isinstance(op, BiasAdd)]
-    values = np.concatenate([nonzeros.astype(problem.dtype), *biases, np.zeros(1, problem.dtype)])
+    values, bias_starts = values_and_biases(problem, nonzeros)
     index = np.concatenate([indptr, bounds, offsets, [0]])
     if index.max(initial=0) >= 2**31:
         raise UnsupportedProblem("the CSR kernel's offsets into its input would not fit in 32 bits")
-    starts = np.cumsum([problem.weight.nnz] + [len(b) for b in biases])[:-1]
-    return CsrArrays(values, index.astype(np.int32), tuple(int(s) for s in starts), problem.M + 1,
-                     problem.M + 1 + blocks + 1)
+    return CsrArrays(values, index.astype(np.int32), bias_starts, problem.M + 1, problem.M + 1 + blocks + 1)
 
 
 def cpu_csr_kernel(problem: SpmmProblem, config: CpuCsrConfig, name: str) -> tuple[tirx.PrimFunc, CsrArrays]:
@@ -72,13 +77,8 @@ def cpu_csr_kernel(problem: SpmmProblem, config: CpuCsrConfig, name: str) -> tup
     with IRBuilder() as builder:
         with T.prim_func():
             constants = [("values", arrays.values.shape, dtype), ("index", arrays.index.shape, "int32")]
-            x, residual, (values, index), y = declare_kernel(name, problem, x_dims, y_dims, constants)
-            with T.sblock("root"):
-                T.reads(*[whole(b) for b in (x, residual, values, index) if b is not None])
-                T.writes(whole(y))
-                x_flat = flat_view(x)
-                rows = _Rows(problem, config, tiling, arrays, values, index, flat_view(y),
-                             flat_view(residual) if residual is not None else None)
+            with kernel_body(name, problem, x_dims, y_dims, constants) as (x_flat, r_flat, (values, index), y_flat):
+                rows = _Rows(problem, config, tiling, arrays, values, index, y_flat, r_flat)
                 with T.serial(0, batch) as b:
                     reader = tiling.tile_reader(x_flat, b)
                     blocks = config.row_blocks
@@ -99,11 +99,7 @@ class _Rows:
         self.problem, self.config, self.tiling, self.arrays = problem, config, tiling, arrays
         self.values, self.index, self.y_flat, self.r_flat = values, index, y_flat, r_flat
         self.vector_ops, self.store_ops = split_epilogue(problem)
-        biases = [op for op in problem.epilogue if isinstance(op, BiasAdd)]
-        self.bias_start = {id(op): start for op, start in zip(biases, arrays.bias_starts)}
-
-    def bias(self, op, m):
-        return self.values[self.bias_start[id(op)] + m]
+        self.bias = bias_reader(problem, values, arrays.bias_starts)
 
     def emit(self, b, tile, block, read):
         lanes, dtype, index = self.tiling.lanes, self.problem.dtype, self.index

@@ -24,11 +24,11 @@ from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
 
 from ...errors import UnsupportedProblem
-from ...problem import BiasAdd, SpmmProblem
+from ...problem import SpmmProblem
 from ..base import kernel_columns_and_batch, operand_shapes, require_dtype
 from ..config import CpuDepthwiseConfig
 from .kernel import SUPPORTED_DTYPES
-from .tiles import RowTiles, apply_epilogue, declare_kernel, flat_view, scratch, whole
+from .tiles import RowTiles, apply_epilogue, bias_reader, kernel_body, scratch, values_and_biases
 
 
 @dataclass(frozen=True)
@@ -76,11 +76,9 @@ def depthwise_arrays(problem: SpmmProblem) -> DepthwiseArrays:
     used = np.unique(tap_of)
     filters = np.zeros((problem.M, len(used)), dtype=problem.dtype)
     filters[rows, np.searchsorted(used, tap_of)] = nonzeros
-    biases = [np.asarray(op.values, problem.dtype) for op in problem.epilogue if isinstance(op, BiasAdd)]
-    values = np.concatenate([filters.ravel(), *biases, np.zeros(1, problem.dtype)])
-    starts = np.cumsum([filters.size] + [len(b) for b in biases])[:-1]
+    values, bias_starts = values_and_biases(problem, filters)
     taps = tuple((int(t) // kw, int(t) % kw) for t in used)
-    return DepthwiseArrays(values, channels.astype(np.int32), taps, tuple(int(s) for s in starts))
+    return DepthwiseArrays(values, channels.astype(np.int32), taps, bias_starts)
 
 
 def row_vectors(width: int, lanes: int) -> tuple[int, list[int]]:
@@ -103,27 +101,17 @@ def cpu_depthwise_kernel(problem: SpmmProblem, config: CpuDepthwiseConfig, name:
     image = RowTiles(problem, columns, lanes)  # the padded copy's geometry, one channel at a time
     tap_offsets = [ky * image.row + kx % image.sw * image.wq + kx // image.sw for ky, kx in arrays.taps]
     xs, ys = problem.x_strides(), problem.y_strides()
-    biases = [op for op in problem.epilogue if isinstance(op, BiasAdd)]
-    bias_start = {id(op): start for op, start in zip(biases, arrays.bias_starts)}
 
     with IRBuilder() as builder:
         with T.prim_func():
             constants = [("values", arrays.values.shape, dtype), ("channels", arrays.channels.shape, "int32")]
-            x, residual, (values, channels), y = declare_kernel(name, problem, x_dims, y_dims, constants)
-            with T.sblock("root"):
-                T.reads(*[whole(b) for b in (x, residual, values, channels) if b is not None])
-                T.writes(whole(y))
-                x_flat, y_flat = flat_view(x), flat_view(y)
-                r_flat = flat_view(residual) if residual is not None else None
+            with kernel_body(name, problem, x_dims, y_dims, constants) as (x_flat, r_flat, (values, channels), y_flat):
+                bias = bias_reader(problem, values, arrays.bias_starts)
                 with T.parallel(0, batch * M) as task:
                     b, m = tirx.floordiv(task, M), tirx.floormod(task, M)
                     plane = scratch(image.plane_size, dtype)
                     image.fill_plane(x_flat, b * xs.batch, channels[m], plane, 0)
                     weights = [values[m * len(arrays.taps) + t] for t in range(len(arrays.taps))]
-
-                    def bias(op, m):
-                        return values[bias_start[id(op)] + m]
-
                     with T.serial(0, len(row_starts)) as step:
                         first_row = tirx.min(step * rows, oh - rows)
                         for start in starts:

@@ -28,13 +28,11 @@ from ..config import CpuSpmmConfig
 from ..row_groups import split_by_cost
 from .tiles import (
     apply_epilogue,
-    declare_kernel,
-    flat_view,
+    kernel_body,
     scratch,
     split_epilogue,
     store_tile,
     tiling_for,
-    whole,
     zero,
 )
 
@@ -59,13 +57,7 @@ def cpu_spmm_kernel(problem: SpmmProblem, config: CpuSpmmConfig, name: str) -> t
         with T.prim_func():
             # Straight-line sums of bound values: nothing to simplify, and TIR's simplifier takes
             # time growing faster than their number (22 s against 7 s for 14.7k nonzeros).
-            x, residual, _, y = declare_kernel(name, problem, x_dims, y_dims, simplify=False)
-            with T.sblock("root"):
-                T.reads(*[whole(b) for b in (x, residual) if b is not None])
-                T.writes(whole(y))
-                x_flat = flat_view(x)
-                y_flat = flat_view(y)
-                r_flat = flat_view(residual) if residual is not None else None
+            with kernel_body(name, problem, x_dims, y_dims, simplify=False) as (x_flat, r_flat, _, y_flat):
                 with T.serial(0, batch) as b:
                     source = tiling.prepare(x_flat, b)
                     for segment in segments:

@@ -11,7 +11,9 @@ of ``A``.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 
+import numpy as np
 from tvm import tirx
 from tvm.script.ir_builder import tirx as T
 
@@ -375,11 +377,13 @@ def tiling_for(problem: SpmmProblem, columns, lanes: int):
     return (ColumnTiles if problem.window is None else RowTiles)(problem, columns, lanes)
 
 
-def declare_kernel(name: str, problem: SpmmProblem, x_dims, y_dims, arrays=(), simplify: bool = True):
-    """Inside ``T.prim_func()``: names the kernel and declares its buffers in the order Relax
-    passes them: ``x``, the residual (where the epilogue adds one), ``arrays`` (``(name,
-    shape, dtype)`` each) and ``y``. Returns ``(x, residual or None, [arrays], y)``. Without
-    ``simplify`` the kernel is lowered without TIR's simplifier."""
+@contextmanager
+def kernel_body(name: str, problem: SpmmProblem, x_dims, y_dims, arrays=(), simplify: bool = True):
+    """Inside ``T.prim_func()``: names the kernel, declares its buffers in the order Relax
+    passes them (``x``, the residual where the epilogue adds one, ``arrays`` as ``(name,
+    shape, dtype)`` each, ``y``) and opens its root block. Yields ``(x, residual or None,
+    [arrays], y)``, ``x``, the residual and ``y`` as flat views. Without ``simplify`` the
+    kernel is lowered without TIR's simplifier."""
     T.func_name(name)
     attrs = {"tirx.noalias": True, "op_pattern": OPAQUE_PATTERN, KERNEL_ATTR: True}
     T.func_attr(attrs if simplify else attrs | {UNSIMPLIFIED_ATTR: True})
@@ -388,5 +392,23 @@ def declare_kernel(name: str, problem: SpmmProblem, x_dims, y_dims, arrays=(), s
     residual = T.match_buffer(T.arg("residual", T.handle()), y_dims, dtype) if problem.has_residual else None
     buffers = [T.match_buffer(T.arg(label, T.handle()), shape, kind) for label, shape, kind in arrays]
     y = T.match_buffer(T.arg("y", T.handle()), y_dims, dtype)
-    return x, residual, buffers, y
+    with T.sblock("root"):
+        T.reads(*[whole(b) for b in (x, residual, *buffers) if b is not None])
+        T.writes(whole(y))
+        yield flat_view(x), flat_view(residual) if residual is not None else None, buffers, flat_view(y)
 
+
+def values_and_biases(problem: SpmmProblem, weights: np.ndarray) -> tuple[np.ndarray, tuple[int, ...]]:
+    """A data-driven kernel's ``values`` array: ``weights``, then each bias add's values (and a
+    spare zero, so that the array is never empty); and where each bias add's values start."""
+    biases = [np.asarray(op.values, problem.dtype) for op in problem.epilogue if isinstance(op, BiasAdd)]
+    values = np.concatenate([np.asarray(weights, problem.dtype).ravel(), *biases, np.zeros(1, problem.dtype)])
+    starts = np.cumsum([weights.size] + [len(b) for b in biases])[:-1]
+    return values, tuple(int(start) for start in starts)
+
+
+def bias_reader(problem: SpmmProblem, values, starts):
+    """``bias(op, m)`` for ``apply_epilogue``: row ``m``'s value of bias add ``op``, read from
+    the ``values`` buffer where the bias adds' values start at ``starts``."""
+    start = {id(op): first for op, first in zip((op for op in problem.epilogue if isinstance(op, BiasAdd)), starts)}
+    return lambda op, m: values[start[id(op)] + m]

@@ -48,3 +48,27 @@ def test_threshold_on_imported_model(density, expected):
     mod = from_onnx(models.mlp(rng, density=density), keep_params_in_input=False)
     compiled = Compiled(mod, CPU_TARGET, density_threshold=0.3)
     assert {layer.decision for layer in compiled.report} == {expected}
+
+
+def test_onnx_clip_is_fused_as_relu6(target):
+    """TVM imports ONNX's Clip as ``call_tir`` of maximum / minimum PrimFuncs, its bounds as
+    ``where(isnan(bound), ...)``: the pass reads them as the clip they are, and no
+    elementwise pass of TVM's is left after the kernels."""
+    import sparsert_tvm as sp
+
+    rng = np.random.default_rng(3)
+    model = models.mobilenet_v2(rng, width=0.5, depth=3, size=32, classes=10)
+    mod = from_onnx(model, keep_params_in_input=False)
+    compiled = Compiled(mod, target, density_threshold=1.0)
+    clipped = [layer.epilogue for layer in compiled.report if "clip(-inf, 6)" in layer.epilogue]
+    assert len(clipped) >= 6 and all(epilogue[-2:] == ["relu", "clip(-inf, 6)"] for epilogue in clipped)
+    callees = []
+
+    def visit(expr):
+        if isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op) and expr.op.name == "relax.call_tir":
+            callees.append(expr.args[0].name_hint)
+
+    relax.analysis.post_order_visit(sp.SparsifyWeights(target, 1.0)(mod)["main"], visit)
+    assert not [name for name in callees if name.startswith(("maximum", "minimum"))], callees
+    x = models.random_input(model)
+    assert_close(compiled(x), dense_reference(mod, target, [x], compiled.device))

@@ -210,6 +210,30 @@ def test_constant_that_is_not_a_channel_bias_is_not_fused():
     assert_close(Compiled(mod, CPU_TARGET)(xv), xv @ weight.T + offsets)
 
 
+@pytest.mark.parametrize("bounds, fused", [
+    ((0.0, 6.0), ["relu", "clip(-inf, 6)"]),  # ONNX's Clip as TVM imports it
+    ((-1.5, np.inf), ["clip(-1.5, inf)"]),  # an infinite bound is not a clip: left to TVM
+    ((np.float32([[-1, 0, 1, 2, 3, 4]]), None), []),  # a bound varying per channel: left to TVM
+], ids=["relu6", "infinite", "per-channel"])
+def test_maximum_and_minimum_with_a_constant_are_clips(target, bounds, fused):
+    rng = np.random.default_rng(RNG_SEED)
+    weight = sparse_matrix(rng, (6, 8), 0.3)
+    x = relax.Var("x", relax.TensorType((4, 8), "float32"))
+    lo, hi = bounds
+
+    def body(b):
+        value = b.emit(relax.op.maximum(b.emit(relax.op.matmul(x, relax.const(weight.T.copy()))),
+                                        relax.const(np.asarray(lo, "float32"))))
+        return value if hi is None else relax.op.minimum(relax.const(np.float32(hi)), value)
+
+    mod = build([x], body)
+    _, report = sparsify(mod, target=target)
+    assert report.layers[0].epilogue == fused
+    xv = rng.standard_normal((4, 8)).astype("float32") * 4
+    expected = np.maximum(xv @ weight.T, lo)
+    assert_close(Compiled(mod, target)(xv), expected if hi is None else np.minimum(expected, hi))
+
+
 def test_shared_weight_in_two_functions_and_report_accumulates():
     rng = np.random.default_rng(RNG_SEED)
     weight = relax.const(sparse_matrix(rng, (8, 6), 0.3))

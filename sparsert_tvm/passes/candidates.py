@@ -1,9 +1,10 @@
 """Finding the operators the pass can rewrite, and what each of them computes.
 
 A candidate is a matmul or a convolution (any kernel size, stride, padding and grouping) whose
-weight is a constant, followed along the dataflow (not the textual order) by the epilogue it can absorb: bias adds, one residual
-add and ReLU/ReLU6/clip, as long as each intermediate value has no other user. Operators
-that cannot be rewritten are still candidates, with the reason.
+weight is a constant, followed along the dataflow (not the textual order) by the epilogue it
+can absorb: bias adds, one residual add and ReLU/ReLU6/clip (or maximum/minimum with a
+constant, as TVM imports ONNX's Clip), as long as each intermediate value has no other user.
+Operators that cannot be rewritten are still candidates, with the reason.
 """
 
 from __future__ import annotations
@@ -60,7 +61,9 @@ class _Rejected(Exception):
     pass
 
 
-def find_candidates(name: str, func: relax.Function) -> list[Candidate]:
+def find_candidates(name: str, func: relax.Function, mod: tvm.IRModule | None = None) -> list[Candidate]:
+    """The candidates of ``func``; ``mod``, where given, resolves the PrimFuncs it calls
+    (frontends emit some epilogue ops as ``call_tir``)."""
     var2val = relax.analysis.get_var2val(func)
     users, block_of = _users_and_blocks(func)
     found = []
@@ -72,10 +75,11 @@ def find_candidates(name: str, func: relax.Function) -> list[Candidate]:
             analyse = _ROOTS.get(value.op.name)
             if analyse is None:
                 continue
-            candidate = Candidate(function=name, root=binding.var, op=value.op.name.split(".")[-1], members=[binding.var])
+            op = value.op.name.split(".")[-1]
+            candidate = Candidate(function=name, root=binding.var, op=op, members=[binding.var])
             try:
                 analyse(candidate, value, var2val)
-                _absorb_epilogue(candidate, var2val, users, block_of)
+                _absorb_epilogue(candidate, var2val, users, block_of, mod)
             except _Rejected as rejected:
                 candidate.reason = str(rejected)
             found.append(candidate)
@@ -233,7 +237,7 @@ _ROOTS = {"relax.matmul": _analyse_matmul, "relax.nn.conv2d": _analyse_conv2d}
 # -- epilogue -------------------------------------------------------------------------
 
 
-def _absorb_epilogue(candidate: Candidate, var2val, users, block_of):
+def _absorb_epilogue(candidate: Candidate, var2val, users, block_of, mod=None):
     problem = candidate.problem
     out_type = candidate.root.ty
     ops = []
@@ -245,7 +249,7 @@ def _absorb_epilogue(candidate: Candidate, var2val, users, block_of):
         user = current_users[0]
         if block_of.get(user) != block_of[candidate.root] or not _same_type(user.ty, out_type):
             break
-        op = _epilogue_op(var2val[user], current, candidate, var2val)
+        op = _epilogue_op(var2val[user], current, candidate, var2val, mod)
         if op is None:
             break
         ops.append(op)
@@ -263,28 +267,86 @@ def _same_type(a, b) -> bool:
     )
 
 
-def _epilogue_op(value, current, candidate: Candidate, var2val):
+def _epilogue_op(value, current, candidate: Candidate, var2val, mod=None):
     if not isinstance(value, relax.Call) or not isinstance(value.op, tvm.ir.Op):
         return None
     name, args = value.op.name, value.args
+    if name == "relax.call_tir":
+        name, args = _called_bound(value, mod)
     if name == "relax.nn.relu":
         return Clip(0.0, math.inf)
     if name == "relax.nn.relu6":
         return Clip(0.0, 6.0)
     if name == "relax.clip":
         return Clip(_prim_float(args[1]), _prim_float(args[2]))
-    if name != "relax.add":
+    if name not in ("relax.add", "relax.maximum", "relax.minimum"):
         return None
     if args[0].same_as(current) == args[1].same_as(current):
         return None
     other = args[1] if args[0].same_as(current) else args[0]
     constant = constant_value(other, var2val)
+    if name != "relax.add":
+        return _bound(name, constant, candidate.problem)
     if constant is not None:
         return _bias(constant, candidate.problem)
     if candidate.residual is None and _same_type(other.ty, candidate.root.ty):
         candidate.residual = other
         return ResidualAdd()
     return None
+
+
+def _called_bound(call, mod) -> tuple[str | None, list]:
+    """``("relax.maximum" | "relax.minimum", operands)`` for a ``call_tir`` of a PrimFunc that
+    takes the elementwise maximum or minimum of a tensor and a 0-d one (TVM's ONNX frontend
+    emits Clip so), the tensor's operand first; else ``(None, [])``."""
+    callee = call.args[0]
+    func = mod[callee] if mod is not None and isinstance(callee, tvm.ir.GlobalVar) and callee in mod else None
+    if not isinstance(func, tirx.PrimFunc) or len(func.params) != 3 or len(call.args) != 2:
+        return None, []
+    stores = _stores(func.body)
+    kinds = {tirx.Max: "relax.maximum", tirx.Min: "relax.minimum"}
+    if len(stores) != 1 or type(stores[0].value) not in kinds:
+        return None, []
+    store, params = stores[0], list(func.params)
+    if not store.buffer.same_as(params[2]):
+        return None, []
+
+    def param_of(operand, scalar: bool) -> int | None:
+        """Which input ``operand`` loads whole: a 0-d buffer, or at the stored indices."""
+        source = getattr(operand, "source", None)
+        if not isinstance(operand, tvm.ir.expr.TensorLoad) or scalar != (len(source.shape) == 0):
+            return None
+        if not scalar and not tvm_ffi.structural_equal(list(operand.indices), list(store.indices)):
+            return None
+        return next((i for i in (0, 1) if source.same_as(params[i])), None)
+
+    inputs = list(call.args[1].fields)
+    for tensor, scalar in ((store.value.a, store.value.b), (store.value.b, store.value.a)):
+        order = (param_of(tensor, scalar=False), param_of(scalar, scalar=True))
+        if sorted(i for i in order if i is not None) == [0, 1]:
+            return kinds[type(store.value)], [inputs[order[0]], inputs[order[1]]]
+    return None, []
+
+
+def _stores(stmt) -> list:
+    """The buffer stores of a nest of loops and blocks (none where it holds anything else)."""
+    if isinstance(stmt, tirx.BufferStore):
+        return [stmt]
+    if isinstance(stmt, tirx.SeqStmt):
+        return [store for child in stmt.seq for store in _stores(child)]
+    child = getattr(stmt, "block", None) or getattr(stmt, "body", None)  # realize, block, loop
+    return _stores(child) if isinstance(child, tirx.Stmt) and getattr(stmt, "init", None) is None else []
+
+
+def _bound(name: str, constant: np.ndarray | None, problem: SpmmProblem) -> Clip | None:
+    """``maximum`` / ``minimum`` with one finite constant (ONNX's Clip, as TVM imports it) as
+    a clip's lower / upper bound."""
+    if constant is None or str(constant.dtype) != problem.dtype or constant.size == 0:
+        return None
+    bound = float(constant.reshape(-1)[0])
+    if not math.isfinite(bound) or np.any(constant != constant.reshape(-1)[0]):
+        return None
+    return Clip(bound, math.inf) if name == "relax.maximum" else Clip(-math.inf, bound)
 
 
 def _prim_float(prim_value) -> float:

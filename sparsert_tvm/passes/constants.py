@@ -1,9 +1,9 @@
 """Values of expressions that are constants up to a few layout ops.
 
 Frontends rarely hand over a weight as a bare constant: ONNX's Gemm arrives as
-``permute_dims(W)``, a convolution bias as ``reshape(b, [1, C, 1, 1])``, both bound to
-variables of their own. ``constant_value`` follows such chains through the bindings and
-evaluates them with numpy.
+``permute_dims(W)``, a convolution bias as ``reshape(b, [1, C, 1, 1])``, ONNX's Clip bounds
+as ``where(isnan(c), -inf, c)``, all bound to variables of their own. ``constant_value``
+follows such chains through the bindings and evaluates them with numpy.
 """
 
 from __future__ import annotations
@@ -21,6 +21,10 @@ def constant_value(expr, var2val) -> np.ndarray | None:
         return expr.value.numpy()
     if not isinstance(expr, relax.Call) or not isinstance(expr.op, tvm.ir.Op) or not expr.args:
         return None
+    elementwise = _ELEMENTWISE_OPS.get(expr.op.name)
+    if elementwise is not None:
+        values = [constant_value(arg, var2val) for arg in expr.args]
+        return None if any(v is None for v in values) else np.asarray(elementwise(*values))
     evaluate = _LAYOUT_OPS.get(expr.op.name)
     if evaluate is None:
         return None
@@ -60,6 +64,9 @@ def _squeeze(value, call):
 def _astype(value, call):
     return value.astype(str(call.attrs.dtype))
 
+
+# Ops over constant operands, all of them evaluated.
+_ELEMENTWISE_OPS = {"relax.isnan": np.isnan, "relax.where": np.where}
 
 _LAYOUT_OPS = {
     "relax.permute_dims": _permute,

@@ -154,7 +154,7 @@ class _SparsifyWeights:
             if not isinstance(func, relax.Function):
                 continue
             functions.append((gv, func))
-            for candidate in find_candidates(gv.name_hint, func):
+            for candidate in find_candidates(gv.name_hint, func, mod):
                 layer = _layer_report(candidate)
                 report.layers.append(layer)
                 job = self._job_for(gv, candidate, layer, taken)

@@ -9,7 +9,7 @@ from .build import compile, default_target
 from .errors import RuntimeUnavailable, SparseRTError, ToolchainError, UnsupportedProblem
 from .passes import DEFAULT_DENSITY_THRESHOLD, SMALL_CONVOLUTION_NNZ, SparsifyWeights
 from .report import LayerReport, SparsityReport, report_of
-from .schedules import CpuCsrConfig, CpuSpmmConfig, CudaCsrConfig, CudaSpmmConfig
+from .schedules import CpuCsrConfig, CpuDepthwiseConfig, CpuSpmmConfig, CudaCsrConfig, CudaSpmmConfig
 from .tuning.database import TuningDatabase
 from .tuning.tuner import TuneOptions
 
@@ -17,6 +17,7 @@ __all__ = [
     "DEFAULT_DENSITY_THRESHOLD",
     "SMALL_CONVOLUTION_NNZ",
     "CpuCsrConfig",
+    "CpuDepthwiseConfig",
     "CpuSpmmConfig",
     "CudaCsrConfig",
     "CudaSpmmConfig",

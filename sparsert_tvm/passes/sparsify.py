@@ -26,12 +26,12 @@ from .candidates import Candidate, find_candidates
 # there), matmuls / fully connected layers up to about 15% (1.5x at 10%, 0.84x at 20%).
 DEFAULT_DENSITY_THRESHOLD = {Layout.CHANNELS: 0.3, Layout.ROWS: 0.15}
 
-# Convolutions through a window with at most this many weights (stems) are rewritten at any
-# density when the caller gives no threshold, and on CUDA grouped ones too (depthwise layers):
-# so few weights build in about a second. On the 2-core CPU machine the unrolled kernel ran
-# dense stems 2.1x (MobileNet) and 19x (ResNet-50) faster than TVM's build, depthwise layers
-# 1.4x faster at 14x14 but 2x slower at 56x56 (benchmarks/results/small-conv-cpu-2core.md),
-# so on the CPU they stay with TVM. On CUDA, TVM's dense MobileNet ran 4.5x
+# Convolutions through a window with at most this many weights (stems, depthwise layers) are
+# rewritten at any density when the caller gives no threshold; on the CPU grouped ones only
+# where the depthwise kernel takes them (NCHW, each filter reading one channel). On the 2-core
+# CPU machine the unrolled kernel ran dense stems 3.4x (MobileNet) and 36x (ResNet-50) faster
+# than TVM's build, the depthwise kernel MobileNet's depthwise layers 1.3-3.5x
+# (benchmarks/results/small-conv-cpu-2core.md). On CUDA, TVM's dense MobileNet ran 4.5x
 # slower than PyTorch (1.8 ms against 0.4 ms on the H100, see issue [e2e]); with our kernels
 # for its stem and depthwise layers too, it ran in 87 us on the H200 at batch 1 (PyTorch fp32:
 # 298 us; benchmarks/results/e2e-h200.md). Layer by layer they are not yet timed against cuDNN.
@@ -51,14 +51,16 @@ def SparsifyWeights(target, density_threshold: float | None = None, **options) -
         Weights with this density (nonzeros / size) or less are rewritten. By default,
         ``DEFAULT_DENSITY_THRESHOLD[layout]``: 0.3 for NCHW convolutions, 0.15 for
         matmuls and NHWC convolutions; and convolutions through a window with at most
-        ``SMALL_CONVOLUTION_NNZ`` weights (stems) at any density, on CUDA grouped ones
-        (depthwise layers) too.
+        ``SMALL_CONVOLUTION_NNZ`` weights (stems, depthwise layers) at any density (on the
+        CPU, grouped ones where its depthwise kernel takes them).
     kernel_config : dict or config object, optional
         Overrides of the kernel tiling applied to every rewritten layer (fields of
         ``CudaSpmmConfig`` or ``CpuSpmmConfig``), or a whole config. A ``CudaCsrConfig`` or
         ``CpuCsrConfig``, or a dict with ``"kernel": "csr"`` and its fields, selects the
-        data-driven kernel (the CPU's default); a dict without ``"kernel"`` holds fields of
-        the unrolled one (``{"kernel": "unrolled"}`` alone: its default tiling).
+        data-driven kernel (the CPU's default above 16,384 nonzeros); on the CPU
+        ``"kernel": "depthwise"`` (``CpuDepthwiseConfig``) the depthwise one. A dict without
+        ``"kernel"`` holds fields of the unrolled one (``{"kernel": "unrolled"}`` alone: its
+        default tiling).
     dry_run : bool, optional
         Decide and report, but generate nothing and leave the module's functions as they
         are (what ``sparsert inspect`` shows).

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .base import BuiltKernel, SparseKernelRule
-from .config import CpuCsrConfig, CpuSpmmConfig, CudaCsrConfig, CudaSpmmConfig, KernelConfig
+from .config import CpuCsrConfig, CpuDepthwiseConfig, CpuSpmmConfig, CudaCsrConfig, CudaSpmmConfig, KernelConfig
 from .cpu.rule import CpuSpmmRule
 from .cuda.rule import CudaSpmmRule
 
@@ -19,6 +19,7 @@ __all__ = [
     "RULES",
     "BuiltKernel",
     "CpuCsrConfig",
+    "CpuDepthwiseConfig",
     "CpuSpmmConfig",
     "CudaCsrConfig",
     "CudaSpmmConfig",

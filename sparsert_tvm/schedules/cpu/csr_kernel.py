@@ -30,6 +30,7 @@ from .kernel import SUPPORTED_DTYPES
 from .tiles import (
     apply_epilogue,
     bias_reader,
+    fma,
     kernel_body,
     split_epilogue,
     store_tile,
@@ -146,7 +147,7 @@ class _Rows:
         value, offset = self.values[nz], self.index[self.arrays.offsets + nz]
         with T.vectorized(0, lanes) as lane:
             slot = chain * lanes + lane
-            term = tirx.call_llvm_pure_intrin(self.problem.dtype, "llvm.fmuladd", read(offset, lane), value, acc[slot])
+            term = fma(read(offset, lane), value, acc[slot], self.problem.dtype)
             T.buffer_store(acc, term, [slot])
 
     def _store_transposed(self, b, tile, yt, lo, hi):

@@ -28,7 +28,7 @@ from ...problem import SpmmProblem
 from ..base import kernel_columns_and_batch, operand_shapes, require_dtype
 from ..config import CpuDepthwiseConfig
 from .kernel import SUPPORTED_DTYPES
-from .tiles import RowTiles, apply_epilogue, bias_reader, kernel_body, scratch, values_and_biases
+from .tiles import RowTiles, apply_epilogue, bias_reader, fma, kernel_body, scratch, values_and_biases
 
 
 @dataclass(frozen=True)
@@ -99,7 +99,7 @@ def cpu_depthwise_kernel(problem: SpmmProblem, config: CpuDepthwiseConfig, name:
     lanes, starts = row_vectors(ow, config.vector_lanes)
     rows, row_starts = row_vectors(oh, config.output_rows)
     image = RowTiles(problem, columns, lanes)  # the padded copy's geometry, one channel at a time
-    tap_offsets = [ky * image.row + kx % image.sw * image.wq + kx // image.sw for ky, kx in arrays.taps]
+    tap_offsets = [image.plane_offset(ky, kx) for ky, kx in arrays.taps]
     xs, ys = problem.x_strides(), problem.y_strides()
 
     with IRBuilder() as builder:
@@ -121,7 +121,7 @@ def cpu_depthwise_kernel(problem: SpmmProblem, config: CpuDepthwiseConfig, name:
                                     acc = tirx.const(0, dtype)
                                     for weight, offset in zip(weights, tap_offsets):
                                         tap = plane[base + r * window.stride[0] * image.row + offset]
-                                        acc = tirx.call_llvm_pure_intrin(dtype, "llvm.fmuladd", tap, weight, acc)
+                                        acc = fma(tap, weight, acc, dtype)
                                     at = b * ys.batch + m * ys.k + (first_row + r) * ow + start + lane
                                     value = apply_epilogue(problem.epilogue, acc, m, dtype, r_flat, at, bias)
                                     T.buffer_store(y_flat, value, [at])

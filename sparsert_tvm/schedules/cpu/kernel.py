@@ -28,6 +28,7 @@ from ..config import CpuSpmmConfig
 from ..row_groups import split_by_cost
 from .tiles import (
     apply_epilogue,
+    fma,
     kernel_body,
     scratch,
     split_epilogue,
@@ -107,6 +108,6 @@ def _chunk_sums(problem: SpmmProblem, rows: list[int], read) -> list:
         tap = T.bind(read(k))
         for i, value in by_column[k]:
             c = tirx.const(value, dtype)
-            product = tap * c if sums[i] is None else tirx.call_llvm_pure_intrin(dtype, "llvm.fmuladd", tap, c, sums[i])
+            product = tap * c if sums[i] is None else fma(tap, c, sums[i], dtype)
             sums[i] = T.bind(product)
     return [zero(dtype) if total is None else total for total in sums]

@@ -150,7 +150,7 @@ class RowTiles:
         self.offsets = []  # of each tap from a tile's origin
         for k in range(problem.K):
             c, ky, kx = window.tap(k)
-            self.offsets.append((c * self.hp + ky) * self.row + kx % self.sw * self.wq + kx // self.sw)
+            self.offsets.append(c * self.plane_size + self.plane_offset(ky, kx))
 
     def prepare(self, x_flat, b):
         """The image, padded with zeros, as ``xp[c, hp, phase, wq]`` (an NHWC image is
@@ -175,6 +175,11 @@ class RowTiles:
     def plane_size(self) -> int:
         """Elements of one channel's padded copy."""
         return self.hp * self.row
+
+    def plane_offset(self, ky: int, kx: int) -> int:
+        """Where tap ``(ky, kx)`` of an output pixel reads, from the pixel's origin within a
+        channel's padded copy (its column phase, then its column within the phase)."""
+        return ky * self.row + kx % self.sw * self.wq + kx // self.sw
 
     @property
     def _image_rows(self) -> int:
@@ -241,6 +246,11 @@ class RowTiles:
 
     def valid(self, tile, lane):
         return self._column(tile) + lane < self.ow
+
+
+def fma(a, b, c, dtype: str):
+    """``a * b + c``, fused (LLVM's ``fmuladd``)."""
+    return tirx.call_llvm_pure_intrin(dtype, "llvm.fmuladd", a, b, c)
 
 
 def _fill(buf, start, count: int, value, width: int = 16):

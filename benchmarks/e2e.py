@@ -9,6 +9,8 @@ its defaults; ``keep_scale`` so that the output still depends on the input) and 
 
   sparsert, sparsert_cuda_graph      sparsert_tvm.compile (default thresholds) on the Relax VM,
                                      and built with TVM's CUDA-graph rewrite
+  sparsert_tuned(_cuda_graph)        with --tune N: the same, every layer tuned (``TuneOptions(max_candidates=N,
+                                     budget_s=--tune-budget)``, the run's database X.tuning.json beside X.json)
   tvm_dense, tvm_dense_cuda_graph    tvm.compile of the same module, both ways
   torch_fp32, torch_tf32, torch_fp16 the same ONNX graph run by eager PyTorch (onnx_torch.py),
                                      cuDNN's fastest algorithm per shape, TF32 off unless named
@@ -25,6 +27,9 @@ and the sparsity report's counts. A contender that cannot run is null, with a no
 ``--out X.json`` writes X.json, X.md and, with matplotlib, X.png, after every model;
 ``--deadline`` starts no model after that many seconds and ``--resume`` keeps the entries
 X.json holds, so a long run can take several calls. Batch 1 runs first, cheap models first.
+``--dtype float16`` converts the imported module with TVM's ``ToMixedPrecision`` (every
+operator in float16) for both TVM builds, and checks sparsert against them and PyTorch fp16
+(5e-2 of the scale: each layer rounds its sums to float16).
 ``--target llvm --small`` runs small versions on the CPU (PyTorch fp32 only, wall-clock
 timing): a smoke test of this script.
 """
@@ -74,13 +79,29 @@ SMALL = {  # --small: versions that build in seconds on a CPU (as tests/test_mod
 }
 CONTENDERS = ("sparsert", "sparsert_cuda_graph", "tvm_dense", "tvm_dense_cuda_graph",
               "torch_fp32", "torch_tf32", "torch_fp16")
+TUNED = ("sparsert_tuned", "sparsert_tuned_cuda_graph")  # with --tune
 TORCH_MODES = {"torch_fp32": "fp32", "torch_tf32": "tf32", "torch_fp16": "fp16"}
 COMPARISONS = {  # (output, reference): tolerance relative to the output's scale, None: recorded only
-    ("sparsert", "tvm_dense"): 1e-4,
-    ("sparsert", "torch_fp32"): 1e-3,
-    ("torch_tf32", "torch_fp32"): None,
-    ("torch_fp16", "torch_fp32"): None,
+    "float32": {
+        ("sparsert", "tvm_dense"): 1e-4,
+        ("sparsert_tuned", "tvm_dense"): 1e-4,
+        ("sparsert", "torch_fp32"): 1e-3,
+        ("torch_tf32", "torch_fp32"): None,
+        ("torch_fp16", "torch_fp32"): None,
+    },
+    # Both TVM builds round every operator's sums to float16 (the unrolled kernels after every
+    # FMA), in different orders, through ~50 layers; PyTorch's fp16 convolutions sum in float32.
+    "float16": {
+        ("sparsert", "tvm_dense"): 5e-2,
+        ("sparsert_tuned", "tvm_dense"): 5e-2,
+        ("sparsert", "torch_fp16"): 5e-2,
+        ("sparsert", "torch_fp32"): None,
+        ("tvm_dense", "torch_fp32"): None,
+        ("torch_fp16", "torch_fp32"): None,
+    },
 }
+DTYPE_NOTE = ("float16: both TVM builds (sparsert, tvm_dense) are the model after relax.transform.ToMixedPrecision"
+              "(out_dtype='float16'), input and output cast at the ends; PyTorch runs as named.\n")
 TOP_CALLS = 10
 TIMING = {
     "cuda": "Microseconds per inference (median). TVM builds: Relax VM time evaluator, plain and built with TVM's "
@@ -167,18 +188,24 @@ def wall_time_us(step, runs: int) -> float:
 def run_entry(name: str, sparsity: float, batch: int, where: Where, args, say) -> dict:
     model, pruned_layers = prune_model(build_model(name, batch, args.small), sparsity, keep_scale=True)
     mod = from_onnx(model, keep_params_in_input=False)
+    if args.dtype == "float16":  # both TVM builds; the input and output stay float32
+        mod = relax.transform.ToMixedPrecision(out_dtype="float16")(mod)
     x = models.random_input(model)
-    entry = {"model": name, "sparsity": sparsity, "batch": batch, "input": list(x.shape),
-             "us": dict.fromkeys(CONTENDERS), "notes": {}, "compile_s": {}}
+    entry = {"model": name, "sparsity": sparsity, "batch": batch, "dtype": args.dtype, "input": list(x.shape),
+             "us": dict.fromkeys(CONTENDERS + (TUNED if args.tune else ())), "notes": {}, "compile_s": {}}
     outputs, report = {}, sparsert_tvm.SparsityReport()
-    builders = {
-        "sparsert": lambda report: sparsert_tvm.compile(mod, where.target, report=report),
-        "tvm_dense": lambda report: tvm.compile(mod, where.target),
-    }
+    builders = {"sparsert": lambda report: sparsert_tvm.compile(mod, where.target, report=report)}
+    tuned_report = sparsert_tvm.SparsityReport()
+    if args.tune:
+        options = sparsert_tvm.TuneOptions(max_candidates=args.tune, budget_s=args.tune_budget,
+                                           database=tuning_database(args.out))
+        builders["sparsert_tuned"] = lambda report: sparsert_tvm.compile(mod, where.target, report=report, tune=options)
+    builders["tvm_dense"] = lambda report: tvm.compile(mod, where.target)
     for label, builder in builders.items():
         say(f"{label}: compiling and timing")
         try:
-            times, outputs[label] = measure_tvm(label, builder, report, where, x, args.runs, label == "sparsert")
+            times, outputs[label] = measure_tvm(label, builder, tuned_report if label == "sparsert_tuned" else report,
+                                                where, x, args.runs, label == "sparsert")
         except Exception as error:  # noqa: BLE001 - a contender that cannot run is null
             entry["notes"][label] = last_line(error)
             continue
@@ -190,6 +217,8 @@ def run_entry(name: str, sparsity: float, batch: int, where: Where, args, say) -
             entry["split"] = [dataclasses.asdict(call) for call in times.top(TOP_CALLS)]
             entry["split_by_kind"] = {**times.by_kind(), "total": sum(times.by_kind().values())}
     entry["layers"] = layer_counts(report, pruned_layers)
+    if args.tune:
+        entry["tuning"] = tuning_summary(tuned_report, args)
     for label, mode in TORCH_MODES.items():
         if not where.cuda and mode != "fp32":
             entry["notes"][label] = "CUDA only"
@@ -199,7 +228,7 @@ def run_entry(name: str, sparsity: float, batch: int, where: Where, args, say) -
             entry["us"][label], outputs[label] = measure_torch(model, x, mode, where.torch_device, args.runs)
         except Exception as error:  # noqa: BLE001 - a contender that cannot run is null
             entry["notes"][label] = last_line(error)
-    entry["max_rel_error"], entry["correct"] = check(outputs)
+    entry["max_rel_error"], entry["correct"] = check(outputs, COMPARISONS[args.dtype])
     return entry
 
 
@@ -212,11 +241,32 @@ def layer_counts(report: sparsert_tvm.SparsityReport, pruned_layers) -> dict:
     }
 
 
-def check(outputs: dict) -> tuple[dict, bool]:
+def tuning_database(out: str) -> Path:
+    """The run's own database, beside its results: each layer is tuned once per run, and
+    a later run with the same file reuses what it holds."""
+    return Path(out).with_suffix(".tuning.json")
+
+
+def tuning_summary(report: sparsert_tvm.SparsityReport, args) -> dict:
+    """How the tuned build's layers got their configs, the time the tuner spent, and its own
+    estimate (single cold launches) of what that saved per layer."""
+    sparse = report.sparse_layers
+    sources = [layer.params.get("config_source", "default") for layer in sparse]
+    timed = [layer.params for layer in sparse if "tuned_us" in layer.params]
+    return {
+        "max_candidates": args.tune, "budget_s": args.tune_budget,
+        "configs": {source: sources.count(source) for source in sorted(set(sources))},
+        "tune_s": round(sum(params["tune_s"] for params in timed), 1),
+        "cold_us_default": round(sum(params["default_us"] for params in timed), 1),
+        "cold_us_tuned": round(sum(params["tuned_us"] for params in timed), 1),
+    }
+
+
+def check(outputs: dict, comparisons: dict) -> tuple[dict, bool]:
     """Errors of the outputs that ran against their references; correct if sparsert's were
     measured against at least one reference and are all within tolerance."""
     errors, checked = {}, []
-    for (label, reference), tolerance in COMPARISONS.items():
+    for (label, reference), tolerance in comparisons.items():
         if label in outputs and reference in outputs:
             error = bench.relative_error(outputs[label], outputs[reference])
             errors[f"{label}_vs_{reference}"] = error
@@ -254,13 +304,23 @@ def _table(header: list[str], rows: list[list]) -> list[str]:
     return lines + ["| " + " | ".join(map(str, row)) + " |" for row in rows]
 
 
+def contenders(entries: list[dict]) -> tuple[str, ...]:
+    """The contenders of the run: the tuned build's only where it was asked for."""
+    tuned = any(TUNED[0] in e["us"] for e in entries)
+    return CONTENDERS[:2] + (TUNED if tuned else ()) + CONTENDERS[2:]
+
+
 def markdown(result: dict) -> list[str]:
-    entries = result["models"]
-    latency = _table(["model", "sparsity", "batch", *CONTENDERS, "correct"],
-                     [[*_cells(e), *(_us(e["us"][c]) for c in CONTENDERS), "yes" if e["correct"] else "NO"]
+    entries, shown = result["models"], contenders(result["models"])
+    tuned = TUNED[0] in shown
+    latency = _table(["model", "sparsity", "batch", *shown, "correct"],
+                     [[*_cells(e), *(_us(e["us"].get(c)) for c in shown), "yes" if e["correct"] else "NO"]
                       for e in entries])
-    speedups = _table(["model", "sparsity", "batch", "vs tvm_dense", *(f"vs {c}" for c in TORCH_MODES)],
-                      [[*_cells(e), *(_speedup(best(e, "sparsert"), best(e, c)) for c in ("tvm_dense", *TORCH_MODES))]
+    others = ("tvm_dense", *TORCH_MODES)
+    speedups = _table(["model", "sparsity", "batch", *(f"vs {c}" for c in others),
+                       *(["tuned over untuned"] if tuned else [])],
+                      [[*_cells(e), *(_speedup(best(e, "sparsert"), best(e, c)) for c in others),
+                        *([_speedup(best(e, TUNED[0]), best(e, "sparsert"))] if tuned else [])]
                        for e in entries])
     builds = _table(
         ["model", "sparsity", "batch", "rewritten / candidates", "nnz", "compile s (sparse / dense)",
@@ -272,10 +332,19 @@ def markdown(result: dict) -> list[str]:
     lines = [
         f"# End-to-end latency: {result['device']}, {result['date']}", "",
         TIMING[result["target"]], "",
+        *([DTYPE_NOTE] if result.get("dtype") == "float16" else []),
         *latency, "", "Speedup of sparsert (its faster figure) over each contender (TVM dense: its faster figure):", "",
         *speedups, "", "Layers, compile time, the sparse build's instrumented time by kind, output errors:", "",
         *builds,
     ]
+    tuning = [[*_cells(e), f"{t['max_candidates']} / {t['budget_s']:g}",
+               ", ".join(f"{k} {v}" for k, v in t["configs"].items()), t["tune_s"],
+               f"{t['cold_us_default']:,.1f} -> {t['cold_us_tuned']:,.1f}"]
+              for e in entries if (t := e.get("tuning")) and e["us"].get(TUNED[0])]
+    if tuning:
+        lines += ["", "Tuning (configs by source; the tuner's own sums of single cold launches over the tuned layers):",
+                  "", *_table(["model", "sparsity", "batch", "candidates / budget s", "configs", "tune s",
+                               "cold us default -> tuned"], tuning)]
     notes = [f"- {_name(e)}, {label}: {note}" for e in entries for label, note in e["notes"].items()]
     if notes:
         lines += ["", "Contenders not measured, and why:", "", *notes]
@@ -294,12 +363,12 @@ def plot(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    entries = result["models"]
+    entries, shown = result["models"], contenders(result["models"])
     fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(entries)), 4.5))
-    width = 0.8 / len(CONTENDERS)
-    for i, contender in enumerate(CONTENDERS):
-        values = [e["us"][contender] or np.nan for e in entries]  # a missing contender draws no bar
-        ax.bar(np.arange(len(entries)) + (i - len(CONTENDERS) / 2 + 0.5) * width, values, width, label=contender)
+    width = 0.8 / len(shown)
+    for i, contender in enumerate(shown):
+        values = [e["us"].get(contender) or np.nan for e in entries]  # a missing contender draws no bar
+        ax.bar(np.arange(len(entries)) + (i - len(shown) / 2 + 0.5) * width, values, width, label=contender)
     ax.set_xticks(np.arange(len(entries)), [f"{e['model']}\n{e['sparsity']:.0%} b{e['batch']}" for e in entries])
     ax.set_yscale("log")
     ax.set_ylabel("us per inference (log)")
@@ -339,6 +408,11 @@ def parse_args():
     parser.add_argument("--resume", action="store_true", help="keep the entries --out holds, run the rest")
     parser.add_argument("--target", choices=["cuda", "llvm"], default="cuda", help="llvm: a CPU smoke run")
     parser.add_argument("--small", action="store_true", help="small versions of the models (CPU smoke runs)")
+    parser.add_argument("--tune", type=int, default=0, metavar="CANDIDATES",
+                        help="also build with the autotuner, this many candidates per layer (sparsert_tuned)")
+    parser.add_argument("--tune-budget", type=float, default=30.0, help="seconds of tuning per layer at most")
+    parser.add_argument("--dtype", choices=list(COMPARISONS), default="float32",
+                        help="float16: both TVM builds converted by relax.transform.ToMixedPrecision (CUDA)")
     return parser.parse_args()
 
 
@@ -350,11 +424,13 @@ def main():
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     result = {"device": device_name(args.target), "date": datetime.date.today().isoformat(), "target": args.target,
-              "small": args.small, "kernel_cache": str(cache_dir()) if cache_dir() else None, "models": []}
+              "small": args.small, "dtype": args.dtype, "kernel_cache": str(cache_dir()) if cache_dir() else None,
+              "models": []}
     if args.resume and out.exists():
         previous = json.loads(out.read_text())
-        if (previous["device"], previous["small"]) != (result["device"], result["small"]):
-            sys.exit(f"{out} holds {previous['device']} (small={previous['small']}): not resuming it here")
+        kind = (previous["device"], previous["small"], previous.get("dtype", "float32"))
+        if kind != (result["device"], result["small"], result["dtype"]):
+            sys.exit(f"{out} holds {kind} (device, small, dtype): not resuming it here")
         result["models"] = previous["models"]
     done = {(e["model"], e["sparsity"], e["batch"]) for e in result["models"]}
     todo = [(name, sparsity, batch) for batch in sorted(args.batches) for sparsity in args.sparsity
@@ -369,7 +445,7 @@ def main():
         entry = run_entry(name, sparsity, batch, where, args, lambda step: print(f"{label}: {step}", flush=True))
         result["models"].append(entry)
         lines = write(result, out)
-        us = ", ".join(f"{c} {_us(entry['us'][c])}" for c in CONTENDERS)
+        us = ", ".join(f"{c} {_us(value)}" for c, value in entry["us"].items())
         print(f"{label}: {us} us; correct: {entry['correct']}", flush=True)
     print("\n".join(lines))
 

@@ -31,6 +31,7 @@ class LayerReport:
     N: str = ""  # noqa: N815 - columns of the product (may be symbolic)
     nnz: int = 0
     density: float = float("nan")
+    dtype: str = ""  # of the weight and activations, where the operator was understood
     epilogue: list = field(default_factory=list)
     kernel: str | None = None  # name of the generated PrimFunc
     params: dict = field(default_factory=dict)
@@ -85,7 +86,8 @@ class SparsityReport:
             table.add_column(column, justify=justify, overflow="fold")
         for layer in self.layers:
             table.add_row(
-                layer.name, layer.op, f"{layer.M}x{layer.K}" if layer.M else "-", layer.N or "-",
+                layer.name, layer.op + (f" {layer.dtype}" if layer.dtype not in ("", "float32") else ""),
+                f"{layer.M}x{layer.K}" if layer.M else "-", layer.N or "-",
                 f"{layer.nnz:,}" if layer.M else "-",
                 f"{layer.density:.3f}" if layer.M else "-",
                 "+".join(layer.epilogue) or "-", layer.decision, _format_params(layer.params),

@@ -71,6 +71,8 @@ def test_models_tvm_converts_to_float16_keep_every_sparse_layer(name):
     for dtype, module in (("float32", mod), ("float16", half)):
         report = sp.report_of(sp.SparsifyWeights(cuda, dry_run=True)(module))
         layers[dtype] = sorted((l.op, l.M, l.K, l.nnz) for l in report.sparse_layers)
+        assert {l.dtype for l in report.sparse_layers} == {dtype}
+        assert (dtype == "float16") == (" float16" in report.table(width=400))
     assert layers["float32"] and layers["float16"] == layers["float32"]
 
 
@@ -79,7 +81,7 @@ def outputs(vm, x, device) -> list[np.ndarray]:
     return [result.numpy()] if hasattr(result, "numpy") else [value.numpy() for value in result]
 
 
-def check_against_dense(model, target, sparsity=0.9):
+def check_against_dense(model, target, sparsity=0.9, dtype="float32"):
     """Sparse build against TVM's dense build of the same pruned model, on the same input,
     output by output, each relative to its own largest magnitude.
 
@@ -88,9 +90,13 @@ def check_against_dense(model, target, sparsity=0.9):
     while a wrong index, value or epilogue moves outputs by a sizeable fraction of it. For
     the comparison to mean anything, every output must depend on the input (a pruned random
     network can settle to its biases), and CNNs are compared on their last feature map too,
-    not only on logits that global pooling has averaged.
+    not only on logits that global pooling has averaged. ``dtype="float16"`` converts the
+    module with TVM's ``ToMixedPrecision`` first (both builds round each operator's sums to
+    float16, in different orders: 2e-2 of the scale).
     """
     pruned, mod = pruned_module(model, sparsity)
+    if dtype == "float16":
+        mod = relax.transform.ToMixedPrecision(out_dtype="float16")(mod)
     x, other_x = models.random_input(pruned, seed=0), models.random_input(pruned, seed=1)
     report = sp.SparsityReport()
     device = device_of(target)
@@ -102,7 +108,7 @@ def check_against_dense(model, target, sparsity=0.9):
                                         strict=True):
         scale = float(np.abs(expected).max())
         assert np.abs(expected - elsewhere).max() > 1e-3 * scale, "output does not depend on the input"
-        assert_close(got / scale, expected / scale)
+        assert_close(got / scale, expected / scale, dtype)
     return report
 
 
@@ -141,6 +147,13 @@ def test_small_models_match_the_dense_build_on_the_cpu(name, sparsity):
 def test_small_models_match_the_dense_build_on_the_gpu(gpu_target, name, sparsity):
     report = check_against_dense(SMALL[name](np.random.default_rng(1)), gpu_target, sparsity)
     assert report.sparse_layers
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["bert", "mobilenet_v1", "resnet50"])  # see the float16 conversion test above
+def test_small_models_converted_to_float16_match_the_dense_build_on_the_gpu(gpu_target, name):
+    report = check_against_dense(SMALL[name](np.random.default_rng(1)), gpu_target, dtype="float16")
+    assert report.sparse_layers and all(layer.dtype == "float16" for layer in report.sparse_layers)
 
 
 @pytest.mark.gpu

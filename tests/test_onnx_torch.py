@@ -107,12 +107,13 @@ def test_the_e2e_benchmark_runs_on_the_cpu(tmp_path, monkeypatch, capsys):
 
     out = tmp_path / "e2e.json"
     argv = ["e2e.py", "--target", "llvm", "--small", "--models", "mobilenet_v1", "--batches", "1", "--runs", "2",
-            "--out", str(out)]
+            "--tune", "2", "--out", str(out)]
     monkeypatch.setattr(sys, "argv", argv)
     e2e.main()
     (entry,) = e2e.json.loads(out.read_text())["models"]
     assert entry["correct"] and entry["layers"]["rewritten"] > 0
     assert entry["us"]["sparsert"] and entry["us"]["tvm_dense"] and entry["us"]["torch_fp32"]
     assert entry["us"]["torch_fp16"] is None and entry["notes"]["torch_fp16"] == "CUDA only"
-    assert out.with_suffix(".md").exists()
+    assert entry["us"]["sparsert_tuned"] is None and "CUDA" in entry["notes"]["sparsert_tuned"]
+    assert "sparsert_tuned" in out.with_suffix(".md").read_text()
     assert "mobilenet_v1" in capsys.readouterr().out

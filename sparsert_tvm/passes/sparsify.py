@@ -268,7 +268,7 @@ def _layer_report(candidate: Candidate) -> LayerReport:
     if candidate.problem is not None:
         problem = candidate.problem
         layer.input_shape = "x".join(_format_dim(d) for d in problem.x_shape)
-        layer.N = _format_dim(problem.columns)
+        layer.N, layer.dtype = _format_dim(problem.columns), problem.dtype
         if problem.static_batch != 1:
             layer.N = f"{_format_dim(problem.x_shape[0])}*{layer.N}"
         layer.epilogue = [op.describe() for op in problem.epilogue]

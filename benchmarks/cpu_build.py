@@ -40,23 +40,29 @@ BUILDS = {"default": None, "csr": {"kernel": "csr"}, "unrolled": {"kernel": "unr
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", choices=["mobilenet_v1", "mobilenet_v2", "resnet50"], default="mobilenet_v1")
-    parser.add_argument("--width", type=float, default=0.5)
-    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--model", choices=["mobilenet_v1", "mobilenet_v2", "resnet50", "bert_base"],
+                        default="mobilenet_v1")
+    parser.add_argument("--width", type=float, default=0.5, help="CNNs: channels scaled by this")
+    parser.add_argument("--size", type=int, default=224, help="CNNs: image size")
+    parser.add_argument("--layers", type=int, default=12, help="bert_base: encoder layers (sequence 128)")
     parser.add_argument("--sparsity", type=float, default=0.9)
     parser.add_argument("--builds", default=",".join(BUILDS), help=f"comma-separated, of {list(BUILDS)}")
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--libraries", action="store_true",
                         help="also time the dense model in PyTorch (eager) and onnxruntime (where installed)")
     args = parser.parse_args()
-    network = getattr(models, args.model)(np.random.default_rng(0), width=args.width, size=args.size)
+    rng = np.random.default_rng(0)
+    if args.model == "bert_base":
+        network, shape = models.bert_encoder(rng, layers=args.layers), f"{args.layers} layers, sequence 128"
+    else:
+        network = getattr(models, args.model)(rng, width=args.width, size=args.size)
+        shape = f"width {args.width} at {args.size}x{args.size}"
     model, _ = prune_model(network, args.sparsity)
     mod = from_onnx(model, keep_params_in_input=False)
     x = tvm.runtime.tensor(models.random_input(model))
     target = host_cpu_target()
     dense = relax.VirtualMachine(tvm.compile(mod, target), tvm.cpu())["main"](x).numpy()
-    print(f"{args.model} width {args.width} at {args.size}x{args.size}, {args.sparsity:.0%} pruned, "
-          f"{host_cpu_target()}")
+    print(f"{args.model} {shape}, {args.sparsity:.0%} pruned, {host_cpu_target()}")
     timers = {}
     for label in args.builds.split(","):
         start = time.perf_counter()

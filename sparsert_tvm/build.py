@@ -6,8 +6,10 @@ module's ``external_mods``), so plain ``tvm.compile`` builds a rewritten module 
 
 On the CPU, ``tvm.compile`` runs Relax's generic pipeline, which fuses nothing: every bias
 add and ReLU that TVM keeps (after dense depthwise convolutions, say) is a pass over memory
-of its own. ``compile`` runs TVM's CPU pipeline instead (``relax.get_default_pipeline``,
-with ``FuseOps``/``FuseTIR``), as ``tvm.compile`` already does on GPUs.
+of its own. ``compile`` runs TVM's CPU pipeline instead (``relax.backend.cpu_generic``, with
+``FuseOps``/``FuseTIR``), as ``tvm.compile`` already does on GPUs, and schedules the
+operators it lowers (``schedules.cpu.tvm_operators``): TVM's CPU pipeline leaves each to one
+thread of scalar loops.
 """
 
 from __future__ import annotations
@@ -15,9 +17,12 @@ from __future__ import annotations
 import tvm
 import tvm_ffi
 from tvm import relax
+from tvm.relax.backend.cpu_generic import pipeline as cpu_generic_pipeline
+from tvm.s_tir import dlight
 
 from .passes import SparsifyWeights
 from .report import SparsityReport, report_of
+from .schedules.cpu import tvm_operators
 from .schedules.cpu.lowering import KERNEL_LLVM_OPTIONS, register_pipeline, with_llvm_options
 
 __all__ = [
@@ -67,8 +72,28 @@ def relax_pipeline(mod: tvm.IRModule, target: tvm.target.Target):
     because its fusion can drop a ``call_pure_packed`` whose result is unused but whose
     side effect is not)."""
     if target.kind.name == "llvm" and not _calls_packed_functions(mod):
-        return relax.get_default_pipeline(target)
+        return _scheduled_cpu_pipeline(target)
     return "default"
+
+
+def _scheduled_cpu_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
+    """TVM's CPU pipeline with the operators it lowers scheduled after fusion, and exp, erf
+    and tanh computed by TVM's polynomial approximations (``FastMathTransform``): within
+    3.3e-7 of the exact values relative, where LLVM calls libm once per element for
+    them (erf: 112 against 5,867 us for 393k elements on 2 cores, GELU's share of BERT)."""
+    cpu = cpu_generic_pipeline
+    schedule = dlight.ApplyDefaultSchedule(*tvm_operators.schedule_rules())
+
+    @tvm.transform.module_pass(opt_level=0, name="SparsertCpuPipeline")
+    def pipeline(mod: tvm.IRModule, _context) -> tvm.IRModule:
+        with target:
+            return tvm.transform.Sequential(
+                cpu.library_dispatch_passes(target) + [relax.transform.FastMathTransform()]
+                + cpu.legalize_passes(target) + [schedule]
+                + cpu.dataflow_lower_passes(target) + cpu.finalize_passes(target)
+            )(mod)
+
+    return pipeline
 
 
 def _calls_packed_functions(mod: tvm.IRModule) -> bool:

@@ -6,7 +6,7 @@ from tvm.s_tir.dlight.base import get_extent
 from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
 from tvm.target import Target
 
-from .common import vector_lanes
+from .common import reads_one_iterator_per_index, vector_lanes
 
 TILE_ROWS = 4  # output rows per tile: their sums, with the vectors below, stay in registers
 TILE_VECTORS = 2  # vectors of output columns per tile
@@ -33,6 +33,8 @@ class ActivationMatmul(CPUScheduleRule):
         if product.dom_kind()[-3:] != "SSR" or "R" in product.dom_kind()[:-1]:
             return None
         if epilogue and not epilogue[0].is_injective():
+            return None
+        if not reads_one_iterator_per_index(sch, product.block_rv):  # a convolution, through its window
             return None
         *batch, rows, columns, k = sch.get_loops(product.block_rv)
         row_count, column_count = get_extent(sch, rows), get_extent(sch, columns)

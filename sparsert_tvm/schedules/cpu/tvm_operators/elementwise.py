@@ -7,8 +7,11 @@ from tvm.s_tir.dlight.analysis import normalize_prim_func
 from tvm.s_tir.dlight.base import get_extent, try_inline
 from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
 from tvm.target import Target
+from tvm_ffi import get_global_func
 
 from .common import PARALLEL_MIN_ELEMENTS, vector_lanes
+
+has_if_then_else = get_global_func("s_tir.schedule.HasIfThenElse")
 
 
 class Elementwise(CPUScheduleRule):
@@ -29,8 +32,8 @@ class Elementwise(CPUScheduleRule):
         if not blocks or not all(block.is_injective() for block in blocks):
             return None
         blocks = try_inline(sch, blocks)
-        if len(blocks) != 1:
-            return None
+        if len(blocks) != 1 or has_if_then_else(sch.get(blocks[0].block_rv)):
+            return None  # concatenations and pads: vectors would read every side of each select
         block = blocks[0].block_rv
         *outer, inner = sch.get_loops(block) or [None]
         if inner is None:

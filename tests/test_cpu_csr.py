@@ -40,6 +40,15 @@ def test_row_blocks_split_the_rows_into_even_consecutive_runs(blocks):
     assert (arrays.values[: problem.weight.nnz] == problem.weight.dense[problem.weight.dense != 0]).all()
 
 
+@pytest.mark.parametrize(("k", "lanes"), [(768, 32), (2048, 32), (3072, 16), (8192, 16)])
+def test_csr_tiles_narrow_where_a_staged_tile_would_leave_the_cache(k, lanes):
+    """Two AVX-512 registers of columns, one where K rows of them pass 256 KB."""
+    avx512 = tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "skylake-avx512"})
+    weight = np.zeros((4, k), "float32")
+    weight[:, ::97] = 1.0
+    assert tuning.cpu_config(_problem(weight, n=128), "csr", avx512).vector_lanes == lanes
+
+
 def test_offsets_beyond_32_bits_are_refused():
     """As an ``UnsupportedProblem``: the pass then leaves the layer dense, with the reason."""
     problem = _problem(np.eye(4, dtype="float32"))

@@ -413,6 +413,8 @@ def cpu_vector_registers(target) -> int:
 
 # Average nonzeros per row from which the CSR kernel sums a row in two chains.
 _LONG_ROW_NNZ = 16
+# Bytes of a staged tile of X above which the CSR kernel takes fewer lanes (see cpu_config).
+_STAGED_TILE_BYTES = 256 * 1024
 # Parallel tasks per image the CSR kernel aims for, per core: enough that uneven tasks even out.
 _TASKS_PER_CORE = 4
 
@@ -438,6 +440,13 @@ def cpu_config(problem: SpmmProblem, kernel: str, target) -> CpuConfig:
     # 2 cores of a znver3 (AVX2) 16 and 32 lanes ran within noise of each other on seven
     # ResNet-50 1x1 and 3x3 layers (32 took 0.90-1.16x the time of 16, 2026-12-04).
     lanes = cpu_vector_lanes(problem, target)
+    # Outside a window the kernel first stages X's tiles, K rows of ``lanes`` columns each,
+    # which every row then reads at its nonzeros' rows: past about 256 KB a tile falls out of
+    # the core's share of cache, and BERT's 768x3072 layer (a 384 KB tile at 32 lanes) ran
+    # 1.3x faster at 16 on the 2-core machine (1,464 against 1,902 us at N = 128).
+    while problem.window is None and lanes > cpu_vector_lanes(problem, target, 1) \
+            and problem.K * lanes * 4 > _STAGED_TILE_BYTES:
+        lanes //= 2
     # Two chains pay on long rows (an FC layer at N = 1: 1.4x faster on the 2-core machine),
     # but the rest of an odd row costs a loop of its own: ResNet-50's and MobileNet's 1x1
     # layers of 32-64 input channels (3-6 nonzeros per row at 10%) ran 1.2-1.4x slower.

@@ -27,7 +27,8 @@ from .schedules.cpu import tvm_operators
 from .schedules.cpu.lowering import KERNEL_LLVM_OPTIONS, register_pipeline, with_llvm_options
 
 __all__ = [
-    "KERNEL_LLVM_OPTIONS", "compile", "cuda_target", "default_target", "host_cpu_target", "register_pipeline",
+    "KERNEL_LLVM_OPTIONS", "compile", "cpu_operator_passes", "cuda_target", "default_target", "host_cpu_target",
+    "register_pipeline",
     "relax_pipeline", "with_llvm_options",
 ]
 

@@ -7,13 +7,14 @@ Data flow: Relax IR in (``passes``), each constant sparse weight analysed (``wei
 
 from .build import compile, default_target
 from .errors import RuntimeUnavailable, SparseRTError, ToolchainError, UnsupportedProblem
-from .passes import DEFAULT_DENSITY_THRESHOLD, SMALL_CONVOLUTION_NNZ, SparsifyWeights
+from .passes import CPU_MIN_GROUP_CHANNELS, DEFAULT_DENSITY_THRESHOLD, SMALL_CONVOLUTION_NNZ, SparsifyWeights
 from .report import LayerReport, SparsityReport, report_of
 from .schedules import CpuCsrConfig, CpuDepthwiseConfig, CpuSpmmConfig, CudaCsrConfig, CudaSpmmConfig
 from .tuning.database import TuningDatabase
 from .tuning.tuner import TuneOptions
 
 __all__ = [
+    "CPU_MIN_GROUP_CHANNELS",
     "DEFAULT_DENSITY_THRESHOLD",
     "SMALL_CONVOLUTION_NNZ",
     "CpuCsrConfig",

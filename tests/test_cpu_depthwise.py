@@ -81,7 +81,7 @@ def test_the_product_kernels_still_take_depthwise_layers(kernel):
 
 
 def test_dense_depthwise_layers_are_rewritten_on_the_cpu_in_nchw_only():
-    """As small convolutions, at any density: NCHW gets the depthwise kernel; NHWC depthwise
+    """At any density: NCHW gets the depthwise kernel; NHWC depthwise
     layers and other grouped ones stay with TVM unless sparse."""
     rng = np.random.default_rng(7)
     nchw = depthwise(rng, "3x3", epilogue=("bias", "relu"))

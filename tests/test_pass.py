@@ -11,7 +11,9 @@ from tvm import relax, tirx
 
 import sparsert_tvm as sp
 from helpers import CPU_TARGET, KINDS, Compiled, assert_close, make_case, sparse_matrix
+from conv_cases import make_conv
 from sparsert_tvm.problem import Layout
+from test_conv import check
 
 RNG_SEED = 11
 
@@ -70,14 +72,37 @@ def test_density_above_threshold_stays_dense():
 
 @pytest.mark.parametrize("kind", ["matmul", "conv_nchw"])
 def test_default_threshold_depends_on_the_layout(kind):
+    """On CUDA; on the CPU too for matmuls (its convolutions: the next test)."""
     rng = np.random.default_rng(RNG_SEED)
     layout = Layout.CHANNELS if kind == "conv_nchw" else Layout.ROWS
     default = sp.DEFAULT_DENSITY_THRESHOLD[layout]
     shape = (4, 64) if kind == "matmul" else (1, 64, 2, 2)
+    cuda = tvm.target.Target({"kind": "cuda", "arch": "sm_90"})
     for density, decision in [(default * 0.7, "sparse"), (min(1.0, default * 1.5), "dense")]:
         case = make_case(rng, kind, 64, 64, density, shape)
-        _, report = sparsify(case.module(), threshold=None)
-        assert report.layers[0].decision == decision, report.layers[0].reason
+        for target in (cuda, CPU_TARGET) if kind == "matmul" else (cuda,):
+            report = sp.report_of(sp.SparsifyWeights(target, dry_run=True)(case.module()))
+            assert report.layers[0].decision == decision, report.layers[0].reason
+
+
+@pytest.mark.parametrize(("kind", "groups", "decision"), [
+    ("conv_nchw", 1, "sparse"), ("conv_nhwc", 1, "sparse"),
+    ("conv_nchw", 2, "sparse"),  # 16 input channels per group
+    ("conv_nhwc", 8, "dense"),  # 4 per group, and the depthwise kernel takes NCHW only
+])
+def test_the_cpu_rewrites_convolutions_at_any_density(kind, groups, decision):
+    """TVM's CPU pipeline leaves its convolutions unscheduled, so dense ones are ours too,
+    but for narrow groups the depthwise kernel does not take."""
+    rng = np.random.default_rng(RNG_SEED)
+    layout = "NHWC" if kind == "conv_nhwc" else "NCHW"
+    case = make_conv(rng, 32, 32, (3, 3), (5, 5), 1.0, groups=groups, layout=layout, epilogue=("bias", "relu"))
+    _, report = sparsify(case.module(), threshold=None)
+    (layer,) = report.layers
+    assert layer.decision == decision, layer.reason
+    if decision == "sparse":
+        assert "as a convolution (any density)" in layer.reason
+        (layer,) = check(case, CPU_TARGET, batches=(1,), density_threshold=None)
+        assert layer.nnz == case.weight.size
 
 
 @pytest.mark.parametrize("bad", [-0.1, 1.5, math.nan, math.inf, "0.5", True, None.__class__])

@@ -26,16 +26,24 @@ from .candidates import Candidate, find_candidates
 # there), matmuls / fully connected layers up to about 15% (1.5x at 10%, 0.84x at 20%).
 DEFAULT_DENSITY_THRESHOLD = {Layout.CHANNELS: 0.3, Layout.ROWS: 0.15}
 
-# Convolutions through a window with at most this many weights (stems, depthwise layers) are
-# rewritten at any density when the caller gives no threshold; on the CPU grouped ones only
-# where the depthwise kernel takes them (NCHW, each filter reading one channel). On the 2-core
-# CPU machine the unrolled kernel ran dense stems 3.4x (MobileNet) and 36x (ResNet-50) faster
-# than TVM's build, the depthwise kernel MobileNet's depthwise layers 1.3-3.5x
-# (benchmarks/results/small-conv-cpu-2core.md). On CUDA, TVM's dense MobileNet ran 4.5x
+# On CUDA, convolutions through a window with at most this many weights (stems, depthwise
+# layers) are rewritten at any density when the caller gives no threshold (the CPU's rule is
+# below; there the unrolled kernel ran dense stems 3.4x (MobileNet) and 36x (ResNet-50) faster
+# than TVM's build, the depthwise kernel MobileNet's depthwise layers 1.3-3.5x,
+# benchmarks/results/small-conv-cpu-2core.md). On CUDA, TVM's dense MobileNet ran 4.5x
 # slower than PyTorch (1.8 ms against 0.4 ms on the H100, see issue [e2e]); with our kernels
 # for its stem and depthwise layers too, it ran in 87 us on the H200 at batch 1 (PyTorch fp32:
 # 298 us; benchmarks/results/e2e-h200.md). Layer by layer they are not yet timed against cuDNN.
 SMALL_CONVOLUTION_NNZ = 32768
+
+# On the CPU every convolution is rewritten at any density under the default threshold: TVM's
+# CPU pipeline leaves its own convolutions unscheduled, one thread of scalar loops. On the
+# 2-core machine a dense 3x3 convolution of 128 channels at 28x28 took 120 ms there and 5.6 ms
+# in the CSR kernel, a dense 1x1 one of 256 channels at 14x14 10.8 ms against 0.43. Grouped
+# convolutions of fewer input channels per group than this, other than those the depthwise
+# kernel takes (NHWC depthwise layers, whose loop over channels LLVM vectorises: 0.2 ms for
+# 128 channels at 56x56), stay with TVM.
+CPU_MIN_GROUP_CHANNELS = 8
 
 _OPTIONS = ("kernel_config", "dry_run", "tune", "tuning_database")
 
@@ -50,9 +58,10 @@ def SparsifyWeights(target, density_threshold: float | None = None, **options) -
     density_threshold : float in [0, 1], optional
         Weights with this density (nonzeros / size) or less are rewritten. By default,
         ``DEFAULT_DENSITY_THRESHOLD[layout]``: 0.3 for NCHW convolutions, 0.15 for
-        matmuls and NHWC convolutions; and convolutions through a window with at most
-        ``SMALL_CONVOLUTION_NNZ`` weights (stems, depthwise layers) at any density (on the
-        CPU, grouped ones where its depthwise kernel takes them).
+        matmuls and NHWC convolutions; and at any density, on CUDA convolutions through a
+        window with at most ``SMALL_CONVOLUTION_NNZ`` weights (stems, depthwise layers), on
+        the CPU every convolution but grouped ones of fewer than ``CPU_MIN_GROUP_CHANNELS``
+        channels per group that its depthwise kernel does not take.
     kernel_config : dict or config object, optional
         Overrides of the kernel tiling applied to every rewritten layer (fields of
         ``CudaSpmmConfig`` or ``CpuSpmmConfig``), or a whole config. A ``CudaCsrConfig`` or
@@ -201,11 +210,11 @@ class _SparsifyWeights:
             return None
         problem = candidate.problem
         threshold = DEFAULT_DENSITY_THRESHOLD[problem.layout] if self.threshold is None else self.threshold
-        small = self.threshold is None and _is_small_convolution(candidate, self.target.kind.name == "cuda")
-        if candidate.density > threshold and not small:
+        any_density = self.threshold is None and _at_any_density(candidate, self.target.kind.name == "cuda")
+        if candidate.density > threshold and not any_density:
             layer.reason = f"density {candidate.density:.3f} above threshold {threshold:g}"
             return None
-        rewritten = "rewritten" if candidate.density <= threshold else "rewritten as a small convolution (any density)"
+        rewritten = "rewritten" if candidate.density <= threshold else f"rewritten as {any_density} (any density)"
         if self.rule.transposes_input(problem):
             problem = dataclasses.replace(problem, x_transposed=True)
         config, source = self._config(problem)
@@ -241,15 +250,21 @@ class _SparsifyWeights:
         return (tuned, "database") if tuned is not None else (config, "default")
 
 
-def _is_small_convolution(candidate: Candidate, cuda: bool) -> bool:
-    """Rewritten at any density (see ``SMALL_CONVOLUTION_NNZ``)."""
+def _at_any_density(candidate: Candidate, cuda: bool) -> str | None:
+    """What the layer is rewritten as whatever its density, under the default threshold:
+    on CUDA "a small convolution" (see ``SMALL_CONVOLUTION_NNZ``); on the CPU "a
+    convolution" (see ``CPU_MIN_GROUP_CHANNELS``); None for other layers."""
     problem = candidate.problem
     grouped = candidate.groups > 1
     if cuda:
-        kind = problem.window is not None or grouped
-    else:
-        kind = problem.window is not None and (not grouped or input_channels(problem) is not None)
-    return kind and candidate.weight.nnz <= SMALL_CONVOLUTION_NNZ
+        small = (problem.window is not None or grouped) and candidate.weight.nnz <= SMALL_CONVOLUTION_NNZ
+        return "a small convolution" if small else None
+    if not candidate.op.startswith("conv2d"):
+        return None
+    taps = problem.window.kernel[0] * problem.window.kernel[1] if problem.window is not None else 1
+    group_channels = problem.K // taps // candidate.groups  # the weight is held block-diagonal
+    narrow_groups = grouped and group_channels < CPU_MIN_GROUP_CHANNELS and input_channels(problem) is None
+    return None if narrow_groups else "a convolution"
 
 
 def _layer_report(candidate: Candidate) -> LayerReport:

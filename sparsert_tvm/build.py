@@ -28,8 +28,7 @@ from .schedules.cpu.lowering import KERNEL_LLVM_OPTIONS, register_pipeline, with
 
 __all__ = [
     "KERNEL_LLVM_OPTIONS", "compile", "cpu_operator_passes", "cuda_target", "default_target", "host_cpu_target",
-    "register_pipeline",
-    "relax_pipeline", "with_llvm_options",
+    "register_pipeline", "relax_pipeline", "with_llvm_options",
 ]
 
 

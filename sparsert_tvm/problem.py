@@ -120,6 +120,11 @@ class ConvWindow:
     def image_size(self) -> int:
         return self.channels * self.input_size[0] * self.input_size[1]
 
+    @property
+    def taps(self) -> int:
+        """Taps per input channel: the kernel's area."""
+        return self.kernel[0] * self.kernel[1]
+
     def tap(self, k: int) -> tuple[int, int, int]:
         kh, kw = self.kernel
         return k // (kh * kw), k // kw % kh, k % kw
@@ -178,6 +183,11 @@ class SpmmProblem:
     @property
     def K(self) -> int:  # noqa: N802
         return self.weight.shape[1]
+
+    @property
+    def taps(self) -> int:
+        """Columns of ``A`` per input channel: the window's taps, 1 for a plain product."""
+        return self.window.taps if self.window is not None else 1
 
     @property
     def images_apart(self) -> bool:

@@ -261,8 +261,7 @@ def _at_any_density(candidate: Candidate, cuda: bool) -> str | None:
         return "a small convolution" if small else None
     if not candidate.op.startswith("conv2d"):
         return None
-    taps = problem.window.kernel[0] * problem.window.kernel[1] if problem.window is not None else 1
-    group_channels = problem.K // taps // candidate.groups  # the weight is held block-diagonal
+    group_channels = problem.K // problem.taps // candidate.groups  # the weight is held block-diagonal
     narrow_groups = grouped and group_channels < CPU_MIN_GROUP_CHANNELS and input_channels(problem) is None
     return None if narrow_groups else "a convolution"
 

@@ -319,8 +319,7 @@ def _reads_more_than_it_writes(problem: SpmmProblem) -> bool:
         return False
     (h, w), (oh, ow) = window.input_size, window.output_size
     # 1x1 stride-2 layers (ResNet's downsampling shortcuts) were not timed with it.
-    taps = window.kernel[0] * window.kernel[1]
-    return taps > 1 and h * w >= GRID_SPLIT_MIN_INPUT_RATIO * oh * ow and _rows_share_columns(problem)
+    return window.taps > 1 and h * w >= GRID_SPLIT_MIN_INPUT_RATIO * oh * ow and _rows_share_columns(problem)
 
 
 def _rows_share_columns(problem: SpmmProblem) -> bool:
@@ -431,8 +430,8 @@ def cpu_config(problem: SpmmProblem, kernel: str, target) -> CpuConfig:
         # One register per vector, and four output rows at a time where the taps' values leave
         # registers for them (on the 2-core machine 1.0-1.4x faster than one row at 3x3, 1.15x
         # slower at 5x5).
-        taps = problem.window.kernel[0] * problem.window.kernel[1] if problem.window is not None else 1
-        return CpuDepthwiseConfig(vector_lanes=cpu_vector_lanes(problem, target, 1), output_rows=4 if taps <= 9 else 1)
+        return CpuDepthwiseConfig(vector_lanes=cpu_vector_lanes(problem, target, 1),
+                                  output_rows=4 if problem.taps <= 9 else 1)
     # Two registers per row's sums: on the 2-core AVX-512 machine 32 lanes ran 1.0-4x faster
     # than 16 on six ResNet/MobileNet-like layers (a tile's fixed costs are shared by more
     # columns, and each row's FMA chains interleave two registers). TVM reports 512 bits for

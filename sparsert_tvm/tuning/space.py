@@ -323,7 +323,7 @@ def _column_lanes_cost(problem: SpmmProblem, config: CudaCsrConfig, machine: Mac
         columns, images = columns * images, 1
         if columns > WINDOW_LANES_SEARCH_MAX_PIXELS:
             return None
-        trips = _window_trips(problem.weight, problem.window.kernel[0] * problem.window.kernel[1], unroll)
+        trips = _window_trips(problem.weight, problem.window.taps, unroll)
         trips = trips + (warps - 1) * (trips > 0)
     else:
         trips = -(-problem.weight.row_nnz // unroll)

@@ -48,7 +48,7 @@ def input_channels(problem: SpmmProblem) -> np.ndarray | None:
     if window is None or window.channels_last:
         return None
     indptr, columns, _ = problem.weight.csr
-    channel = np.asarray(columns) // (window.kernel[0] * window.kernel[1])
+    channel = np.asarray(columns) // window.taps
     counts = np.diff(indptr)
     first = np.zeros(problem.M, dtype=np.int64)
     first[counts > 0] = channel[indptr[:-1][counts > 0]]  # each row's first nonzero's channel

@@ -43,7 +43,7 @@ class Elementwise(CPUScheduleRule):
         if isinstance(extents[-1], int) and extents[-1] % lanes == 0 and lanes > 1:
             inner, vector = sch.split(inner, [None, lanes])
             sch.vectorize(vector)
-            outer = [*outer, inner] if not outer else outer
+            outer = outer or [inner]  # a single loop: its vectors are what the threads share
         static = all(isinstance(extent, int) for extent in extents)
         if outer and (not static or math.prod(extents) >= PARALLEL_MIN_ELEMENTS):
             sch.parallel(sch.fuse(*outer))

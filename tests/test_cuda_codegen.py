@@ -525,6 +525,27 @@ def test_layers_built_side_by_side_match_one_by_one(monkeypatch):
         assert layer.code_bytes == alone.code_bytes
 
 
+@needs_ptxas
+def test_layers_reading_one_input_share_its_transpose(monkeypatch):
+    """Attention's query, key and value layers read one input: on CUDA they are rewritten
+    with one transpose of it between them, not one each."""
+    monkeypatch.setattr(cuda_rule, "create_cuda_module", lambda cubin, kernel: None)
+    target = tvm.target.Target({"kind": "cuda", "arch": "sm_90"}, host=CPU_TARGET)
+    model = models.bert_encoder(np.random.default_rng(8), layers=1, hidden=64, heads=2, ffn=128, seq=16)
+    out = sp.SparsifyWeights(target, 1.0)(from_onnx(model, keep_params_in_input=False))
+    assert sum(layer.sparse for layer in sp.report_of(out).layers) == 6
+    calls = [b.value for block in out["main"].body.blocks for b in block.bindings
+             if isinstance(b.value, tvm.relax.Call) and b.value.op.name == "relax.call_tir"]
+    inputs = [call.args[1][0] for call in calls]
+    transposes = [b.var for block in out["main"].body.blocks for b in block.bindings
+                  if isinstance(b.value, tvm.relax.Call) and b.value.op.name == "relax.permute_dims"
+                  and b.value.attrs.axes is None]
+    # query/key/value, the attention's output, and each feed-forward layer: 4 inputs.
+    assert len(transposes) == 4 and len(calls) == 6
+    assert all(any(x.same_as(t) for t in transposes) for x in inputs)
+    assert inputs[0].same_as(inputs[1]) and inputs[1].same_as(inputs[2])
+
+
 def test_tool_processes_are_limited_to_the_cores(monkeypatch, tmp_path):
     """Layers assembled side by side, each with segments side by side, start no more ptxas
     processes at once than there are cores."""

@@ -329,15 +329,19 @@ class _Planned:
     transpose_x: bool
     constants: tuple = ()
 
-    def call(self, builder, visit) -> relax.Call:
-        """The call replacing the candidate, preceded by the transpose it may need."""
+    def call(self, builder, visit, transposed: dict) -> relax.Call:
+        """The call replacing the candidate, preceded by the transpose it may need, unless
+        ``transposed`` (input -> its transpose, in this binding block) has it already: the
+        query, key and value layers of attention read one input."""
         candidate = self.candidate
         x = visit(candidate.x)
         if self.transpose_x:
-            problem = candidate.problem
-            if len(problem.x_shape) != 2:
-                x = builder.emit(relax.op.reshape(x, relax.ShapeExpr([problem.columns, problem.K])))
-            x = builder.emit(relax.op.permute_dims(x))
+            if x not in transposed:
+                problem, rows = candidate.problem, x
+                if len(problem.x_shape) != 2:
+                    rows = builder.emit(relax.op.reshape(x, relax.ShapeExpr([problem.columns, problem.K])))
+                transposed[x] = builder.emit(relax.op.permute_dims(rows))
+            x = transposed[x]
         args = [x] + ([visit(candidate.residual)] if candidate.residual is not None else [])
         args += [relax.const(array) for array in self.constants]
         if isinstance(self.kernel, relax.ExternFunc):
@@ -353,6 +357,15 @@ class _Rewriter(PyExprMutator):
         super().__init__(mod)
         self.plan = {}
         self.dropped = set()
+        self.transposed = {}  # of the binding block being rewritten
+
+    def visit_binding_block_(self, block):
+        self.transposed = {}
+        return super().visit_binding_block_(block)
+
+    def visit_dataflow_block_(self, block):
+        self.transposed = {}
+        return super().visit_dataflow_block_(block)
 
     def rewrite(self, func: relax.Function, plan: dict) -> relax.Function:
         self.plan = plan
@@ -367,5 +380,5 @@ class _Rewriter(PyExprMutator):
         if planned is None:
             super().visit_var_binding_(binding)
             return
-        call = planned.call(self.builder_, self.visit_expr)
+        call = planned.call(self.builder_, self.visit_expr, self.transposed)
         self.builder_.emit_normalized(relax.VarBinding(binding.var, self.builder_.normalize(call)))

@@ -526,14 +526,17 @@ def test_layers_built_side_by_side_match_one_by_one(monkeypatch):
 
 
 @needs_ptxas
-def test_layers_reading_one_input_share_its_transpose(monkeypatch):
+@pytest.mark.parametrize("combine", [False, True])
+def test_layers_reading_one_input_share_its_transpose(monkeypatch, combine):
     """Attention's query, key and value layers read one input: on CUDA they are rewritten
-    with one transpose of it between them, not one each."""
+    with one transpose of it between them, not one each, whether or not they are combined
+    into one kernel (``combine_siblings``)."""
     monkeypatch.setattr(cuda_rule, "create_cuda_module", lambda cubin, kernel: None)
     target = tvm.target.Target({"kind": "cuda", "arch": "sm_90"}, host=CPU_TARGET)
     model = models.bert_encoder(np.random.default_rng(8), layers=1, hidden=64, heads=2, ffn=128, seq=16)
-    out = sp.SparsifyWeights(target, 1.0)(from_onnx(model, keep_params_in_input=False))
-    assert sum(layer.sparse for layer in sp.report_of(out).layers) == 6
+    out = sp.SparsifyWeights(target, 1.0, combine_siblings=combine)(from_onnx(model, keep_params_in_input=False))
+    kernels = 4 if combine else 6
+    assert sum(layer.sparse for layer in sp.report_of(out).layers) == kernels
     calls = [b.value for block in out["main"].body.blocks for b in block.bindings
              if isinstance(b.value, tvm.relax.Call) and b.value.op.name == "relax.call_tir"]
     inputs = [call.args[1][0] for call in calls]
@@ -541,9 +544,10 @@ def test_layers_reading_one_input_share_its_transpose(monkeypatch):
                   if isinstance(b.value, tvm.relax.Call) and b.value.op.name == "relax.permute_dims"
                   and b.value.attrs.axes is None]
     # query/key/value, the attention's output, and each feed-forward layer: 4 inputs.
-    assert len(transposes) == 4 and len(calls) == 6
+    assert len(transposes) == 4 and len(calls) == kernels
     assert all(any(x.same_as(t) for t in transposes) for x in inputs)
-    assert inputs[0].same_as(inputs[1]) and inputs[1].same_as(inputs[2])
+    if not combine:
+        assert inputs[0].same_as(inputs[1]) and inputs[1].same_as(inputs[2])
 
 
 def test_tool_processes_are_limited_to_the_cores(monkeypatch, tmp_path):

@@ -20,9 +20,10 @@ FULL_SIZE = {  # builder, sparse layers expected on CUDA at 90% and 95% (of all 
     "resnet50": (lambda rng: models.resnet50(rng), 54, 54),
     "mobilenet_v1": (lambda rng: models.mobilenet_v1(rng, features_output=True), 28, 28),
     "mobilenet_v2": (lambda rng: models.mobilenet_v2(rng, features_output=True), 53, 53),
-    "bert_base_2_layers": (lambda rng: models.bert_encoder(rng, layers=2), 12, 16),  # Q, K, V, out, FFN x2 per layer
+    # Per layer: query, key and value as one layer (siblings), the attention's output, the FFN's two.
+    "bert_base_2_layers": (lambda rng: models.bert_encoder(rng, layers=2), 8, 12),
     # 12 layers: 85M weights to draw, serialise and import (~10 s on 2 cores)
-    "bert_base": (lambda rng: models.bert_encoder(rng), 72, 96),
+    "bert_base": (lambda rng: models.bert_encoder(rng), 48, 72),
 }
 DENSE_REASONS = ("density 1.000 above threshold", "depthwise", "weight is not a constant")
 

@@ -39,8 +39,8 @@ def build(params, body_fn) -> tvm.IRModule:
     return builder.get()
 
 
-def sparsify(mod, threshold=1.0, target=CPU_TARGET):
-    out = sp.SparsifyWeights(target, threshold)(mod)
+def sparsify(mod, threshold=1.0, target=CPU_TARGET, **options):
+    out = sp.SparsifyWeights(target, threshold, **options)(mod)
     return out, sp.report_of(out)
 
 
@@ -333,6 +333,53 @@ def test_two_operators_meeting_in_one_residual_add_are_both_rewritten(target):
     a = np.einsum("mc,ncyx->nmyx", w_a[:, :, 0, 0], arrays[0]) + bias_a
     b = np.einsum("mc,ncyx->nmyx", w_b[:, :, 0, 0], arrays[1]) + bias_b
     assert_close(Compiled(mod, target)(*arrays), np.maximum(a + b, 0))
+
+
+@pytest.mark.parametrize("columns", [5, 32])  # on CUDA, 32 columns read a transposed input
+def test_siblings_reading_one_input_become_one_kernel(target, columns):
+    """Query, key and value projections of one input (biases of their own) become one kernel
+    whose output each slices; a sibling with a ReLU, one above the threshold and one whose
+    input differs stay apart. Two 1x1 NCHW convolutions of one image combine along channels."""
+    rng = np.random.default_rng(RNG_SEED)
+    x = relax.Var("x", relax.TensorType((columns, 24), "float32"))
+    image = relax.Var("image", relax.TensorType((2, 24, 3, 5), "float32"))
+    weights = [sparse_matrix(rng, (m, 24), 0.2) for m in (16, 8, 16, 16, 16)]
+    weights.append(sparse_matrix(rng, (16, 24), 0.9))  # above the threshold
+    biases = [rng.standard_normal(w.shape[0]).astype("float32") for w in weights]
+    filters = [sparse_matrix(rng, (m, 24), 0.2) for m in (8, 12)]
+    channel_biases = [rng.standard_normal((1, m, 1, 1)).astype("float32") for m in (8, 12)]
+
+    def linear(bb, i, relu=False, data=None):
+        product = bb.emit(relax.op.matmul(x if data is None else data, relax.const(weights[i].T)))
+        out = bb.emit(relax.op.add(product, relax.const(biases[i])))
+        return bb.emit(relax.op.nn.relu(out)) if relu else out
+
+    def body(bb):
+        q, k, v = linear(bb, 0), linear(bb, 1), linear(bb, 2)
+        relu, dense = linear(bb, 3, relu=True), linear(bb, 5)
+        other = linear(bb, 4, data=bb.emit(relax.op.negative(x)))
+        convs = [bb.emit(relax.op.add(bb.emit(relax.op.nn.conv2d(image, relax.const(f.reshape(*f.shape, 1, 1)))),
+                                      relax.const(b))) for f, b in zip(filters, channel_biases)]
+        return relax.Tuple([q, k, v, relu, dense, other, *convs])
+
+    mod = build([x, image], body)
+    _, report = sparsify(mod, threshold=0.5, target=target)
+    layers = [(layer.decision, layer.M, "+" in layer.name) for layer in report.layers]
+    # q+k+v, the ReLU one, the dense one, the one of another input, the two convolutions.
+    assert layers == [("sparse", 40, True), ("sparse", 16, False), ("dense", 16, False), ("sparse", 16, False),
+                      ("sparse", 20, True)], report.table()
+    first = report.layers[0]
+    assert first.name == "lv1+lv3+lv5" and "one kernel for 3 layers reading one input" in first.reason
+    _, apart = sparsify(mod, threshold=0.5, target=target, combine_siblings=False)
+    assert [layer.M for layer in apart.layers] == [16, 8, 16, 16, 16, 16, 8, 12]
+    arrays = [rng.standard_normal(shape).astype("float32") for shape in ((columns, 24), (2, 24, 3, 5))]
+    expected = [arrays[0] @ w.T + b for w, b in zip(weights, biases)]
+    expected[3] = np.maximum(expected[3], 0)
+    expected[4] = -arrays[0] @ weights[4].T + biases[4]
+    expected = expected[:3] + [expected[3], expected[5], expected[4]]
+    expected += [np.einsum("mc,ncyx->nmyx", f, arrays[1]) + b for f, b in zip(filters, channel_biases)]
+    for actual, wanted in zip(Compiled(mod, target, 0.5)(*arrays), expected, strict=True):
+        assert_close(actual, wanted)
 
 
 def test_cpu_builds_fuse_unless_the_module_calls_packed_functions():

@@ -37,6 +37,7 @@ class Candidate:
     problem: SpmmProblem | None = None
     reason: str | None = None  # why it cannot be rewritten, if it cannot
     groups: int = 1  # of a grouped convolution, whose weight is held block-diagonal
+    parts: tuple = ()  # the siblings this candidate combines (``siblings``), if any
 
     @property
     def weight_shape(self) -> tuple[int, int]:
@@ -53,8 +54,12 @@ class Candidate:
 
     @property
     def tail(self) -> relax.Var:
-        """The binding whose value the rewritten call replaces."""
-        return self.members[-1]
+        """The binding whose value the rewritten call replaces (of siblings: the first's)."""
+        return self.parts[0].tail if self.parts else self.members[-1]
+
+    @property
+    def name(self) -> str:
+        return "+".join(part.tail.name for part in self.parts) if self.parts else self.tail.name
 
 
 class _Rejected(Exception):

@@ -19,6 +19,7 @@ from ..schedules import KernelConfig, rule_for
 from ..schedules.base import BuiltKernel, KernelJob
 from ..schedules.cpu.depthwise_kernel import input_channels
 from .candidates import Candidate, find_candidates
+from .siblings import combine_siblings, output_channel_axis
 
 # Densities at or below which a weight is rewritten when the caller gives no threshold, by
 # activation layout. Measured on an H100 (fp32, benchmarks/results/spmm-threshold-h100.md):
@@ -45,7 +46,7 @@ SMALL_CONVOLUTION_NNZ = 32768
 # 128 channels at 56x56), stay with TVM.
 CPU_MIN_GROUP_CHANNELS = 8
 
-_OPTIONS = ("kernel_config", "dry_run", "tune", "tuning_database")
+_OPTIONS = ("kernel_config", "dry_run", "tune", "tuning_database", "combine_siblings")
 
 
 def SparsifyWeights(target, density_threshold: float | None = None, **options) -> tvm.ir.transform.Pass:  # noqa: N802
@@ -79,6 +80,11 @@ def SparsifyWeights(target, density_threshold: float | None = None, **options) -
     tuning_database : path or TuningDatabase, optional
         Where tuned configs are looked up and stored. Layers found there use their tuned
         config, with or without ``tune``. Default: ``tuning.json`` in the kernel cache.
+    combine_siblings : bool, optional
+        Layers below the threshold that multiply one input, with epilogues differing only in
+        their biases (attention's query, key and value projections), become one kernel over
+        their stacked weights, reported as one layer named after theirs (``a+b+c``).
+        Default: True.
     """
     unknown = set(options) - set(_OPTIONS)
     if unknown:
@@ -90,7 +96,14 @@ def SparsifyWeights(target, density_threshold: float | None = None, **options) -
     threshold = _check_threshold(density_threshold)
     kernel_config = _check_kernel_config(options.get("kernel_config"), rule)
     tuner = _tuner(rule, target, options.get("tune", False), options.get("tuning_database"))
-    return _SparsifyWeights(target, rule, threshold, kernel_config, bool(options.get("dry_run", False)), tuner)
+    flags = _Flags(bool(options.get("dry_run", False)), bool(options.get("combine_siblings", True)))
+    return _SparsifyWeights(target, rule, threshold, kernel_config, flags, tuner)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Flags:
+    dry_run: bool
+    combine_siblings: bool
 
 
 def _tuner(rule, target, tune, database):
@@ -145,12 +158,13 @@ def _check_kernel_config(config, rule):
 
 @tvm.transform.module_pass(opt_level=0, name="SparsifyWeights")
 class _SparsifyWeights:
-    def __init__(self, target, rule, threshold: float | None, kernel_config, dry_run: bool, tuner):
+    def __init__(self, target, rule, threshold: float | None, kernel_config, flags: _Flags, tuner):
         self.target = target
         self.rule = rule
         self.threshold = threshold
         self.kernel_config = kernel_config
-        self.dry_run = dry_run
+        self.dry_run = flags.dry_run
+        self.combine_siblings = flags.combine_siblings
         self.tuner = tuner
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
@@ -165,7 +179,10 @@ class _SparsifyWeights:
             if not isinstance(func, relax.Function):
                 continue
             functions.append((gv, func))
-            for candidate in find_candidates(gv.name_hint, func, mod):
+            candidates = find_candidates(gv.name_hint, func, mod)
+            if self.combine_siblings:
+                candidates = combine_siblings(func, candidates, self._below_threshold)
+            for candidate in candidates:
                 layer = _layer_report(candidate)
                 report.layers.append(layer)
                 job = self._job_for(gv, candidate, layer, taken)
@@ -189,7 +206,7 @@ class _SparsifyWeights:
             external += built.external_modules
             # Candidates own disjoint bindings (find_candidates shares out the epilogues).
             plan = plans[job.function]
-            assert job.candidate.tail not in plan, f"two kernels would replace {job.candidate.tail.name}"
+            assert job.candidate.tail not in plan, f"two kernels would replace {job.candidate.name}"
             plan[job.candidate.tail] = _Planned(callee, job.candidate, built.problem.x_transposed, built.constants)
         for gv, func in functions:
             if plans[gv]:
@@ -209,12 +226,14 @@ class _SparsifyWeights:
         if candidate.reason is not None:
             return None
         problem = candidate.problem
-        threshold = DEFAULT_DENSITY_THRESHOLD[problem.layout] if self.threshold is None else self.threshold
         any_density = self.threshold is None and _at_any_density(candidate, self.target.kind.name == "cuda")
-        if candidate.density > threshold and not any_density:
-            layer.reason = f"density {candidate.density:.3f} above threshold {threshold:g}"
+        below = self._below_threshold(candidate)
+        if not below and not any_density:
+            layer.reason = f"density {candidate.density:.3f} above threshold {self._threshold(problem):g}"
             return None
-        rewritten = "rewritten" if candidate.density <= threshold else f"rewritten as {any_density} (any density)"
+        rewritten = "rewritten" if below else f"rewritten as {any_density} (any density)"
+        if candidate.parts:
+            rewritten += f" (one kernel for {len(candidate.parts)} layers reading one input)"
         if self.rule.transposes_input(problem):
             problem = dataclasses.replace(problem, x_transposed=True)
         config, source = self._config(problem)
@@ -237,6 +256,12 @@ class _SparsifyWeights:
         taken.add(name)
         origin = {"config_source": source} | tuning
         return _LayerJob(function, candidate, layer, KernelJob(problem, config, name), rewritten, origin)
+
+    def _threshold(self, problem) -> float:
+        return DEFAULT_DENSITY_THRESHOLD[problem.layout] if self.threshold is None else self.threshold
+
+    def _below_threshold(self, candidate: Candidate) -> bool:
+        return candidate.reason is None and candidate.density <= self._threshold(candidate.problem)
 
     def _config(self, problem) -> tuple[KernelConfig, str]:
         """The layer's config and where it came from: overrides, the database or defaults."""
@@ -269,7 +294,7 @@ def _at_any_density(candidate: Candidate, cuda: bool) -> str | None:
 def _layer_report(candidate: Candidate) -> LayerReport:
     layer = LayerReport(
         function=candidate.function,
-        name=candidate.tail.name,
+        name=candidate.name,
         op=candidate.op,
         decision="dense",
         reason=candidate.reason or "",
@@ -295,7 +320,7 @@ def _format_dim(expr) -> str:
 
 
 def _unique_name(candidate: Candidate, taken: set) -> str:
-    stem = re.sub(r"\W", "_", f"sparsert_{candidate.tail.name}_{candidate.weight.digest[:8]}")
+    stem = re.sub(r"\W", "_", f"sparsert_{candidate.name}_{candidate.weight.digest[:8]}")
     name, suffix = stem, 1
     while name in taken:
         suffix += 1
@@ -329,10 +354,24 @@ class _Planned:
     transpose_x: bool
     constants: tuple = ()
 
-    def call(self, builder, visit, transposed: dict) -> relax.Call:
+    def bind(self, builder, visit, transposed: dict) -> None:
+        """Binds the candidate's tail (or each sibling's) to the kernel's output."""
+        candidate = self.candidate
+        call = self._call(builder, visit, transposed)
+        if not candidate.parts:
+            builder.emit_normalized(relax.VarBinding(candidate.tail, builder.normalize(call)))
+            return
+        whole, axis, start = builder.emit(call), output_channel_axis(candidate), 0
+        for part in candidate.parts:
+            end = start + part.weight.shape[0]
+            share = relax.op.strided_slice(whole, axes=[axis], begin=[start], end=[end], assume_inbound=True)
+            builder.emit_normalized(relax.VarBinding(part.tail, builder.normalize(share)))
+            start = end
+
+    def _call(self, builder, visit, transposed: dict) -> relax.Call:
         """The call replacing the candidate, preceded by the transpose it may need, unless
         ``transposed`` (input -> its transpose, in this binding block) has it already: the
-        query, key and value layers of attention read one input."""
+        layers reading one input that ``combine_siblings`` left apart."""
         candidate = self.candidate
         x = visit(candidate.x)
         if self.transpose_x:
@@ -344,9 +383,11 @@ class _Planned:
             x = transposed[x]
         args = [x] + ([visit(candidate.residual)] if candidate.residual is not None else [])
         args += [relax.const(array) for array in self.constants]
+        problem = candidate.problem
+        out = relax.TensorType(problem.y_shape, problem.dtype) if candidate.parts else candidate.tail.ty
         if isinstance(self.kernel, relax.ExternFunc):
-            return relax.call_dps_packed(self.kernel, args, candidate.tail.ty)
-        return relax.call_tir(self.kernel, args, candidate.tail.ty)
+            return relax.call_dps_packed(self.kernel, args, out)
+        return relax.call_tir(self.kernel, args, out)
 
 
 @mutator
@@ -369,7 +410,7 @@ class _Rewriter(PyExprMutator):
 
     def rewrite(self, func: relax.Function, plan: dict) -> relax.Function:
         self.plan = plan
-        self.dropped = {var for planned in plan.values() for var in planned.candidate.members[:-1]}
+        self.dropped = {var for planned in plan.values() for var in planned.candidate.members} - set(plan)
         # Weight transposes and bias reshapes the kernels baked in are now unused.
         return relax.analysis.remove_all_unused(self.visit_expr(func))
 
@@ -380,5 +421,4 @@ class _Rewriter(PyExprMutator):
         if planned is None:
             super().visit_var_binding_(binding)
             return
-        call = planned.call(self.builder_, self.visit_expr, self.transposed)
-        self.builder_.emit_normalized(relax.VarBinding(binding.var, self.builder_.normalize(call)))
+        planned.bind(self.builder_, self.visit_expr, self.transposed)

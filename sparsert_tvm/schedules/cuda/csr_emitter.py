@@ -50,8 +50,8 @@ class CsrEmitter:
         lines = entry_declaration(self.name, p.has_residual, cfg.threads_per_block)
         lines += self._common_declarations() + self._declarations()
         lines += load_operands(p.has_residual)
+        lines += self._block_position()
         lines += [
-            "mov.u32 %r1, %ctaid.x;",
             f"mul.lo.u32 %col0, %r1, {self.cols};",
             "setp.ge.u32 %p0, %col0, %ncols;",
             "@%p0 bra DONE;",
@@ -59,7 +59,11 @@ class CsrEmitter:
         lines += self._slot()
         if p.layout is Layout.CHANNELS and not self.folds_batch:
             lines += self._batch()
-        return lines + self._body() + ["DONE:", "ret;", "}"]
+        return lines + self._stage() + self._body() + ["DONE:", "ret;", "}"]
+
+    def _stage(self) -> list[str]:
+        """What the block does together before the warps' own work (nothing here)."""
+        return []
 
     def _common_declarations(self) -> list[str]:
         words = self.layout.slots.shape[1]
@@ -73,6 +77,21 @@ class CsrEmitter:
             f".reg .f32 %t<{self.config.columns_per_lane}>;",
         ]
 
+    def _block_position(self) -> list[str]:
+        """``%r1`` the block's column tile, ``%r3`` its row group. The launch grid is (column
+        tiles, row groups); with ``rows_first`` the blocks are renumbered so that consecutive
+        ones (which run at the same time) take consecutive row groups of one column tile."""
+        lines = ["mov.u32 %r1, %ctaid.x;", "mov.u32 %r3, %ctaid.y;"]
+        if not self.config.rows_first:
+            return lines
+        groups = len(self.layout.groups)
+        return lines + [
+            "mov.u32 %r5, %nctaid.x;",
+            "mad.lo.u32 %r5, %r3, %r5, %r1;",
+            f"div.u32 %r1, %r5, {groups};",
+            f"rem.u32 %r3, %r5, {groups};",
+        ]
+
     def _slot(self) -> list[str]:
         """Loads this warp's slot (``warps_per_row`` neighbouring warps share one, unless
         ``slot_per_warp``); warps without a row leave, unless their block meets at a barrier
@@ -84,7 +103,6 @@ class CsrEmitter:
         lines = ["mov.u32 %r2, %tid.x;", "shr.u32 %warp, %r2, 5;", "and.b32 %lane, %r2, 31;"]
         lines += [f"shr.u32 %r4, %warp, {shift};"] if shift else []
         lines += [
-            "mov.u32 %r3, %ctaid.y;",
             f"mad.lo.u32 %slot, %r3, {slots_per_block}, {row};",
             f"mov.u64 %rd4, {self.name}_slots;",
             f"mul.wide.u32 %rd5, %slot, {words * 4};",
@@ -94,7 +112,7 @@ class CsrEmitter:
         for i in range(0, words, 4):
             registers = ", ".join(f"%s{i + j}" for j in range(4))
             lines.append(f"{load}.v4.u32 {{{registers}}}, [%rd4+{i * 4}];")
-        if self.config.warps_per_row > 1:
+        if self.config.warps_per_row > 1 or self.config.stage_columns:
             return lines
         return lines + [f"setp.eq.u32 %p0, %s2, {NO_ROW};", "@%p0 bra DONE;"]
 
@@ -147,19 +165,19 @@ class CsrEmitter:
 
     def _load_row(
         self, base: str, dests: list[str], stride: int, offset: int = 0, guard: str = "",
-        halves: list[str] | None = None, convert: bool = True,
+        halves: list[str] | None = None, convert: bool = True, space: str = "global.nc",
     ) -> list[str]:
-        """Loads ``len(dests)`` elements ``stride`` apart from ``[base+offset]`` as float32
-        (float16 goes through ``halves`` and is converted unless ``convert`` is False): one
-        vector load where they are neighbours."""
+        """Loads ``len(dests)`` elements ``stride`` apart from ``[base+offset]`` (in ``space``)
+        as float32 (float16 goes through ``halves`` and is converted unless ``convert`` is
+        False): one vector load where they are neighbours."""
         es, count = self.es, len(dests)
         halves = halves or [f"%h{i}" for i in range(count)]
         kind, registers = ("f32", dests) if es == 4 else ("b16", halves)
         if count > 1 and stride == 1:
-            lines = [f"{guard}ld.global.nc.v{count}.{kind} {{{', '.join(registers)}}}, [{base}+{offset}];"]
+            lines = [f"{guard}ld.{space}.v{count}.{kind} {{{', '.join(registers)}}}, [{base}+{offset}];"]
         else:
             lines = [
-                f"{guard}ld.global.nc.{kind} {r}, [{base}+{offset + c * stride * es}];" for c, r in enumerate(registers)
+                f"{guard}ld.{space}.{kind} {r}, [{base}+{offset + c * stride * es}];" for c, r in enumerate(registers)
             ]
         if es == 2 and convert:
             lines += [f"{guard}cvt.f32.f16 {d}, {h};" for d, h in zip(dests, halves)]

@@ -58,7 +58,7 @@ def create_cuda_module(cubin: bytes, kernel: PtxKernel):
             "assembled sparse kernels cannot be packaged into a CUDA module; compile on a "
             "machine with a GPU driver, or target the CPU"
         )
-    tags = _LAUNCH_TAGS + (["tir.use_dyn_shared_memory"] if kernel.shared_bytes else [])
+    tags = _LAUNCH_TAGS + (["tirx.use_dyn_shared_memory"] if kernel.shared_bytes else [])
     info = {"name": "", "arg_types": list(kernel.param_types), "launch_param_tags": tags}
     metadata = json.dumps({"tvm_version": tvm.__version__, "func_info": {kernel.name: info}})
     function_table = tvm_ffi.get_global_func("runtime.LoadMetaDataFromJSON")(metadata)

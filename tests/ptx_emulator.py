@@ -32,7 +32,6 @@ _BRACES = re.compile(r"\{([^}]*)\}")
 _TYPES = {"f32": np.float32, "b32": np.uint32, "b16": np.uint16, "u16": np.uint16, "u32": np.uint32, "u64": np.uint64}
 _ARRAY = re.compile(r"\.(?:global|const) \.align \d+ \.(\w+) (\w+)\[(\d+)\] = \{(.*)$")
 _SHARED = re.compile(r"\.shared \.align \d+ \.b8 (\w+)\[(\d+)\];$")
-_DYNAMIC_SHARED = re.compile(r"\.extern \.shared \.align \d+ \.b8 (\w+)\[\];$")  # sized at launch
 _ZEROS = re.compile(r"\.global \.align \d+ \.b8 (\w+)\[(\d+)\];$")  # no initialiser: zero-filled
 _WARP = 32
 
@@ -50,7 +49,7 @@ class PtxProgram:
     def __init__(self, *units: str):
         self.functions: dict[str, _Function] = {}
         self.arrays: dict[str, np.ndarray] = {}  # initialised module arrays, by name
-        self.shared: dict[str, int | None] = {}  # shared arrays: bytes, by name (None: sized at launch)
+        self.shared: dict[str, int] = {}  # shared arrays: bytes, by name
         for unit in units:
             self._parse(unit)
 
@@ -65,10 +64,6 @@ class PtxProgram:
             shared = _SHARED.match(line)
             if shared:
                 self.shared[shared.group(1)] = int(shared.group(2))
-                continue
-            dynamic = _DYNAMIC_SHARED.match(line)
-            if dynamic:
-                self.shared[dynamic.group(1)] = None
                 continue
             zeros = _ZEROS.match(line)
             if zeros:
@@ -118,16 +113,13 @@ class PtxProgram:
         self.arrays[name] = data
 
     # -- execution -------------------------------------------------------------------
-    def launch(self, entry: str, grid, block: int, args: list, buffers: dict[str, np.ndarray], order: str = "forward",
-               dynamic_shared: int = 0):
+    def launch(self, entry: str, grid, block: int, args: list, buffers: dict[str, np.ndarray], order: str = "forward"):
         """Runs ``entry`` over ``grid`` with ``args`` (buffer names or ints), one block after
         another: in launch order, or ``"reverse"``, or ``"shuffle"`` (a fixed random order),
-        for kernels whose blocks meet through memory; an ``.extern .shared`` array gets
-        ``dynamic_shared`` bytes."""
+        for kernels whose blocks meet through memory."""
         clash = set(buffers) & set(self.arrays)
         assert not clash, f"buffers named like module arrays: {clash}"
-        sizes = {name: dynamic_shared if size is None else size for name, size in self.shared.items()}
-        shared = {name: np.empty(size, np.uint8) for name, size in sizes.items()}
+        shared = {name: np.empty(size, np.uint8) for name, size in self.shared.items()}
         memory = _Memory(buffers | self.arrays | shared)  # module arrays live on across launches
         values = [memory.address(a) if isinstance(a, str) else a for a in args]
         gx, gy, gz = grid

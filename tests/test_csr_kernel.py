@@ -176,45 +176,6 @@ def test_column_lanes_over_a_transposed_x(density, columns):
                 check(p, column_lanes(width, unroll, warps=warps, pipelined=pipelined), rng)
 
 
-@pytest.mark.parametrize("pipelined", [False, True])
-@pytest.mark.parametrize("warps", [1, 2])
-def test_staged_columns_read_the_blocks_copy_of_x(warps, pipelined):
-    """The block copies its columns of X (all K rows, the last copy step partly past them:
-    200 rows in steps of 16) into shared memory sized at launch, and the trips read it there;
-    warps without a row (45 rows in blocks of 4) meet the barrier before leaving."""
-    rng = np.random.default_rng(37)
-    weight = pruned_matrix(rng, (45, 200), 0.15)
-    weight[[0, 7, 8, 44]] = 0
-    weight[3] = rng.standard_normal(200)
-    for width, columns in ((1, 64), (2, 128), (4, 128)):
-        p = problem(rng, Layout.ROWS, weight, (columns, 200), ("bias", "residual", "relu"), transposed=True)
-        config = dataclasses.replace(column_lanes(width, 8, warps=warps, pipelined=pipelined), stage_columns=True)
-        kernel = emit_csr_ptx(p, config, "k", "sm_90")
-        text = kernel.units[0]
-        assert kernel.shared_bytes == 200 * 32 * width * 4 and ".extern .shared" in text
-        assert f"ld.shared.v{width}.f32" in text if width > 1 else "ld.shared.f32" in text
-        check(p, config, rng, tolerance=1e-4)
-    nchw = problem(rng, Layout.CHANNELS, weight, (3, 200, 4, 8), ("bias",))  # the batch in the grid's z
-    check(nchw, dataclasses.replace(column_lanes(1, 4, warps=warps), stage_columns=True), rng, tolerance=1e-4)
-    half = problem(rng, Layout.ROWS, weight, (64, 200), ("bias", "residual"), dtype="float16", transposed=True)
-    out, ref = emulate(half, dataclasses.replace(column_lanes(2, 4, warps=warps), stage_columns=True), rng)
-    np.testing.assert_allclose(out.astype(np.float64), ref.astype(np.float64), rtol=2e-3, atol=2e-3)
-
-
-def test_what_staged_columns_reject():
-    rng = np.random.default_rng(38)
-    staged = dataclasses.replace(column_lanes(1), stage_columns=True)
-    partial = problem(rng, Layout.ROWS, sparse_matrix(rng, (8, 64), 0.2), (40, 64), transposed=True)
-    with pytest.raises(UnsupportedProblem, match="divisible by 32"):
-        emit_csr_ptx(partial, staged, "k", "sm_90")
-    wide = problem(rng, Layout.ROWS, sparse_matrix(rng, (8, 1536), 0.01), (64, 1536), transposed=True)
-    emit_csr_ptx(wide, staged, "k", "sm_90")  # 192 KB at 32 columns: too much at 64
-    with pytest.raises(UnsupportedProblem, match="bytes of shared memory"):
-        emit_csr_ptx(wide, dataclasses.replace(staged, columns_per_block=64), "k", "sm_90")
-    with pytest.raises(ValueError, match="stage_columns needs lanes over columns"):
-        CudaCsrConfig(stage_columns=True)
-
-
 def test_blocks_renumbered_rows_first_cover_every_tile_once():
     """With ``rows_first`` each block computes its tile from its position in the whole grid:
     every (column tile, row group) pair is taken exactly once, whatever the grid's shape."""
@@ -723,10 +684,8 @@ def test_csr_modules_on_the_gpu(gpu_target, dtype, kind, x_shape, config):
         ("conv_nchw", (None, 96, 4, 8), {"columns_per_block": 128, "unroll": 8, "pipelined": True}),
         ("matmul", (96, 96), {"columns_per_block": 64, "unroll": 4, "warps_per_row": 4, "rows_per_block": 2,
                               "pipelined": True}),
-        ("matmul", (64, 96), {"columns_per_block": 32, "unroll": 8, "stage_columns": True, "rows_first": True}),
-        ("matmul", (128, 96), {"columns_per_block": 64, "unroll": 4, "stage_columns": True, "warps_per_row": 2}),
-        ("conv_nchw", (None, 96, 4, 8), {"columns_per_block": 32, "unroll": 8, "stage_columns": True,
-                                         "pipelined": True}),
+        ("matmul", (64, 96), {"columns_per_block": 32, "unroll": 8, "rows_first": True}),
+        ("matmul", (128, 96), {"columns_per_block": 32, "unroll": 4, "warps_per_row": 2, "rows_first": True}),
     ],
     ids=str,
 )

@@ -101,8 +101,7 @@ def launch_emulated(kernel, problem: SpmmProblem, x, residual, y, order="shuffle
     if kernel.folds_batch:  # as the launch wrapper does
         columns, batch = columns * batch, 1
     grid = (-(-columns // kernel.columns_per_block), kernel.row_groups, batch)
-    program = PtxProgram(*kernel.units)
-    program.launch("k", grid, kernel.threads, args + ["y", columns], buffers, order, kernel.shared_bytes)
+    PtxProgram(*kernel.units).launch("k", grid, kernel.threads, args + ["y", columns], buffers, order)
 
 
 @pytest.mark.parametrize("layout", [Layout.ROWS, Layout.CHANNELS])

@@ -205,11 +205,6 @@ class CudaCsrConfig(_CudaKernelConfig):
     # column tiles of one row group: the blocks an SM holds at once then read the same
     # columns of X, which may stay in its L1 cache.
     rows_first: bool = False
-    # With column lanes outside a window: the block first copies its columns of X (all K
-    # rows) into shared memory, and the warps' loads of each nonzero's activations read
-    # them there instead of through L1 and L2 (needs K * columns_per_block elements of
-    # shared memory, and a column count that fills whole tiles).
-    stage_columns: bool = False
     ptxas_opt_level: int = 3
     # The arrays cost about 6 bytes per nonzero in the cubin and 20 in the PTX text (8 and
     # 24 with column lanes: a float32 value and a 32-bit offset each).
@@ -233,8 +228,6 @@ class CudaCsrConfig(_CudaKernelConfig):
             raise ValueError("unroll must be 1, 2, 4 or 8")
         if self.pipelined and not self.column_lanes:
             raise ValueError("pipelined trips need lanes over columns")
-        if self.stage_columns and not self.column_lanes:
-            raise ValueError("stage_columns needs lanes over columns")
         self._check_opt_level()
 
     @property

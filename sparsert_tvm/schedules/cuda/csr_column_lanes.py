@@ -7,26 +7,15 @@ activations of each row (one vector load, the warp's together one contiguous run
 keeps one accumulator per column. With ``warps_per_row`` > 1 the row's warps take every
 W-th trip and leave their sums in shared memory, which the row's first warp adds up after
 one barrier; otherwise the epilogue follows the loop directly.
-
-With ``stage_columns`` the block first copies its columns of X, all K rows, into shared
-memory (16-byte vectors, consecutive threads along a row), and the activation loads read
-them there. Without it every warp's loads go through L1 to L2, and the X of a large layer
-(768 rows of 128 columns: 384 KB) does not stay in L1, so that each nonzero waits on L2.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from ...problem import SpmmProblem
 from ..config import CudaCsrConfig
-from .csr_emitter import CsrEmitter, element_bytes, initialised_array
+from .csr_emitter import CsrEmitter, initialised_array
 from .csr_layout import NO_ROW
-
-# Shared memory a block may have on sm_80 and later (static and dynamic together, opted in).
-MAX_SHARED_BYTES = 227 * 1024
-# Loads of the copy in flight per thread before their stores.
-_COPY_BATCH = 4
 
 
 class ColumnLanes(CsrEmitter):
@@ -41,8 +30,6 @@ class ColumnLanes(CsrEmitter):
         self.width = config.columns_per_lane
         self.warps = config.warps_per_row
         self.trip_bytes = 8 * config.unroll
-        self.staged = config.stage_columns
-        self.space = "shared" if self.staged else "global.nc"
 
     def _data_arrays(self) -> list[str]:
         values = self.layout.values.astype(np.float32).view(np.uint32)
@@ -54,14 +41,11 @@ class ColumnLanes(CsrEmitter):
         lines = initialised_array("global", "b32", f"{self.name}_pairs", pairs, align=16)
         if self.warps > 1:
             lines += [f".shared .align 16 .b8 {self.name}_partials[{partial_bytes(self.config)}];", ""]
-        if self.staged:
-            lines += [f".extern .shared .align 16 .b8 {self.name}_x[];", ""]
         return lines
 
     def _offsets(self) -> np.ndarray:
-        """Byte offset of each nonzero's row of X (of the block's copy, staged)."""
-        row_bytes = self.cols * self.es if self.staged else self.xs.k * self.es
-        return self.layout.indices.astype(np.uint64) * np.uint64(row_bytes)
+        """Byte offset of each nonzero's row of X."""
+        return self.layout.indices.astype(np.uint64) * np.uint64(self.xs.k * self.es)
 
     def _declarations(self) -> list[str]:
         unroll, width = self.config.unroll, self.width
@@ -70,8 +54,7 @@ class ColumnLanes(CsrEmitter):
             f".reg .b32 %wa<{unroll}>, %wb<{unroll}>;",
             f".reg .b16 %ha<{unroll * width}>, %hb<{unroll * width}>;",
         ]
-        staged = [".reg .pred %pc;", f".reg .b32 %c<{4 * _COPY_BATCH}>;"]
-        return (pipelined if self.config.pipelined else []) + (staged if self.staged else []) + [
+        return (pipelined if self.config.pipelined else []) + [
             ".reg .pred %pout;",
             ".reg .b32 %part;",
             f".reg .b32 %w<{unroll}>, %wn<{unroll}>, %on<{unroll}>;",
@@ -98,11 +81,8 @@ class ColumnLanes(CsrEmitter):
                 "sub.u32 %r5, %r5, %part;",
                 f"shr.u32 %q, %r5, {warps.bit_length() - 1};",
             ]
-        if self.staged:  # the lane's columns in the block's copy
-            lines += [f"mov.u64 %px, {self.name}_x;", f"mul.wide.u32 %rd6, %lane, {width * self.es};"]
-        else:
-            lines += [f"mul.wide.u32 %rd6, %col, {self.xs.n * self.es};"]
         lines += [
+            f"mul.wide.u32 %rd6, %col, {self.xs.n * self.es};",
             "add.s64 %px, %px, %rd6;",
             f"mad.lo.u32 %r5, %part, {self.config.unroll}, %s0;",
             f"mov.u64 %pv, {self.name}_pairs;",
@@ -154,9 +134,7 @@ class ColumnLanes(CsrEmitter):
         for u in range(unroll):
             columns = range(u * width, (u + 1) * width)
             halves = [f"%h{buffer}{i}" for i in columns]
-            lines += self._load_row(
-                f"%pk{u}", [f"%x{buffer}{i}" for i in columns], 1, halves=halves, convert=convert, space=self.space
-            )
+            lines += self._load_row(f"%pk{u}", [f"%x{buffer}{i}" for i in columns], 1, halves=halves, convert=convert)
         lines.append(f"add.s64 %pv, %pv, {self.trip_bytes * self.warps};")
         return lines + self._load_pairs("%wn", "%on")
 
@@ -171,52 +149,6 @@ class ColumnLanes(CsrEmitter):
             for u in range(unroll)
             for c in range(width)
         ]
-
-    def _stage(self) -> list[str]:
-        """The block's copy of its columns of X: thread ``t`` takes 16-byte vector ``t % V`` of
-        rows ``t // V``, ``t // V + T / V``, ... (``V`` vectors a row, ``T`` threads), whose
-        place in the copy is ``16 t`` further each time by ``16 T``; then one barrier, after
-        which warps without a row leave (with one warp a row: otherwise they meet at the
-        partial sums' barrier)."""
-        if not self.staged:
-            return []
-        threads, k = self.config.threads_per_block, self.problem.K
-        vectors = self.cols * self.es // 16
-        rows_per_step = threads // vectors
-        steps = -(-k // rows_per_step)
-        step = rows_per_step * self.xs.k * self.es
-        lines = [
-            "mov.u32 %r5, %tid.x;",
-            f"and.b32 %r6, %r5, {vectors - 1};",
-            f"shr.u32 %r7, %r5, {vectors.bit_length() - 1};",
-            f"mul.wide.u32 %rd10, %col0, {self.es};",
-            "add.s64 %rd10, %px, %rd10;",
-            f"mul.wide.u32 %rd11, %r7, {self.xs.k * self.es};",
-            "add.s64 %rd10, %rd10, %rd11;",
-            "mul.wide.u32 %rd11, %r6, 16;",
-            "add.s64 %rd10, %rd10, %rd11;",
-            f"mov.u64 %rd11, {self.name}_x;",
-            "mul.wide.u32 %rd9, %r5, 16;",
-            "add.s64 %rd11, %rd11, %rd9;",
-        ]
-        for first in range(0, steps, _COPY_BATCH):
-            batch = range(first, min(first + _COPY_BATCH, steps))
-            loads, stores = [], []
-            for j, i in enumerate(batch):
-                registers = ", ".join(f"%c{4 * j + w}" for w in range(4))
-                guard = ""
-                if (i + 1) * rows_per_step > k:  # the last step, partly past the last row
-                    lines.append(f"setp.lt.u32 %pc, %r7, {k - i * rows_per_step};")
-                    guard = "@%pc "
-                loads.append(f"{guard}ld.global.nc.v4.u32 {{{registers}}}, [%rd10+{j * step}];")
-                stores.append(f"{guard}st.shared.v4.u32 [%rd11+{j * threads * 16}], {{{registers}}};")
-            lines += loads + stores
-            lines += [f"add.s64 %rd10, %rd10, {len(batch) * step};"]
-            lines += [f"add.s64 %rd11, %rd11, {len(batch) * threads * 16};"]
-        lines.append("bar.sync 0;")
-        if self.warps == 1:
-            lines += [f"setp.eq.u32 %p0, %s2, {NO_ROW};", "@%p0 bra DONE;"]
-        return lines
 
     def _add_partials(self, accs: list[str]) -> list[str]:
         """Each warp leaves its sums in shared memory; the row's first warp adds the others'
@@ -243,11 +175,6 @@ class ColumnLanes(CsrEmitter):
         if op == "st":
             return [f"st.shared{vector}.f32 [%ps+{offset}], {operands};"]
         return [f"ld.shared{vector}.f32 {operands}, [%ps+{offset}];"]
-
-
-def staged_bytes(problem: SpmmProblem, config: CudaCsrConfig) -> int:
-    """Shared memory of a block's copy of its columns of X (``stage_columns``)."""
-    return problem.K * config.columns_per_block * element_bytes(problem)
 
 
 def partial_bytes(config: CudaCsrConfig) -> int:

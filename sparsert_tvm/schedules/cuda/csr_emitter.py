@@ -59,11 +59,7 @@ class CsrEmitter:
         lines += self._slot()
         if p.layout is Layout.CHANNELS and not self.folds_batch:
             lines += self._batch()
-        return lines + self._stage() + self._body() + ["DONE:", "ret;", "}"]
-
-    def _stage(self) -> list[str]:
-        """What the block does together before the warps' own work (nothing here)."""
-        return []
+        return lines + self._body() + ["DONE:", "ret;", "}"]
 
     def _common_declarations(self) -> list[str]:
         words = self.layout.slots.shape[1]
@@ -112,7 +108,7 @@ class CsrEmitter:
         for i in range(0, words, 4):
             registers = ", ".join(f"%s{i + j}" for j in range(4))
             lines.append(f"{load}.v4.u32 {{{registers}}}, [%rd4+{i * 4}];")
-        if self.config.warps_per_row > 1 or self.config.stage_columns:
+        if self.config.warps_per_row > 1:
             return lines
         return lines + [f"setp.eq.u32 %p0, %s2, {NO_ROW};", "@%p0 bra DONE;"]
 
@@ -165,19 +161,19 @@ class CsrEmitter:
 
     def _load_row(
         self, base: str, dests: list[str], stride: int, offset: int = 0, guard: str = "",
-        halves: list[str] | None = None, convert: bool = True, space: str = "global.nc",
+        halves: list[str] | None = None, convert: bool = True,
     ) -> list[str]:
-        """Loads ``len(dests)`` elements ``stride`` apart from ``[base+offset]`` (in ``space``)
-        as float32 (float16 goes through ``halves`` and is converted unless ``convert`` is
-        False): one vector load where they are neighbours."""
+        """Loads ``len(dests)`` elements ``stride`` apart from ``[base+offset]`` as float32
+        (float16 goes through ``halves`` and is converted unless ``convert`` is False): one
+        vector load where they are neighbours."""
         es, count = self.es, len(dests)
         halves = halves or [f"%h{i}" for i in range(count)]
         kind, registers = ("f32", dests) if es == 4 else ("b16", halves)
         if count > 1 and stride == 1:
-            lines = [f"{guard}ld.{space}.v{count}.{kind} {{{', '.join(registers)}}}, [{base}+{offset}];"]
+            lines = [f"{guard}ld.global.nc.v{count}.{kind} {{{', '.join(registers)}}}, [{base}+{offset}];"]
         else:
             lines = [
-                f"{guard}ld.{space}.{kind} {r}, [{base}+{offset + c * stride * es}];" for c, r in enumerate(registers)
+                f"{guard}ld.global.nc.{kind} {r}, [{base}+{offset + c * stride * es}];" for c, r in enumerate(registers)
             ]
         if es == 2 and convert:
             lines += [f"{guard}cvt.f32.f16 {d}, {h};" for d, h in zip(dests, halves)]

@@ -26,7 +26,7 @@ from ...errors import UnsupportedProblem
 from ...problem import SpmmProblem
 from ..base import require_dtype, require_nnz_at_most
 from ..config import CudaCsrConfig
-from .csr_column_lanes import MAX_SHARED_BYTES, ColumnLanes, partial_bytes, staged_bytes
+from .csr_column_lanes import ColumnLanes
 from .csr_emitter import element_bytes
 from .csr_layout import LANES, csr_layout, window_csr_layout, window_taps
 from .csr_nonzero_lanes import NonzeroLanes
@@ -67,24 +67,14 @@ def _check_column_lanes(problem: SpmmProblem, config: CudaCsrConfig) -> None:
         raise UnsupportedProblem(f"{width} columns per lane need a static column count divisible by {width}")
     if (problem.K - 1) * xs.k * es > _MAX_U32 or (width - 1) * ys.n * es > _MAX_IMMEDIATE:
         raise UnsupportedProblem("tensor too large for the CSR kernel's 32-bit row offsets")
-    if config.stage_columns:
-        if columns is None or columns % config.columns_per_block:
-            raise UnsupportedProblem(
-                f"staged columns need a static column count divisible by {config.columns_per_block}"
-            )
-        needed = staged_bytes(problem, config) + (partial_bytes(config) if config.warps_per_row > 1 else 0)
-        if needed > MAX_SHARED_BYTES:
-            raise UnsupportedProblem(
-                f"staged columns need {needed} bytes of shared memory a block, more than {MAX_SHARED_BYTES}"
-            )
 
 
 def _check_window(problem: SpmmProblem, config: CudaCsrConfig) -> None:
     win, es = problem.window, element_bytes(problem)
     if not config.column_lanes:
         raise UnsupportedProblem("through a convolution's window the CSR kernel needs lanes over columns")
-    if config.pipelined or config.stage_columns:
-        raise UnsupportedProblem("pipelined trips and staged columns are not built through a convolution's window")
+    if config.pipelined:
+        raise UnsupportedProblem("pipelined trips are not built through a convolution's window")
     if win.channels_last:
         raise UnsupportedProblem(
             "CSR column lanes through a window need NCHW: in NHWC neighbouring pixels are a channel count apart"
@@ -117,5 +107,4 @@ def emit_csr_ptx(problem: SpmmProblem, config: CudaCsrConfig, name: str, arch: s
         columns_per_block=config.columns_per_block,
         param_types=param_types(problem),
         folds_batch=emitter.folds_batch,
-        shared_bytes=staged_bytes(problem, config) if config.stage_columns else 0,
     )

@@ -27,7 +27,6 @@ class PtxKernel:
     # The batch is folded into the columns (``p_ncols`` = images x columns per image, one
     # launch row) rather than the grid's z dimension.
     folds_batch: bool = False
-    shared_bytes: int = 0  # dynamic shared memory per block, passed at launch
 
     @property
     def ptx_bytes(self) -> int:

@@ -58,8 +58,7 @@ def create_cuda_module(cubin: bytes, kernel: PtxKernel):
             "assembled sparse kernels cannot be packaged into a CUDA module; compile on a "
             "machine with a GPU driver, or target the CPU"
         )
-    tags = _LAUNCH_TAGS + (["tirx.use_dyn_shared_memory"] if kernel.shared_bytes else [])
-    info = {"name": "", "arg_types": list(kernel.param_types), "launch_param_tags": tags}
+    info = {"name": "", "arg_types": list(kernel.param_types), "launch_param_tags": _LAUNCH_TAGS}
     metadata = json.dumps({"tvm_version": tvm.__version__, "func_info": {kernel.name: info}})
     function_table = tvm_ffi.get_global_func("runtime.LoadMetaDataFromJSON")(metadata)
     return create(cubin, "cubin", function_table, {"ptx": kernel.units[0]})
@@ -215,7 +214,6 @@ def launch_wrapper(problem: SpmmProblem, kernel: PtxKernel, name: str) -> tirx.P
                     kernel.row_groups,
                     images,
                     kernel.threads,
-                    *([kernel.shared_bytes] if kernel.shared_bytes else []),
                 )
                 # The grid's z dimension holds the batch; a larger batch would not launch. The
                 # kernel's column count is 32-bit.

@@ -113,3 +113,65 @@ def test_any_convolution_matches_tvm_dense(params):
     assert [layer.sparse for layer in compiled.report] == [rewritten]
     tolerance = 1e-2 if dtype == "float16" else 1e-5
     np.testing.assert_allclose(compiled(*arrays), dense, rtol=tolerance, atol=tolerance * max(1.0, float(np.abs(dense).max())))
+
+
+SIBLING_EPILOGUES = ((), ("bias",), ("bias", "relu"))
+
+
+@st.composite
+def siblings(draw):
+    """2-4 matmuls of one input (2-D or 3-D, static or symbolic rows), each with a weight of
+    its own (1-16 outputs, any density) and one of a few epilogues."""
+    k, count = draw(st.integers(1, 24)), draw(st.integers(2, 4))
+    outputs = [draw(st.integers(1, 16)) for _ in range(count)]
+    densities = [draw(st.floats(0.0, 1.0)) for _ in range(count)]
+    epilogues = [draw(st.sampled_from(SIBLING_EPILOGUES)) for _ in range(count)]
+    batch = None if draw(st.booleans()) else draw(st.integers(1, 40))
+    x_shape = (batch, k) if draw(st.booleans()) else (2, batch, k)
+    return k, outputs, densities, epilogues, x_shape, draw(st.integers(0, 2**16))
+
+
+def check_siblings(params, target):
+    """Each output equals numpy's; one kernel per epilogue (siblings differing in bias values
+    only are one)."""
+    k, outputs, densities, epilogues, x_shape, seed = params
+    rng = np.random.default_rng(seed)
+    weights = [((rng.random((m, k)) < d) * rng.standard_normal((m, k))).astype("float32")
+               for m, d in zip(outputs, densities)]
+    biases = [rng.standard_normal(m).astype("float32") for m in outputs]
+    dims = [tvm.tirx.Var("n", "int64") if d is None else d for d in x_shape]
+    x = relax.Var("x", relax.TensorType(dims, "float32"))
+    builder = relax.BlockBuilder()
+    with builder.function("main", [x]):
+        with builder.dataflow():
+            results = []
+            for weight, bias, epilogue in zip(weights, biases, epilogues):
+                out = builder.emit(relax.op.matmul(x, relax.const(weight.T.copy())))
+                if "bias" in epilogue:
+                    out = builder.emit(relax.op.add(out, relax.const(bias)))
+                if "relu" in epilogue:
+                    out = builder.emit(relax.op.nn.relu(out))
+                results.append(out)
+            out = builder.emit_output(relax.Tuple(results))
+        builder.emit_func_output(out)
+    compiled = Compiled(builder.get(), target, density_threshold=1.0)
+    assert len(compiled.report.sparse_layers) == len(set(epilogues)), compiled.report.table()
+    for rows in (1, 7) if None in x_shape else (None,):
+        shape = [rows if d is None else d for d in x_shape]
+        data = rng.standard_normal(shape).astype("float32")
+        for actual, weight, bias, epilogue in zip(compiled(data), weights, biases, epilogues, strict=True):
+            expected = data.astype(np.float64) @ weight.T.astype(np.float64) + (bias if "bias" in epilogue else 0)
+            assert_close(actual, np.maximum(expected, 0) if "relu" in epilogue else expected)
+
+
+@given(siblings())
+@settings(max_examples=25)
+def test_siblings_equal_their_layers_apart_on_cpu(params):
+    check_siblings(params, CPU_TARGET)
+
+
+@pytest.mark.gpu
+@settings(max_examples=25)
+@given(params=siblings())
+def test_siblings_equal_their_layers_apart_on_gpu(gpu_target, params):
+    check_siblings(params, gpu_target)

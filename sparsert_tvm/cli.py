@@ -136,6 +136,10 @@ threshold_option = click.option(
 target_option = click.option("--target", default="auto", show_default=True, help="auto, cuda or llvm")
 shape_option = click.option("--input-shape", multiple=True, metavar="NAME:1x3x224x224", help="fix an input's shape")
 batch_option = click.option("--batch", type=int, help="first dimension of every input (--input-shape wins where both apply)")
+siblings_option = click.option(
+    "--siblings-apart", is_flag=True,
+    help="a kernel per layer where layers read one input (attention's query, key and value), not one for them all",
+)
 
 
 @main.command()
@@ -144,14 +148,17 @@ batch_option = click.option("--batch", type=int, help="first dimension of every 
 @threshold_option
 @shape_option
 @batch_option
-def inspect(model, target, density_threshold, input_shape, batch):
+@siblings_option
+def inspect(model, target, density_threshold, input_shape, batch, siblings_apart):
     """Show, per weight layer of an ONNX or TFLite MODEL, what would become a sparse kernel and why."""
     from .passes import SparsifyWeights
     from .report import report_of
 
     mod = load_model(model, parse_input_shapes(input_shape), batch)
     with user_errors():
-        checked = SparsifyWeights(parse_target(target), density_threshold, dry_run=True)(mod)
+        checked = SparsifyWeights(
+            parse_target(target), density_threshold, dry_run=True, combine_siblings=not siblings_apart
+        )(mod)
     click.echo(report_of(checked).table(), nl=False)
 
 
@@ -162,16 +169,17 @@ def inspect(model, target, density_threshold, input_shape, batch):
 @threshold_option
 @shape_option
 @batch_option
+@siblings_option
 @click.option("--tune", is_flag=True, help="autotune every sparse layer on this GPU (CUDA only; results kept in the tuning database)")
 @click.option("--tuning-db", type=click.Path(dir_okay=False), help="tuning database file (default: tuning.json in the kernel cache)")
-def compile(model, output, target, density_threshold, input_shape, batch, tune, tuning_db):  # noqa: A001 - the command's name
+def compile(model, output, target, density_threshold, input_shape, batch, siblings_apart, tune, tuning_db):  # noqa: A001
     """Compile an ONNX or TFLite MODEL with sparse kernels into a deployable module."""
     from .report import SparsityReport
 
     mod = load_model(model, parse_input_shapes(input_shape), batch)
     report = SparsityReport()
     resolved = parse_target(target)
-    options = {"tune": True} if tune else {}
+    options = {"combine_siblings": not siblings_apart} | ({"tune": True} if tune else {})
     if tuning_db:
         options["tuning_database"] = tuning_db
     # Tuning shows a progress bar per layer; one live display at a time, so no spinner then.
@@ -217,10 +225,11 @@ def run(module, inputs, output, device):
 @threshold_option
 @shape_option
 @batch_option
+@siblings_option
 @click.option("--top", default=8, show_default=True, help="slowest calls listed per build")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="write the figures as JSON")
 @click.option("--plot", type=click.Path(dir_okay=False), help="write a PNG of the time split (needs matplotlib)")
-def bench_command(model, target, density_threshold, input_shape, batch, top, json_path, plot):
+def bench_command(model, target, density_threshold, input_shape, batch, siblings_apart, top, json_path, plot):
     """Time an ONNX or TFLite MODEL end to end, sparse against TVM's dense build (and onnxruntime
     where installed), with each build's kernel time split."""
     import dataclasses
@@ -235,7 +244,9 @@ def bench_command(model, target, density_threshold, input_shape, batch, top, jso
     inputs = random_inputs(mod)
     resolved = parse_target(target)
     with user_errors(), step(f"building and timing for {resolved.kind.name}") as status:
-        result = bench.bench(mod, resolved, inputs, density_threshold, progress=status.update)
+        result = bench.bench(
+            mod, resolved, inputs, density_threshold, progress=status.update, combine_siblings=not siblings_apart
+        )
         onnxruntime = None
         if not model.endswith(".tflite"):
             status.update("timing onnxruntime")

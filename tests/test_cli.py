@@ -219,3 +219,18 @@ def test_an_onnxruntime_that_cannot_read_the_model_is_reported_not_fatal(monkeyp
     monkeypatch.setitem(sys.modules, "onnxruntime", fake)
     us, why = onnxruntime_us("model.onnx", [], CPU_TARGET)
     assert us is None and "IR version" in why and "onnxruntime 1.0 failed" in why
+
+
+def test_siblings_are_one_layer_unless_kept_apart(tmp_path):
+    """A BERT layer's query, key and value projections: one row of the report (one kernel) by
+    default, three with --siblings-apart, in inspect and compile alike."""
+    path = tmp_path / "bert.onnx"
+    model = models.bert_encoder(np.random.default_rng(0), layers=1, hidden=32, heads=2, ffn=64, seq=4)
+    onnx.save(prune_model(model, 0.9)[0], path)
+    combined = invoke("inspect", path, "--target", "llvm")
+    apart = invoke("inspect", path, "--target", "llvm", "--siblings-apart")
+    assert combined.exit_code == 0 and apart.exit_code == 0, combined.output + apart.output
+    assert "lv1+lv4+lv7" in combined.output and "96x32" in combined.output
+    assert "lv1+" not in apart.output and apart.output.count("32x32") == 4  # q, k, v, the attention's output
+    built = invoke("compile", path, "--target", "llvm", "-o", tmp_path / "bert.so", "--siblings-apart")
+    assert built.exit_code == 0 and "lv1+" not in built.output, built.output

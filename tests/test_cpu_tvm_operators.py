@@ -14,7 +14,7 @@ from tvm.relax.frontend.onnx import from_onnx
 import sparsert_tvm as sp
 from helpers import CPU_TARGET
 from sparsert_tvm.build import cpu_operator_passes
-from sparsert_tvm.schedules.cpu.tvm_operators import ActivationMatmul, Elementwise, schedule_rules
+from sparsert_tvm.schedules.cpu.tvm_operators import ActivationMatmul, AxisReduction, Elementwise, schedule_rules
 
 erf = np.vectorize(math.erf)
 
@@ -108,7 +108,40 @@ def test_a_transpose_and_a_broadcast_add():
     assert Elementwise().apply(next(f for f in lowered(mod).functions.values()), CPU_TARGET, False) is not None
 
 
-def test_softmax_and_layer_norm_take_tvms_reduction_rule_as_axis_reductions():
+@pytest.mark.parametrize("shape", [(2, 12, 64), (3, 16, 768), (2, "n", 128), (4, 20)], ids=str)
+def test_row_reductions_sum_in_vector_wide_partial_results(shape):
+    """Softmax then a layer norm, rows of 20 to 768 (partial results where a row holds two
+    vectors or more, one chain below), static or symbolic rows."""
+    rng = np.random.default_rng(4)
+    width = shape[-1]
+    gamma, beta = rng.standard_normal(width).astype("float32"), rng.standard_normal(width).astype("float32")
+    nodes = [helper.make_node("Softmax", ["x"], ["s"], axis=-1),
+             helper.make_node("LayerNormalization", ["s", "gamma", "beta"], ["y"], axis=-1, epsilon=1e-5)]
+    mod = onnx_module(nodes, {"x": shape}, shape, [("gamma", gamma), ("beta", beta)])
+    x = (rng.standard_normal([5 if d == "n" else d for d in shape]) * 4).astype("float32")
+    e = np.exp(x.astype(np.float64) - x.max(-1, keepdims=True))
+    s = e / e.sum(-1, keepdims=True)
+    normed = (s - s.mean(-1, keepdims=True)) / np.sqrt(s.var(-1, keepdims=True) + 1e-5)
+    assert_near(run(mod, x), normed * gamma + beta, 1e-4)
+    scheduled = [AxisReduction().apply(f, CPU_TARGET, False) for f in lowered(mod).functions.values()
+                 if isinstance(f, tvm.tirx.PrimFunc)]
+    assert all(sch is not None for sch in scheduled)
+    partial_results = [sch.mod.script().count("_rf = T.sblock_alloc_buffer") for sch in scheduled]
+    assert partial_results == ([2, 2] if width >= 32 else [0, 0])  # softmax's max and sum, the norm's two sums
+
+
+def test_a_mean_over_two_axes_is_one_reduction_of_its_rows():
+    """A global average pool (a sum over H and W, then a divide) is taken whole, its sum not
+    split: partial results are for a reduction over one axis."""
+    rng = np.random.default_rng(5)
+    mod = onnx_module([helper.make_node("GlobalAveragePool", ["x"], ["y"])], {"x": (2, 24, 7, 7)}, (2, 24, 1, 1))
+    x = rng.standard_normal((2, 24, 7, 7)).astype("float32")
+    assert_near(run(mod, x), x.mean(axis=(2, 3), keepdims=True))
+    (func,) = [f for f in lowered(mod).functions.values() if isinstance(f, tvm.tirx.PrimFunc)]
+    assert rule_taking(func) == "AxisReduction"
+
+
+def test_softmax_and_layer_norm_are_axis_reductions():
     rng = np.random.default_rng(3)
     gamma, beta = rng.standard_normal(64).astype("float32"), rng.standard_normal(64).astype("float32")
     nodes = [helper.make_node("Softmax", ["x"], ["s"], axis=-1),

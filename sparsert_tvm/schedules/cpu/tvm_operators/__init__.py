@@ -5,9 +5,9 @@ each runs on one thread as scalar loops. Once the sparse kernels have taken a mo
 what is left can be most of its time: in two 90%-pruned BERT-base layers on 2 cores, attention's
 two products, GELU, softmax and the layer norms took 38 of 48 ms. ``sparsert_tvm.compile``
 schedules them with these rules, the first that applies to a PrimFunc winning (dlight's
-``ApplyDefaultSchedule``): a product of two activations, TVM's own CPU rules for reductions
-(softmax, norms, kept off convolutions) and matrix-vector products, then operators of
-injective blocks only. Convolutions and pools TVM keeps stay as TVM lowers them.
+``ApplyDefaultSchedule``): a product of two activations, TVM's own CPU rule for
+matrix-vector products, reductions along rows (softmax, norms; kept off convolutions), then
+operators of injective blocks only. Convolutions and pools TVM keeps stay as TVM lowers them.
 """
 
 from tvm.s_tir import dlight

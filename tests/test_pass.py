@@ -382,6 +382,31 @@ def test_siblings_reading_one_input_become_one_kernel(target, columns):
         assert_close(actual, wanted)
 
 
+def test_siblings_in_two_dataflow_blocks_stay_apart():
+    """A dataflow block's values do not outlive it: layers of one input in two blocks are
+    two kernels, each in its block."""
+    rng = np.random.default_rng(RNG_SEED)
+    x = relax.Var("x", relax.TensorType((4, 16), "float32"))
+    weights = [sparse_matrix(rng, (8, 16), 0.3) for _ in range(2)]
+    builder = relax.BlockBuilder()
+    with builder.function("main", [x]):
+        outputs = []
+        for weight in weights:
+            with builder.dataflow():
+                outputs.append(builder.emit_output(relax.op.matmul(x, relax.const(weight.T.copy()))))
+            outputs.append(builder.emit(relax.op.negative(outputs[-1])))  # a plain block between
+        builder.emit_func_output(relax.Tuple(outputs))
+    mod = builder.get()
+    assert len(mod["main"].body.blocks) == 4
+    _, report = sparsify(mod)
+    assert [layer.decision for layer in report.layers] == ["sparse", "sparse"]
+    data = rng.standard_normal((4, 16)).astype("float32")
+    actual = Compiled(mod, CPU_TARGET)(data)
+    for i, weight in enumerate(weights):
+        assert_close(actual[2 * i], data @ weight.T)
+        assert_close(actual[2 * i + 1], -(data @ weight.T))
+
+
 def test_cpu_builds_fuse_unless_the_module_calls_packed_functions():
     from sparsert_tvm.build import relax_pipeline
 

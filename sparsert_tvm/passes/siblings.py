@@ -29,12 +29,15 @@ def combine_siblings(func: relax.Function, candidates: list[Candidate], rewritte
     by one candidate (``parts`` holds them, in the order of their tails in ``func``), placed
     where its first part was."""
     position = {b.var: i for i, b in enumerate(b for block in func.body.blocks for b in block.bindings)}
+    block_of = {b.var: i for i, block in enumerate(func.body.blocks) for b in block.bindings}
     var2val = relax.analysis.get_var2val(func)
     families: dict = {}
     for candidate in candidates:
-        key = _family(candidate, var2val) if rewritten(candidate) else None
-        if key is not None:
-            families.setdefault(key, []).append(candidate)
+        family = _family(candidate, var2val) if rewritten(candidate) else None
+        if family is not None:
+            # One binding block: the first sibling's place binds them all, and a dataflow
+            # block's values do not outlive it.
+            families.setdefault((block_of[candidate.tail], family), []).append(candidate)
     combined = {}
     for parts in families.values():
         if len(parts) > 1:

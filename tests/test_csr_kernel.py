@@ -158,9 +158,9 @@ def test_float16_accumulates_in_float32(layout):
 # -- lanes over columns --------------------------------------------------------------------
 
 
-def column_lanes(width=1, unroll=2, rows=4, sort_rows=True, warps=1, pipelined=False, rows_first=False):
+def column_lanes(width=1, unroll=2, rows=4, sort_rows=True, warps=1, pipelined=False):
     return CudaCsrConfig(rows_per_block=rows, columns_per_block=32 * width, unroll=unroll, lanes="columns",
-                         sort_rows=sort_rows, warps_per_row=warps, pipelined=pipelined, rows_first=rows_first)
+                         sort_rows=sort_rows, warps_per_row=warps, pipelined=pipelined)
 
 
 @pytest.mark.parametrize("density", [0.0, 0.02, 0.2, 1.0])
@@ -174,21 +174,6 @@ def test_column_lanes_over_a_transposed_x(density, columns):
         if columns % width == 0:
             for pipelined in (False, True):
                 check(p, column_lanes(width, unroll, warps=warps, pipelined=pipelined), rng)
-
-
-def test_blocks_renumbered_rows_first_cover_every_tile_once():
-    """With ``rows_first`` each block computes its tile from its position in the whole grid:
-    every (column tile, row group) pair is taken exactly once, whatever the grid's shape."""
-    rng = np.random.default_rng(36)
-    weight = sparse_matrix(rng, (21, 70), 0.2)  # 6 row groups of 4, the last one short
-    transposed = problem(rng, Layout.ROWS, weight, (128, 70), ("bias", "residual"), transposed=True)
-    for config in (column_lanes(1, rows_first=True), column_lanes(2, warps=2, rows_first=True)):
-        assert "%nctaid.x" in emit_csr_ptx(transposed, config, "k", "sm_90").units[0]
-        check(transposed, config, rng, tolerance=1e-4)
-    nchw = problem(rng, Layout.CHANNELS, weight, (3, 70, 5, 13), ("bias", "relu"))  # batch in the grid's z
-    check(nchw, column_lanes(1, rows=3, rows_first=True), rng)
-    rows = problem(rng, Layout.ROWS, weight, (37, 70), ("bias",))
-    check(rows, CudaCsrConfig(rows_per_block=4, columns_per_block=8, rows_first=True), rng)
 
 
 @pytest.mark.parametrize("x_shape", [(1, 40, 4, 8), (3, 40, 7, 7), (2, 40, 16, 16)], ids=str)
@@ -684,8 +669,6 @@ def test_csr_modules_on_the_gpu(gpu_target, dtype, kind, x_shape, config):
         ("conv_nchw", (None, 96, 4, 8), {"columns_per_block": 128, "unroll": 8, "pipelined": True}),
         ("matmul", (96, 96), {"columns_per_block": 64, "unroll": 4, "warps_per_row": 4, "rows_per_block": 2,
                               "pipelined": True}),
-        ("matmul", (64, 96), {"columns_per_block": 32, "unroll": 8, "rows_first": True}),
-        ("matmul", (128, 96), {"columns_per_block": 32, "unroll": 4, "warps_per_row": 2, "rows_first": True}),
     ],
     ids=str,
 )

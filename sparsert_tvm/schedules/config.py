@@ -201,10 +201,6 @@ class CudaCsrConfig(_CudaKernelConfig):
     # before its own FMAs, so that a warp has two trips' loads in flight (twice the
     # activation registers; the pairs are read two trips ahead).
     pipelined: bool = False
-    # Consecutive blocks take consecutive row groups of one column tile, rather than the
-    # column tiles of one row group: the blocks an SM holds at once then read the same
-    # columns of X, which may stay in its L1 cache.
-    rows_first: bool = False
     ptxas_opt_level: int = 3
     # The arrays cost about 6 bytes per nonzero in the cubin and 20 in the PTX text (8 and
     # 24 with column lanes: a float32 value and a 32-bit offset each).

@@ -50,8 +50,8 @@ class CsrEmitter:
         lines = entry_declaration(self.name, p.has_residual, cfg.threads_per_block)
         lines += self._common_declarations() + self._declarations()
         lines += load_operands(p.has_residual)
-        lines += self._block_position()
         lines += [
+            "mov.u32 %r1, %ctaid.x;",
             f"mul.lo.u32 %col0, %r1, {self.cols};",
             "setp.ge.u32 %p0, %col0, %ncols;",
             "@%p0 bra DONE;",
@@ -73,21 +73,6 @@ class CsrEmitter:
             f".reg .f32 %t<{self.config.columns_per_lane}>;",
         ]
 
-    def _block_position(self) -> list[str]:
-        """``%r1`` the block's column tile, ``%r3`` its row group. The launch grid is (column
-        tiles, row groups); with ``rows_first`` the blocks are renumbered so that consecutive
-        ones (which run at the same time) take consecutive row groups of one column tile."""
-        lines = ["mov.u32 %r1, %ctaid.x;", "mov.u32 %r3, %ctaid.y;"]
-        if not self.config.rows_first:
-            return lines
-        groups = len(self.layout.groups)
-        return lines + [
-            "mov.u32 %r5, %nctaid.x;",
-            "mad.lo.u32 %r5, %r3, %r5, %r1;",
-            f"div.u32 %r1, %r5, {groups};",
-            f"rem.u32 %r3, %r5, {groups};",
-        ]
-
     def _slot(self) -> list[str]:
         """Loads this warp's slot (``warps_per_row`` neighbouring warps share one, unless
         ``slot_per_warp``); warps without a row leave, unless their block meets at a barrier
@@ -99,6 +84,7 @@ class CsrEmitter:
         lines = ["mov.u32 %r2, %tid.x;", "shr.u32 %warp, %r2, 5;", "and.b32 %lane, %r2, 31;"]
         lines += [f"shr.u32 %r4, %warp, {shift};"] if shift else []
         lines += [
+            "mov.u32 %r3, %ctaid.y;",
             f"mad.lo.u32 %slot, %r3, {slots_per_block}, {row};",
             f"mov.u64 %rd4, {self.name}_slots;",
             f"mul.wide.u32 %rd5, %slot, {words * 4};",

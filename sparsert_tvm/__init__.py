@@ -11,7 +11,11 @@ from .passes import CPU_MIN_GROUP_CHANNELS, DEFAULT_DENSITY_THRESHOLD, SMALL_CON
 from .report import LayerReport, SparsityReport, report_of
 from .schedules import CpuCsrConfig, CpuDepthwiseConfig, CpuSpmmConfig, CudaCsrConfig, CudaSpmmConfig
 from .tuning.database import TuningDatabase
+from .threads import use_physical_cores
 from .tuning.tuner import TuneOptions
+
+# TVM's CPU thread pool starts at the first parallel loop, after this: see threads.py.
+use_physical_cores()
 
 __all__ = [
     "CPU_MIN_GROUP_CHANNELS",

@@ -1,11 +1,16 @@
 import os
 
-import pytest
-import tvm
-from hypothesis import HealthCheck, settings
+# xdist runs a worker per core: one TVM thread each (set before sparsert_tvm's import, which
+# would give each worker every core).
+if "PYTEST_XDIST_WORKER" in os.environ:
+    os.environ.setdefault("TVM_NUM_THREADS", "1")
 
-from helpers import CPU_TARGET, cuda_target
-from sparsert_tvm import tuning
+import pytest  # noqa: E402
+import tvm  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+from helpers import CPU_TARGET, cuda_target  # noqa: E402
+from sparsert_tvm import tuning  # noqa: E402
 
 
 settings.register_profile(

@@ -10,8 +10,8 @@ from .errors import RuntimeUnavailable, SparseRTError, ToolchainError, Unsupport
 from .passes import CPU_MIN_GROUP_CHANNELS, DEFAULT_DENSITY_THRESHOLD, SMALL_CONVOLUTION_NNZ, SparsifyWeights
 from .report import LayerReport, SparsityReport, report_of
 from .schedules import CpuCsrConfig, CpuDepthwiseConfig, CpuSpmmConfig, CudaCsrConfig, CudaSpmmConfig
-from .tuning.database import TuningDatabase
 from .threads import use_physical_cores
+from .tuning.database import TuningDatabase
 from .tuning.tuner import TuneOptions
 
 # TVM's CPU thread pool starts at the first parallel loop, after this: see threads.py.

@@ -66,7 +66,7 @@ def _family(candidate: Candidate, var2val):
         return None
     epilogue = tuple(BiasAdd if isinstance(op, BiasAdd) else op for op in problem.epilogue)
     shape = tuple(str(d) for d in problem.x_shape)
-    return candidate.function, _input(candidate.x, var2val), problem.layout, problem.dtype, shape, epilogue
+    return _input(candidate.x, var2val), problem.layout, problem.dtype, shape, epilogue
 
 
 def _input(x: relax.Var, var2val):

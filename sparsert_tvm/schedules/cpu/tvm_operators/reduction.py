@@ -72,10 +72,10 @@ def _row_axes(sch: s_tir.Schedule, blocks) -> int | None:
 
 
 def _partial_results(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, lanes: int):
-    """Splits the row's reduction (over one axis) into ``lanes`` partial results (the last axis of a buffer of
-    their own: one vector a row) where its length is a static multiple of the lanes, two
-    vectors or more; returns the block computing them, or None. TVM's ``rfactor`` knows sums,
-    maxima and minima; other reductions stay one chain."""
+    """Splits the row's reduction (over one axis) into ``lanes`` partial results (the last
+    axis of a buffer of their own: one vector a row) where its length is a static multiple of
+    the lanes, two vectors or more; returns the block computing them, or None. TVM's
+    ``rfactor`` knows sums, maxima and minima; other reductions stay one chain."""
     loop = sch.get_loops(block)[-1]
     extent = get_extent(sch, loop)
     if lanes < 2 or not isinstance(extent, int) or extent % lanes or extent < 2 * lanes:

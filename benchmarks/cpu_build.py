@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import sparsert_tvm as sp  # noqa: E402
 from sparsert_tvm import models  # noqa: E402
-from sparsert_tvm.bench import onnxruntime_us  # noqa: E402
+from sparsert_tvm.bench import onnxruntime_us, wait_for_idle_threads  # noqa: E402
 from sparsert_tvm.build import host_cpu_target  # noqa: E402
 from sparsert_tvm.prune import prune_model  # noqa: E402
 
@@ -87,7 +87,6 @@ def main():
         with tempfile.TemporaryDirectory() as folder:
             path = str(Path(folder) / "model.onnx")
             onnx.save(model, path)
-            time.sleep(0.5)
             us, why_not = onnxruntime_us(path, [x.numpy()], target)
         print(f"onnxruntime, dense fp32: {us:,.0f} us per inference (median of 50)" if us else f"onnxruntime: {why_not}")
 
@@ -100,7 +99,7 @@ def _pytorch_us(model, x: np.ndarray, rounds: int) -> list[float]:
 
     torch.set_num_threads(os.cpu_count())  # its default; said for the record
     module, tx = OnnxModule(model).eval(), torch.from_numpy(x)
-    time.sleep(0.5)
+    wait_for_idle_threads()
     us = []
     with torch.inference_mode():
         module(tx)

@@ -162,6 +162,16 @@ def _first_output(value) -> np.ndarray:
 
 
 _WARMUP_RUNS = 10
+# After a parallel call the worker threads of TVM's CPU runtime spin on sched_yield for a
+# while, about 0.2 s on an idle 2-core machine and 0.75 s on a busy one, and OpenMP's (PyTorch)
+# spin too: a library timed next shares the cores with them. PyTorch's dense product ran up to
+# 4x slower right after one of our kernels, and a kernel of ours 4x slower after PyTorch.
+_THREAD_POOL_SPIN_S = 0.5
+
+
+def wait_for_idle_threads() -> None:
+    """Lets the thread pools of the library timed last on the CPU go quiet before another one is timed."""
+    time.sleep(_THREAD_POOL_SPIN_S)
 
 
 def onnxruntime_us(path: str, inputs: list[np.ndarray], target, runs: int = 50) -> tuple[float | None, str]:
@@ -176,6 +186,8 @@ def onnxruntime_us(path: str, inputs: list[np.ndarray], target, runs: int = 50) 
     try:  # an older onnxruntime may not read the file (IR version, opset)
         session = onnxruntime.InferenceSession(path, providers=providers)
         feed = dict(zip([i.name for i in session.get_inputs()], inputs))
+        if target.kind.name != "cuda":
+            wait_for_idle_threads()
         for _ in range(_WARMUP_RUNS):  # its first runs allocate and spin up threads
             session.run(None, feed)
     except Exception as error:  # noqa: BLE001 - a contender that cannot run is reported, not fatal

@@ -221,6 +221,37 @@ def test_an_onnxruntime_that_cannot_read_the_model_is_reported_not_fatal(monkeyp
     assert us is None and "IR version" in why and "onnxruntime 1.0 failed" in why
 
 
+@pytest.mark.parametrize("target", [CPU_TARGET, tvm.target.Target("cuda")], ids=["cpu", "cuda"])
+def test_onnxruntime_on_the_cpu_is_timed_once_tvm_threads_are_idle(monkeypatch, target):
+    """TVM's CPU workers spin for a while after our kernels ran: onnxruntime on the CPU is
+    timed only after ``wait_for_idle_threads``, its first runs after the wait unmeasured."""
+    import types
+
+    events = []
+
+    class Session:
+        def __init__(self, path, providers):
+            events.append("session")
+
+        def get_inputs(self):
+            return [types.SimpleNamespace(name="x")]
+
+        def run(self, outputs, feed):
+            events.append("run")
+
+    provider = "CPUExecutionProvider" if target.kind.name == "llvm" else "CUDAExecutionProvider"
+    fake = types.SimpleNamespace(
+        __version__="1.0", get_available_providers=lambda: [provider], InferenceSession=Session
+    )
+    monkeypatch.setitem(sys.modules, "onnxruntime", fake)
+    monkeypatch.setattr(bench, "wait_for_idle_threads", lambda: events.append("wait"))
+    us, why = bench.onnxruntime_us("model.onnx", [np.zeros(1, "float32")], target, runs=3)
+    assert us is not None and why == ""
+    runs = events.count("run")
+    assert events == ["session"] + (["wait"] if provider == "CPUExecutionProvider" else []) + ["run"] * runs
+    assert runs > 3  # warm-up runs before the timed ones
+
+
 def test_siblings_are_one_layer_unless_kept_apart(tmp_path):
     """A BERT layer's query, key and value projections: one row of the report (one kernel) by
     default, three with --siblings-apart, in inspect and compile alike."""

@@ -96,14 +96,8 @@ def SparsifyWeights(target, density_threshold: float | None = None, **options) -
     threshold = _check_threshold(density_threshold)
     kernel_config = _check_kernel_config(options.get("kernel_config"), rule)
     tuner = _tuner(rule, target, options.get("tune", False), options.get("tuning_database"))
-    flags = _Flags(bool(options.get("dry_run", False)), bool(options.get("combine_siblings", True)))
-    return _SparsifyWeights(target, rule, threshold, kernel_config, flags, tuner)
-
-
-@dataclasses.dataclass(frozen=True)
-class _Flags:
-    dry_run: bool
-    combine_siblings: bool
+    dry_run, combine = bool(options.get("dry_run", False)), bool(options.get("combine_siblings", True))
+    return _SparsifyWeights(target, rule, threshold, kernel_config, tuner, dry_run, combine)
 
 
 def _tuner(rule, target, tune, database):
@@ -158,14 +152,16 @@ def _check_kernel_config(config, rule):
 
 @tvm.transform.module_pass(opt_level=0, name="SparsifyWeights")
 class _SparsifyWeights:
-    def __init__(self, target, rule, threshold: float | None, kernel_config, flags: _Flags, tuner):
+    def __init__(
+        self, target, rule, threshold: float | None, kernel_config, tuner, dry_run: bool, combine_siblings: bool
+    ):
         self.target = target
         self.rule = rule
         self.threshold = threshold
         self.kernel_config = kernel_config
-        self.dry_run = flags.dry_run
-        self.combine_siblings = flags.combine_siblings
         self.tuner = tuner
+        self.dry_run = dry_run
+        self.combine_siblings = combine_siblings
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         report = report_of(mod)

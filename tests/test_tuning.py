@@ -147,13 +147,26 @@ def test_cost_model_prefers_filling_the_machine():
     assert space.estimated_cost(problem, many_blocks) < space.estimated_cost(problem, few_blocks)
 
 
-def test_default_1x1_configs_cap_registers_only_for_16_rows():
+def test_default_1x1_configs_cap_registers_only_for_16_rows_and_more():
     rng = np.random.default_rng(13)
-    large = channels_problem(rng, m=512, k=128, spatial=(28, 28), images=8)
-    config = default_cuda_config(large)
+    medium = channels_problem(rng, m=512, k=128, spatial=(14, 14), images=8)
+    config = default_cuda_config(medium)
     assert (config.rows_per_block, config.registers) == (16, 64)
     small = default_cuda_config(channels_problem(rng))
     assert small.rows_per_block < 16 and small.registers == 0
+
+
+def test_float32_1x1_layers_with_a_large_grid_take_32_rows():
+    rng = np.random.default_rng(14)
+    large = channels_problem(rng, m=512, k=128, spatial=(28, 28), images=8)
+    config = default_cuda_config(large)
+    assert (config.rows_per_block, config.registers, config.segment_registers) == (32, 96, 96)
+    # Not in float16 (not measured), nor for 16 output channels, nor for FC layers.
+    assert default_cuda_config(channels_problem(rng, m=512, k=128, spatial=(28, 28), images=8, dtype="float16")).rows_per_block == 16
+    assert default_cuda_config(channels_problem(rng, m=16, k=32, spatial=(112, 112), images=8)).rows_per_block == 16
+    weight = SparseMatrix.from_dense(sparse_matrix(rng, (3072, 768), 0.1))
+    fc = SpmmProblem(weight, Layout.ROWS, "float32", (512, 768), (512, 3072), x_transposed=True)
+    assert default_cuda_config(fc).rows_per_block == 16
 
 
 def test_symbolic_dimensions_take_the_tuning_size():

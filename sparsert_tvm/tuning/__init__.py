@@ -253,7 +253,8 @@ def _most_unrolled_rows(problem: SpmmProblem) -> int:
     in L1 and L2 ran at 74% of its throughput (Nsight Compute, fc-n512-tiles-h100.md);
     twice the rows share each load. Where the grid still gives 264 blocks at 32 rows, that
     ran 18 of 21 such layers at density 0.1 1.02-1.34x faster and three 0.99-1.00x as fast
-    (1.13x in geometric mean; rows32-1x1-b8-h100.md). Where it did not (7x7 images, few output channels) 32
+    (1.13x in geometric mean; with a cold L2 1.085x at 0.1 and 1.044x at 0.05, one layer
+    0.88x: rows32-1x1-b8-h100.md). Where it did not (7x7 images, few output channels) 32
     rows lost up to 2.6x. FC layers at N = 512 gained nothing (0.98x and 1.01x,
     fc-n512-tiles-h100.md); float16 is not measured."""
     one_by_one = problem.images_apart and problem.window is None

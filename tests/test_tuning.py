@@ -162,7 +162,8 @@ def test_float32_1x1_layers_with_a_large_grid_take_32_rows():
     config = default_cuda_config(large)
     assert (config.rows_per_block, config.registers, config.segment_registers) == (32, 96, 96)
     # Not in float16 (not measured), nor for 16 output channels, nor for FC layers.
-    assert default_cuda_config(channels_problem(rng, m=512, k=128, spatial=(28, 28), images=8, dtype="float16")).rows_per_block == 16
+    half = channels_problem(rng, m=512, k=128, spatial=(28, 28), images=8, dtype="float16")
+    assert default_cuda_config(half).rows_per_block == 16
     assert default_cuda_config(channels_problem(rng, m=16, k=32, spatial=(112, 112), images=8)).rows_per_block == 16
     weight = SparseMatrix.from_dense(sparse_matrix(rng, (3072, 768), 0.1))
     fc = SpmmProblem(weight, Layout.ROWS, "float32", (512, 768), (512, 3072), x_transposed=True)

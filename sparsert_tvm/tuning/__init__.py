@@ -240,10 +240,9 @@ def _unrolled_tiling(problem: SpmmProblem) -> CudaSpmmConfig:
     # Every row group reads all of X again (from L2): as many rows per block as the grid
     # allows while it still gives every SM a couple of blocks.
     rows = _rows_filling_the_machine(problem, _most_unrolled_rows(problem), column_tiles * images)
-    registers = default_registers(rows)
     return CudaSpmmConfig(
         rows_per_block=rows, threads_per_block=threads, vector_width=width, fold_batch=fold,
-        registers=registers, segment_registers=max(CudaSpmmConfig.segment_registers, registers),
+        registers=default_registers(rows), segment_registers=default_segment_registers(rows),
     )
 
 
@@ -289,12 +288,10 @@ def _window_config(problem: SpmmProblem, vectors: int, images: int, width: int, 
     else:
         while rows > 1 and -(-problem.M // rows) * column_tiles * images * threads < _TARGET_THREADS:
             rows //= 2
-    registers = default_registers(rows)
     return CudaSpmmConfig(
         rows_per_block=rows, threads_per_block=trimmed_threads(vectors, threads), vector_width=width,
-        fold_batch=fold, registers=registers, grid_split=shares,
-        # Segments of 32 rows at 64 registers spill about 1.6 KB each (ptxas -v).
-        segment_registers=max(CudaSpmmConfig.segment_registers, registers),
+        fold_batch=fold, registers=default_registers(rows), grid_split=shares,
+        segment_registers=default_segment_registers(rows),
         padding_from_zeros=_reads_padding_from_zeros(problem, vectors),
     )
 
@@ -384,6 +381,12 @@ def default_registers(rows_per_block: int) -> int:
     if rows_per_block >= 32:
         return _THIRTY_TWO_ROW_REGISTERS
     return _SIXTEEN_ROW_REGISTERS if rows_per_block >= 16 else 0
+
+
+def default_segment_registers(rows_per_block: int) -> int:
+    """The segments' register cap: at least the entry's, since segments of 32 rows at 64
+    registers spilled about 1.6 KB each (ptxas -v)."""
+    return max(CudaSpmmConfig.segment_registers, default_registers(rows_per_block))
 
 
 def default_cpu_config(problem: SpmmProblem, target) -> CpuConfig:

@@ -55,7 +55,7 @@ class StagedInput:
         if config.split_k > 1 or config.padding_from_zeros:
             raise UnsupportedProblem("stage_channels: not with split_k or padding_from_zeros")
         (h, w), (kh, _), (top, left, bottom, right) = window.input_size, window.kernel, window.padding
-        (oh, ow), pixels = window.output_size, problem.static_columns
+        (_, ow), pixels = window.output_size, problem.static_columns
         if w + left + right > config.threads_per_block:
             raise UnsupportedProblem("stage_channels: a block needs a thread per padded input column")
         images = problem.static_batch if config.fold_batch else 1

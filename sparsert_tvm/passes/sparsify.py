@@ -75,8 +75,9 @@ def SparsifyWeights(target, density_threshold: float | None = None, **options) -
         Decide and report, but generate nothing and leave the module's functions as they
         are (what ``sparsert inspect`` shows).
     tune : bool or TuneOptions, optional
-        CUDA only: time candidate configs of every layer missing from the tuning database
-        on this machine's GPU, and record the fastest (see ``sparsert_tvm.tuning``).
+        Time candidate configs of every layer missing from the tuning database on this
+        machine's GPU (CUDA) or CPU (llvm), and record the fastest (see
+        ``sparsert_tvm.tuning``).
     tuning_database : path or TuningDatabase, optional
         Where tuned configs are looked up and stored. Layers found there use their tuned
         config, with or without ``tune``. Default: ``tuning.json`` in the kernel cache.
@@ -101,7 +102,8 @@ def SparsifyWeights(target, density_threshold: float | None = None, **options) -
 
 
 def _tuner(rule, target, tune, database):
-    """The CUDA rule's config chooser, or None where the target has no tuner."""
+    """The rule's config chooser: the tuning database, and the search where ``tune`` is on."""
+    from ..tuning.cpu_tuner import CpuTuner
     from ..tuning.tuner import TuneOptions, Tuner  # imports the CUDA toolchain wrappers
 
     if tune is True:
@@ -110,11 +112,7 @@ def _tuner(rule, target, tune, database):
         tune = None
     elif not isinstance(tune, TuneOptions):
         raise TypeError(f"tune must be a bool or TuneOptions, got {type(tune).__name__}")
-    if target.kind.name != "cuda":
-        if tune is not None or database is not None:
-            raise ValueError("tuning is implemented for CUDA targets only")
-        return None
-    return Tuner(rule, target, tune, database)
+    return (Tuner if target.kind.name == "cuda" else CpuTuner)(rule, target, tune, database)
 
 
 def _check_threshold(value) -> float | None:

@@ -4,8 +4,7 @@ the CPU's default kernels and with either kernel everywhere.
     python benchmarks/cpu_build.py [--model mobilenet_v1] [--width 0.5] [--size 224] [--sparsity 0.9]
 
 For each build (``default``: each layer's default kernel; ``csr`` and ``unrolled``: that kernel
-for every rewritten layer, through ``kernel_config``; ``tuned``, only where asked: every layer
-tuned on this CPU, ``tune=True``), ``sparsert_tvm.compile`` (the pass, the
+for every rewritten layer, through ``kernel_config``), ``sparsert_tvm.compile`` (the pass, the
 kernels' code generation, ``tvm.compile``) and creating the ``relax.VirtualMachine`` are
 timed, and the output is checked against TVM's dense build; then the builds' inference times
 are taken in ``--rounds`` alternating rounds of 20 runs each (median, fastest and slowest
@@ -36,14 +35,7 @@ from sparsert_tvm.bench import onnxruntime_us, wait_for_idle_threads  # noqa: E4
 from sparsert_tvm.build import host_cpu_target  # noqa: E402
 from sparsert_tvm.prune import prune_model  # noqa: E402
 
-# ``sparsert_tvm.compile`` options of each build; "tuned" tunes every layer into a fresh
-# database (its build time includes the tuning).
-BUILDS = {
-    "default": {},
-    "csr": {"kernel_config": {"kernel": "csr"}},
-    "unrolled": {"kernel_config": {"kernel": "unrolled"}},
-    "tuned": {"tune": True},
-}
+BUILDS = {"default": None, "csr": {"kernel": "csr"}, "unrolled": {"kernel": "unrolled"}}
 
 
 def main():
@@ -54,7 +46,7 @@ def main():
     parser.add_argument("--size", type=int, default=224, help="CNNs: image size")
     parser.add_argument("--layers", type=int, default=12, help="bert_base: encoder layers (sequence 128)")
     parser.add_argument("--sparsity", type=float, default=0.9)
-    parser.add_argument("--builds", default="default,csr,unrolled", help=f"comma-separated, of {list(BUILDS)}")
+    parser.add_argument("--builds", default=",".join(BUILDS), help=f"comma-separated, of {list(BUILDS)}")
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--libraries", action="store_true",
                         help="also time the dense model in PyTorch (eager) and onnxruntime (where installed)")
@@ -73,11 +65,8 @@ def main():
     print(f"{args.model} {shape}, {args.sparsity:.0%} pruned, {host_cpu_target()}")
     timers = {}
     for label in args.builds.split(","):
-        options = dict(BUILDS[label])
-        if options.get("tune"):
-            options["tune"] = sp.TuneOptions(database=Path(tempfile.mkdtemp()) / "tuning.json", progress=False)
         start = time.perf_counter()
-        executable = sp.compile(mod, target, **options)
+        executable = sp.compile(mod, target, kernel_config=BUILDS[label])
         built = time.perf_counter()
         vm = relax.VirtualMachine(executable, tvm.cpu())
         loaded = time.perf_counter()

@@ -170,7 +170,7 @@ def inspect(model, target, density_threshold, input_shape, batch, siblings_apart
 @shape_option
 @batch_option
 @siblings_option
-@click.option("--tune", is_flag=True, help="autotune every sparse layer on this GPU or CPU (results kept in the tuning database)")
+@click.option("--tune", is_flag=True, help="autotune every sparse layer on this GPU (CUDA only; results kept in the tuning database)")
 @click.option("--tuning-db", type=click.Path(dir_okay=False), help="tuning database file (default: tuning.json in the kernel cache)")
 def compile(model, output, target, density_threshold, input_shape, batch, siblings_apart, tune, tuning_db):  # noqa: A001
     """Compile an ONNX or TFLite MODEL with sparse kernels into a deployable module."""

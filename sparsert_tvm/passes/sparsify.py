@@ -75,9 +75,8 @@ def SparsifyWeights(target, density_threshold: float | None = None, **options) -
         Decide and report, but generate nothing and leave the module's functions as they
         are (what ``sparsert inspect`` shows).
     tune : bool or TuneOptions, optional
-        Time candidate configs of every layer missing from the tuning database on this
-        machine's GPU (CUDA) or CPU (llvm), and record the fastest (see
-        ``sparsert_tvm.tuning``).
+        CUDA only: time candidate configs of every layer missing from the tuning database
+        on this machine's GPU, and record the fastest (see ``sparsert_tvm.tuning``).
     tuning_database : path or TuningDatabase, optional
         Where tuned configs are looked up and stored. Layers found there use their tuned
         config, with or without ``tune``. Default: ``tuning.json`` in the kernel cache.
@@ -102,8 +101,7 @@ def SparsifyWeights(target, density_threshold: float | None = None, **options) -
 
 
 def _tuner(rule, target, tune, database):
-    """The rule's config chooser: the tuning database, and the search where ``tune`` is on."""
-    from ..tuning.cpu_tuner import CpuTuner
+    """The CUDA rule's config chooser, or None where the target has no tuner."""
     from ..tuning.tuner import TuneOptions, Tuner  # imports the CUDA toolchain wrappers
 
     if tune is True:
@@ -112,7 +110,11 @@ def _tuner(rule, target, tune, database):
         tune = None
     elif not isinstance(tune, TuneOptions):
         raise TypeError(f"tune must be a bool or TuneOptions, got {type(tune).__name__}")
-    return (Tuner if target.kind.name == "cuda" else CpuTuner)(rule, target, tune, database)
+    if target.kind.name != "cuda":
+        if tune is not None or database is not None:
+            raise ValueError("tuning is implemented for CUDA targets only")
+        return None
+    return Tuner(rule, target, tune, database)
 
 
 def _check_threshold(value) -> float | None:

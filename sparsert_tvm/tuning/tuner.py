@@ -70,13 +70,9 @@ class TuneOptions:
     layer timed (staged-input-h200.md; ``(0, 8, 16)`` tries it).
     ``check_outputs``: each candidate first runs once on random operands (the same for all,
     numpy's answer computed once), through ``runner(built, target, arrays)`` (default: on
-    the device, or the host for the CPU), and one whose output
+    the device), and one whose output
     differs from numpy's by more than ``measure.OUTPUT_TOLERANCE`` of its scale is dropped
     (a wrong default is an error): a faster wrong kernel must never win.
-    On the CPU (``cpu_tuner``) the register, padding, pipelining, split and staging fields
-    do not apply, the default timer is ``cpu_tuner.time_on_cpu`` and
-    ``cpu_unrolled_max_nnz`` bounds the layers that also get an unrolled candidate above
-    the default's cap: its build takes about 0.75 ms per nonzero on 2 cores.
     """
 
     max_candidates: int = 8
@@ -94,11 +90,10 @@ class TuneOptions:
     stage_channels: tuple[int, ...] = space.STAGE_CHANNELS
     check_outputs: bool = True
     runner: Runner | None = None
-    cpu_unrolled_max_nnz: int = 65_536
 
     def __post_init__(self):
-        if self.max_candidates < 1 or self.budget_s <= 0 or self.symbolic_size < 1 or self.cpu_unrolled_max_nnz < 0:
-            raise ValueError("max_candidates and symbolic_size must be >= 1, budget_s > 0, cpu_unrolled_max_nnz >= 0")
+        if self.max_candidates < 1 or self.budget_s <= 0 or self.symbolic_size < 1:
+            raise ValueError("max_candidates and symbolic_size must be >= 1 and budget_s > 0")
         for registers in self.registers:
             CudaSpmmConfig(threads_per_block=32, registers=registers)  # raises ValueError outside 0, 24..255
         for registers in self.segment_registers:
@@ -122,48 +117,14 @@ def open_database(database) -> TuningDatabase:
 
 
 class Tuner:
-    """Chooses configs for the CUDA rule: database first, then search when ``tune`` is on.
-
-    What is target-specific (the search space, what runs before timing, the timer, how an
-    output is computed, the winner's variants, the target's name in the database) is a
-    method; ``cpu_tuner.CpuTuner`` replaces them for the CPU."""
+    """Chooses configs for the CUDA rule: database first, then search when ``tune`` is on."""
 
     def __init__(self, rule, target, options: TuneOptions | None, database=None):
         self.rule = rule
         self.target = target
         self.options = options
         self.database = open_database(database if database is not None else options and options.database)
-        self.arch = self.target_id(target)
-
-    @staticmethod
-    def target_id(target) -> str:
-        return cuda_arch(target)
-
-    @staticmethod
-    def timing(options: TuneOptions) -> str:
-        return timing_of(options)
-
-    def candidates(self, problem: SpmmProblem, options: TuneOptions) -> list:
-        return space.candidates(
-            problem, self.rule.check, options.max_candidates, split_k=options.split_k,
-            stage_channels=options.stage_channels,
-        )
-
-    def prepare(self, problem: SpmmProblem, configs: list, name: str, options: TuneOptions) -> None:
-        if options.assemble_ahead:
-            self._assemble_ahead(problem, configs, name)
-
-    @staticmethod
-    def timer(options: TuneOptions) -> Timer:
-        return options.timer or (lambda built, target: time_cold(built, target, options.symbolic_size))
-
-    @staticmethod
-    def runner(options: TuneOptions) -> Runner:
-        return options.runner or run_on_device
-
-    @staticmethod
-    def variants(problem: SpmmProblem, best, segmented: bool, options: TuneOptions) -> list:
-        return winner_variants(problem, best, segmented, options)
+        self.arch = cuda_arch(target)
 
     def lookup(self, problem: SpmmProblem) -> CudaConfig | None:
         """The recorded config, or None; a record written by a version whose config had
@@ -171,7 +132,7 @@ class Tuner:
         tuning is on), and so does, with tuning on, one whose candidates were timed another
         way (``timing_of``: a warm replay can rank tilings the other way round)."""
         record = self.database.get(problem_key(problem, self.arch))
-        if record is None or (self.options is not None and record.timing != self.timing(self.options)):
+        if record is None or (self.options is not None and record.timing != timing_of(self.options)):
             return None
         try:
             return self.rule.config_from_dict(record.config)
@@ -180,10 +141,14 @@ class Tuner:
 
     def tune(self, problem: SpmmProblem, name: str) -> TuningRecord:
         options = self.options or TuneOptions()
-        timer, runner = self.timer(options), self.runner(options)
+        timer = options.timer or (lambda built, target: time_cold(built, target, options.symbolic_size))
         start = time.perf_counter()
-        configs = self.candidates(problem, options)
-        self.prepare(problem, configs, name, options)
+        configs = space.candidates(
+            problem, self.rule.check, options.max_candidates, split_k=options.split_k,
+            stage_channels=options.stage_channels,
+        )
+        if options.assemble_ahead:
+            self._assemble_ahead(problem, configs, name)
         timings, segments = [], {}
         check = OutputCheck(problem, options.symbolic_size) if options.check_outputs else None
 
@@ -194,7 +159,7 @@ class Tuner:
             try:
                 built = self.rule.build(problem, config, self.target, name)
                 if check is not None:
-                    self._check_output(built, check, runner)
+                    self._check_output(built, check, options.runner or run_on_device)
                 timings.append((config, timer(built, self.target)))
                 segments[config] = built.params.get("segments", 1)
             except SparseRTError:
@@ -209,7 +174,7 @@ class Tuner:
                     break
                 progress.advance(task)
             best = min(timings, key=lambda t: t[1])[0]
-            variants = self.variants(problem, best, segments.get(best, 1) > 1, options)
+            variants = winner_variants(problem, best, segments.get(best, 1) > 1, options)
             progress.update(task, total=len(configs) + len(variants))
             for variant in variants:
                 if not measure(variant):
@@ -225,7 +190,7 @@ class Tuner:
             problem=f"{problem.M}x{problem.K} nnz={problem.weight.nnz} N={problem.columns} {problem.dtype}",
             target=self.arch,
             timings=[(c.as_dict(), us) for c, us in timings],
-            timing=self.timing(options),
+            timing=timing_of(options),
         )
         self.database.put(problem_key(problem, self.arch), record)
         return record

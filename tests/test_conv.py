@@ -20,7 +20,7 @@ from sparsert_tvm.schedules.cuda.ptx import emit_spmm_ptx
 from sparsert_tvm.schedules.cuda.row_span import RowSpan
 from sparsert_tvm.schedules.cuda.rule import CudaSpmmRule
 from sparsert_tvm.schedules.cuda.staged_input import StagedInput
-from sparsert_tvm.tuning import default_cuda_config, default_registers, default_segment_registers, space, tuner, with_segment_budget
+from sparsert_tvm.tuning import default_cuda_config, register_caps, space, tuner, with_segment_budget
 from sparsert_tvm.tuning.tuner import TuneOptions
 from test_cuda_codegen import emulate, needs_ptxas
 
@@ -520,10 +520,7 @@ def test_window_searches_keep_twice_and_half_the_default_rows(batch):
     assert candidates[0] == default
     for changed in (2 * default.rows_per_block, default.rows_per_block // 2):
         if changed in space.ROWS_PER_BLOCK:
-            neighbour = dataclasses.replace(
-                default, rows_per_block=changed, registers=default_registers(changed),
-                segment_registers=default_segment_registers(changed),
-            )
+            neighbour = dataclasses.replace(default, rows_per_block=changed, **register_caps(changed))
             assert with_segment_budget(neighbour, stage4) in candidates
 
 

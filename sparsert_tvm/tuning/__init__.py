@@ -242,7 +242,7 @@ def _unrolled_tiling(problem: SpmmProblem) -> CudaSpmmConfig:
     rows = _rows_filling_the_machine(problem, _most_unrolled_rows(problem), column_tiles * images)
     return CudaSpmmConfig(
         rows_per_block=rows, threads_per_block=threads, vector_width=width, fold_batch=fold,
-        registers=default_registers(rows), segment_registers=default_segment_registers(rows),
+        **register_caps(rows),
     )
 
 
@@ -256,7 +256,7 @@ def _most_unrolled_rows(problem: SpmmProblem) -> int:
     0.88x: rows32-1x1-b8-h100.md). Where it did not (7x7 images, few output channels) 32
     rows lost up to 2.6x. FC layers at N = 512 gained nothing (0.98x and 1.01x,
     fc-n512-tiles-h100.md); float16 is not measured."""
-    one_by_one = problem.images_apart and problem.window is None
+    one_by_one = problem.layout is Layout.CHANNELS and problem.window is None
     return 32 if one_by_one and problem.dtype == "float32" and problem.M > 16 else 16
 
 
@@ -290,8 +290,7 @@ def _window_config(problem: SpmmProblem, vectors: int, images: int, width: int, 
             rows //= 2
     return CudaSpmmConfig(
         rows_per_block=rows, threads_per_block=trimmed_threads(vectors, threads), vector_width=width,
-        fold_batch=fold, registers=default_registers(rows), grid_split=shares,
-        segment_registers=default_segment_registers(rows),
+        fold_batch=fold, grid_split=shares, **register_caps(rows),
         padding_from_zeros=_reads_padding_from_zeros(problem, vectors),
     )
 
@@ -383,10 +382,12 @@ def default_registers(rows_per_block: int) -> int:
     return _SIXTEEN_ROW_REGISTERS if rows_per_block >= 16 else 0
 
 
-def default_segment_registers(rows_per_block: int) -> int:
-    """The segments' register cap: at least the entry's, since segments of 32 rows at 64
-    registers spilled about 1.6 KB each (ptxas -v)."""
-    return max(CudaSpmmConfig.segment_registers, default_registers(rows_per_block))
+def register_caps(rows_per_block: int) -> dict[str, int]:
+    """The entry's and the segments' register caps of a tiling of that many rows, as
+    ``CudaSpmmConfig`` fields. The segments get at least the entry's: segments of 32 rows at
+    64 registers spilled about 1.6 KB each (ptxas -v)."""
+    registers = default_registers(rows_per_block)
+    return {"registers": registers, "segment_registers": max(CudaSpmmConfig.segment_registers, registers)}
 
 
 def default_cpu_config(problem: SpmmProblem, target) -> CpuConfig:

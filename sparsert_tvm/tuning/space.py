@@ -35,9 +35,8 @@ from . import (
     column_vectors,
     default_column_lanes_config,
     default_cuda_config,
-    default_registers,
-    default_segment_registers,
     folds_batch_by_default,
+    register_caps,
     trimmed_threads,
     with_segment_budget,
 )
@@ -121,8 +120,7 @@ def candidates(
     space = [
         with_segment_budget(dataclasses.replace(
             unrolled, rows_per_block=rows, threads_per_block=_tile_threads(problem, threads, cols, width, fold, split),
-            columns_per_thread=cols, vector_width=width, fold_batch=fold, registers=default_registers(rows),
-            segment_registers=default_segment_registers(rows),
+            columns_per_thread=cols, vector_width=width, fold_batch=fold, **register_caps(rows),
             split_k=split, grid_split=1,
         ), problem)
         for rows, threads, cols, width, fold, split in itertools.product(
@@ -174,10 +172,7 @@ def _row_neighbours(problem: SpmmProblem, default: CudaConfig) -> list[CudaSpmmC
     neighbours = []
     for rows in (2 * default.rows_per_block, default.rows_per_block // 2):
         if rows in ROWS_PER_BLOCK:
-            changed = dataclasses.replace(
-                default, rows_per_block=rows, registers=default_registers(rows),
-                segment_registers=default_segment_registers(rows),
-            )
+            changed = dataclasses.replace(default, rows_per_block=rows, **register_caps(rows))
             neighbours.append(with_segment_budget(changed, problem))
     return neighbours
 

@@ -1,6 +1,6 @@
 """Tables and a plot from a benchmark JSON written by spmm.py or conv.py.
 
-    python benchmarks/summarize.py benchmarks/results/spmm-paper-fp32-h200-1205.json
+    python benchmarks/summarize.py benchmarks/results/spmm-paper-fp32-h100-1205.json
 
 Writes ``<stem>.md`` (geometric-mean speedups of sparsert over each contender by model
 family, batch, density and dtype; what tuning gained; compile time and code size; every

@@ -75,7 +75,9 @@ EpilogueOp = BiasAdd | ResidualAdd | Clip
 @dataclass(frozen=True)
 class OperandStrides:
     batch: int
-    k: int  # stride between rows of A's operand (input channels or features) ...
+    # Stride between rows of A's operand (input channels or features); None where it is
+    # only known at run time: X transposed with a symbolic column count (``runtime_row_stride``) ...
+    k: int | None
     n: int  # ... and between columns of the product
 
 
@@ -155,8 +157,9 @@ class SpmmProblem:
     """``Y = epilogue(A @ X)`` for one constant weight ``A`` and one activation layout.
 
     ``x_shape`` and ``y_shape`` are the Relax tensor shapes (``tirx`` expressions, possibly
-    symbolic). With ``x_transposed`` (ROWS layout, static N only), the kernel receives ``X``
-    transposed to ``[K, N]`` instead, so that neighbouring columns are neighbours in memory.
+    symbolic). With ``x_transposed`` (ROWS layout), the kernel receives ``X`` transposed to
+    ``[K, N]`` instead, so that neighbouring columns are neighbours in memory; with a
+    symbolic N it also writes ``Y`` as ``[N, M]`` (``runtime_row_stride``).
     With a ``window`` (a KxK, strided or padded convolution; CHANNELS for NCHW, ROWS for
     NHWC), ``X`` is the convolution's input and the batch is always the launch's third
     dimension.
@@ -219,9 +222,14 @@ class SpmmProblem:
         if self.window is not None:
             return OperandStrides(batch=self.window.image_size, k=0, n=0)
         if self.x_transposed:
-            assert self.static_columns is not None, "a transposed X needs a static column count"
             return OperandStrides(batch=0, k=self.static_columns, n=1)
         return self._strides(self.K)
+
+    @property
+    def runtime_row_stride(self) -> bool:
+        """Whether X's rows are a run-time count apart: X transposed with a symbolic column
+        count (only the CSR kernel's column lanes read it so, ``schedules.cuda.csr_column_lanes``)."""
+        return self.x_transposed and self.static_columns is None
 
     def y_strides(self) -> OperandStrides:
         return self._strides(self.M)

@@ -28,6 +28,7 @@ from sparsert_tvm.tuning import (
     space,
 )
 from sparsert_tvm.tuning.database import TuningDatabase, TuningRecord, problem_key
+from sparsert_tvm.tuning.measure import OutputCheck, random_arrays
 from sparsert_tvm.tuning.tuner import TuneOptions, Tuner
 from sparsert_tvm.weights import SparseMatrix
 from test_conv import conv, problem_of
@@ -211,6 +212,49 @@ def test_column_lanes_with_a_symbolic_batch():
     for batch in (1, 3):
         check(channels, column_lanes(4, unroll=2), rng, x_shape=(batch, 64, 4, 8))
         check(channels, column_lanes(2, unroll=4, pipelined=True), rng, x_shape=(batch, 64, 4, 8))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_column_lanes_over_a_transposed_x_with_a_symbolic_n(dtype):
+    """X^T's rows are N apart, known at run time only: the pairs hold row numbers and each
+    trip scales them by the row's bytes. 2-D and 3-D X (its leading dimensions flattened),
+    N below, at and past whole tiles, shared rows and pipelined trips."""
+    rng = np.random.default_rng(38)
+    weight = pruned_matrix(rng, (21, 70), 0.2)
+    weight[5] = 0  # an empty row
+    n = tirx.Var("n", "int64")
+    flat = problem(rng, Layout.ROWS, weight, (n, 70), ("bias", "residual", "relu6"), dtype=dtype, transposed=True)
+    leading = problem(rng, Layout.ROWS, weight, (2, n, 70), ("residual",), dtype=dtype, transposed=True)
+    assert flat.runtime_row_stride and flat.x_strides().k is None
+    text = emit_csr_ptx(flat, column_lanes(1, unroll=4), "k", "sm_90").units[0]
+    assert f"mul.lo.u32 %xrow, %ncols, {2 if dtype == 'float16' else 4};" in text
+    assert text.count("mad.wide.u32 %pk0, %on0, %xrow, %px;") == 1
+    tolerance = 1e-3 if dtype == "float16" else 1e-5
+    for config in (column_lanes(1, unroll=2), column_lanes(1, unroll=8, rows=2, warps=2, pipelined=True)):
+        for columns in (1, 5, 32, 33, 64):
+            check(flat, config, rng, x_shape=(columns, 70), tolerance=tolerance)
+        check(leading, config, rng, x_shape=(2, 19, 70), tolerance=tolerance)
+
+
+def test_only_column_lanes_read_a_transposed_x_of_symbolic_n():
+    rng = np.random.default_rng(39)
+    p = problem(rng, Layout.ROWS, sparse_matrix(rng, (16, 32), 0.3), (tirx.Var("n", "int64"), 32), transposed=True)
+    rule = cuda_rule.CudaSpmmRule()
+    rule.check(p, column_lanes())
+    with pytest.raises(UnsupportedProblem, match="immediates: X transposed needs a static column count"):
+        rule.check(p, CudaSpmmConfig())
+    with pytest.raises(UnsupportedProblem, match="only the CSR kernel's column lanes"):
+        rule.check(p, CudaCsrConfig(columns_per_block=4))
+    with pytest.raises(UnsupportedProblem, match="static column count divisible by 2"):
+        rule.check(p, column_lanes(2))
+    # Which kernels the pass transposes X for: static N from 16 columns, symbolic N for column lanes only.
+    assert rule.transposes_input(dataclasses.replace(p, x_shape=(16, 32), y_shape=(16, 16), x_transposed=False))
+    assert not rule.transposes_input(p) and not rule.transposes_input(p, CudaSpmmConfig())  # few nonzeros
+    assert rule.transposes_input(p, column_lanes()) and not rule.transposes_input(p, CudaCsrConfig())
+    # The tuner's operands and reference: X^T as [K, N], the output as [N, M].
+    x, y = random_arrays(p, symbolic_size=7)
+    assert x.shape == (32, 7) and y.shape == (7, 16)
+    assert OutputCheck(p, symbolic_size=7).expected.shape == (7, 16)
 
 
 @pytest.mark.parametrize("pipelined", [False, True])
@@ -477,6 +521,15 @@ def test_column_lanes_are_the_default_from_16_to_128_neighbouring_columns():
     assert not prefers_column_lanes(channels(1, (14, 14)))
     small = SpmmProblem(fc(rng, 256, 256, 1).weight, Layout.CHANNELS, "float32", (1, 256, 7, 7), (1, 256, 7, 7))
     assert not prefers_column_lanes(small)  # 6.5k nonzeros: not measured
+    # A symbolic N: once X is transposed, from 50k nonzeros, whatever N turns out to be.
+    n = tirx.Var("n", "int64")
+    symbolic = SpmmProblem(weight, Layout.ROWS, "float32", (n, 1024), (n, 1024), x_transposed=True)
+    config = default_cuda_config(symbolic)
+    assert config.column_lanes and config.columns_per_block == 32  # one column per lane: N may be odd
+    cuda_rule.CudaSpmmRule().check(symbolic, config)
+    assert not prefers_column_lanes(dataclasses.replace(symbolic, x_transposed=False))
+    small = SpmmProblem(fc(rng, 256, 256, 1).weight, Layout.ROWS, "float32", (n, 256), (n, 256), x_transposed=True)
+    assert not prefers_column_lanes(small) and not default_cuda_config(small).KERNEL == "csr"
 
 
 def test_overrides_asking_for_column_lanes_start_from_their_default():
@@ -606,12 +659,42 @@ def test_pass_picks_column_lanes_by_default_for_a_wide_enough_static_n(monkeypat
     assert "lanes=columns" in sp.report_of(out).table()
 
 
-def test_column_lanes_asked_for_a_symbolic_n_leave_the_layer_dense_with_the_reason():
+@needs_ptxas
+@pytest.mark.parametrize("x_shape", [(None, 64), (2, None, 64)], ids=str)
+def test_column_lanes_asked_for_a_symbolic_n_transpose_x(monkeypatch, x_shape):
+    """The pass transposes X for them (flattened to [N, K] first where it has more
+    dimensions) and, where Y has more than two, passes the residual and takes the output as
+    [N, M]; by default a symbolic N keeps the unrolled kernel on X as it is."""
+    monkeypatch.setattr(cuda_rule, "create_cuda_module", lambda cubin, kernel: None)
     rng = np.random.default_rng(26)
-    case = make_case(rng, "matmul", 40, 64, 0.2, (None, 64), ("bias",))  # X stays [N, K]: not transposed
+    case = make_case(rng, "matmul", 40, 64, 0.2, x_shape, ("bias", "residual"))
     out = sp.SparsifyWeights(CUDA, 1.0, kernel_config={"kernel": "csr", "lanes": "columns"})(case.module())
     (layer,) = sp.report_of(out).layers
-    assert layer.decision == "dense" and "neighbours in memory" in layer.reason
+    assert layer.decision == "sparse" and layer.params["x_transposed"] and layer.params["lanes"] == "columns"
+    script = out["main"].script()
+    assert script.count("R.permute_dims(") == 1
+    assert script.count("R.reshape(") == (0 if len(x_shape) == 2 else 3)  # X, the residual, the output
+    assert "out_ty=R.Tensor((n * 2, 40)" in script if len(x_shape) == 3 else "out_ty=R.Tensor((n, 40)" in script
+    default = sp.SparsifyWeights(CUDA, 1.0)(case.module())  # 512 nonzeros: the unrolled kernel
+    (layer,) = sp.report_of(default).layers
+    assert layer.params["kernel"] == "unrolled" and not layer.params["x_transposed"]
+    assert "permute_dims" not in default["main"].script()
+
+
+@needs_ptxas
+def test_a_symbolic_n_of_many_nonzeros_gets_column_lanes_by_default(monkeypatch):
+    """From 50k nonzeros the default is column lanes on X^T; asking for the unrolled kernel
+    leaves X as it is (its offsets are immediates), not the layer dense."""
+    monkeypatch.setattr(cuda_rule, "create_cuda_module", lambda cubin, kernel: None)
+    rng = np.random.default_rng(27)
+    case = make_case(rng, "matmul", 512, 1024, 0.1, (None, 1024), ("bias",))  # about 52k nonzeros
+    (layer,) = sp.report_of(sp.SparsifyWeights(CUDA, 1.0)(case.module())).layers
+    assert layer.decision == "sparse" and layer.params["config_source"] == "default"
+    assert layer.params["lanes"] == "columns" and layer.params["x_transposed"]
+    unrolled = sp.SparsifyWeights(CUDA, 1.0, kernel_config={"rows_per_block": 8})(case.module())
+    (layer,) = sp.report_of(unrolled).layers
+    assert layer.decision == "sparse" and layer.params["kernel"] == "unrolled" and not layer.params["x_transposed"]
+    assert "permute_dims" not in unrolled["main"].script()
 
 
 def test_bad_csr_kernel_configs():
@@ -669,6 +752,8 @@ def test_csr_modules_on_the_gpu(gpu_target, dtype, kind, x_shape, config):
         ("conv_nchw", (None, 96, 4, 8), {"columns_per_block": 128, "unroll": 8, "pipelined": True}),
         ("matmul", (96, 96), {"columns_per_block": 64, "unroll": 4, "warps_per_row": 4, "rows_per_block": 2,
                               "pipelined": True}),
+        ("matmul", (None, 96), {"columns_per_block": 32, "unroll": 4}),
+        ("matmul", (2, None, 96), {"columns_per_block": 32, "unroll": 8, "warps_per_row": 2, "pipelined": True}),
     ],
     ids=str,
 )

@@ -233,6 +233,8 @@ class _SparsifyWeights:
         if self.rule.transposes_input(problem):
             problem = dataclasses.replace(problem, x_transposed=True)
         config, source = self._config(problem)
+        if problem.x_transposed != self.rule.transposes_input(problem, config):  # a symbolic N's kernel_config
+            problem = dataclasses.replace(problem, x_transposed=not problem.x_transposed)
         tuning = {}
         try:
             self.rule.check(problem, config)
@@ -368,22 +370,31 @@ class _Planned:
         """The call replacing the candidate, preceded by the transpose it may need, unless
         ``transposed`` (input -> its transpose, in this binding block) has it already: the
         layers reading one input that ``combine_siblings`` left apart."""
-        candidate = self.candidate
+        candidate, problem = self.candidate, self.candidate.problem
         x = visit(candidate.x)
         if self.transpose_x:
             if x not in transposed:
-                problem, rows = candidate.problem, x
+                rows = x
                 if len(problem.x_shape) != 2:
                     rows = builder.emit(relax.op.reshape(x, relax.ShapeExpr([problem.columns, problem.K])))
                 transposed[x] = builder.emit(relax.op.permute_dims(rows))
             x = transposed[x]
-        args = [x] + ([visit(candidate.residual)] if candidate.residual is not None else [])
+        residual = visit(candidate.residual) if candidate.residual is not None else None
+        # With a symbolic N the kernel takes and writes [N, M] (its buffers cannot name the
+        # leading dimensions N was made of); reshapes are views.
+        flat = self.transpose_x and problem.static_columns is None and len(problem.y_shape) != 2
+        if flat and residual is not None:
+            residual = builder.emit(relax.op.reshape(residual, relax.ShapeExpr([problem.columns, problem.M])))
+        args = [x] + ([residual] if residual is not None else [])
         args += [relax.const(array) for array in self.constants]
-        problem = candidate.problem
-        out = relax.TensorType(problem.y_shape, problem.dtype) if candidate.parts else candidate.tail.ty
-        if isinstance(self.kernel, relax.ExternFunc):
-            return relax.call_dps_packed(self.kernel, args, out)
-        return relax.call_tir(self.kernel, args, out)
+        if flat:
+            out = relax.TensorType([problem.columns, problem.M], problem.dtype)
+        else:
+            out = relax.TensorType(problem.y_shape, problem.dtype) if candidate.parts else candidate.tail.ty
+        call = (relax.call_dps_packed if isinstance(self.kernel, relax.ExternFunc) else relax.call_tir)(
+            self.kernel, args, out
+        )
+        return relax.op.reshape(builder.emit(call), relax.ShapeExpr(problem.y_shape)) if flat else call
 
 
 @mutator

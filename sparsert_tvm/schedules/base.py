@@ -72,8 +72,9 @@ class SparseKernelRule(abc.ABC):
         ``kernel_config`` dict."""
         return dataclasses.replace(config, **overrides)
 
-    def transposes_input(self, problem: SpmmProblem) -> bool:
-        """Whether the kernel wants ``X`` transposed to ``[K, N]`` (done in Relax, before it)."""
+    def transposes_input(self, problem: SpmmProblem, config=None) -> bool:
+        """Whether the kernel wants ``X`` transposed to ``[K, N]`` (done in Relax, before it):
+        for any kernel, or (with ``config``) for that one."""
         return False
 
     @abc.abstractmethod
@@ -144,7 +145,10 @@ def operand_shapes(problem: SpmmProblem):
         return [d if isinstance(d, tirx.IntImm) else tirx.Var(f"{prefix}{i}", d.ty) for i, d in enumerate(dims)]
 
     rows = tirx.IntImm("int64", problem.M)
-    if problem.x_transposed:  # static shapes only
+    if problem.runtime_row_stride:  # Y as [N, M]: the pass reshapes it
+        columns = tirx.Var("n", problem.columns.ty)
+        return [tirx.IntImm("int64", problem.K), columns], [columns, rows]
+    if problem.x_transposed:
         return [tirx.IntImm("int64", problem.K), problem.columns], list(problem.y_shape[:-1]) + [rows]
     dims = fresh(problem.x_shape, "d")
     if problem.window is not None:

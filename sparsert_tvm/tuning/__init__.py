@@ -89,15 +89,19 @@ _COLUMN_LANE_WARPS = 4096
 
 
 def prefers_column_lanes(problem: SpmmProblem) -> bool:
+    """Also the default for a transposed X of symbolic N (``runtime_row_stride``), whose
+    alternative is the unrolled kernel on X as it is (a warp's loads 32 rows apart). On the
+    H100, whole modules (the transpose included) at N = 1-512: on BERT-base's 3072x768 layer
+    at 10% (236k nonzeros) column lanes ran 1.5-5.3x faster at every N, on its 768x768 layer
+    (59k) 2.9x and 5.0x faster at N = 128 and 512 but 0.54-0.86x as fast at N = 1-32, where
+    the unrolled kernel took 6.7-12.5 us (benchmarks/results/symbolic-n-h100.md)."""
+    if problem.window is not None or problem.weight.nnz < CSR_COLUMN_LANES_MIN_NNZ:
+        return False
+    if problem.runtime_row_stride:
+        return True
     columns, lo_hi = problem.static_columns, CSR_COLUMN_LANES_COLUMNS
     neighbours = problem.x_transposed or (problem.layout is Layout.CHANNELS and problem.static_batch == 1)
-    return (
-        problem.window is None
-        and neighbours
-        and columns is not None
-        and lo_hi[0] <= columns <= lo_hi[1]
-        and problem.weight.nnz >= CSR_COLUMN_LANES_MIN_NNZ
-    )
+    return neighbours and columns is not None and lo_hi[0] <= columns <= lo_hi[1]
 
 
 # Through a convolution's window, the CSR kernel's column lanes are the default for NCHW

@@ -79,8 +79,9 @@ class OutputCheck:
     def __init__(self, problem: SpmmProblem, symbolic_size: int = 1):
         self.arrays = random_arrays(problem, symbolic_size, seed=1)
         x = self.arrays[0]
-        if problem.x_transposed:  # the kernel reads X^T; the reference takes X
-            x = x.T.reshape(static_shape(problem.x_shape, symbolic_size))
+        # The kernel reads X^T; the reference takes X (as [N, K] where the kernel writes [N, M]).
+        if problem.x_transposed:
+            x = x.T if problem.runtime_row_stride else x.T.reshape(static_shape(problem.x_shape, symbolic_size))
         residual = self.arrays[1] if problem.has_residual else None
         self.expected = problem.reference(x, residual).astype(np.float64)
 

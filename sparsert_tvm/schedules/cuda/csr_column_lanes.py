@@ -1,12 +1,14 @@
-"""The CSR kernel with lanes over columns: for 16-128 columns that are neighbours in memory.
+"""The CSR kernel with lanes over columns: for 16-128 columns that are neighbours in memory
+(and a transposed X of symbolic N).
 
 The arrays are one of (float32 value bits, byte offset of X's row ``k``) pairs, rows padded
-to whole trips of ``unroll`` pairs. Every lane of the warp loads the same pairs (one
-broadcast 16-byte load per two nonzeros), then its own ``columns_per_lane`` neighbouring
-activations of each row (one vector load, the warp's together one contiguous run), and
-keeps one accumulator per column. With ``warps_per_row`` > 1 the row's warps take every
-W-th trip and leave their sums in shared memory, which the row's first warp adds up after
-one barrier; otherwise the epilogue follows the loop directly.
+to whole trips of ``unroll`` pairs; where X's rows are a run-time count apart (X transposed,
+N symbolic), the pairs hold ``k`` and each trip multiplies it by the row's bytes. Every lane
+of the warp loads the same pairs (one broadcast 16-byte load per two nonzeros), then its own
+``columns_per_lane`` neighbouring activations of each row (one vector load, the warp's
+together one contiguous run), and keeps one accumulator per column. With ``warps_per_row`` >
+1 the row's warps take every W-th trip and leave their sums in shared memory, which the
+row's first warp adds up after one barrier; otherwise the epilogue follows the loop directly.
 """
 
 from __future__ import annotations
@@ -44,8 +46,14 @@ class ColumnLanes(CsrEmitter):
         return lines
 
     def _offsets(self) -> np.ndarray:
-        """Byte offset of each nonzero's row of X."""
-        return self.layout.indices.astype(np.uint64) * np.uint64(self.xs.k * self.es)
+        """Byte offset of each nonzero's row of X, or with rows a run-time count apart its row
+        number (the trip multiplies it by ``%xrow``)."""
+        rows = self.layout.indices.astype(np.uint64)
+        return rows if self.problem.runtime_row_stride else rows * np.uint64(self.xs.k * self.es)
+
+    def _row_bytes(self) -> str:
+        """What a pair's offset is multiplied by: 1, or the bytes of a row of X at run time."""
+        return "%xrow" if self.problem.runtime_row_stride else "1"
 
     def _declarations(self) -> list[str]:
         unroll, width = self.config.unroll, self.width
@@ -56,7 +64,7 @@ class ColumnLanes(CsrEmitter):
         ]
         return (pipelined if self.config.pipelined else []) + [
             ".reg .pred %pout;",
-            ".reg .b32 %part;",
+            ".reg .b32 %part, %xrow;",
             f".reg .b32 %w<{unroll}>, %wn<{unroll}>, %on<{unroll}>;",
             ".reg .b64 %ps;",
             f".reg .b64 %pk<{unroll}>;",
@@ -67,7 +75,8 @@ class ColumnLanes(CsrEmitter):
 
     def _body(self) -> list[str]:
         width, warps = self.width, self.warps
-        lines = [f"mad.lo.u32 %col, %lane, {width}, %col0;", "setp.ge.u32 %pout, %col, %ncols;"]
+        lines = [f"mul.lo.u32 %xrow, %ncols, {self.es};"] if self.problem.runtime_row_stride else []
+        lines += [f"mad.lo.u32 %col, %lane, {width}, %col0;", "setp.ge.u32 %pout, %col, %ncols;"]
         if warps == 1:
             lines += ["@%pout bra DONE;", "mov.u32 %part, 0;", "mov.u32 %q, %s1;"]
         else:
@@ -130,7 +139,7 @@ class ColumnLanes(CsrEmitter):
         pairs of the trip after."""
         unroll, width = self.config.unroll, self.width
         lines = [f"mov.b32 %w{buffer}{u}, %wn{u};" for u in range(unroll)]
-        lines += [f"mad.wide.u32 %pk{u}, %on{u}, 1, %px;" for u in range(unroll)]
+        lines += [f"mad.wide.u32 %pk{u}, %on{u}, {self._row_bytes()}, %px;" for u in range(unroll)]
         for u in range(unroll):
             columns = range(u * width, (u + 1) * width)
             halves = [f"%h{buffer}{i}" for i in columns]

@@ -46,9 +46,14 @@ def check_csr(problem: SpmmProblem, config: CudaCsrConfig) -> None:
         return
     es = element_bytes(problem)
     xs, ys = problem.x_strides(), problem.y_strides()
+    if problem.runtime_row_stride and not config.column_lanes:
+        raise UnsupportedProblem(
+            "with X transposed and a symbolic column count only the CSR kernel's column lanes "
+            "read X (its row stride is known at run time only)"
+        )
     # Products of a 32-bit index with these are 64-bit (mul.wide.u32), the column offsets
     # within a tile are immediates.
-    if max(xs.k, xs.n, ys.k, ys.n) * es > _MAX_U32 or (config.columns_per_block - 1) * xs.n * es > _MAX_IMMEDIATE:
+    if max(xs.k or 0, xs.n, ys.k, ys.n) * es > _MAX_U32 or (config.columns_per_block - 1) * xs.n * es > _MAX_IMMEDIATE:
         raise UnsupportedProblem("tensor too large for the CSR kernel's 32-bit strides")
     if problem.weight.nnz + (LANES - 1) * problem.M > _MAX_U32:
         raise UnsupportedProblem("too many nonzeros for the CSR kernel's 32-bit element indices")
@@ -65,7 +70,8 @@ def _check_column_lanes(problem: SpmmProblem, config: CudaCsrConfig) -> None:
     width, columns = config.columns_per_lane, problem.static_columns
     if width > 1 and (columns is None or columns % width):
         raise UnsupportedProblem(f"{width} columns per lane need a static column count divisible by {width}")
-    if (problem.K - 1) * xs.k * es > _MAX_U32 or (width - 1) * ys.n * es > _MAX_IMMEDIATE:
+    # At run time the row offset is a 64-bit product (mul.wide.u32 of the row and its bytes).
+    if (problem.K - 1) * (xs.k or 0) * es > _MAX_U32 or (width - 1) * ys.n * es > _MAX_IMMEDIATE:
         raise UnsupportedProblem("tensor too large for the CSR kernel's 32-bit row offsets")
 
 

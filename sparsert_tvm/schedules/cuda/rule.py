@@ -23,7 +23,7 @@ from tvm.script.ir_builder import tirx as T
 
 from ...errors import RuntimeUnavailable, UnsupportedProblem
 from ...problem import Layout, SpmmProblem
-from ...tuning import default_cuda_config, with_segment_budget
+from ...tuning import default_cuda_config, prefers_column_lanes, with_segment_budget
 from ..base import (
     OPAQUE_PATTERN,
     BuiltKernel,
@@ -36,6 +36,7 @@ from ..base import (
 )
 from ..config import CudaConfig, CudaCsrConfig, CudaSpmmConfig, cuda_config_from_dict
 from .assemble import assemble
+from .csr_emitter import element_bytes
 from .csr_ptx import check_csr, emit_csr_ptx
 from .ptx import emit_spmm_ptx
 from .ptx_common import SUPPORTED_DTYPES, PtxKernel
@@ -91,6 +92,10 @@ class CudaSpmmRule(SparseKernelRule):
         if isinstance(config, CudaCsrConfig):
             check_csr(problem, config)  # its own cap: arrays, not code
         else:
+            if problem.runtime_row_stride:
+                raise UnsupportedProblem(
+                    "the unrolled kernel's row offsets are immediates: X transposed needs a static column count"
+                )
             super().check(problem, config)
             check_vectorization(problem, config)
             check_split(problem, config)
@@ -114,12 +119,20 @@ class CudaSpmmRule(SparseKernelRule):
             config = with_segment_budget(config, problem)  # sized for the tiling asked for
         return config
 
-    def transposes_input(self, problem):
+    def transposes_input(self, problem, config=None):
         # Threads own columns: with X row-major ([N, K]) a warp's loads hit 32 rows, each in
-        # a cache line of its own; transposed, they are contiguous. It needs N at compile time
-        # (row offsets are immediates) and pays from about 16 columns.
+        # a cache line of its own; transposed, they are contiguous. It pays from about 16
+        # columns. The unrolled kernel's row offsets are immediates, so with a symbolic N
+        # only the CSR kernel's column lanes, which scale a row number at run time, get it:
+        # those the config names, or without one those the default would pick.
+        if problem.layout is not Layout.ROWS or problem.window is not None:
+            return False
         columns = problem.static_columns
-        return problem.layout is Layout.ROWS and problem.window is None and columns is not None and columns >= 16
+        if columns is not None:
+            return columns >= 16
+        if config is None:
+            return prefers_column_lanes(dataclasses.replace(problem, x_transposed=True))
+        return isinstance(config, CudaCsrConfig) and config.column_lanes
 
     def default_config(self, problem, target):
         return default_cuda_config(problem)
@@ -216,9 +229,11 @@ def launch_wrapper(problem: SpmmProblem, kernel: PtxKernel, name: str) -> tirx.P
                     kernel.threads,
                 )
                 # The grid's z dimension holds the batch; a larger batch would not launch. The
-                # kernel's column count is 32-bit.
+                # kernel's column count is 32-bit, and so is a row of X in bytes where the
+                # kernel computes it (``runtime_row_stride``).
+                most = min(2**31, 2**32 // element_bytes(problem)) if problem.runtime_row_stride else 2**31
                 with T.Assert(images <= _MAX_GRID_YZ, f"sparse kernel {kernel.name}: batch exceeds {_MAX_GRID_YZ}"):
-                    with T.Assert(columns < 2**31, f"sparse kernel {kernel.name}: more than 2**31 columns"):
+                    with T.Assert(columns < most, f"sparse kernel {kernel.name}: {most} columns or more"):
                         with T.If(tirx.all(columns > 0, images > 0)):
                             with T.Then():
                                 T.evaluate(launch)

@@ -130,25 +130,31 @@ def main():
     """Unrolled sparse kernels for pruned models, on Apache TVM."""
 
 
-threshold_option = click.option(
-    "--density-threshold", type=float, default=None, help="rewrite weights at or below this density [default: by layout]"
+_BUILD_OPTIONS = (
+    click.option("--target", default="auto", show_default=True, help="auto, cuda or llvm"),
+    click.option(
+        "--density-threshold", type=float, default=None,
+        help="rewrite weights at or below this density [default: by layout]",
+    ),
+    click.option("--input-shape", multiple=True, metavar="NAME:1x3x224x224", help="fix an input's shape"),
+    click.option("--batch", type=int, help="first dimension of every input (--input-shape wins where both apply)"),
+    click.option(
+        "--siblings-apart", is_flag=True,
+        help="a kernel per layer where layers read one input (attention's query, key and value), not one for them all",
+    ),
 )
-target_option = click.option("--target", default="auto", show_default=True, help="auto, cuda or llvm")
-shape_option = click.option("--input-shape", multiple=True, metavar="NAME:1x3x224x224", help="fix an input's shape")
-batch_option = click.option("--batch", type=int, help="first dimension of every input (--input-shape wins where both apply)")
-siblings_option = click.option(
-    "--siblings-apart", is_flag=True,
-    help="a kernel per layer where layers read one input (attention's query, key and value), not one for them all",
-)
+
+
+def build_options(command):
+    """The options of every command that imports and rewrites MODEL (in this order in --help)."""
+    for option in reversed(_BUILD_OPTIONS):
+        command = option(command)
+    return command
 
 
 @main.command()
 @click.argument("model", type=click.Path(exists=True, dir_okay=False))
-@target_option
-@threshold_option
-@shape_option
-@batch_option
-@siblings_option
+@build_options
 def inspect(model, target, density_threshold, input_shape, batch, siblings_apart):
     """Show, per weight layer of an ONNX or TFLite MODEL, what would become a sparse kernel and why."""
     from .passes import SparsifyWeights
@@ -165,13 +171,15 @@ def inspect(model, target, density_threshold, input_shape, batch, siblings_apart
 @main.command()
 @click.argument("model", type=click.Path(exists=True, dir_okay=False))
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="the module to write (.so)")
-@target_option
-@threshold_option
-@shape_option
-@batch_option
-@siblings_option
-@click.option("--tune", is_flag=True, help="autotune every sparse layer on this GPU (CUDA only; results kept in the tuning database)")
-@click.option("--tuning-db", type=click.Path(dir_okay=False), help="tuning database file (default: tuning.json in the kernel cache)")
+@build_options
+@click.option(
+    "--tune", is_flag=True,
+    help="autotune every sparse layer on this GPU (CUDA only; results kept in the tuning database)",
+)
+@click.option(
+    "--tuning-db", type=click.Path(dir_okay=False),
+    help="tuning database file (default: tuning.json in the kernel cache)",
+)
 def compile(model, output, target, density_threshold, input_shape, batch, siblings_apart, tune, tuning_db):  # noqa: A001
     """Compile an ONNX or TFLite MODEL with sparse kernels into a deployable module."""
     from .report import SparsityReport
@@ -214,18 +222,15 @@ def run(module, inputs, output, device):
     except Exception as error:  # noqa: BLE001 - wrong shapes / dtypes / counts
         raise click.ClickException(f"the model rejected its inputs: {last_line(error)}") from error
     first = result.numpy() if hasattr(result, "numpy") else result[0].numpy()
-    click.echo(f"output: shape {first.shape}, dtype {first.dtype}, mean {first.mean():.6g}, max |x| {np.abs(first).max():.6g}")
+    summary = f"mean {first.mean():.6g}, max |x| {np.abs(first).max():.6g}"
+    click.echo(f"output: shape {first.shape}, dtype {first.dtype}, {summary}")
     if output:
         np.save(output, first)
 
 
 @main.command(name="bench")
 @click.argument("model", type=click.Path(exists=True, dir_okay=False))
-@target_option
-@threshold_option
-@shape_option
-@batch_option
-@siblings_option
+@build_options
 @click.option("--top", default=8, show_default=True, help="slowest calls listed per build")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="write the figures as JSON")
 @click.option("--plot", type=click.Path(dir_okay=False), help="write a PNG of the time split (needs matplotlib)")
@@ -298,8 +303,8 @@ def prune(model, sparsity, output, prune_first_conv, prune_depthwise, prune_clas
 
     with user_errors():
         pruned, layers = prune_model(
-            read_onnx(model), sparsity, first_conv=prune_first_conv, depthwise=prune_depthwise, classifier=prune_classifier,
-            keep_scale=keep_scale,
+            read_onnx(model), sparsity, first_conv=prune_first_conv, depthwise=prune_depthwise,
+            classifier=prune_classifier, keep_scale=keep_scale,
         )
     onnx.save(pruned, output)
     for layer in layers:

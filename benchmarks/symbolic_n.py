@@ -27,6 +27,7 @@ from tvm import relax, tirx
 import sparsert_tvm
 from sparsert_tvm import bench
 from sparsert_tvm.build import cuda_target
+from sparsert_tvm.tuning.measure import relative_error
 
 CONTENDERS = {"default": None, "unrolled": {"kernel": "unrolled"}}
 
@@ -46,8 +47,7 @@ def fc_module(weight: np.ndarray, bias: np.ndarray, columns) -> tvm.IRModule:
 def measure(executable, device, x: np.ndarray, expected: np.ndarray) -> dict:
     vm = relax.VirtualMachine(executable, device)
     args = [tvm.runtime.tensor(x, device)]
-    out = vm["main"](*args).numpy()
-    error = float(np.abs(out - expected).max() / max(1.0, float(np.abs(expected).max())))
+    error = relative_error(vm["main"](*args).numpy(), expected)
     return {"us": bench.end_to_end_us(vm, device, args, min_ms=40), "max_rel_error": error}
 
 

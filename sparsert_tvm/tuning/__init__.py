@@ -92,9 +92,9 @@ def prefers_column_lanes(problem: SpmmProblem) -> bool:
     """Also the default for a transposed X of symbolic N (``runtime_row_stride``), whose
     alternative is the unrolled kernel on X as it is (a warp's loads 32 rows apart). On the
     H100, whole modules (the transpose included) at N = 1-512: on BERT-base's 3072x768 layer
-    at 10% (236k nonzeros) column lanes ran 1.5-5.3x faster at every N, on its 768x768 layer
-    (59k) 2.9x and 5.0x faster at N = 128 and 512 but 0.54-0.86x as fast at N = 1-32, where
-    the unrolled kernel took 6.7-12.5 us (benchmarks/results/symbolic-n-h100.md)."""
+    at 10% (236k nonzeros) column lanes ran 1.4-5.3x faster at every N, on its 768x768 layer
+    (59k) 2.5x and 4.9x faster at N = 128 and 512 but 0.55-0.96x as fast at N = 1-32, where
+    the unrolled kernel took 7.2-12.6 us (benchmarks/results/symbolic-n-h100.md)."""
     if problem.window is not None or problem.weight.nnz < CSR_COLUMN_LANES_MIN_NNZ:
         return False
     if problem.runtime_row_stride:

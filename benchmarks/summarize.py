@@ -122,7 +122,7 @@ def likely_limit(case) -> str:
         return "instruction fetch: every column re-streams the unrolled code, nothing to amortise it"
     if case["N"] >= 1024:
         return "throughput: each row group re-reads X from L2; dense GEMM is compute-efficient here"
-    if params.get("x_transposed"):  # an FC layer: Nsight Compute and sweeps on the H100 at N = 512
+    if params.get("x_transposed"):  # the suite's FC layers; Nsight Compute and sweeps on the H100 at N = 512
         return ("instruction fetch and load latency, not L2 bandwidth (41% and 51% of stalls at N = 512); "
                 "no tiling of this kernel does better (fc-n512-tiles-h100.md)")
     return "L2 traffic: each of the M / rows_per_block row groups re-reads all of X"

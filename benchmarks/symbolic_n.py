@@ -12,9 +12,8 @@ kernel needs is in its time):
 Every build of a layer is made before any is timed; then at each N the contenders are timed
 in turns, twice, and each keeps the faster of its two figures: timed once, right after
 seconds of compiling, calls of 10-20 us came out up to 1.4x slower on the H100
-(symbolic-n-h100.md). A figure is
-the VM's time evaluator (median of 7 repeats of at least 40 ms); outputs checked against
-numpy. Writes the JSON and a markdown table beside it.
+(symbolic-n-h100.md). A figure is the VM's time evaluator (median of 7 repeats of at least
+40 ms); outputs checked against numpy. Writes the JSON and a markdown table beside it.
 """
 
 from __future__ import annotations

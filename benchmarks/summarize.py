@@ -86,6 +86,46 @@ def tuning_lines(cases) -> list[str]:
     ]
 
 
+# SparseRT's targets (issue 3): (dtype, baseline, density) -> geometric-mean speedup to reach.
+TARGETS = {("float32", "cublas_fp32", 0.1): 3.4, ("float32", "cublas_fp32", 0.05): 5.4,
+           ("float32", "cublas_tf32", 0.1): 1.0, ("float16", "cublas_fp16", 0.05): 1.0}
+# FP32 FMAs per second at the boost clock: 132 SMs x 128 lanes x 1.98 GHz (H100 SXM, H200).
+FMA_PER_S = {"H100": 132 * 128 * 1.98e9, "H200": 132 * 128 * 1.98e9}
+
+
+def target_lines(cases, device: str) -> list[str]:
+    """Each target against the run. For float32, what the suite's sizes allow: the fastest
+    kernel of the run is a floor no launch goes under, and with the FP32 FMA peak it bounds
+    each case's speedup; cases whose bound is below the target cap the geometric mean, so
+    the others must beat the target by the factor in the last column."""
+    fma = next((rate for name, rate in FMA_PER_S.items() if name in device), None)
+    timed = [c["us"]["sparsert"] for c in cases if c["us"].get("sparsert") and c["correct"]]
+    floor = min(timed) if timed else None
+    lines = ["| dtype | vs | density | cases | reached | target | bound (floor, FMA peak) | cases the floor keeps "
+             "below the target | the others must become |", "|" + " --- |" * 9]
+    for (dtype, baseline, density), target in TARGETS.items():
+        members = speedups([c for c in cases if c["dtype"] == dtype and abs(c["density"] - density) < 0.02],
+                           baseline)
+        if not members:
+            continue
+        reached = gmean([s for _, s in members])
+        bound = capped = needed = "-"
+        if fma and dtype == "float32":
+            caps = [c["us"][baseline] / max(floor, c["density"] * c["M"] * c["K"] * c["N"] / fma * 1e6)
+                    for c, _ in members]
+            low = [cap for cap in caps if cap < target]
+            others = [s for (_, s), cap in zip(members, caps) if cap >= target]
+            bound, capped = f"{gmean(caps):.2f}x", f"{len(low)} (floor {floor:.2f} us)"
+            if others and reached < target:  # the factor f with gmean(low + f * others) = target
+                factor = np.exp((len(caps) * np.log(target) - np.log(low).sum() - np.log(others).sum()) / len(others))
+                needed = f"{factor:.2f}x faster"
+        if reached >= target:
+            needed = "met"
+        lines.append(f"| {dtype} | {baseline} | {density:g} | {len(members)} | {reached:.2f}x | {target:g}x | "
+                     f"{bound} | {capped} | {needed} |")
+    return lines if len(lines) > 2 else ["No case of the targets' dtypes, densities and libraries."]
+
+
 def compile_lines(cases) -> list[str]:
     """Compile time (PTX generation + ptxas, cache off) and cubin size against nonzeros;
     a tuned case the ahead-of-time pool did not reach has no compile time of its own."""
@@ -189,6 +229,10 @@ def main(path: str):
         f"{COLD_NOTE if result.get('l2') == 'cold' else ''}:",
         "",
         *summary_table(cases, kind),
+        "",
+        "## SparseRT's targets",
+        "",
+        *target_lines(cases, result["device"]),
         "",
         "## Tuning",
         "",

@@ -59,6 +59,7 @@ from .ptx_common import (
     param_types,
     ptx_header,
 )
+from .partial_sums import PartialSums
 from .row_span import RowSpan
 from .staged_input import StagedInput
 from .unrolled_checks import (
@@ -140,10 +141,7 @@ class _Emitter:
     ``%t<c*R+l>``: loaded activations and residuals; ``%h<2>``: halves being (un)packed.
     With the batch folded into the columns, vector ``c`` may lie in another image than the
     thread's first one: it gets its own bases ``%pxw<c>``, ``%pyw<c>``, ``%prw<c>``. Split
-    into slices: ``%slice``, the thread's slice; ``%smem``, the block's partial sums;
-    ``%sps``, where this thread's slice stores its own; ``%spr``, where the first slice
-    reads them. Split across the grid: ``%wsb``, this thread's first slot of the partial
-    sums; ``%cnt``, its tile's first count.
+    into slices or across the grid: the registers of ``partial_sums``.
     """
 
     def __init__(self, problem: SpmmProblem, config: CudaSpmmConfig, arch: str):
@@ -164,8 +162,8 @@ class _Emitter:
         self.barriers = self.split > 1 or self.grid_split > 1 or self.staged is not None
         self.group_slots = -(-problem.M // config.rows_per_block)  # counts per tile
         self.slice_threads = config.threads_per_block // config.split_k  # threads owning distinct columns
-        # Bytes between neighbouring slots of the partial sums (one per column thread).
-        self.partial_stride = self.slice_threads * self.element.register_bytes
+        self.sums = PartialSums(self.element, self.accumulators, self.cols * self.lanes, self.slice_threads,
+                                config.threads_per_block, self.group_slots, self.grid_split)
         # Columns between a thread's neighbouring vectors.
         self.vector_stride = self.slice_threads * config.vector_width
         self.x_strides = problem.x_strides()
@@ -313,13 +311,13 @@ class _Emitter:
             lines += self._advance("%rd5", None if self.window else self.x_strides.n, self.y_strides.n)
         lines += ["mov.u32 %g, %ctaid.y;"]
         if self.grid_split > 1:
-            lines += self._sums_setup(name)
+            lines += self.sums.sums_setup(name)
         if inline_work is not None:
             lines += self._column_setup()
             lines += self._dispatch(inline_work, first=0, exit_label="DONE")
         else:
             if self.split > 1:
-                lines += self._slice_index()
+                lines += self.sums.slice_index()
             lines += self._segment_calls(name, segment_bounds)
         lines += ["DONE:", "ret;", "}"]
         return "\n".join(lines) + "\n"
@@ -426,7 +424,7 @@ class _Emitter:
     def _column_setup(self) -> list[str]:
         """Which owned vectors exist (``%pv<c>``) and, for a window, where their windows are;
         split into slices, the thread's slice and places in the partial sums."""
-        lines = self._slice_setup() if self.split > 1 else []
+        lines = self.sums.slice_setup() if self.split > 1 else []
         if self.staged:
             lines += self.staged.block_setup()
         for c in range(self.cols):
@@ -440,22 +438,6 @@ class _Emitter:
             if self.staged:
                 lines += self.staged.vector_setup(c, "%img" if self.folds_batch else None)
         return lines
-
-    def _slice_setup(self) -> list[str]:
-        """``%slice`` and the partial sums' bases: slot ``a`` of slice ``s`` for the thread
-        owning column thread ``t`` lies at ``(s * A + a) * slice_threads + t`` (``A``
-        accumulators), so that a warp's accesses are consecutive."""
-        return self._slice_index() + [
-            f"rem.u32 %r3, %r3, {self.slice_threads};",
-            f"mul.wide.u32 %rd6, %r3, {self.element.register_bytes};",
-            "add.s64 %spr, %smem, %rd6;",
-            f"mul.wide.u32 %rd6, %slice, {self.accumulators * self.partial_stride};",
-            "add.s64 %sps, %spr, %rd6;",
-        ]
-
-    def _slice_index(self) -> list[str]:
-        """``%slice`` (and ``%r3``, the thread's index)."""
-        return ["mov.u32 %r3, %tid.x;", f"div.u32 %slice, %r3, {self.slice_threads};"]
 
     def _image_setup(self, c: int) -> list[str]:
         """Folded batch: the image ``%img`` and pixel ``%pix`` of vector ``c``'s first column,
@@ -580,22 +562,10 @@ class _Emitter:
                 lines += self._call(f"{name}_seg{s}") + ["bra.uni DONE;"]
                 continue
             # After the slices' shares and the barrier, the first slice adds the sums up.
-            lines += self._by_slice(f"CALL{s}", [self._call(f"{name}_seg{s}_k{t}") for t in range(self.split)])
+            lines += self.sums.by_slice(f"CALL{s}", [self._call(f"{name}_seg{s}_k{t}") for t in range(self.split)])
             lines += ["bar.sync 0;", "setp.ne.u32 %p0, %slice, 0;", "@%p0 bra.uni DONE;"]
             lines += self._call(f"{name}_seg{s}_sum") + ["bra.uni DONE;"]
         return lines
-
-    @staticmethod
-    def _by_slice(label: str, sections: list[list[str]]) -> list[str]:
-        """Section ``t`` of ``sections`` run by slice ``t`` alone, the others jumping past it;
-        all meet at ``<label>_SUM``, after the last."""
-        lines = []
-        for t, section in enumerate(sections):
-            after = f"{label}_S{t + 1}" if t + 1 < len(sections) else f"{label}_SUM"
-            lines += [f"{label}_S{t}:", f"setp.ne.u32 %p0, %slice, {t};", f"@%p0 bra.uni {after};"] + section
-            if t + 1 < len(sections):
-                lines.append(f"bra.uni {label}_SUM;")
-        return lines + [f"{label}_SUM:"]
 
     def _call(self, function: str) -> list[str]:
         args = [("b64", "%px"), ("b64", "%py"), ("b64", "%pr"), ("b32", "%col0"), ("b32", "%ncols")]
@@ -624,7 +594,7 @@ class _Emitter:
         zero = "0f00000000" if self.problem.dtype == "float32" else "0"
         lines = [f"mov.{self.element.reg} %a{j}, {zero};" for j in range(count)]
         if role == "sum":
-            return lines + self._add_partials(count, range(self.split)) + self._epilogues(rows)
+            return lines + self.sums.add_partials(count, range(self.split)) + self._epilogues(rows)
         # Nonzeros of the group by column: each needed activation is loaded once.
         by_column: dict[int, list[tuple[int, tuple[tuple[str, ...], str]]]] = {}  # (row, its constant)
         for i, m in enumerate(rows):
@@ -635,17 +605,18 @@ class _Emitter:
         if item.share is not None:
             share = self._column_shares(columns, by_column, self.grid_split)[item.share]
             products = self._products(share, by_column, kernel_rows)
-            return lines + products + self._add_across_blocks(item, count, exit_label) + self._epilogues(rows)
+            across = self.sums.add_across_blocks(item.group, item.share, count, exit_label)
+            return lines + products + across + self._epilogues(rows)
         shares = self._column_shares(columns, by_column, self.split)
         if role is not None:
-            return lines + self._products(shares[role], by_column, kernel_rows) + self._store_partials(count, "")
+            return lines + self._products(shares[role], by_column, kernel_rows) + self.sums.store_partials(count, "")
         products = [self._products(share, by_column, kernel_rows) for share in shares]
         if len(products) == 1:
             return lines + products[0] + self._epilogues(rows)
         # The other slices leave their sums to the first, which keeps its own in registers.
-        lines += self._by_slice(label, products)
-        lines += ["setp.ne.u32 %p0, %slice, 0;"] + self._store_partials(count, "@%p0 ")
-        lines += ["bar.sync 0;", f"@%p0 bra.uni {exit_label};"] + self._add_partials(count, range(1, self.split))
+        lines += self.sums.by_slice(label, products)
+        lines += ["setp.ne.u32 %p0, %slice, 0;"] + self.sums.store_partials(count, "@%p0 ")
+        lines += ["bar.sync 0;", f"@%p0 bra.uni {exit_label};"] + self.sums.add_partials(count, range(1, self.split))
         return lines + self._epilogues(rows)
 
     def _row_constants(self, m: int) -> list[tuple[int, tuple[tuple[str, ...], str]]]:
@@ -709,80 +680,6 @@ class _Emitter:
             # The share whose part of the total work this unit's middle falls in.
             shares[min(count - 1, int(count * middle / total))] += unit
         return shares
-
-    def _store_partials(self, count: int, guard: str) -> list[str]:
-        """This thread's ``count`` accumulators into its slice's partial sums."""
-        stride = self.partial_stride
-        return [f"{guard}st.shared.{self.element.reg} [%sps+{a * stride}], %a{a};" for a in range(count)]
-
-    def _add_partials(self, count: int, slices) -> list[str]:
-        """Adds the partial sums of ``slices`` to the accumulators (through ``%x``, free by now)."""
-        reg, arith = self.element.reg, self.element.arith
-        temporaries, lines = self.cols * self.lanes, []
-        for s in slices:
-            for a in range(count):
-                t = f"%x{a % temporaries}"
-                offset = (s * self.accumulators + a) * self.partial_stride
-                lines += [f"ld.shared.{reg} {t}, [%spr+{offset}];", f"add.{arith} %a{a}, %a{a}, {t};"]
-        return lines
-
-    def _sums_setup(self, name: str) -> list[str]:
-        """``%cnt`` and ``%wsb``: the counts of this block's tile and this thread's first slot
-        of its partial sums (the tile: ``ctaid.z * nctaid.x + ctaid.x``)."""
-        per_tile = self.group_slots * self.grid_split * self.accumulators * self.config.threads_per_block
-        return [
-            "mov.u32 %r0, %ctaid.z;",
-            "mov.u32 %r1, %ctaid.x;",
-            "mov.u32 %r3, %nctaid.x;",
-            "mad.lo.u32 %r3, %r0, %r3, %r1;",
-            f"mul.wide.u32 %rd6, %r3, {4 * self.group_slots};",
-            f"mov.u64 %cnt, {name}_counts;",
-            "add.s64 %cnt, %cnt, %rd6;",
-            "mov.u32 %r0, %tid.x;",
-            f"mad.lo.u32 %r3, %r3, {per_tile}, %r0;",
-            f"mul.wide.u32 %rd6, %r3, {self.element.register_bytes};",
-            f"mov.u64 %wsb, {name}_sums;",
-            "add.s64 %wsb, %wsb, %rd6;",
-        ]
-
-    def _add_across_blocks(self, item: _Work, count: int, exit_label: str) -> list[str]:
-        """Stores this share's ``count`` accumulators and counts the block in; all but the
-        last block of the tile and group to count leave, and the last one loads every share's
-        sums (its own back too) and adds them in share order."""
-        reg, arith, shares = self.element.reg, self.element.arith, self.grid_split
-        temporaries, count_at = self.cols * self.lanes, f"[%cnt+{4 * item.group}]"
-
-        def slot(share: int, a: int) -> str:
-            index = ((item.group * shares + share) * self.accumulators + a) * self.config.threads_per_block
-            return f"[%wsb+{index * self.element.register_bytes}]"
-
-        lines = [f"st.global.{reg} {slot(item.share, a)}, %a{a};" for a in range(count)]
-        # The block's stores are ordered before its first thread's fence by the barrier, and
-        # that fence orders them before the count (as a grid-wide barrier does): one fence
-        # per block, not one per thread. The second fence orders the other blocks' sums,
-        # seen through the count, before this block's loads.
-        lines += [
-            "bar.sync 0;",
-            "mov.u32 %r3, %tid.x;",
-            "setp.eq.u32 %p0, %r3, 0;",
-            "mov.u32 %r3, 0;",
-            "@%p0 membar.gl;",
-            f"@%p0 atom.global.add.u32 %r3, {count_at}, 1;",
-            "@%p0 membar.gl;",
-            f"setp.ne.u32 %p0, %r3, {shares - 1};",
-            "bar.red.and.pred %p0, 0, %p0;",  # true unless the first thread counted last
-            f"@%p0 bra.uni {exit_label};",
-            "mov.u32 %r3, %tid.x;",
-            "setp.eq.u32 %p0, %r3, 0;",
-            f"@%p0 st.global.u32 {count_at}, 0;",  # ready for the next launch
-        ]
-        # From L2 (.cg): this SM's L1 may hold none of it, but must not serve a stale copy.
-        lines += [f"ld.global.cg.{reg} %a{a}, {slot(0, a)};" for a in range(count)]
-        for share in range(1, shares):
-            for a in range(count):
-                t = f"%x{a % temporaries}"
-                lines += [f"ld.global.cg.{reg} {t}, {slot(share, a)};", f"add.{arith} %a{a}, %a{a}, {t};"]
-        return lines
 
     def _epilogue(self, accumulators: list[str], m: int, c: int) -> list[str]:
         arith = self.element.arith

@@ -50,6 +50,7 @@ from ...problem import BiasAdd, Clip, ResidualAdd, SpmmProblem
 from ..base import require_dtype
 from ..config import REGISTERS_PER_BLOCK, CudaSpmmConfig
 from ..row_groups import group_rows, split_by_cost
+from .partial_sums import PartialSums
 from .ptx_common import (
     SUPPORTED_DTYPES,
     PtxKernel,
@@ -58,9 +59,9 @@ from .ptx_common import (
     load_operands,
     param_types,
     ptx_header,
+    vector_operand,
+    vector_suffix,
 )
-from .partial_sums import PartialSums
-from .row_span import RowSpan
 from .staged_input import StagedInput
 from .unrolled_checks import (
     ElementType,
@@ -73,6 +74,7 @@ from .unrolled_checks import (
     sums_bytes,
     zeros_bytes,
 )
+from .window_loads import WindowLoads
 
 _MAX_IMMEDIATE_OFFSET = 2**31 - 1
 
@@ -169,18 +171,11 @@ class _Emitter:
         self.x_strides = problem.x_strides()
         self.y_strides = problem.y_strides()
         self.window = problem.window
-        if self.window is None:
-            self.span = None
-        elif self.staged:  # one element per load: the band's columns are not aligned as X's are
-            self.span = RowSpan(self.window, config.vector_width, 1)
-        else:
-            self.span = RowSpan.of(self.window, config.vector_width)
+        self.win = WindowLoads(problem, config, self.element, self.staged) if self.window is not None else None
         self.zeros = self.window is not None and config.padding_from_zeros
-        self._kernel_row_loads: dict[tuple, tuple[str, ...]] = {}  # ``_load_kernel_row``'s
         self._constants_of_rows: dict[int, list] = {}  # ``_row_constants``'s
-        # Kept because every row group asks again: each column's (channel, ky, kx) through a
-        # window, the registers its activations land in, a column's loads (no window).
-        self._taps = [self.window.tap(k) for k in range(problem.K)] if self.window is not None else []
+        # Kept because every row group asks again: the registers a column's activations land
+        # in (by tap through a window), a column's loads (no window).
         self._x_of_tap: dict[int, list[str]] = {}
         self._column_loads: dict[tuple[int, int], tuple[str, ...]] = {}
         self._accumulator_names: list[str] = []  # "%a<j>", grown as row groups need them
@@ -208,10 +203,8 @@ class _Emitter:
         last, width = self.cols - 1, self.config.vector_width
         if self.window is None:
             x_largest = self.x_offset(self.problem.K - 1, last) + width * self.x_strides.n * self.es
-        else:  # window origins are 32-bit too
-            win, span = self.window, self.span
-            last_read = span.offset(win.channels - 1, win.kernel[0] - 1, span.length - 1) + 1
-            x_largest = max(win.image_size, last_read) * self.es
+        else:
+            x_largest = self.win.largest_offset()
         largest = max(x_largest, self.y_offset(self.problem.M - 1, last) + width * self.y_strides.n * self.es)
         if self.folds_batch:  # image offsets come from a 32-bit multiply
             largest = max(largest, self.x_strides.batch * self.es, self.y_strides.batch * self.es)
@@ -229,26 +222,9 @@ class _Emitter:
         nnz = int(sum(weight.row_nnz[m] for m in rows))
         if self.window is None:
             return self.cols * (nnz + len(needed)) * self.lanes + reduction
-        span, loads = self.span, 0
-        kernel_rows = self._kernel_rows(needed)
-        for (_, ky), taps in kernel_rows.items():
-            for q, _, size in span.loads(taps):
-                inside = self.zeros or self.staged or (self.window.row_in_image(ky) and span.chunk_in_image(q))
-                loads += 1 if inside else 1 + size
-        if self.staged:
-            chunks = {self.staged.chunk_of(channel) for channel, _ in kernel_rows}
-            loads += len(chunks) * self.staged.copy_instructions()
+        loads = self.win.load_count(needed)
         pairs = len(needed) * self.lanes if self.element.columns_per_register == 2 else 0
         return self.cols * (nnz * self.lanes + loads + pairs) + reduction
-
-    def _kernel_rows(self, columns) -> dict[tuple[int, int], list[int]]:
-        """The taps ``kx`` of each kernel row ``(channel, ky)`` among window ``columns``, in
-        the order of the columns."""
-        rows: dict[tuple[int, int], list[int]] = {}
-        for k in columns:
-            channel, ky, kx = self._taps[k]
-            rows.setdefault((channel, ky), []).append(kx)
-        return rows
 
     # -- units -----------------------------------------------------------------------
     def header(self) -> list[str]:
@@ -392,24 +368,10 @@ class _Emitter:
         if self.grid_split > 1:
             lines += [".reg .b64 %wsb, %cnt;"]
         if self.staged:
-            lines += self.staged.declarations(self.cols, self._span_type)
-        if self.window is not None:
-            kh, chunks = self.window.kernel[0], self.cols * self.span.chunks
-            lines += [
-                ".reg .b32 %oy, %ox, %iy, %ix;",
-                f".reg .pred %qy<{kh * self.cols}>;",
-                f".reg .pred %qc<{chunks}>;",
-                f".reg .pred %q<{kh * chunks}>;",
-                f".reg .{self._span_type} %s<{self.cols * self.span.length}>;",
-            ]
-            if self.zeros:
-                lines += [".reg .b64 %pz;", f".reg .b64 %pzc<{kh * chunks}>;"]
+            lines += self.staged.declarations(self.cols, self.win.kind)
+        if self.win:
+            lines += self.win.declarations()
         return lines
-
-    @property
-    def _span_type(self) -> str:
-        """Register type of one input element of a window."""
-        return "f32" if self.problem.dtype == "float32" else "b16"
 
     def _advance(self, index_reg: str, x_stride: int | None, y_stride: int) -> list[str]:
         """Moves the base addresses by ``index * stride`` elements."""
@@ -434,7 +396,7 @@ class _Emitter:
                 lines += self._image_setup(c)
                 pixel, x_base = "%pix", f"%pxw{c}"
             if self.window is not None:
-                lines += self._window_setup(c, pixel, x_base)
+                lines += self.win.setup(c, pixel, x_base)
             if self.staged:
                 lines += self.staged.vector_setup(c, "%img" if self.folds_batch else None)
         return lines
@@ -459,80 +421,6 @@ class _Emitter:
         if self.window is None:
             lines += [f"mul.wide.u32 %rd6, %pix, {xs.n * es};", f"add.s64 %pxw{c}, %pxw{c}, %rd6;"]
         return lines
-
-    def _window_setup(self, c: int, pixel: str, x_base: str) -> list[str]:
-        """``%pxw<c>``: address of the window of vector ``c``'s first pixel (``pixel``, in the
-        image at ``x_base``), and the predicates of the taps that may read padding."""
-        win, span = self.window, self.span
-        (h, w), kh, (sh, sw) = win.input_size, win.kernel[0], win.stride
-        lines = [
-            f"div.u32 %oy, {pixel}, {win.output_size[1]};",
-            f"rem.u32 %ox, {pixel}, {win.output_size[1]};",
-            f"mul.lo.u32 %iy, %oy, {sh};",
-            f"mul.lo.u32 %ix, %ox, {sw};",
-            f"mul.lo.u32 %r3, %iy, {win.row_stride};",
-            f"mad.lo.u32 %r3, %ix, {win.pixel_stride}, %r3;",
-            f"mul.wide.u32 %rd6, %r3, {self.es};",
-            f"add.s64 %pxw{c}, {x_base}, %rd6;",
-        ]
-        if win.padding_offset:
-            lines.append(f"sub.s64 %pxw{c}, %pxw{c}, {win.padding_offset * self.es};")
-
-        def inside(predicate: str, position: str, shift: int, size: int):
-            # Unsigned comparison: a position before the image wraps around to a huge value.
-            op, amount = ("add", shift) if shift >= 0 else ("sub", -shift)
-            lines.extend([f"{op}.u32 %r3, {position}, {amount};", f"setp.lt.u32 {predicate}, %r3, {size};"])
-
-        for ky in range(kh):
-            if not win.row_in_image(ky):
-                inside(f"%qy{ky * self.cols + c}", "%iy", ky - win.padding[0], h)
-        for q in range(span.chunks):
-            if not span.chunk_in_image(q):
-                inside(f"%qc{c * span.chunks + q}", "%ix", span.chunk_start(q), w)
-        for ky in range(kh):
-            for q in range(span.chunks):
-                terms = self._chunk_terms(ky, c, q)
-                if len(terms) > 1:
-                    predicate = self._chunk_predicate(ky, c, q)
-                    lines.append(f"and.pred {predicate}, {terms[0]}, {terms[1]};")
-                    lines += [f"and.pred {predicate}, {predicate}, {t};" for t in terms[2:]]
-                if self.zeros and self._reads_padding(terms, c):
-                    # Outside, the chunk's loads land in the zero array: its base less the
-                    # offset of the chunk's start in channel 0, which every load adds back.
-                    start = span.offset(0, ky, q * span.chunk) * self.es
-                    op = "sub" if start >= 0 else "add"
-                    lines += [
-                        f"{op}.s64 %rd6, %pz, {abs(start)};",
-                        f"selp.b64 {self._chunk_base(ky, c, q)}, %pxw{c}, %rd6, {self._chunk_condition(ky, c, q)};",
-                    ]
-        return lines
-
-    @staticmethod
-    def _reads_padding(terms: list[str], c: int) -> bool:
-        """Whether a chunk with these predicate ``terms`` may lie in the padding (not only
-        belong to a vector past the columns)."""
-        return bool(terms) and terms != [f"%pv{c}"]
-
-    def _chunk_condition(self, ky: int, c: int, q: int) -> str:
-        """The predicate under which vector ``c`` reads chunk ``q`` of kernel row ``ky``."""
-        terms = self._chunk_terms(ky, c, q)
-        return terms[0] if len(terms) == 1 else self._chunk_predicate(ky, c, q)
-
-    def _chunk_base(self, ky: int, c: int, q: int) -> str:
-        return f"%pzc{(ky * self.cols + c) * self.span.chunks + q}"
-
-    def _chunk_terms(self, ky: int, c: int, q: int) -> list[str]:
-        """The predicates that must all hold for vector ``c`` to read chunk ``q`` of kernel
-        row ``ky``: inside the image, and an existing vector."""
-        terms = [] if c == 0 else [f"%pv{c}"]
-        if not self.window.row_in_image(ky):
-            terms.append(f"%qy{ky * self.cols + c}")
-        if not self.span.chunk_in_image(q):
-            terms.append(f"%qc{c * self.span.chunks + q}")
-        return terms
-
-    def _chunk_predicate(self, ky: int, c: int, q: int) -> str:
-        return f"%q{(ky * self.cols + c) * self.span.chunks + q}"
 
     def _guard(self, c: int, store: bool = False) -> str:
         # Vector 0 exists whenever the thread got this far, except that a split kernel's
@@ -601,7 +489,7 @@ class _Emitter:
             for k, constant in self._row_constants(m):
                 by_column.setdefault(k, []).append((i, constant))
         columns = sorted(by_column)
-        kernel_rows = self._kernel_rows(columns) if self.window is not None else {}
+        kernel_rows = self.win.kernel_rows(columns) if self.win else {}
         if item.share is not None:
             share = self._column_shares(columns, by_column, self.grid_split)[item.share]
             products = self._products(share, by_column, kernel_rows)
@@ -634,12 +522,12 @@ class _Emitter:
         accumulators = self._accumulator_names
         staged_chunk = None
         for k in columns:
-            chunk = self.staged.chunk_of(self._taps[k][0]) if self.staged else None
+            chunk = self.staged.chunk_of(self.win.channel(k)) if self.staged else None
             if chunk != staged_chunk:
                 # The block's threads are done with the previous chunk before its band is overwritten.
                 lines += ["bar.sync 0;"] if staged_chunk is not None else []
                 staged_chunk = chunk
-                lines += self.staged.copy(staged_chunk, self._span_type)
+                lines += self.staged.copy(staged_chunk, self.win.kind)
             for c in range(self.cols):
                 lines += self._load_x(k, c, kernel_rows)
             x = self._x_registers(k)
@@ -667,7 +555,7 @@ class _Emitter:
             return [columns]
         units: list[list[int]] = []
         for k in columns:
-            same_row = self.window is not None and units and self._taps[units[-1][-1]][:2] == self._taps[k][:2]
+            same_row = self.win is not None and units and self.win.same_kernel_row(units[-1][-1], k)
             if same_row:
                 units[-1].append(k)
             else:
@@ -706,84 +594,30 @@ class _Emitter:
     # -- memory ----------------------------------------------------------------------
     def _load_x(self, k: int, c: int, kernel_rows: dict[tuple[int, int], list[int]]) -> Sequence[str]:
         """Puts column ``k`` of ``A`` for owned vector ``c`` where ``_x_registers`` finds it:
-        loaded into ``%x``, or through a window, the kernel row's chunks (where ``k`` is the
-        first of the row's taps that the group reads, ``kernel_rows``), then float16 pixels
-        paired into ``%x``."""
-        if self.window is None:
-            key = (k, c)
-            loads = self._column_loads.get(key)
-            if loads is None:
-                registers = self._registers("x", c * self.lanes)
-                loads = tuple(self._load(registers, *self.x_address(k, c), self.x_strides.n, c))
-                self._column_loads[key] = loads
-            return loads
-        channel, ky, kx = self._taps[k]
-        taps = kernel_rows[(channel, ky)]
-        loads = self._load_kernel_row(channel, ky, taps, c) if kx == taps[0] else ()
-        if self.element.columns_per_register == 1:
-            return loads
-        lines, first = list(loads), c * self.span.length
-        for l in range(self.lanes):
-            low, high = (f"%s{first + self.span.register(2 * l + h, kx)}" for h in (0, 1))
-            lines.append(f"mov.b32 %x{c * self.lanes + l}, {{{low}, {high}}};")
-        return lines
+        loaded into ``%x``, or through a window as ``WindowLoads.column_loads`` does."""
+        if self.win:
+            return self.win.column_loads(k, c, kernel_rows)
+        key = (k, c)
+        loads = self._column_loads.get(key)
+        if loads is None:
+            registers = self._registers("x", c * self.lanes)
+            loads = tuple(self._load(registers, *self.x_address(k, c), self.x_strides.n, c))
+            self._column_loads[key] = loads
+        return loads
 
     def _x_registers(self, k: int) -> list[str]:
         """The registers holding column ``k``'s activations, by vector and lane: ``%x`` as
         loaded or paired, or through a float32 window the kernel row's chunk registers of
         tap ``kx``."""
-        kx = self._taps[k][2] if self.window is not None and self.element.columns_per_register == 1 else -1
+        kx = self.win.chunk_tap(k) if self.win else -1
         found = self._x_of_tap.get(kx)
         if found is None:
-            vectors, lanes = range(self.cols), range(self.lanes)
             if kx < 0:
-                found = [f"%x{c * self.lanes + l}" for c in vectors for l in lanes]
+                found = [f"%x{c * self.lanes + l}" for c in range(self.cols) for l in range(self.lanes)]
             else:
-                found = [f"%s{c * self.span.length + self.span.register(l, kx)}" for c in vectors for l in lanes]
+                found = self.win.chunk_registers(kx)
             self._x_of_tap[kx] = found
         return found
-
-    def _load_kernel_row(self, channel: int, ky: int, taps: list[int], c: int) -> tuple[str, ...]:
-        """The loads of a kernel row, kept per (row, taps, vector): a layer's row groups load
-        the same rows with the same few sets of taps many times over."""
-        key = (channel, ky, tuple(taps), c)
-        lines = self._kernel_row_loads.get(key)
-        if lines is None:
-            lines = self._kernel_row_loads[key] = tuple(self._emit_kernel_row_loads(channel, ky, taps, c))
-        return lines
-
-    def _emit_kernel_row_loads(self, channel: int, ky: int, taps: list[int], c: int) -> list[str]:
-        """Loads what ``taps`` of kernel row ``(channel, ky)`` read for vector ``c``: from the
-        staged band, or from X as follows.
-
-        A chunk that may lie in the padding is loaded under its predicate into registers
-        zeroed first, or (``padding_from_zeros``) through its switched base. The zeroing
-        cannot simply go: skipping the FMAs under the same predicate instead makes the load a
-        partial definition of a reused register, and ptxas then issues the loads one at a
-        time (2.3x slower on the H200).
-        """
-        span, kind = self.span, self._span_type
-        zero = "0f00000000" if kind == "f32" else "0"
-        lines = []
-        if self.staged:  # the band holds the padding's zeros
-            for _, first, _ in span.loads(taps):
-                offset = self.staged.offset(channel, ky, span.first + first + self.window.padding[1])
-                lines.append(f"ld.shared.{kind} %s{c * span.length + first}, [%sx{c}+{offset}];")
-            return lines
-        for q, first, size in span.loads(taps):
-            registers = [f"%s{c * span.length + r}" for r in range(first, first + size)]
-            padded = self._reads_padding(self._chunk_terms(ky, c, q), c)
-            base = self._chunk_base(ky, c, q) if padded and self.zeros else f"%pxw{c}"
-            offset = span.offset(channel, ky, first) * self.es
-            load = f"ld.global.nc{_vec(registers)}.{kind} {_operand(registers)}, [{base}+{offset}];"
-            if not padded:
-                lines.append(self._guard(c) + load)
-            elif self.zeros:
-                lines.append(load)
-            else:  # zero unless inside
-                lines += [f"mov.{kind} {r}, {zero};" for r in registers]
-                lines.append(f"@{self._chunk_condition(ky, c, q)} {load}")
-        return lines
 
     def _load(self, registers: list[str], base: str, offset: int, stride: int, c: int) -> list[str]:
         return self._access(True, registers, base, offset, stride, c)
@@ -802,7 +636,7 @@ class _Emitter:
             return f"{guard}st.global{suffix} [{base}+{byte_offset}], {operand};"
 
         if stride == 1 or self.config.vector_width == 1:
-            return [move(f"{_vec(registers)}.{reg}", _operand(registers), offset)]
+            return [move(f"{vector_suffix(registers)}.{reg}", vector_operand(registers), offset)]
         step = stride * self.es
         if self.element.columns_per_register == 1:
             return [move(f".{reg}", r, offset + l * step) for l, r in enumerate(registers)]
@@ -814,11 +648,3 @@ class _Emitter:
             else:
                 lines += [f"mov.b32 {{%h0, %h1}}, {r};"] + halves
         return lines
-
-
-def _vec(registers: list[str]) -> str:
-    return "" if len(registers) == 1 else f".v{len(registers)}"
-
-
-def _operand(registers: list[str]) -> str:
-    return registers[0] if len(registers) == 1 else "{" + ", ".join(registers) + "}"

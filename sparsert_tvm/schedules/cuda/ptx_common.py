@@ -70,3 +70,13 @@ def load_operands(has_residual: bool) -> list[str]:
     if has_residual:
         lines += ["ld.param.u64 %rd3, [p_r];", "cvta.to.global.u64 %pr, %rd3;"]
     return lines + ["ld.param.u32 %ncols, [p_ncols];"]
+
+
+def vector_suffix(registers: list[str]) -> str:
+    """The ``.v<n>`` of a vector access to ``registers`` (none for one register)."""
+    return "" if len(registers) == 1 else f".v{len(registers)}"
+
+
+def vector_operand(registers: list[str]) -> str:
+    """``registers`` as the operand of one access: a register, or a brace list."""
+    return registers[0] if len(registers) == 1 else "{" + ", ".join(registers) + "}"

@@ -19,7 +19,8 @@ branches apart by warp. With ``grid_split`` shares, launch row ``g * S + s`` com
 ``s`` of group ``g``: its block stores its partial sums in the module array ``<name>_sums``
 (slot ``(((tile * G + g) * S + s) * A + a) * threads + thread``), fences them, and its first
 thread counts the block in ``<name>_counts`` (one per tile and group); the block that
-counts last resets the count, adds every share's sums in share order and runs the epilogue.
+counts last resets the count, adds every share's sums in share order and runs the epilogue
+(both reductions: ``partial_sums``).
 
 Convolutions with a ``ConvWindow`` read their input directly: each owned vector (of
 neighbouring output pixels of one row) gets a base address for its first pixel's window
@@ -27,7 +28,7 @@ neighbouring output pixels of one row) gets a base address for its first pixel's
 per vector, in aligned chunks at immediate offsets from it, into registers that its taps
 ``kx`` and the vector's pixels share (``RowSpan``). Chunks that can fall into the padding
 are loaded under a predicate computed once per thread, into registers zeroed first: no
-branches and no im2col buffer.
+branches and no im2col buffer (``window_loads``).
 
 float16 kernels pack two neighbouring columns into one register and use paired
 ``fma.rn.f16x2``; they accumulate in float16, like the inputs (see ``ElementType``).

@@ -44,7 +44,7 @@ def target(request, monkeypatch):
             pytest.skip("needs an NVIDIA GPU and TVM's CUDA runtime")
         return cuda_target()
     unrolled_max_nnz = 0 if request.param == "llvm-csr" else 10**9
-    monkeypatch.setattr(tuning, "CPU_UNROLLED_MAX_NNZ", unrolled_max_nnz)
+    monkeypatch.setattr(tuning.cpu_defaults, "CPU_UNROLLED_MAX_NNZ", unrolled_max_nnz)
     return CPU_TARGET
 
 

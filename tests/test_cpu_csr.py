@@ -57,14 +57,14 @@ def test_offsets_beyond_32_bits_are_refused():
 
 
 def test_the_cpu_default_unrolls_small_weights_only_and_either_kernel_is_a_choice(monkeypatch):
-    monkeypatch.setattr(tuning, "CPU_UNROLLED_MAX_NNZ", 2048)  # a larger weight than the cap builds slowly
+    monkeypatch.setattr(tuning.cpu_defaults, "CPU_UNROLLED_MAX_NNZ", 2048)  # a larger weight than the cap builds slowly
     rng = np.random.default_rng(1)
     small = make_case(rng, "conv_nchw", 30, 48, 0.2, X_SHAPES["conv_nchw"], ("bias", "relu"))
-    assert np.count_nonzero(small.weight) <= tuning.CPU_UNROLLED_MAX_NNZ
+    assert np.count_nonzero(small.weight) <= tuning.cpu_defaults.CPU_UNROLLED_MAX_NNZ
     (layer,) = check(small, CPU_TARGET).layers
     assert layer.params["kernel"] == "unrolled"
     large = make_case(rng, "conv_nchw", 100, 48, 0.5, X_SHAPES["conv_nchw"], ("bias", "relu"))
-    assert np.count_nonzero(large.weight) > tuning.CPU_UNROLLED_MAX_NNZ
+    assert np.count_nonzero(large.weight) > tuning.cpu_defaults.CPU_UNROLLED_MAX_NNZ
     (layer,) = check(large, CPU_TARGET).layers
     assert layer.params["kernel"] == "csr" and layer.params["row_blocks"] >= 1
     (layer,) = check(small, CPU_TARGET, kernel_config={"kernel": "csr"}).layers

@@ -127,7 +127,7 @@ class CudaSpmmConfig(_CudaKernelConfig):
     # (its base register is switched once per thread): no predicate and no zeroing move per
     # load. Predicated, those moves are about a quarter of a 3x3 kernel's instructions.
     # The array costs device memory (about one image of input for NCHW), not code. The
-    # default only for images of up to 64 pixels (``tuning._window_config``).
+    # default only for images of up to 64 pixels (``tuning.cuda_defaults._window_config``).
     padding_from_zeros: bool = False
     # ptxas optimisation level (0-3).
     ptxas_opt_level: int = 3

@@ -31,7 +31,7 @@ from ..problem import SpmmProblem
 from ..schedules.config import CudaConfig, CudaCsrConfig, CudaSpmmConfig
 from ..schedules.cuda.csr_layout import LANES, MAX_U16_COLUMNS
 from ..schedules.row_groups import group_rows
-from . import (
+from .cuda_defaults import (
     column_vectors,
     default_column_lanes_config,
     default_cuda_config,

@@ -1,6 +1,7 @@
 """Choosing kernel configs.
 
-Untuned compiles use the heuristics here. The autotuner (``tuning.tuner``) searches a
+Untuned compiles use the heuristics of ``tuning.cuda_defaults`` and ``tuning.cpu_defaults``
+(their public names are re-exported here). The autotuner (``tuning.tuner``) searches a
 pruned space of configs (``tuning.space``) by compiling and timing candidates on the device
 (``tuning.measure``) and keeps the winners in a tuning database (``tuning.database``).
 """

@@ -171,9 +171,8 @@ class _Emitter:
         self.vector_stride = self.slice_threads * config.vector_width
         self.x_strides = problem.x_strides()
         self.y_strides = problem.y_strides()
-        self.window = problem.window
-        self.win = WindowLoads(problem, config, self.element, self.staged) if self.window is not None else None
-        self.zeros = self.window is not None and config.padding_from_zeros
+        self.win = WindowLoads(problem, config, self.element, self.staged) if problem.window is not None else None
+        self.zeros = self.win is not None and config.padding_from_zeros
         self._constants_of_rows: dict[int, list] = {}  # ``_row_constants``'s
         # Kept because every row group asks again: the registers a column's activations land
         # in (by tap through a window), a column's loads (no window).
@@ -202,7 +201,7 @@ class _Emitter:
 
     def check_offsets(self):
         last, width = self.cols - 1, self.config.vector_width
-        if self.window is None:
+        if self.win is None:
             x_largest = self.x_offset(self.problem.K - 1, last) + width * self.x_strides.n * self.es
         else:
             x_largest = self.win.largest_offset()
@@ -221,7 +220,7 @@ class _Emitter:
         reduction = 3 * (self.split - 1) * len(rows) * self.cols * self.lanes  # store, load, add
         needed = np.unique(np.concatenate([weight.row(m)[0] for m in rows])) if rows else np.empty(0, int)
         nnz = int(sum(weight.row_nnz[m] for m in rows))
-        if self.window is None:
+        if self.win is None:
             return self.cols * (nnz + len(needed)) * self.lanes + reduction
         loads = self.win.load_count(needed)
         pairs = len(needed) * self.lanes if self.element.columns_per_register == 2 else 0
@@ -285,7 +284,7 @@ class _Emitter:
                 lines += self._advance("%rd4", self.x_strides.batch, self.y_strides.batch)
             lines += ["cvt.u64.u32 %rd5, %col0;"]
             # A window's columns are not linear in X: segments find the windows from %px and %col0.
-            lines += self._advance("%rd5", None if self.window else self.x_strides.n, self.y_strides.n)
+            lines += self._advance("%rd5", None if self.win else self.x_strides.n, self.y_strides.n)
         lines += ["mov.u32 %g, %ctaid.y;"]
         if self.grid_split > 1:
             lines += self.sums.sums_setup(name)
@@ -360,7 +359,7 @@ class _Emitter:
         ]
         if self.folds_batch:
             lines += [".reg .b32 %img, %pix;", f".reg .b64 %pyw<{self.cols}>, %prw<{self.cols}>;"]
-        if self.folds_batch or self.window is not None:
+        if self.folds_batch or self.win is not None:
             lines += [f".reg .b64 %pxw<{self.cols}>;"]
         if self.problem.dtype == "float16":
             lines += [f".reg .{reg} %w;", ".reg .b16 %h<2>;"]
@@ -396,7 +395,7 @@ class _Emitter:
             if self.folds_batch:
                 lines += self._image_setup(c)
                 pixel, x_base = "%pix", f"%pxw{c}"
-            if self.window is not None:
+            if self.win is not None:
                 lines += self.win.setup(c, pixel, x_base)
             if self.staged:
                 lines += self.staged.vector_setup(c, "%img" if self.folds_batch else None)
@@ -419,7 +418,7 @@ class _Emitter:
             f"add.s64 %pyw{c}, %py, %rd7;",
             f"add.s64 %prw{c}, %pr, %rd7;",
         ]
-        if self.window is None:
+        if self.win is None:
             lines += [f"mul.wide.u32 %rd6, %pix, {xs.n * es};", f"add.s64 %pxw{c}, %pxw{c}, %rd6;"]
         return lines
 

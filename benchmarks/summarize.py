@@ -1,18 +1,21 @@
 """Tables and a plot from a benchmark JSON written by spmm.py or conv.py.
 
-    python benchmarks/summarize.py benchmarks/results/spmm-paper-fp32-h100-1205.json
+    python benchmarks/summarize.py benchmarks/results/spmm-paper-fp32-h100-1205.json \
+        [--roofline benchmarks/results/roofline-h100.json]
 
 Writes ``<stem>.md`` (geometric-mean speedups of sparsert over each contender by model
 family, batch, density and dtype; what tuning gained; compile time and code size; every
 case where sparsert loses to the dense library of its own precision, with the likely
 limit) and ``<stem>.png`` (speedup over that library against density and against problem
-size) next to the JSON.
+size) next to the JSON. With ``--roofline`` (``roofline.py``'s measurements of the same
+GPU), SparseRT's targets are bounded by the time to read X and write Y, not by the run's
+fastest kernel.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -93,16 +96,20 @@ TARGETS = {("float32", "cublas_fp32", 0.1): 3.4, ("float32", "cublas_fp32", 0.05
 FMA_PER_S = {"H100": 132 * 128 * 1.98e9, "H200": 132 * 128 * 1.98e9}
 
 
-def target_lines(cases, device: str) -> list[str]:
-    """Each target against the run. For float32, what the suite's sizes allow: the fastest
-    kernel of the run is a floor no launch goes under, and with the FP32 FMA peak it bounds
-    each case's speedup; cases whose bound is below the target cap the geometric mean, so
-    the others must beat the target by the factor in the last column."""
+def target_lines(cases, device: str, roofline: dict | None = None) -> list[str]:
+    """Each target against the run. For float32, what the suite's sizes allow: each case's
+    time is bounded below by the FP32 FMA peak and by a floor, and the bounds cap each case's
+    speedup; cases whose cap is below the target cap the geometric mean, so the others must
+    beat the target by the factor in the last column. Without a ``roofline`` the floor is the
+    run's fastest kernel; with one (``roofline.py`` on the same GPU) it is the time of a copy
+    that reads X and writes Y (``copy_floor_us``)."""
     fma = next((rate for name, rate in FMA_PER_S.items() if name in device), None)
     timed = [c["us"]["sparsert"] for c in cases if c["us"].get("sparsert") and c["correct"]]
-    floor = min(timed) if timed else None
-    lines = ["| dtype | vs | density | cases | reached | target | bound (floor, FMA peak) | cases the floor keeps "
-             "below the target | the others must become |", "|" + " --- |" * 9]
+    fastest = min(timed) if timed else None
+    floor_name = "launch, copy of X and Y" if roofline else "floor"
+    lines = [f"| dtype | vs | density | cases | reached | target | bound ({floor_name}, FMA peak) | cases the "
+             f"{'bound' if roofline else 'floor'} keeps below the target | the others must become |",
+             "|" + " --- |" * 9]
     for (dtype, baseline, density), target in TARGETS.items():
         members = speedups([c for c in cases if c["dtype"] == dtype and abs(c["density"] - density) < 0.02],
                            baseline)
@@ -111,12 +118,17 @@ def target_lines(cases, device: str) -> list[str]:
         reached = gmean([s for _, s in members])
         bound = capped = needed = "-"
         if fma and dtype == "float32":
+            floors = [copy_floor_us(c, roofline) if roofline else fastest for c, _ in members]
             caps = [c["us"][baseline] / max(floor, c["density"] * c["M"] * c["K"] * c["N"] / fma * 1e6)
-                    for c, _ in members]
+                    for (c, _), floor in zip(members, floors)]
             low = [cap for cap in caps if cap < target]
             others = [s for (_, s), cap in zip(members, caps) if cap >= target]
-            bound, capped = f"{gmean(caps):.2f}x", f"{len(low)} (floor {floor:.2f} us)"
-            if others and reached < target:  # the factor f with gmean(low + f * others) = target
+            bound = f"{gmean(caps):.2f}x"
+            capped = f"{len(low)} ({roofline['device']}, {roofline['date']})" if roofline else \
+                f"{len(low)} (floor {fastest:.2f} us)"
+            if gmean(caps) < target:
+                needed = "out of reach: the bound is below the target"
+            elif others:  # the factor f with gmean(low + f * others) = target
                 factor = np.exp((len(caps) * np.log(target) - np.log(low).sum() - np.log(others).sum()) / len(others))
                 needed = f"{factor:.2f}x faster"
         if reached >= target:
@@ -124,6 +136,19 @@ def target_lines(cases, device: str) -> list[str]:
         lines.append(f"| {dtype} | {baseline} | {density:g} | {len(members)} | {reached:.2f}x | {target:g}x | "
                      f"{bound} | {capped} | {needed} |")
     return lines if len(lines) > 2 else ["No case of the targets' dtypes, densities and libraries."]
+
+
+def copy_floor_us(case, roofline: dict) -> float:
+    """The least time to read X and write Y of ``case`` once: the roofline's copy time,
+    interpolated (log-log) at the case's bytes; past the largest copy, at its bandwidth."""
+    element = 4 if case["dtype"] == "float32" else 2
+    moved = element * case["N"] * (case["K"] + case["M"])
+    sizes = np.array([point["bytes"] for point in roofline["copy"]], dtype=float)
+    times = np.array([point["us"] for point in roofline["copy"]], dtype=float)
+    if moved >= sizes[-1]:
+        return float(times[-1] * moved / sizes[-1])
+    copy = float(np.exp(np.interp(np.log(moved), np.log(sizes), np.log(times))))
+    return max(roofline["launch_us"], copy)
 
 
 def compile_lines(cases) -> list[str]:
@@ -211,8 +236,9 @@ def plot(cases, path: Path, device: str, kind: str):
     fig.savefig(path, dpi=110)
 
 
-def main(path: str):
+def main(path: str, roofline_path: str | None = None):
     source = Path(path)
+    roofline = json.loads(Path(roofline_path).read_text()) if roofline_path else None
     result = json.loads(source.read_text())
     cases = result["cases"]
     kind = cases[0]["kind"] if cases else "spmm"
@@ -232,7 +258,7 @@ def main(path: str):
         "",
         "## SparseRT's targets",
         "",
-        *target_lines(cases, result["device"]),
+        *target_lines(cases, result["device"], roofline),
         "",
         "## Tuning",
         "",
@@ -252,4 +278,8 @@ def main(path: str):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    parser = argparse.ArgumentParser(description="Tables and a plot from a benchmark JSON.")
+    parser.add_argument("json")
+    parser.add_argument("--roofline", help="roofline.py's JSON of the same GPU: bounds the targets by copy times")
+    arguments = parser.parse_args()
+    main(arguments.json, arguments.roofline)

@@ -9,8 +9,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import summarize  # noqa: E402
 
 
-def case(ours: float, cublas: float, density: float = 0.1) -> dict:
-    return {"case": "c", "group": "g", "kind": "spmm", "M": 64, "K": 64, "N": 8, "density": density,
+def case(ours: float, cublas: float, density: float = 0.1, n: int = 8) -> dict:
+    return {"case": "c", "group": "g", "kind": "spmm", "M": 64, "K": 64, "N": n, "density": density,
             "dtype": "float32", "us": {"sparsert": ours, "cublas_fp32": cublas}, "correct": True, "params": {}}
 
 
@@ -21,13 +21,43 @@ def target_row(lines: list[str], density: str) -> list[str]:
 
 def test_targets_count_floor_bound_cases_and_the_factor_the_others_need():
     # The faster case sets the floor (1 us): the first is held at 2x by it, below 3.4x; the
-    # second may reach 4x. gmean(2, f * 2) = 3.4 needs f = 3.4^2 / 4.
-    lines = summarize.target_lines([case(1.0, 2.0), case(2.0, 4.0)], "NVIDIA H100 80GB HBM3")
+    # second may reach 8x (its bound), so gmean(2, f * 4) = 3.4 needs f = 3.4^2 / 8.
+    lines = summarize.target_lines([case(1.0, 2.0), case(2.0, 8.0)], "NVIDIA H100 80GB HBM3")
     cells = target_row(lines, "0.1")
-    assert cells[3:6] == ["2", "2.00x", "3.4x"]
-    assert cells[6] == "2.83x"  # gmean of the bounds 2 and 4
+    assert cells[3:6] == ["2", "2.83x", "3.4x"]
+    assert cells[6] == "4.00x"  # gmean of the bounds 2 and 8
     assert cells[7] == "1 (floor 1.00 us)"
-    assert cells[8] == f"{3.4 ** 2 / 4:.2f}x faster"
+    assert cells[8] == f"{3.4 ** 2 / 8:.2f}x faster"
+
+
+def test_targets_whose_bound_is_below_them_are_out_of_reach():
+    # Bounds 2x and 4x: gmean 2.83x < 3.4x, whatever the second case does.
+    cells = target_row(summarize.target_lines([case(1.0, 2.0), case(2.0, 4.0)], "NVIDIA H100"), "0.1")
+    assert cells[6] == "2.83x" and cells[8] == "out of reach: the bound is below the target"
+
+
+ROOFLINE = {"device": "H100 test", "date": "d", "launch_us": 1.5,
+            "copy": [{"bytes": 1000, "us": 1.0}, {"bytes": 100_000, "us": 10.0}]}
+
+
+@pytest.mark.parametrize("n, floor_us", [
+    (1, 1.5),  # 512 bytes, under the smallest copy: the launch
+    (8, (4096 / 1000) ** 0.5),  # between the copies, log-log: time grows as the square root here
+    (1000, 10.0 * 512_000 / 100_000),  # past the largest copy, at its bandwidth
+])
+def test_copy_floor_reads_x_and_writes_y(n, floor_us):
+    # float32, M = K = 64: 4 * N * 128 bytes.
+    assert summarize.copy_floor_us(case(1.0, 1.0, n=n), ROOFLINE) == pytest.approx(floor_us)
+
+
+def test_targets_with_a_roofline_bound_each_case_by_its_copy():
+    # Copies of 4096 and 512,000 bytes take 2.02 and 51.2 us: caps 8 / 2.02 = 3.95x (above
+    # 3.4x) and 150 / 51.2 = 2.93x (below).
+    cases = [case(2.0, 8.0), case(100.0, 150.0, n=1000)]
+    cells = target_row(summarize.target_lines(cases, "NVIDIA H100", ROOFLINE), "0.1")
+    caps = [8.0 / (4096 / 1000) ** 0.5, 150.0 / 51.2]
+    assert cells[6] == f"{(caps[0] * caps[1]) ** 0.5:.2f}x"
+    assert cells[7] == "1 (H100 test, d)"
 
 
 def test_targets_say_met_and_skip_the_bound_on_an_unknown_device():

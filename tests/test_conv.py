@@ -338,12 +338,15 @@ EMULATED_CONFIGS = [
     CudaSpmmConfig(rows_per_block=4, threads_per_block=32, stage_channels=2),
     CudaSpmmConfig(rows_per_block=3, threads_per_block=64, columns_per_thread=2, vector_width=2, fold_batch=True,
                    stage_channels=2, grid_split=2, max_instructions_per_segment=150),
+    # Rows grouped by the taps they share, in shares of a grid split.
+    CudaSpmmConfig(rows_per_block=4, threads_per_block=32, grid_split=2, share_columns=True),
 ]
 EMULATED_IDS = [
     "plain", "two-columns-segmented", "vectors", "folded-three-columns", "folded-vectors-segmented", "folded-wide-vectors",
     "split-two", "split-four-folded-vectors-segmented", "folded-three-warps", "zero-array",
     "zero-array-folded-wide-vectors-segmented", "grid-split-two", "grid-split-four-folded-vectors-segmented",
     "staged", "staged-folded-vectors-grid-split-segmented",
+    "sharing-columns-grid-split",
 ]
 
 

@@ -577,7 +577,11 @@ def test_cost_model_puts_the_code_stream_against_the_arrays():
     unrolled_us = space.estimated_cost(p, default_cuda_config(p, "unrolled")) / 1750
     assert 8 < unrolled_us < 30  # measured: 16.4 us (tuned)
     wide = dataclasses.replace(p, x_shape=(512, 768), y_shape=(512, 3072), x_transposed=True)
-    assert isinstance(space.candidates(wide, cuda_rule.CudaSpmmRule().check, 3)[1], CudaSpmmConfig)
+    cheapest = {}
+    for config in space.candidates(wide, cuda_rule.CudaSpmmRule().check, 1000):
+        cost = space.estimated_cost(wide, config)
+        cheapest[config.KERNEL] = min(cost, cheapest.get(config.KERNEL, cost))
+    assert cheapest[CudaSpmmConfig.KERNEL] < cheapest[CudaCsrConfig.KERNEL]
     # At N = 32 lanes over nonzeros read a row of X per lane and column (36.5 us on the
     # H200 where column lanes took 8-11): the model ranks column lanes first.
     n32 = dataclasses.replace(p, x_shape=(32, 768), y_shape=(32, 3072), x_transposed=True)

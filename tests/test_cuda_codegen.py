@@ -125,9 +125,12 @@ def test_emulated_kernel_matches_numpy(layout, density):
         CudaSpmmConfig(rows_per_block=4, threads_per_block=64, split_k=2),
         CudaSpmmConfig(rows_per_block=3, threads_per_block=256, columns_per_thread=2, split_k=8,
                        max_instructions_per_segment=80),
+        CudaSpmmConfig(rows_per_block=4, threads_per_block=32, share_columns=True),
+        CudaSpmmConfig(rows_per_block=5, threads_per_block=64, split_k=2, share_columns=True,
+                       max_instructions_per_segment=80),
     ],
     ids=["one-row", "eight-rows-three-columns", "segmented", "1024-threads", "512-threads-segmented", "split-two",
-         "split-eight-two-columns-segmented"],
+         "split-eight-two-columns-segmented", "sharing-columns", "sharing-columns-split-segmented"],
 )
 @pytest.mark.parametrize("layout", [Layout.ROWS, Layout.CHANNELS])
 def test_emulated_tilings(layout, config):

@@ -140,6 +140,26 @@ def test_split_k_enters_the_space_only_where_asked():
         TuneOptions(split_k=(3,))
 
 
+def test_the_search_keeps_rows_sharing_columns_where_they_load_less():
+    """The default with rows grouped by shared columns is timed beside it, whatever the cost
+    model thinks, where it loads at least 5% fewer activations: rows of two patterns,
+    interleaved, load about half as much grouped by pattern (balanced grouping gives each
+    group heavy and light rows). Where every row has the same columns, no grouping loads
+    less, and it is left out."""
+    check = cuda_rule.CudaSpmmRule().check
+    rng = np.random.default_rng(15)
+    patterns = np.zeros((2, 48))
+    patterns[0, :6], patterns[1, 24:28] = 1.0, 1.0
+    for weight, kept in ((np.tile(patterns, (32, 1)), True), (np.ones((64, 48)), False)):
+        weight = SparseMatrix.from_dense(weight * rng.standard_normal(weight.shape))
+        problem = SpmmProblem(weight, Layout.CHANNELS, "float32", (1, 48, 56, 56), (1, 64, 56, 56))
+        default = default_cuda_config(problem)
+        assert default.rows_per_block == 4
+        sharing = dataclasses.replace(default, share_columns=True)
+        assert (sharing in space.candidates(problem, check, 2)) is kept
+        assert sharing in space.candidates(problem, check, 1000) or not kept
+
+
 def test_cost_model_prefers_filling_the_machine():
     problem = channels_problem(np.random.default_rng(2), m=256, k=256, spatial=(7, 7), images=1)
     few_blocks = default_cuda_config(problem).__class__(rows_per_block=8, threads_per_block=64)

@@ -73,6 +73,13 @@ class CudaSpmmConfig(_CudaKernelConfig):
     # Rows are packed into blocks of similar nonzero counts (heaviest blocks launch first)
     # instead of consecutive runs of rows.
     balance_rows: bool = True
+    # Rows are grouped to share nonzero columns (``row_groups.group_rows_sharing_columns``):
+    # each group loads an activation once for all its rows that use it, so such groups load
+    # fewer (5-21% over the paper suites' defaults, median by family; 2-9% fewer
+    # instructions: benchmarks/results/shared-columns-2core.md), for groups whose work is
+    # less even. Needs ``balance_rows`` (its cap on a group's work is the balanced
+    # grouping's). Not yet timed on a GPU: opt-in, and the tuner times it beside the default.
+    share_columns: bool = False
     # The unrolled code is cut into functions of about this many instructions (FMAs and
     # loads), assembled separately and in parallel, then linked: ptxas time grows faster
     # than linearly with function size. On 2 cores 4k was best or near it on 3x3, 1x1 and FC
@@ -145,6 +152,8 @@ class CudaSpmmConfig(_CudaKernelConfig):
             raise ValueError("split_k must be 1, 2, 4 or 8 and leave whole warps of threads_per_block to each slice")
         if self.grid_split not in (1, 2, 4, 8) or (self.grid_split > 1 and self.split_k > 1):
             raise ValueError("grid_split must be 1, 2, 4 or 8, and 1 with split_k")
+        if self.share_columns and not self.balance_rows:
+            raise ValueError("share_columns refines the balanced grouping: it needs balance_rows")
         if self.stage_channels < 0:
             raise ValueError("stage_channels must be 0 (no staging) or positive")
         if not 24 <= self.segment_registers <= 255:

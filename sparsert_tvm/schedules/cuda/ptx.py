@@ -50,7 +50,7 @@ from ...errors import UnsupportedProblem
 from ...problem import BiasAdd, Clip, ResidualAdd, SpmmProblem
 from ..base import require_dtype
 from ..config import REGISTERS_PER_BLOCK, CudaSpmmConfig
-from ..row_groups import group_rows, split_by_cost
+from ..row_groups import split_by_cost, unrolled_row_groups
 from .partial_sums import PartialSums
 from .ptx_common import (
     SUPPORTED_DTYPES,
@@ -85,7 +85,7 @@ def emit_spmm_ptx(problem: SpmmProblem, config: CudaSpmmConfig, name: str, arch:
     check_vectorization(problem, config)
     check_split(problem, config)
     check_padding(problem, config)
-    groups = group_rows(problem.weight.row_nnz, config.rows_per_block, config.balance_rows)
+    groups = unrolled_row_groups(problem.weight, config.rows_per_block, config.balance_rows, config.share_columns)
     emitter = _Emitter(problem, config, arch)
     emitter.check_offsets()
     work = [_Work(rows, g, share) for g, rows in enumerate(groups) for share in emitter.shares]

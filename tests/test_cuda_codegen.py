@@ -17,7 +17,7 @@ import pytest
 import tvm
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tvm import tirx
+from tvm import relax, tirx
 from tvm.relax.frontend.onnx import from_onnx
 
 import sparsert_tvm as sp
@@ -27,7 +27,7 @@ from sparsert_tvm import cache, models
 from sparsert_tvm.errors import ToolchainError, UnsupportedProblem
 from sparsert_tvm.passes.candidates import find_candidates
 from sparsert_tvm.problem import BiasAdd, Clip, Layout, ResidualAdd, SpmmProblem
-from sparsert_tvm.schedules.config import CudaSpmmConfig
+from sparsert_tvm.schedules.config import CudaCsrConfig, CudaSpmmConfig
 from sparsert_tvm.schedules.cuda import assemble as assemble_module
 from sparsert_tvm.schedules.cuda import rule as cuda_rule
 from sparsert_tvm.schedules.cuda.assemble import assemble
@@ -492,6 +492,28 @@ def test_launch_wrapper_and_cuda_build(monkeypatch):
         assert layer.code_bytes > 0 and layer.params["row_groups"] == kernel.row_groups
         without_kernels = out.without_attr("external_mods")
         assert tvm.compile(without_kernels, target, tir_pipeline=sp.build.register_pipeline()) is not None
+
+
+@pytest.mark.parametrize("x_shape", [(24, 50), (3, 24, 50)])
+def test_emulated_kernels_of_a_weight_on_the_left(x_shape):
+    """``W @ x`` as the pass sees it (an NCHW 1x1 problem over x's matrices) and as the CUDA
+    kernels compute it: their outputs, viewed back, equal numpy's product."""
+    rng = np.random.default_rng(9)
+    weight = sparse_matrix(rng, (19, 24), 0.2, empty_rows=3)
+    x = relax.Var("x", relax.TensorType(x_shape, "float32"))
+    builder = relax.BlockBuilder()
+    with builder.function("main", [x]):
+        with builder.dataflow():
+            out = builder.emit_output(relax.op.matmul(relax.const(weight), x))
+        builder.emit_func_output(out)
+    (candidate,) = find_candidates("main", builder.get()["main"])
+    problem = candidate.problem
+    images = x_shape[0] if len(x_shape) == 3 else 1
+    assert problem.layout is Layout.CHANNELS and [int(d) for d in problem.x_shape] == [images, 24, 50]
+    array = rng.standard_normal(x_shape).astype("float32")
+    for config in (cuda_rule.CudaSpmmRule().default_config(problem, None), CudaCsrConfig(rows_per_block=2, unroll=2)):
+        y, _ = emulate(problem, config, rng, [array.reshape([int(d) for d in problem.x_shape])])
+        np.testing.assert_allclose(y.reshape(*x_shape[:-2], 19, 50), weight @ array, rtol=1e-5, atol=1e-5)
 
 
 @needs_ptxas

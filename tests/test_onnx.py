@@ -3,10 +3,11 @@
 import numpy as np
 import pytest
 import tvm
+from onnx import TensorProto, helper, numpy_helper
 from tvm import relax
 from tvm.relax.frontend.onnx import from_onnx
 
-from helpers import CPU_TARGET, Compiled, assert_close
+from helpers import CPU_TARGET, Compiled, assert_close, sparse_matrix
 from sparsert_tvm import models
 
 
@@ -72,3 +73,29 @@ def test_onnx_clip_is_fused_as_relu6(target):
     assert not [name for name in callees if name.startswith(("maximum", "minimum"))], callees
     x = models.random_input(model)
     assert_close(compiled(x), dense_reference(mod, target, [x], compiled.device))
+
+
+def test_onnx_matmul_with_the_weight_on_the_left(target):
+    """``Relu(MatMul(A, x) + b)`` with ``A`` a sparse initializer, as in a graph network's
+    propagation (adjacency times node features) over a batch of graphs: rewritten, with its
+    per-row bias and ReLU, and equal to TVM's dense build."""
+    rng = np.random.default_rng(5)
+    adjacency = sparse_matrix(rng, (30, 30), 0.1)
+    bias = rng.standard_normal((30, 1)).astype("float32")
+    nodes = [
+        helper.make_node("MatMul", ["A", "x"], ["ax"]),
+        helper.make_node("Add", ["ax", "b"], ["axb"]),
+        helper.make_node("Relu", ["axb"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "gnn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["G", 30, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["G", 30, 16])],
+        [numpy_helper.from_array(adjacency, "A"), numpy_helper.from_array(bias, "b")],
+    )
+    mod = from_onnx(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), keep_params_in_input=False)
+    compiled = Compiled(mod, target, density_threshold=0.3)
+    (layer,) = compiled.report.layers
+    assert (layer.decision, layer.op, layer.epilogue) == ("sparse", "matmul (weight on the left)", ["bias", "relu"])
+    for graphs in (1, 3):
+        x = rng.standard_normal((graphs, 30, 16)).astype("float32")
+        assert_close(compiled(x), dense_reference(mod, target, [x], compiled.device))

@@ -132,10 +132,16 @@ def _matmul_param_weight():
     return build([x, w], lambda b: relax.op.matmul(x, w)), "weight is not a constant"
 
 
-def _constant_on_the_left():
-    x = relax.Var("x", relax.TensorType((8, 4), "float32"))
+def _constant_on_the_left_with_a_dynamic_column_count():
+    x = relax.Var("x", relax.TensorType((8, tirx.Var("n", "int64")), "float32"))
     w = relax.const(np.eye(6, 8, dtype="float32"))
-    return build([x], lambda b: relax.op.matmul(w, x)), "left operand"
+    return build([x], lambda b: relax.op.matmul(w, x)), "dynamic column count with the weight on the left"
+
+
+def _constant_on_the_left_times_a_vector():
+    x = relax.Var("x", relax.TensorType((8,), "float32"))
+    w = relax.const(np.eye(6, 8, dtype="float32"))
+    return build([x], lambda b: relax.op.matmul(w, x)), "1-D right operand"
 
 
 def _conv(reason, weight_shape=(6, 8, 1, 1), x_shape=(1, 8, 5, 5), dtype="float32", **attrs):
@@ -175,7 +181,8 @@ def _dynamic_spatial():
     "make",
     [
         _matmul_param_weight,
-        _constant_on_the_left,
+        _constant_on_the_left_with_a_dynamic_column_count,
+        _constant_on_the_left_times_a_vector,
         _batched_weight,
         _nan_weight,
         _float16,
@@ -192,6 +199,83 @@ def test_unsupported_operators_stay_with_tvm_with_a_reason(make):
     (layer,) = report.layers
     assert layer.decision == "dense"
     assert reason in layer.reason, layer.reason
+
+
+def _weight_on_the_left(rng, x_shape, epilogue):
+    """``relu?(W @ x + b [+ r])`` with ``W`` a sparse constant: a graph's adjacency times
+    node features, or a 1x1 convolution written as a product."""
+    m, k = 12, x_shape[-2]
+    w = relax.const(sparse_matrix(rng, (m, k), 0.2, empty_rows=2))
+    x = relax.Var("x", relax.TensorType(x_shape, "float32"))
+    params = [x]
+    y_shape = (*x_shape[:-2], m, x_shape[-1])
+    if "residual" in epilogue:
+        params.append(relax.Var("r", relax.TensorType(y_shape, "float32")))
+
+    def body(b):
+        y = b.emit(relax.op.matmul(w, x))
+        if "bias" in epilogue:  # one value per row of W, broadcast along the columns
+            y = b.emit(relax.op.add(y, relax.const(rng.standard_normal((m, 1)).astype("float32"))))
+        if "residual" in epilogue:
+            y = b.emit(relax.op.add(y, params[1]))
+        return relax.op.nn.relu(y) if "relu" in epilogue else y
+
+    concrete = [[int(d) if isinstance(d, tirx.IntImm) else 3 for d in p.ty.shape.values] for p in params]
+    return build(params, body), [rng.standard_normal(shape).astype("float32") for shape in concrete]
+
+
+@pytest.mark.parametrize("x_shape, epilogue", [
+    ((20, 7), ("bias", "relu")),  # one matrix: viewed as one image
+    ((3, 20, 7), ("bias", "residual", "relu")),  # a batch of matrices: images of their own
+    ((2, 3, 20, 7), ("residual",)),  # batch axes folded into one
+    ((tirx.Var("b", "int64"), 20, 7), ("bias",)),  # a symbolic batch
+])
+def test_weight_on_the_left_is_rewritten_as_images_and_matches_tvm(target, x_shape, epilogue):
+    rng = np.random.default_rng(RNG_SEED)
+    mod, arrays = _weight_on_the_left(rng, x_shape, epilogue)
+    compiled = Compiled(mod, target)
+    (layer,) = compiled.report.layers
+    assert layer.decision == "sparse", layer.reason
+    assert (layer.op, layer.M, layer.K) == ("matmul (weight on the left)", 12, 20)
+    # x, the residual and the output are viewed as [images, K or M, N] where they are not.
+    reshapes = ops_in(sparsify(mod)[0]["main"]).count("relax.reshape")
+    assert reshapes == (0 if len(x_shape) == 3 else 2 + ("residual" in epilogue))
+    assert layer.epilogue == [{"bias": "bias", "residual": "residual", "relu": "relu"}[op] for op in epilogue]
+    dense = relax.VirtualMachine(tvm.compile(mod, CPU_TARGET), tvm.cpu())["main"](*map(tvm.runtime.tensor, arrays))
+    assert_close(compiled(*arrays), dense.numpy())
+
+
+def test_a_bias_along_the_columns_is_not_a_bias_of_the_weight_on_the_left():
+    """``W @ x + c`` with ``c`` varying along the columns (of x's N) stays TVM's add."""
+    rng = np.random.default_rng(3)
+    w = relax.const(sparse_matrix(rng, (12, 12), 0.2))
+    x = relax.Var("x", relax.TensorType((12, 12), "float32"))
+    c = relax.const(rng.standard_normal((1, 12)).astype("float32"))
+    mod = build([x], lambda b: relax.op.add(b.emit(relax.op.matmul(w, x)), c))
+    (layer,) = sparsify(mod)[1].layers
+    assert layer.decision == "sparse" and layer.epilogue == []
+    array = rng.standard_normal((12, 12)).astype("float32")
+    dense = relax.VirtualMachine(tvm.compile(mod, CPU_TARGET), tvm.cpu())["main"](tvm.runtime.tensor(array)).numpy()
+    assert_close(Compiled(mod, CPU_TARGET)(array), dense)
+
+
+@pytest.mark.parametrize("x_shape, combined", [((16, 9), False), ((2, 16, 9), True)])
+def test_weights_on_the_left_are_siblings_only_without_a_view(x_shape, combined):
+    """Two weights times one input. A batch of [K, N] matrices is the kernels' own view,
+    and one kernel computes both; a single [K, N] matrix is viewed as one image, and slices
+    of one combined [1, M, N] output would not have the layers' [M, N] shapes."""
+    rng = np.random.default_rng(4)
+    x = relax.Var("x", relax.TensorType(x_shape, "float32"))
+    w1, w2 = (relax.const(sparse_matrix(rng, (m, 16), 0.2)) for m in (5, 7))
+    mod = build([x], lambda b: relax.Tuple([b.emit(relax.op.matmul(w1, x)), b.emit(relax.op.matmul(w2, x))]))
+    compiled = Compiled(mod, CPU_TARGET)
+    layers = compiled.report.layers
+    assert [layer.decision for layer in layers] == ["sparse"] * (1 if combined else 2)
+    assert ("one kernel for 2 layers" in layers[0].reason) is combined
+    array = rng.standard_normal(x_shape).astype("float32")
+    dense = relax.VirtualMachine(tvm.compile(mod, CPU_TARGET), tvm.cpu())["main"](tvm.runtime.tensor(array))
+    for ours, theirs in zip(compiled(array), dense):
+        assert_close(ours, theirs.numpy())
 
 
 def test_nan_weight_gives_the_dense_answer():

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import tvm
 import tvm_ffi
-from tvm import relax, tirx
+from tvm import relax, sym, tirx
 
 from ..problem import BiasAdd, Clip, ConvWindow, Layout, ResidualAdd, SpmmProblem
 from ..weights import SparseMatrix, ungrouped_filters
@@ -149,9 +149,11 @@ def _analyse_matmul(candidate: Candidate, call, var2val):
     lhs, rhs = call.args
     w = constant_value(rhs, var2val)
     if w is None:
-        if constant_value(lhs, var2val) is not None:
-            raise _Rejected("the constant is the left operand; only x @ W is rewritten")
-        raise _Rejected("weight is not a constant")
+        w = constant_value(lhs, var2val)
+        if w is None:
+            raise _Rejected("weight is not a constant")
+        _analyse_left_matmul(candidate, call, w, rhs)
+        return
     candidate.op = "matmul"
     if w.ndim != 2:
         raise _Rejected(f"{w.ndim}-D weight; only 2-D weights are rewritten")
@@ -159,6 +161,27 @@ def _analyse_matmul(candidate: Candidate, call, var2val):
     dims, dtype = _tensor_dims(lhs, "activation")
     _check_operands(candidate, dtype, dims[-1] if dims else None, call)
     _set_problem(candidate, Layout.ROWS, lhs, dims, dims[:-1] + [w.shape[1]], dtype)
+
+
+def _analyse_left_matmul(candidate: Candidate, call, w: np.ndarray, x):
+    """``W @ x``: each matrix of ``x`` (its last two axes, ``[K, N]``) is an image of an NCHW
+    1x1 convolution whose ``N`` pixels are the product's columns, so the kernel sees ``x``
+    as ``[images, K, N]`` (a view) and writes ``[images, M, N]``."""
+    candidate.op = "matmul (weight on the left)"
+    if w.ndim != 2:
+        raise _Rejected(f"{w.ndim}-D weight; only 2-D weights are rewritten")
+    candidate.weight = SparseMatrix.from_dense(w)
+    dims, dtype = _tensor_dims(x, "activation")
+    if len(dims) < 2:
+        raise _Rejected("1-D right operand")
+    _check_operands(candidate, dtype, dims[-2], call)
+    if not isinstance(dims[-1], tirx.IntImm):
+        raise _Rejected("dynamic column count with the weight on the left")
+    images = tirx.IntImm("int64", 1)
+    for d in dims[:-2]:
+        images = images * d
+    images = sym.Analyzer().simplify(images)
+    _set_problem(candidate, Layout.CHANNELS, x, [images, dims[-2], dims[-1]], [images, w.shape[0], dims[-1]], dtype)
 
 
 def _analyse_conv2d(candidate: Candidate, call, var2val):

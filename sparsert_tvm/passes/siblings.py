@@ -15,6 +15,7 @@ import dataclasses
 
 import numpy as np
 import tvm
+import tvm_ffi
 from tvm import relax
 
 from ..problem import BiasAdd, Layout, ResidualAdd
@@ -62,6 +63,9 @@ def _family(candidate: Candidate, var2val):
         or candidate.groups != 1
         or not isinstance(candidate.x, relax.Var)
         or any(isinstance(op, ResidualAdd) for op in problem.epilogue)
+        # A weight on the left sees its operand through a view: slices of the combined
+        # output would not have its layers' shapes.
+        or not tvm_ffi.structural_equal(list(candidate.x.ty.shape.values), list(problem.x_shape))
     ):
         return None
     epilogue = tuple(BiasAdd if isinstance(op, BiasAdd) else op for op in problem.epilogue)

@@ -9,6 +9,7 @@ import re
 import time
 
 import tvm
+import tvm_ffi
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
@@ -371,7 +372,7 @@ class _Planned:
         ``transposed`` (input -> its transpose, in this binding block) has it already: the
         layers reading one input that ``combine_siblings`` left apart."""
         candidate, problem = self.candidate, self.candidate.problem
-        x = visit(candidate.x)
+        x = _viewed(builder, visit(candidate.x), problem.x_shape)  # as the problem sees it
         if self.transpose_x:
             if x not in transposed:
                 rows = x
@@ -383,18 +384,29 @@ class _Planned:
         # With a symbolic N the kernel takes and writes [N, M] (its buffers cannot name the
         # leading dimensions N was made of); reshapes are views.
         flat = self.transpose_x and problem.static_columns is None and len(problem.y_shape) != 2
-        if flat and residual is not None:
-            residual = builder.emit(relax.op.reshape(residual, relax.ShapeExpr([problem.columns, problem.M])))
+        y_dims = [problem.columns, problem.M] if flat else problem.y_shape
+        if residual is not None:
+            residual = _viewed(builder, residual, y_dims)
         args = [x] + ([residual] if residual is not None else [])
         args += [relax.const(array) for array in self.constants]
-        if flat:
-            out = relax.TensorType([problem.columns, problem.M], problem.dtype)
-        else:
-            out = relax.TensorType(problem.y_shape, problem.dtype) if candidate.parts else candidate.tail.ty
         call = (relax.call_dps_packed if isinstance(self.kernel, relax.ExternFunc) else relax.call_tir)(
-            self.kernel, args, out
+            self.kernel, args, relax.TensorType(y_dims, problem.dtype)
         )
-        return relax.op.reshape(builder.emit(call), relax.ShapeExpr(problem.y_shape)) if flat else call
+        # Siblings slice the problem's output; a single layer gives its binding's shape.
+        dims = problem.y_shape if candidate.parts else list(candidate.tail.ty.shape.values)
+        return call if _same_dims(y_dims, dims) else relax.op.reshape(builder.emit(call), relax.ShapeExpr(list(dims)))
+
+
+def _same_dims(a, b) -> bool:
+    return tvm_ffi.structural_equal(list(a), list(b))
+
+
+def _viewed(builder, expr, dims):
+    """``expr`` reshaped to ``dims`` where its shape differs (a weight on the left sees its
+    operand as images; a symbolic N's kernel reads and writes ``[N, M]``); reshapes are views."""
+    if _same_dims(expr.ty.shape.values, dims):
+        return expr
+    return builder.emit(relax.op.reshape(expr, relax.ShapeExpr(list(dims))))
 
 
 @mutator

@@ -47,6 +47,15 @@ class BiasAdd:
 
 
 @dataclass(frozen=True)
+class FoldedBatchNorm(BiasAdd):
+    """An inference batch norm folded into the layer: its scale multiplied the weight's rows
+    (and the biases before it), and ``values`` is its shift, added as a bias is."""
+
+    def describe(self) -> str:
+        return "batch_norm"
+
+
+@dataclass(frozen=True)
 class ResidualAdd:
     """Adds a tensor of the output's shape, passed to the kernel as an extra input."""
 

@@ -3,9 +3,12 @@
 import numpy as np
 import tflite
 import torch
+import tvm
+from tvm import relax
 from tvm.relax.frontend.tflite import from_tflite
 from tvm.relax.frontend.torch import from_exported_program
 
+import sparsert_tvm as sp
 from helpers import Compiled, assert_close, sparse_matrix
 from tflite_builder import TfliteModel
 
@@ -45,6 +48,66 @@ def test_pytorch_model_through_torch_export(target):
         ("matmul", "sparse", ["bias", "relu"]),
         ("matmul", "sparse", ["bias"]),
     ]
+    (out,) = compiled(x.numpy())
+    with torch.no_grad():
+        expected = net(x).numpy()
+    assert_close(out, expected)
+    assert np.count_nonzero(expected) > 0
+
+
+class Bottleneck(torch.nn.Module):
+    """ResNet's bottleneck with a projection shortcut, every convolution followed by an
+    inference BatchNorm (as torchvision's models are), then a Linear layer and BatchNorm1d."""
+
+    def __init__(self):
+        super().__init__()
+        self.convs = torch.nn.ModuleList(
+            [torch.nn.Conv2d(16, 8, 1, bias=False), torch.nn.Conv2d(8, 8, 3, stride=2, padding=1, bias=False),
+             torch.nn.Conv2d(8, 32, 1, bias=False), torch.nn.Conv2d(16, 32, 1, stride=2, bias=False)]
+        )
+        self.norms = torch.nn.ModuleList([torch.nn.BatchNorm2d(c) for c in (8, 8, 32, 32)])
+        self.fc = torch.nn.Linear(32 * 4 * 4, 24)
+        self.norm_fc = torch.nn.BatchNorm1d(24)
+
+    def forward(self, x):
+        (a, b, c, shortcut), (na, nb, nc, ns) = self.convs, self.norms
+        h = torch.relu(na(a(x)))
+        h = torch.relu(nb(b(h)))
+        h = torch.relu(nc(c(h)) + ns(shortcut(x)))
+        return torch.relu(self.norm_fc(self.fc(h.flatten(1))))
+
+
+def test_pytorch_batch_norms_are_folded_into_the_layers(target):
+    """torch.export keeps each BatchNorm apart; the pass folds it into the layer before it
+    (its scale into the weight's rows, its shift as a bias) with the ReLU and the residual
+    add after it, so no norm is left to TVM. The shortcut's and the main branch's last
+    convolutions meet in one add: the later one keeps it."""
+    torch.manual_seed(1)
+    net = Bottleneck().eval()
+    with torch.no_grad():
+        for p in net.parameters():
+            if p.dim() > 1:
+                p.mul_((torch.rand_like(p) < 0.1).float())
+        for norm in [*net.norms, net.norm_fc]:
+            norm.running_mean.uniform_(-1, 1)
+            norm.running_var.uniform_(0.5, 2)
+            norm.weight.uniform_(0.5, 2)
+            norm.bias.uniform_(-1, 1)
+    x = torch.randn(2, 16, 8, 8)
+    mod = from_exported_program(torch.export.export(net, (x,)), keep_params_as_input=False)
+    compiled = Compiled(mod, target, density_threshold=None)
+    epilogues = {layer.op: layer.epilogue for layer in compiled.report.layers}
+    assert all(layer.decision == "sparse" for layer in compiled.report.layers), compiled.report.table()
+    assert epilogues["conv2d 3x3 /2 NCHW"] == ["batch_norm", "relu"]
+    assert epilogues["conv2d 1x1 /2 NCHW"] == ["batch_norm", "residual", "relu"]  # the shortcut, later
+    assert epilogues["matmul"] == ["bias", "batch_norm", "relu"]
+    assert sorted(map(tuple, epilogues.values())).count(("batch_norm",)) == 1  # the main branch's last
+    ops = []
+    relax.analysis.post_order_visit(
+        sp.SparsifyWeights(target, None)(mod)["main"],
+        lambda e: ops.append(e.op.name) if isinstance(e, relax.Call) and isinstance(e.op, tvm.ir.Op) else None,
+    )
+    assert "relax.nn.batch_norm" not in ops
     (out,) = compiled(x.numpy())
     with torch.no_grad():
         expected = net(x).numpy()

@@ -99,3 +99,30 @@ def test_onnx_matmul_with_the_weight_on_the_left(target):
     for graphs in (1, 3):
         x = rng.standard_normal((graphs, 30, 16)).astype("float32")
         assert_close(compiled(x), dense_reference(mod, target, [x], compiled.device))
+
+
+def test_onnx_batch_normalization_is_folded_into_the_convolution(target):
+    """``Relu(BatchNormalization(Conv(x, W)))``: TVM imports the norm as ``batch_norm`` with
+    reads of its running statistics that nothing uses; the pass folds it into the
+    convolution's weight and bias and leaves no norm behind."""
+    rng = np.random.default_rng(6)
+    weight = sparse_matrix(rng, (8, 36), 0.2).reshape(8, 4, 3, 3)
+    stats = {name: values.astype("float32") for name, values in (
+        ("gamma", rng.uniform(0.5, 2, 8)), ("beta", rng.standard_normal(8)),
+        ("mean", rng.standard_normal(8)), ("var", rng.uniform(0.5, 2, 8)))}
+    nodes = [
+        helper.make_node("Conv", ["x", "W"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("BatchNormalization", ["c", *stats], ["n"], epsilon=1e-3),
+        helper.make_node("Relu", ["n"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "conv_bn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 6, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8, 6, 6])],
+        [numpy_helper.from_array(weight, "W")] + [numpy_helper.from_array(v, k) for k, v in stats.items()],
+    )
+    mod = from_onnx(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), keep_params_in_input=False)
+    compiled = Compiled(mod, target, density_threshold=0.3)
+    (layer,) = compiled.report.layers
+    assert (layer.decision, layer.epilogue) == ("sparse", ["batch_norm", "relu"]), layer.reason
+    x = rng.standard_normal((2, 4, 6, 6)).astype("float32")
+    assert_close(compiled(x), dense_reference(mod, target, [x], compiled.device))

@@ -278,6 +278,57 @@ def test_weights_on_the_left_are_siblings_only_without_a_view(x_shape, combined)
         assert_close(ours, theirs.numpy())
 
 
+def _conv_then_batch_norm(rng, variant):
+    """``conv (+bias) -> batch_norm -> relu`` in NCHW, or a variant the pass must not fold."""
+    m, c = 8, 6
+    x = relax.Var("x", relax.TensorType((2, c, m, m), "float32"))  # an output of m rows: axis 2 fits too
+    params = [x]
+    stats = [relax.const(v.astype("float32")) for v in (rng.uniform(0.5, 2, m), rng.standard_normal(m),
+                                                        rng.standard_normal(m), rng.uniform(0.5, 2, m))]
+    if variant == "after a residual":
+        params.append(relax.Var("r", relax.TensorType((2, m, m, m), "float32")))
+
+    def body(b):
+        y = b.emit(relax.op.nn.conv2d(x, relax.const(sparse_matrix(rng, (m, c * 9), 0.3).reshape(m, c, 3, 3)),
+                                      padding=1))
+        if variant != "no bias":
+            y = b.emit(relax.op.add(y, relax.const(rng.standard_normal((1, m, 1, 1)).astype("float32"))))
+        if variant == "after a residual":
+            y = b.emit(relax.op.add(y, params[1]))
+        training, axis = variant == "training", 2 if variant == "other axis" else 1
+        normed = b.emit(relax.op.nn.batch_norm(y, *stats, axis=axis, training=training))
+        out = b.emit(relax.TupleGetItem(normed, 0))
+        if variant == "statistics read":
+            return relax.Tuple([b.emit(relax.op.nn.relu(out)), b.emit(relax.TupleGetItem(normed, 1))])
+        return relax.op.nn.relu(out)
+
+    return build(params, body), [rng.standard_normal([int(d) for d in p.ty.shape.values]).astype("float32")
+                                 for p in params]
+
+
+@pytest.mark.parametrize("variant, epilogue", [
+    ("no bias", ["batch_norm", "relu"]),
+    ("bias", ["bias", "batch_norm", "relu"]),  # the bias is scaled too
+    ("after a residual", ["bias", "residual"]),  # the residual would need scaling: the norm stays TVM's
+    ("training", ["bias"]),  # batch statistics: not a constant affine map
+    ("other axis", ["bias"]),
+    ("statistics read", ["bias"]),  # its other outputs are used
+])
+def test_inference_batch_norms_fold_into_the_layer_before_them(target, variant, epilogue):
+    rng = np.random.default_rng(RNG_SEED)
+    mod, arrays = _conv_then_batch_norm(rng, variant)
+    compiled = Compiled(mod, target)
+    (layer,) = compiled.report.layers
+    assert layer.decision == "sparse" and layer.epilogue == epilogue, layer.reason
+    norms = ops_in(sparsify(mod)[0]["main"]).count("relax.nn.batch_norm")
+    assert norms == (0 if "batch_norm" in epilogue else 1)
+    dense = relax.VirtualMachine(tvm.compile(mod, CPU_TARGET), tvm.cpu())["main"](*map(tvm.runtime.tensor, arrays))
+    ours = compiled(*arrays)
+    if variant == "statistics read":  # (output, the statistic)
+        ours, dense = ours[0], dense[0]
+    assert_close(ours, dense.numpy())
+
+
 def test_nan_weight_gives_the_dense_answer():
     mod, _ = _nan_weight()
     x = np.random.default_rng(0).standard_normal((4, 8)).astype("float32")

@@ -2,8 +2,9 @@
 
 A candidate is a matmul or a convolution (any kernel size, stride, padding and grouping) whose
 weight is a constant, followed along the dataflow (not the textual order) by the epilogue it
-can absorb: bias adds, one residual add and ReLU/ReLU6/clip (or maximum/minimum with a
-constant, as TVM imports ONNX's Clip), as long as each intermediate value has no other user.
+can absorb: bias adds, an inference batch norm (folded into the weight), one residual add
+and ReLU/ReLU6/clip (or maximum/minimum with a constant, as TVM imports ONNX's Clip), as long
+as each intermediate value has no other user.
 Operators that cannot be rewritten are still candidates, with the reason.
 """
 
@@ -18,7 +19,7 @@ import tvm
 import tvm_ffi
 from tvm import relax, sym, tirx
 
-from ..problem import BiasAdd, Clip, ConvWindow, Layout, ResidualAdd, SpmmProblem
+from ..problem import BiasAdd, Clip, ConvWindow, FoldedBatchNorm, Layout, ResidualAdd, SpmmProblem
 from ..weights import SparseMatrix, ungrouped_filters
 from .constants import constant_value
 
@@ -31,6 +32,7 @@ class Candidate:
     root: relax.Var  # binding of the matmul / convolution
     op: str
     members: list = field(default_factory=list)  # root and absorbed epilogue bindings, in order
+    op_ends: list = field(default_factory=list)  # per epilogue op, the index of its last member
     x: relax.Expr | None = None
     residual: relax.Expr | None = None
     weight: SparseMatrix | None = None
@@ -108,9 +110,14 @@ def _share_out_epilogues(found: list[Candidate]) -> None:
 
 def _truncate_epilogue(candidate: Candidate, members: int) -> None:
     """Keeps the first ``members`` bindings of ``candidate`` (its root and the epilogue ops
-    that follow it directly)."""
+    that follow it directly; a folded batch norm is several bindings)."""
     candidate.members = candidate.members[:members]
-    epilogue = candidate.problem.epilogue[: members - 1]
+    ops = sum(end < members for end in candidate.op_ends)
+    candidate.op_ends = candidate.op_ends[:ops]
+    epilogue = candidate.problem.epilogue[:ops]
+    # A folded batch norm scaled the weight: it must stay (it reads only this layer's output,
+    # so the add two layers meet in comes after it).
+    assert not any(isinstance(op, FoldedBatchNorm) for op in candidate.problem.epilogue[ops:])
     if not any(isinstance(op, ResidualAdd) for op in epilogue):
         candidate.residual = None
     candidate.problem = dataclasses.replace(candidate.problem, epilogue=epilogue)
@@ -271,19 +278,80 @@ def _absorb_epilogue(candidate: Candidate, var2val, users, block_of, mod=None):
     ops = []
     current = candidate.root
     while True:
-        current_users = users.get(current, [])
-        if len(current_users) != 1 or current_users[0] is _ESCAPES:
+        user = _only_user(current, users)
+        if user is None or block_of.get(user) != block_of[candidate.root]:
             break
-        user = current_users[0]
-        if block_of.get(user) != block_of[candidate.root] or not _same_type(user.ty, out_type):
-            break
-        op = _epilogue_op(var2val[user], current, candidate, var2val, mod)
-        if op is None:
-            break
-        ops.append(op)
-        candidate.members.append(user)
-        current = user
-    candidate.problem = dataclasses.replace(problem, epilogue=tuple(ops))
+        normalized = _folded_batch_norm(user, current, candidate, ops, var2val, users)
+        if normalized:  # the norm's bindings, its output last
+            candidate.members += normalized
+            current = normalized[-1]
+        else:
+            if not _same_type(user.ty, out_type):
+                break
+            op = _epilogue_op(var2val[user], current, candidate, var2val, mod)
+            if op is None:
+                break
+            ops.append(op)
+            candidate.members.append(user)
+            current = user
+        candidate.op_ends.append(len(candidate.members) - 1)
+    candidate.problem = dataclasses.replace(problem, weight=candidate.weight, epilogue=tuple(ops))
+
+
+def _only_user(var, users):
+    """The one binding that reads ``var``, or None (several, none, or the function's result)."""
+    readers = users.get(var, [])
+    return readers[0] if len(readers) == 1 and readers[0] is not _ESCAPES else None
+
+
+_BATCH_NORM = tvm.ir.Op.get("relax.nn.batch_norm")
+
+
+def _folded_batch_norm(user, current, candidate: Candidate, ops: list, var2val, users) -> list:
+    """Where ``user`` is an inference batch norm of ``current`` over the output's channels
+    (as TVM imports ONNX's BatchNormalization and PyTorch's BatchNorm), and only bias adds
+    came before it: folds it in and returns its bindings (the norm's tuple, unused reads of
+    its statistics, its output last). Each channel's
+    ``scale = gamma / sqrt(var + eps)`` multiplies that row of the weight and the biases
+    before it, and ``beta - mean * scale`` is added as a bias is (``FoldedBatchNorm``); a
+    weight's zeros stay zeros.
+    Empty (nothing changed) where it does not apply."""
+    call = var2val.get(user)
+    if not isinstance(call, relax.Call) or not call.op.same_as(_BATCH_NORM) or not call.args[0].same_as(current):
+        return []
+    attrs = call.attrs
+    if attrs.training or not all(isinstance(op, BiasAdd) for op in ops):
+        return []
+    reads = users.get(user, [])
+    if _ESCAPES in reads or not all(isinstance(var2val.get(r), relax.TupleGetItem) for r in reads):
+        return []
+    outputs = [r for r in reads if var2val[r].index == 0]
+    unused = [r for r in reads if var2val[r].index != 0 and not users.get(r)]
+    if len(outputs) != 1 or len(outputs) + len(unused) != len(reads):
+        return []
+    if not _same_type(outputs[0].ty, candidate.root.ty):
+        return []
+    out = outputs[0]
+    rank = len(out.ty.shape.values)
+    problem = candidate.problem
+    channel_axis = rank - 1 if problem.layout is Layout.ROWS else rank - len(problem.y_shape) + 1
+    if int(attrs.axis) % rank != channel_axis:
+        return []
+    gamma, beta, mean, variance = (constant_value(arg, var2val) for arg in call.args[1:])
+    m = problem.M
+    if any(v is None or v.shape != (m,) for v in (gamma, beta, mean, variance)):
+        return []
+    with np.errstate(all="ignore"):
+        deviation = np.sqrt(variance.astype(np.float64) + attrs.epsilon)
+        scale = (gamma.astype(np.float64) if attrs.scale else 1.0) / deviation
+        shift = (beta.astype(np.float64) if attrs.center else 0.0) - mean * scale
+    if not (np.isfinite(scale).all() and np.isfinite(shift).all()):
+        return []
+    dense = candidate.weight.dense
+    candidate.weight = SparseMatrix.from_dense((dense * scale[:, None]).astype(dense.dtype))
+    ops[:] = [dataclasses.replace(op, values=tuple(float(v * s) for v, s in zip(op.values, scale))) for op in ops]
+    ops.append(FoldedBatchNorm(tuple(float(v) for v in shift)))
+    return [user, *unused, out]
 
 
 def _same_type(a, b) -> bool:

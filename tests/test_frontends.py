@@ -3,6 +3,7 @@
 import numpy as np
 import tflite
 import torch
+import torch.nn.utils.prune as prune
 import tvm
 from tvm import relax
 from tvm.relax.frontend.tflite import from_tflite
@@ -53,6 +54,22 @@ def test_pytorch_model_through_torch_export(target):
         expected = net(x).numpy()
     assert_close(out, expected)
     assert np.count_nonzero(expected) > 0
+
+
+def test_weights_pruned_with_torch_nn_utils_prune_are_constants(target):
+    """``torch.nn.utils.prune`` keeps each weight as ``weight_orig * weight_mask`` until
+    ``prune.remove``; ``torch.export`` keeps that product, which the pass evaluates."""
+    net = SmallNet().eval()
+    for module in (net.conv, net.fc1, net.fc2):
+        prune.l1_unstructured(module, "weight", amount=0.9)
+    x = torch.randn(2, 16, 4, 4)
+    mod = from_exported_program(torch.export.export(net, (x,)), keep_params_as_input=False)
+    compiled = Compiled(mod, target, density_threshold=0.3)
+    assert [(layer.decision, round(layer.density, 2)) for layer in compiled.report.layers] == [("sparse", 0.1)] * 3
+    (out,) = compiled(x.numpy())
+    with torch.no_grad():
+        expected = net(x).numpy()
+    assert_close(out, expected)
 
 
 class Bottleneck(torch.nn.Module):

@@ -329,6 +329,26 @@ def test_inference_batch_norms_fold_into_the_layer_before_them(target, variant, 
     assert_close(ours, dense.numpy())
 
 
+@pytest.mark.parametrize("op", [relax.op.multiply, relax.op.add, relax.op.subtract])
+def test_weights_computed_from_constants_are_constants(op):
+    """A weight held as an expression of constants (``weight_orig * weight_mask`` after
+    PyTorch's pruning, a sum or difference of parts) is evaluated and rewritten; where an
+    operand is not a constant, it is not."""
+    rng = np.random.default_rng(12)
+    first, second = (sparse_matrix(rng, (8, 6), 0.3) for _ in range(2))
+    x = relax.Var("x", relax.TensorType((4, 8), "float32"))
+    mod = build([x], lambda b: relax.op.matmul(x, b.emit(op(relax.const(first), relax.const(second)))))
+    out, report = sparsify(mod)
+    (layer,) = report.layers
+    expected = {relax.op.multiply: first * second, relax.op.add: first + second, relax.op.subtract: first - second}[op]
+    assert layer.decision == "sparse" and layer.nnz == np.count_nonzero(expected)
+    array = rng.standard_normal((4, 8)).astype("float32")
+    assert_close(Compiled(mod, CPU_TARGET)(array), array @ expected)
+    p = relax.Var("p", relax.TensorType((8, 6), "float32"))
+    mod = build([x, p], lambda b: relax.op.matmul(x, b.emit(op(relax.const(first), p))))
+    assert sparsify(mod)[1].layers[0].reason == "weight is not a constant"
+
+
 def test_nan_weight_gives_the_dense_answer():
     mod, _ = _nan_weight()
     x = np.random.default_rng(0).standard_normal((4, 8)).astype("float32")

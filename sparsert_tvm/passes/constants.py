@@ -2,8 +2,9 @@
 
 Frontends rarely hand over a weight as a bare constant: ONNX's Gemm arrives as
 ``permute_dims(W)``, a convolution bias as ``reshape(b, [1, C, 1, 1])``, ONNX's Clip bounds
-as ``where(isnan(c), -inf, c)``, all bound to variables of their own. ``constant_value``
-follows such chains through the bindings and evaluates them with numpy.
+as ``where(isnan(c), -inf, c)``, a weight pruned with ``torch.nn.utils.prune`` as
+``multiply(weight_orig, weight_mask)``, all bound to variables of their own.
+``constant_value`` follows such chains through the bindings and evaluates them with numpy.
 """
 
 from __future__ import annotations
@@ -65,8 +66,16 @@ def _astype(value, call):
     return value.astype(str(call.attrs.dtype))
 
 
-# Ops over constant operands, all of them evaluated.
-_ELEMENTWISE_OPS = {"relax.isnan": np.isnan, "relax.where": np.where}
+# Ops over constant operands, all of them evaluated (numpy broadcasts and keeps float32 as
+# Relax does). ``multiply``: PyTorch's pruning (``torch.nn.utils.prune``) leaves each weight
+# as ``weight_orig * weight_mask``, which ``torch.export`` keeps as a product.
+_ELEMENTWISE_OPS = {
+    "relax.isnan": np.isnan,
+    "relax.where": np.where,
+    "relax.multiply": np.multiply,
+    "relax.add": np.add,
+    "relax.subtract": np.subtract,
+}
 
 _LAYOUT_OPS = {
     "relax.permute_dims": _permute,

@@ -72,6 +72,44 @@ def test_weights_pruned_with_torch_nn_utils_prune_are_constants(target):
     assert_close(out, expected)
 
 
+class TemporalBlock(torch.nn.Module):
+    """1-D convolutions as speech and sequence models use them: a padded one with a
+    BatchNorm1d and ReLU, a depthwise one, then a pointwise one with a residual."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv1d(16, 32, 5, padding=2, bias=False)
+        self.norm = torch.nn.BatchNorm1d(32)
+        self.depthwise = torch.nn.Conv1d(32, 32, 3, padding=1, groups=32)
+        self.pointwise = torch.nn.Conv1d(32, 32, 1)
+
+    def forward(self, x):
+        h = torch.relu(self.norm(self.conv(x)))
+        return torch.relu(self.pointwise(self.depthwise(h)) + h)
+
+
+def test_pytorch_conv1d_layers(target):
+    torch.manual_seed(2)
+    net = TemporalBlock().eval()
+    with torch.no_grad():
+        for conv in (net.conv, net.pointwise):
+            conv.weight.mul_((torch.rand_like(conv.weight) < 0.1).float())
+        net.norm.running_mean.uniform_(-1, 1)
+        net.norm.running_var.uniform_(0.5, 2)
+    x = torch.randn(2, 16, 40)
+    mod = from_exported_program(torch.export.export(net, (x,)), keep_params_as_input=False)
+    compiled = Compiled(mod, target, density_threshold=None)
+    assert [(layer.op, layer.decision, layer.epilogue) for layer in compiled.report.layers] == [
+        ("conv1d 5 NCW", "sparse", ["batch_norm", "relu"]),
+        ("conv1d 3 depthwise NCW", "sparse", ["bias"]),  # a dense depthwise layer: at any density
+        ("conv1d 1 NCW", "sparse", ["bias", "residual", "relu"]),
+    ]
+    (out,) = compiled(x.numpy())
+    with torch.no_grad():
+        expected = net(x).numpy()
+    assert_close(out, expected)
+
+
 class Bottleneck(torch.nn.Module):
     """ResNet's bottleneck with a projection shortcut, every convolution followed by an
     inference BatchNorm (as torchvision's models are), then a Linear layer and BatchNorm1d."""

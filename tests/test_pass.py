@@ -278,6 +278,47 @@ def test_weights_on_the_left_are_siblings_only_without_a_view(x_shape, combined)
         assert_close(ours, theirs.numpy())
 
 
+@pytest.mark.parametrize("layout, kernel, stride, padding, groups, epilogue", [
+    ("NCW", 1, 1, (0, 0), 1, ("bias", "relu")),  # a pointwise layer: a product over the length
+    ("NCW", 3, 1, (1, 1), 1, ("bias", "residual", "relu")),
+    ("NCW", 5, 2, (2, 1), 1, ("bias",)),  # strided, padded unevenly
+    ("NCW", 3, 1, (1, 1), 12, ("bias", "relu")),  # depthwise
+    ("NWC", 3, 1, (1, 1), 1, ("bias", "relu")),
+    ("NWC", 1, 1, (0, 0), 1, ("residual",)),
+])
+def test_conv1d_is_rewritten_through_a_one_row_window(target, layout, kernel, stride, padding, groups, epilogue):
+    """A 1-D convolution (speech and sequence models) is a 2-D one over an image one row
+    high: rewritten, its bias and epilogue fused, equal to TVM's dense build."""
+    rng = np.random.default_rng(RNG_SEED)
+    channels, length = 12, 17
+    m = 12 if groups > 1 else 8
+    x_shape = (2, channels, length) if layout == "NCW" else (2, length, channels)
+    out_length = (length + sum(padding) - kernel) // stride + 1
+    y_shape = (2, m, out_length) if layout == "NCW" else (2, out_length, m)
+    x = relax.Var("x", relax.TensorType(x_shape, "float32"))
+    params = [x] + ([relax.Var("r", relax.TensorType(y_shape, "float32"))] if "residual" in epilogue else [])
+    w = sparse_matrix(rng, (m, channels // groups * kernel), 0.15).reshape(m, channels // groups, kernel)
+    bias_shape = (1, m, 1) if layout == "NCW" else (m,)
+
+    def body(b):
+        y = b.emit(relax.op.nn.conv1d(x, relax.const(w), strides=stride, padding=padding, groups=groups,
+                                      data_layout=layout))
+        if "bias" in epilogue:
+            y = b.emit(relax.op.add(y, relax.const(rng.standard_normal(bias_shape).astype("float32"))))
+        if "residual" in epilogue:
+            y = b.emit(relax.op.add(y, params[1]))
+        return relax.op.nn.relu(y) if "relu" in epilogue else y
+
+    mod = build(params, body)
+    compiled = Compiled(mod, target)
+    (layer,) = compiled.report.layers
+    assert layer.decision == "sparse", layer.reason
+    assert layer.op.startswith(f"conv1d {kernel}") and layer.epilogue == list(epilogue)
+    arrays = [rng.standard_normal([int(d) for d in p.ty.shape.values]).astype("float32") for p in params]
+    dense = relax.VirtualMachine(tvm.compile(mod, CPU_TARGET), tvm.cpu())["main"](*map(tvm.runtime.tensor, arrays))
+    assert_close(compiled(*arrays), dense.numpy())
+
+
 def _conv_then_batch_norm(rng, variant):
     """``conv (+bias) -> batch_norm -> relu`` in NCHW, or a variant the pass must not fold."""
     m, c = 8, 6

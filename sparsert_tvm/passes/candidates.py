@@ -1,10 +1,10 @@
 """Finding the operators the pass can rewrite, and what each of them computes.
 
-A candidate is a matmul or a convolution (any kernel size, stride, padding and grouping) whose
-weight is a constant, followed along the dataflow (not the textual order) by the epilogue it
-can absorb: bias adds, an inference batch norm (folded into the weight), one residual add
-and ReLU/ReLU6/clip (or maximum/minimum with a constant, as TVM imports ONNX's Clip), as long
-as each intermediate value has no other user.
+A candidate is a matmul (the constant on either side) or a 2-D or 1-D convolution (any
+kernel size, stride, padding and grouping) whose weight is a constant, followed along the
+dataflow (not the textual order) by the epilogue it can absorb: bias adds, an inference batch
+norm (folded into the weight), one residual add and ReLU/ReLU6/clip (or maximum/minimum with
+a constant, as TVM imports ONNX's Clip), as long as each intermediate value has no other user.
 Operators that cannot be rewritten are still candidates, with the reason.
 """
 
@@ -33,6 +33,7 @@ class Candidate:
     op: str
     members: list = field(default_factory=list)  # root and absorbed epilogue bindings, in order
     op_ends: list = field(default_factory=list)  # per epilogue op, the index of its last member
+    channel_axis: int = -1  # the axis of the output, as Relax holds it, along the weight's rows
     x: relax.Expr | None = None
     residual: relax.Expr | None = None
     weight: SparseMatrix | None = None
@@ -175,6 +176,7 @@ def _analyse_left_matmul(candidate: Candidate, call, w: np.ndarray, x):
     1x1 convolution whose ``N`` pixels are the product's columns, so the kernel sees ``x``
     as ``[images, K, N]`` (a view) and writes ``[images, M, N]``."""
     candidate.op = "matmul (weight on the left)"
+    candidate.channel_axis = -2
     if w.ndim != 2:
         raise _Rejected(f"{w.ndim}-D weight; only 2-D weights are rewritten")
     candidate.weight = SparseMatrix.from_dense(w)
@@ -194,31 +196,62 @@ def _analyse_left_matmul(candidate: Candidate, call, w: np.ndarray, x):
 def _analyse_conv2d(candidate: Candidate, call, var2val):
     data, weight = call.args
     attrs = call.attrs
-    layout = str(attrs.data_layout)
-    candidate.op = f"conv2d {layout}"
+    w = _conv_weight(candidate, weight, attrs, "OIHW", var2val)
+    stride, padding = tuple(int(s) for s in attrs.strides), tuple(int(p) for p in attrs.padding)
+    dims, dtype = _tensor_dims(data, "input")
+    _analyse_conv(candidate, call, data, dims, dtype, w, str(attrs.data_layout), stride, padding)
+
+
+def _analyse_conv1d(candidate: Candidate, call, var2val):
+    """A 1-D convolution is a 2-D one of a kernel one row high over an image one row high:
+    the kernels see its input ``[N, C, L]`` (``[N, L, C]``) as ``[N, C, 1, L]``
+    (``[N, 1, L, C]``), a view."""
+    data, weight = call.args
+    attrs = call.attrs
+    w = _conv_weight(candidate, weight, attrs, "OIW", var2val)[:, :, None, :]
+    layout = {"NCW": "NCHW", "NWC": "NHWC"}.get(str(attrs.data_layout), str(attrs.data_layout))
+    dims, dtype = _tensor_dims(data, "input")
+    if len(dims) == 3:  # the image's one row: before the length (NCW) or the length and channels (NWC)
+        row = 2 if layout == "NCHW" else 1
+        dims = dims[:row] + [tirx.IntImm("int64", 1)] + dims[row:]
+    left, right = (int(p) for p in attrs.padding)
+    stride = (1, int(attrs.strides[0]))
+    _analyse_conv(candidate, call, data, dims, dtype, w, layout, stride, (0, left, 0, right), "conv1d")
+
+
+def _conv_weight(candidate: Candidate, weight, attrs, layout: str, var2val) -> np.ndarray:
+    """The constant kernel in ``layout`` (OIHW or OIW), or rejected."""
+    candidate.op = f"{'conv2d' if len(layout) == 4 else 'conv1d'} {attrs.data_layout}"
     w = constant_value(weight, var2val)
     if w is None:
         raise _Rejected("weight is not a constant")
     kernel_layout = str(attrs.kernel_layout)
-    if sorted(kernel_layout) != sorted("OIHW"):
+    if sorted(kernel_layout) != sorted(layout):
         raise _Rejected(f"kernel layout {kernel_layout}")
-    w = np.transpose(w, [kernel_layout.index(axis) for axis in "OIHW"])
+    candidate.groups = int(attrs.groups)
+    return np.transpose(w, [kernel_layout.index(axis) for axis in layout])
+
+
+def _analyse_conv(candidate: Candidate, call, data, dims, dtype, w, layout, stride, padding, kind="conv2d"):
+    """A convolution of kernel ``w`` (OIHW) over ``data``, seen as the 4-D ``dims`` in
+    ``layout`` (NCHW or NHWC)."""
     kh, kw = w.shape[2:]
-    stride = tuple(int(s) for s in attrs.strides)
-    strided = "" if stride == (1, 1) else f" /{stride[0]}" if stride[0] == stride[1] else f" /{stride[0]}x{stride[1]}"
-    groups = candidate.groups = int(attrs.groups)
+    groups = candidate.groups
+    strided = "" if stride == (1, 1) else f" /{stride[1]}" if kind == "conv1d" or stride[0] == stride[1] else \
+        f" /{stride[0]}x{stride[1]}"
     grouping = "" if groups == 1 else " depthwise" if w.shape[1] == 1 else f" groups={groups}"
-    candidate.op = f"conv2d {kh}x{kw}{strided}{grouping} {layout}"
+    size = f"{kw}" if kind == "conv1d" else f"{kh}x{kw}"
+    candidate.op = f"{kind} {size}{strided}{grouping} {call.attrs.data_layout}"
     if groups < 1 or w.shape[0] % groups:
         raise _Rejected(f"{w.shape[0]} output channels do not split into {groups} groups")
     candidate.weight = SparseMatrix.from_dense(ungrouped_filters(w, groups).reshape(w.shape[0], -1))
+    attrs = call.attrs
     if any(int(d) != 1 for d in attrs.dilation):
         raise _Rejected(f"dilation {[int(d) for d in attrs.dilation]}")
     if layout not in ("NCHW", "NHWC"):
-        raise _Rejected(f"data layout {layout}")
-    if str(attrs.out_layout) not in ("", layout):
-        raise _Rejected(f"output layout {attrs.out_layout} differs from the input's {layout}")
-    dims, dtype = _tensor_dims(data, "input")
+        raise _Rejected(f"data layout {attrs.data_layout}")
+    if str(attrs.out_layout) not in ("", str(attrs.data_layout)):
+        raise _Rejected(f"output layout {attrs.out_layout} differs from the input's {attrs.data_layout}")
     channels_last = layout == "NHWC"
     channels = dims[3] if channels_last else dims[1]
     taps = tirx.IntImm("int64", int(channels) * kh * kw) if isinstance(channels, tirx.IntImm) else None
@@ -226,7 +259,7 @@ def _analyse_conv2d(candidate: Candidate, call, var2val):
     m = w.shape[0]
     rows = Layout.ROWS if channels_last else Layout.CHANNELS
     spatial = dims[1:3] if channels_last else dims[2:]
-    padding = tuple(int(p) for p in attrs.padding)
+    candidate.channel_axis = -1 if channels_last else 1
     if (kh, kw) == (1, 1) and stride == (1, 1) and not any(padding):
         if not channels_last and not all(isinstance(d, tirx.IntImm) for d in spatial):
             raise _Rejected("NCHW input with a dynamic spatial size")
@@ -266,7 +299,7 @@ def _set_problem(candidate, layout, x, x_dims, y_dims, dtype, window=None):
     candidate.problem = SpmmProblem(candidate.weight, layout, dtype, tuple(x_dims), tuple(y_dims), window=window)
 
 
-_ROOTS = {"relax.matmul": _analyse_matmul, "relax.nn.conv2d": _analyse_conv2d}
+_ROOTS = {"relax.matmul": _analyse_matmul, "relax.nn.conv2d": _analyse_conv2d, "relax.nn.conv1d": _analyse_conv1d}
 
 
 # -- epilogue -------------------------------------------------------------------------
@@ -334,8 +367,7 @@ def _folded_batch_norm(user, current, candidate: Candidate, ops: list, var2val, 
     out = outputs[0]
     rank = len(out.ty.shape.values)
     problem = candidate.problem
-    channel_axis = rank - 1 if problem.layout is Layout.ROWS else rank - len(problem.y_shape) + 1
-    if int(attrs.axis) % rank != channel_axis:
+    if int(attrs.axis) % rank != candidate.channel_axis % rank:
         return []
     gamma, beta, mean, variance = (constant_value(arg, var2val) for arg in call.args[1:])
     m = problem.M
@@ -384,7 +416,7 @@ def _epilogue_op(value, current, candidate: Candidate, var2val, mod=None):
     if name != "relax.add":
         return _bound(name, constant, candidate.problem)
     if constant is not None:
-        return _bias(constant, candidate.problem)
+        return _bias(constant, candidate)
     if candidate.residual is None and _same_type(other.ty, candidate.root.ty):
         candidate.residual = other
         return ResidualAdd()
@@ -450,13 +482,14 @@ def _prim_float(prim_value) -> float:
     return float(getattr(value, "value", value))
 
 
-def _bias(constant: np.ndarray, problem: SpmmProblem) -> BiasAdd | None:
+def _bias(constant: np.ndarray, candidate: Candidate) -> BiasAdd | None:
     """A constant added to the output is a bias if it varies only along the channels."""
-    ndim = len(problem.y_shape)
+    problem = candidate.problem
+    ndim = len(candidate.root.ty.shape.values)
     if str(constant.dtype) != problem.dtype or constant.ndim > ndim:
         return None
     shape = (1,) * (ndim - constant.ndim) + constant.shape
-    channel_axis = ndim - 1 if problem.layout is Layout.ROWS else 1
+    channel_axis = candidate.channel_axis % ndim
     for axis, size in enumerate(shape):
         if size != 1 and not (axis == channel_axis and size == problem.M):
             return None

@@ -94,7 +94,7 @@ def _combine(parts: list[Candidate]) -> Candidate:
     members = [member for part in parts for member in part.members]
     return Candidate(
         function=first.function, root=first.root, op=first.op, members=members, x=first.x,
-        weight=weight, problem=problem, parts=tuple(parts),
+        weight=weight, problem=problem, parts=tuple(parts), channel_axis=first.channel_axis,
     )
 
 

@@ -283,7 +283,7 @@ def _at_any_density(candidate: Candidate, cuda: bool) -> str | None:
     if cuda:
         small = (problem.window is not None or grouped) and candidate.weight.nnz <= SMALL_CONVOLUTION_NNZ
         return "a small convolution" if small else None
-    if not candidate.op.startswith("conv2d"):
+    if not candidate.op.startswith(("conv1d", "conv2d")):
         return None
     group_channels = problem.K // problem.taps // candidate.groups  # the weight is held block-diagonal
     narrow_groups = grouped and group_channels < CPU_MIN_GROUP_CHANNELS and input_channels(problem) is None

@@ -153,6 +153,14 @@ def _conv(reason, weight_shape=(6, 8, 1, 1), x_shape=(1, 8, 5, 5), dtype="float3
     return make
 
 
+def _declined(op, x_shape, weight_shape, reason):
+    def make():
+        x = relax.Var("x", relax.TensorType(x_shape, "float32"))
+        return build([x], lambda b: op(x, relax.const(np.ones(weight_shape, "float32")))), reason
+
+    return make
+
+
 def _batched_weight():
     x = relax.Var("x", relax.TensorType((2, 4, 8), "float32"))
     w = relax.const(np.ones((2, 8, 6), "float32"))
@@ -188,6 +196,9 @@ def _dynamic_spatial():
         _float16,
         _dynamic_spatial,
         _conv("dilation [2, 2]", weight_shape=(6, 8, 3, 3), dilation=2),
+        _declined(relax.op.nn.conv2d_transpose, (1, 8, 5, 5), (8, 6, 3, 3), "conv2d_transpose is not rewritten"),
+        _declined(relax.op.nn.conv3d, (1, 8, 4, 5, 5), (6, 8, 3, 3, 3), "conv3d is not rewritten"),
+        _declined(relax.op.nn.conv1d_transpose, (1, 8, 5), (8, 6, 3), "conv1d_transpose is not rewritten"),
         _conv("data layout NCHW4c", x_shape=(1, 2, 5, 5, 4), weight_shape=(6, 8, 1, 1), data_layout="NCHW4c"),
     ],
     ids=lambda make: make.__name__ if hasattr(make, "__name__") else "conv",

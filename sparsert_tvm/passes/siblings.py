@@ -63,8 +63,8 @@ def _family(candidate: Candidate, var2val):
         or candidate.groups != 1
         or not isinstance(candidate.x, relax.Var)
         or any(isinstance(op, ResidualAdd) for op in problem.epilogue)
-        # A weight on the left sees its operand through a view: slices of the combined
-        # output would not have its layers' shapes.
+        # An operand seen through a view (a weight on the left, a 1-D convolution): slices
+        # of the combined output would not have the layers' shapes.
         or not tvm_ffi.structural_equal(list(candidate.x.ty.shape.values), list(problem.x_shape))
     ):
         return None

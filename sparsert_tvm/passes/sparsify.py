@@ -403,7 +403,8 @@ def _same_dims(a, b) -> bool:
 
 def _viewed(builder, expr, dims):
     """``expr`` reshaped to ``dims`` where its shape differs (a weight on the left sees its
-    operand as images; a symbolic N's kernel reads and writes ``[N, M]``); reshapes are views."""
+    operand as images, a 1-D convolution its input as images one row high; a symbolic N's
+    kernel reads and writes ``[N, M]``); reshapes are views."""
     if _same_dims(expr.ty.shape.values, dims):
         return expr
     return builder.emit(relax.op.reshape(expr, relax.ShapeExpr(list(dims))))

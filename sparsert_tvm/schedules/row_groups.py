@@ -31,13 +31,13 @@ def group_rows(row_nnz: np.ndarray, rows_per_group: int, balance: bool) -> list[
     loads = [0] * num_groups
     # (load, index) of the groups that still have room; ties go to the lower index.
     open_groups = [(0, g) for g in range(num_groups)]
-    for row in sorted(range(num_rows), key=lambda r: (-int(row_nnz[r]), r)):
+    for row in _heaviest_first(row_nnz):
         load, g = heapq.heappop(open_groups)
         groups[g].append(row)
         loads[g] = load + int(row_nnz[row])
         if len(groups[g]) < rows_per_group:
             heapq.heappush(open_groups, (loads[g], g))
-    order = sorted(range(num_groups), key=lambda g: (-loads[g], g))
+    order = _heaviest_first(loads)
     return [tuple(sorted(groups[g])) for g in order]
 
 
@@ -56,13 +56,13 @@ def group_rows_sharing_columns(indptr: np.ndarray, indices: np.ndarray, num_colu
     row_nnz = np.diff(indptr)
     num_rows = len(row_nnz)
     balanced = group_rows(row_nnz, rows_per_group, True)
-    cap = max(_group_work(indptr, indices, rows) for rows in balanced)
+    cap = max(_nonzeros_and_loads(indptr, indices, rows) for rows in balanced)
     # Which rows have each column (the pattern's transpose).
     by_column = np.argsort(indices, kind="stable")
     rows_of_entries = np.repeat(np.arange(num_rows), row_nnz)[by_column]
     column_start = np.concatenate([[0], np.cumsum(np.bincount(indices, minlength=num_columns))])
     free = np.ones(num_rows, dtype=bool)
-    heaviest = sorted(range(num_rows), key=lambda r: (-int(row_nnz[r]), r))
+    heaviest = _heaviest_first(row_nnz)
     groups, work, seed = [], [], 0
     while free.any():
         while not free[heaviest[seed]]:
@@ -90,8 +90,13 @@ def group_rows_sharing_columns(indptr: np.ndarray, indices: np.ndarray, num_colu
             row = int(np.argmin(score))
         groups.append(tuple(sorted(group)))
         work.append(load)
-    order = sorted(range(len(groups)), key=lambda g: (-work[g], g))
+    order = _heaviest_first(work)
     return [groups[g] for g in order]
+
+
+def _heaviest_first(weights) -> list[int]:
+    """Indices of ``weights`` (rows' nonzeros, groups' work), heaviest first, ties by index."""
+    return sorted(range(len(weights)), key=lambda i: (-int(weights[i]), i))
 
 
 def _ranges(start: np.ndarray, picked: np.ndarray) -> np.ndarray:
@@ -101,7 +106,7 @@ def _ranges(start: np.ndarray, picked: np.ndarray) -> np.ndarray:
     return offsets + np.arange(int(lengths.sum()))
 
 
-def _group_work(indptr: np.ndarray, indices: np.ndarray, rows) -> int:
+def _nonzeros_and_loads(indptr: np.ndarray, indices: np.ndarray, rows) -> int:
     """Nonzeros plus distinct columns of ``rows``: the FMAs and loads of their group."""
     columns = [indices[indptr[r] : indptr[r + 1]] for r in rows]
     return sum(len(c) for c in columns) + len(np.unique(np.concatenate(columns))) if columns else 0
@@ -135,5 +140,5 @@ def group_rows_by_length(row_nnz: np.ndarray, rows_per_group: int) -> list[tuple
     """Rows sorted by nonzero count, heaviest first (ties by index), in runs of
     ``rows_per_group``: kernels whose rows run side by side (a warp each) then finish together,
     and the long blocks start first."""
-    order = sorted(range(len(row_nnz)), key=lambda r: (-int(row_nnz[r]), r))
+    order = _heaviest_first(row_nnz)
     return [tuple(order[i : i + rows_per_group]) for i in range(0, len(order), rows_per_group)]

@@ -47,6 +47,10 @@ MOBILENET_V1_DEPTHWISE = [
     (32, 112, 1), (64, 112, 2), (128, 56, 1), (128, 56, 2), (256, 28, 1), (256, 28, 2), (512, 14, 1),
     (512, 14, 2), (1024, 7, 1),
 ]
+# DeepLab v3 on ResNet-50 at output stride 8 (torchvision's), 520x520 images: the 3x3 layers
+# of stages 3 and 4 keep a 65x65 map and dilate instead of striding, as (channels, dilation).
+# Its ASPP's 3x3 layers (2048 -> 256 channels at dilations 12-36) spread beyond the pass's cap.
+DEEPLAB_V3_DILATED = {"stage3-d2": (256, 2), "stage4-d2": (512, 2), "stage4-d4": (512, 4)}
 DENSE_STEMS = {"mobilenet-v1-stem-3x3-s2": (32, 3, 3, 224, 2), "resnet50-stem-7x7-s2": (64, 3, 7, 224, 2)}
 
 
@@ -107,12 +111,25 @@ def quick_suite(dtype):
     return [(case, config) for case, config in paper_suite(dtype) if case.images == 1 and "d0.1" in case.name][:4]
 
 
+def dilated_suite(dtype):
+    """DeepLab v3's dilated 3x3 layers at densities 0.1 and 0.05, batch 1 and 8."""
+    cases = []
+    for density in (0.1, 0.05):
+        for name, (channels, dilation) in DEEPLAB_V3_DILATED.items():
+            filters = uniform((channels, channels, 3, 3), density)
+            for batch in (1, 8):
+                cases.append(ConvCase(f"deeplabv3-{name}-d{density}-b{batch}", "deeplabv3-dilated", filters, (65, 65),
+                                      1, dilation, dtype, batch, dilation=dilation))
+    return [(case, None) for case in cases]
+
+
 def resnet50_suite(dtype):
     """The paper suite's ResNet-50 cases only."""
     return [(case, config) for case, config in paper_suite(dtype) if case.group.startswith("resnet50")]
 
 
-SUITES = {"paper": paper_suite, "resnet50": resnet50_suite, "small": small_suite, "quick": quick_suite}
+SUITES = {"paper": paper_suite, "resnet50": resnet50_suite, "small": small_suite, "quick": quick_suite,
+          "dilated": dilated_suite}
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ from sparsert_tvm.problem import ConvWindow, Layout, SpmmProblem
 from sparsert_tvm.schedules.cuda.rule import CudaSpmmRule
 from sparsert_tvm.tuning.measure import build_launcher
 from sparsert_tvm.tuning.tuner import TuneOptions, Tuner
-from sparsert_tvm.weights import SparseMatrix, ungrouped_filters
+from sparsert_tvm.weights import SparseMatrix, spread_dilated, ungrouped_filters
 
 ROTATE = 4  # distinct input/output buffers cycled through inside a graph
 COLD_L2 = False  # time every launch with a cold L2 but its input (the module docstring)
@@ -202,6 +202,7 @@ class ConvCase:
     dtype: str = "float32"
     images: int = 1
     groups: int = 1
+    dilation: int = 1
 
     kind = "conv"
     libraries = {"cudnn_fp32": "fp32", "cudnn_tf32": "tf32", "cudnn_fp16": "fp16"}
@@ -212,13 +213,15 @@ class ConvCase:
 
     @property
     def weight(self) -> np.ndarray:
-        """``A[M, K]`` as the kernel sees it (a grouped weight held block-diagonal)."""
-        return ungrouped_filters(self.filters, self.groups).reshape(self.filters.shape[0], -1)
+        """``A[M, K]`` as the kernel sees it (a grouped weight held block-diagonal, a dilated
+        one spread as the pass spreads it)."""
+        filters = spread_dilated(ungrouped_filters(self.filters, self.groups), (self.dilation, self.dilation))
+        return filters.reshape(self.filters.shape[0], -1)
 
     @property
     def window(self) -> ConvWindow:
-        p, s = self.padding, self.stride
-        kernel = tuple(self.filters.shape[2:])
+        p, s, d = self.padding, self.stride, self.dilation
+        kernel = tuple(d * (k - 1) + 1 for k in self.filters.shape[2:])
         return ConvWindow(self.channels, kernel, (s, s), (p, p, p, p), tuple(self.size), channels_last=False)
 
     @property
@@ -235,7 +238,8 @@ class ConvCase:
 
     @property
     def dense_key(self):
-        return (self.filters.shape, self.size, self.stride, self.padding, self.images, self.dtype, self.groups)
+        return (self.filters.shape, self.size, self.stride, self.padding, self.images, self.dtype, self.groups,
+                self.dilation)
 
     @property
     def torch_dtype(self):
@@ -261,13 +265,15 @@ class ConvCase:
         return torch.tensor(self.filters, device="cuda", dtype=dtype)
 
     def dense_product(self, w, x):
-        return torch.nn.functional.conv2d(x, w, stride=self.stride, padding=self.padding, groups=self.groups)
+        return torch.nn.functional.conv2d(x, w, stride=self.stride, padding=self.padding, dilation=self.dilation,
+                                          groups=self.groups)
 
     def tvm_dense(self):
         from tvm import relax
 
         def conv(x, w):
-            return relax.op.nn.conv2d(x, w, strides=self.stride, padding=self.padding, groups=self.groups)
+            return relax.op.nn.conv2d(x, w, strides=self.stride, padding=self.padding, dilation=self.dilation,
+                                      groups=self.groups)
 
         return conv, self.filters, True
 

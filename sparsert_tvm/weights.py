@@ -94,3 +94,14 @@ def ungrouped_filters(filters: np.ndarray, groups: int) -> np.ndarray:
         outputs = slice(g * per_group, (g + 1) * per_group)
         full[outputs, g * group_channels : (g + 1) * group_channels] = filters[outputs]
     return full
+
+
+def spread_dilated(filters: np.ndarray, dilation: tuple[int, int]) -> np.ndarray:
+    """A dilated convolution's OIHW filters as the undilated filters they equal: tap ``(y, x)``
+    moves to ``(y * dh, x * dw)`` of a kernel ``dh * (kh - 1) + 1`` by ``dw * (kw - 1) + 1``
+    and zeros fill the taps between. The kernels skip zero weights, so the spread costs no
+    arithmetic and the window kernels need no notion of dilation."""
+    (dh, dw), (kh, kw) = dilation, filters.shape[2:]
+    spread = np.zeros((*filters.shape[:2], dh * (kh - 1) + 1, dw * (kw - 1) + 1), filters.dtype)
+    spread[:, :, ::dh, ::dw] = filters
+    return spread

@@ -29,6 +29,7 @@ class ConvCase:
     bias: np.ndarray | None = None
     kernel_layout: str | None = None
     groups: int = 1
+    dilation: tuple[int, int] = (1, 1)
 
     @property
     def M(self):  # noqa: N802
@@ -46,8 +47,14 @@ class ConvCase:
         h, w = self.size
         return (batch, self.channels, h, w) if self.layout == "NCHW" else (batch, h, w, self.channels)
 
+    @property
+    def reach(self) -> tuple[int, int]:
+        """Rows and columns of the input one output pixel's window spans (with the dilation)."""
+        (kh, kw), (dh, dw) = self.weight.shape[2:], self.dilation
+        return dh * (kh - 1) + 1, dw * (kw - 1) + 1
+
     def out_shape(self, batch):
-        (h, w), (kh, kw), (sh, sw) = self.size, self.weight.shape[2:], self.stride
+        (h, w), (kh, kw), (sh, sw) = self.size, self.reach, self.stride
         top, left, bottom, right = self.padding
         oh, ow = (h + top + bottom - kh) // sh + 1, (w + left + right - kw) // sw + 1
         return (batch, self.M, oh, ow) if self.layout == "NCHW" else (batch, oh, ow, self.M)
@@ -66,7 +73,8 @@ class ConvCase:
                 value = builder.emit(
                     relax.op.nn.conv2d(
                         x, relax.const(weight), strides=self.stride, padding=self.padding,
-                        groups=self.groups, data_layout=self.layout, kernel_layout=kernel_layout,
+                        dilation=self.dilation, groups=self.groups, data_layout=self.layout,
+                        kernel_layout=kernel_layout,
                     )
                 )
                 for op in self.epilogue:
@@ -94,15 +102,16 @@ class ConvCase:
         return arrays
 
     def reference(self, arrays) -> np.ndarray:
-        """im2col with numpy's sliding windows, then one product (float64)."""
+        """im2col with numpy's sliding windows (every dilation-th element of each), then one
+        product (float64)."""
         x = arrays[0].astype(np.float64)
         if self.layout == "NHWC":
             x = np.moveaxis(x, -1, 1)
         top, left, bottom, right = self.padding
         x = np.pad(x, ((0, 0), (0, 0), (top, bottom), (left, right)))
         kh, kw = self.weight.shape[2:]
-        sh, sw = self.stride
-        windows = np.lib.stride_tricks.sliding_window_view(x, (kh, kw), axis=(2, 3))[:, :, ::sh, ::sw]
+        (sh, sw), (dh, dw) = self.stride, self.dilation
+        windows = np.lib.stride_tricks.sliding_window_view(x, self.reach, axis=(2, 3))[:, :, ::sh, ::sw, ::dh, ::dw]
         g = self.groups
         windows = windows.reshape(windows.shape[0], g, -1, *windows.shape[2:])
         filters = self.weight.astype(np.float64).reshape(g, self.M // g, -1, kh, kw)

@@ -1,6 +1,7 @@
 """Direct sparse convolutions (any kernel size, stride and padding) against numpy's im2col."""
 
 import dataclasses
+from typing import NamedTuple
 
 import numpy as np
 import pytest
@@ -24,7 +25,18 @@ from sparsert_tvm.tuning import default_cuda_config, register_caps, space, tuner
 from sparsert_tvm.tuning.tuner import TuneOptions
 from test_cuda_codegen import emulate, needs_ptxas
 
-GEOMETRIES = {  # kernel, stride, padding (top, left, bottom, right), input size
+class Geometry(NamedTuple):
+    kernel: tuple[int, int]
+    stride: tuple[int, int]
+    padding: tuple[int, int, int, int]  # top, left, bottom, right
+    size: tuple[int, int]  # of the input
+    dilation: tuple[int, int] = (1, 1)
+
+    def options(self) -> dict:
+        return {"stride": self.stride, "padding": self.padding, "dilation": self.dilation}
+
+
+GEOMETRIES = {name: Geometry(*values) for name, values in {
     "3x3": ((3, 3), (1, 1), (1, 1, 1, 1), (9, 8)),
     "3x3/2": ((3, 3), (2, 2), (1, 1, 1, 1), (9, 8)),
     "3x3-valid": ((3, 3), (1, 1), (0, 0, 0, 0), (5, 10)),  # width 8 out of 10: chunks narrower than 4 pixels
@@ -36,14 +48,19 @@ GEOMETRIES = {  # kernel, stride, padding (top, left, bottom, right), input size
     "5x3/1x2-asymmetric": ((5, 3), (1, 2), (2, 0, 1, 3), (9, 8)),
     "3x3-on-1x1": ((3, 3), (1, 1), (1, 1, 1, 1), (1, 1)),  # only the centre tap reads data
     "4x4/4": ((4, 4), (4, 4), (0, 0, 0, 0), (9, 19)),  # patches; the widest stride gathered by shuffles
-}
+    # Dilated (DeepLab's "same" 3x3; a stride and a different dilation per axis): spread kernels
+    # whose zero taps the kernels skip.
+    "3x3-dilated-2": ((3, 3), (1, 1), (2, 2, 2, 2), (9, 8), (2, 2)),
+    "2x3/1x2-dilated-3x2": ((2, 3), (1, 2), (1, 2, 2, 1), (8, 11), (3, 2)),
+}.items()}
 LAYOUTS = ["NCHW", "NHWC"]
 
 
 def conv(rng, name, layout, density=0.3, m=12, channels=5, **options) -> ConvCase:
-    kernel, stride, padding, size = GEOMETRIES[name]
+    geometry = GEOMETRIES[name]
     options.setdefault("batch", None)  # symbolic unless asked
-    return make_conv(rng, m, channels, kernel, size, density, stride=stride, padding=padding, layout=layout, **options)
+    return make_conv(rng, m, channels, geometry.kernel, geometry.size, density, layout=layout, **geometry.options(),
+                     **options)
 
 
 def check(case: ConvCase, target, batches=(1, 3), **options):
@@ -89,8 +106,8 @@ def test_rows_wider_than_a_tile(layout, width, name):
     """On the CPU a window is tiled by pieces of output rows (16 lanes here), read from a
     zero-padded copy of the image (NHWC transposed into it): NCHW rows of whole tiles are
     stored straight from the sums, a partial last tile (and NHWC) through ``yt``."""
-    kernel, stride, padding, _ = GEOMETRIES[name]
-    case = make_conv(np.random.default_rng(15), 6, 3, kernel, (5, width), 0.4, stride=stride, padding=padding,
+    geometry = GEOMETRIES[name]
+    case = make_conv(np.random.default_rng(15), 6, 3, geometry.kernel, (5, width), 0.4, **geometry.options(),
                      layout=layout, batch=None, epilogue=("bias", "residual", "relu"))
     check(case, CPU_TARGET, batches=(1, 2), kernel_config={"vector_lanes": 16})
 

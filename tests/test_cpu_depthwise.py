@@ -15,10 +15,10 @@ from test_conv import GEOMETRIES, check
 
 
 def depthwise(rng, name, channels=6, multiplier=1, density=1.0, size=None, **options):
-    kernel, stride, padding, default_size = GEOMETRIES[name]
+    geometry = GEOMETRIES[name]
     options.setdefault("batch", None)
-    return make_conv(rng, channels * multiplier, channels, kernel, size or default_size, density, groups=channels,
-                     stride=stride, padding=padding, **options)
+    return make_conv(rng, channels * multiplier, channels, geometry.kernel, size or geometry.size, density,
+                     groups=channels, **geometry.options(), **options)
 
 
 def kernel_of(report) -> str:

@@ -195,7 +195,9 @@ def _dynamic_spatial():
         _nan_weight,
         _float16,
         _dynamic_spatial,
-        _conv("dilation [2, 2]", weight_shape=(6, 8, 3, 3), dilation=2),
+        # Spread over 2001x2001 taps, the kernel would hold 192M weights.
+        _conv("dilation 1000 spreads the kernel over 2001x2001 taps", weight_shape=(6, 8, 3, 3),
+              x_shape=(1, 8, 2000, 2000), dilation=1000),
         _declined(relax.op.nn.conv2d_transpose, (1, 8, 5, 5), (8, 6, 3, 3), "conv2d_transpose is not rewritten"),
         _declined(relax.op.nn.conv3d, (1, 8, 4, 5, 5), (6, 8, 3, 3, 3), "conv3d is not rewritten"),
         _declined(relax.op.nn.conv1d_transpose, (1, 8, 5), (8, 6, 3), "conv1d_transpose is not rewritten"),
@@ -289,22 +291,25 @@ def test_weights_on_the_left_are_siblings_only_without_a_view(x_shape, combined)
         assert_close(ours, theirs.numpy())
 
 
-@pytest.mark.parametrize("layout, kernel, stride, padding, groups, epilogue", [
-    ("NCW", 1, 1, (0, 0), 1, ("bias", "relu")),  # a pointwise layer: a product over the length
-    ("NCW", 3, 1, (1, 1), 1, ("bias", "residual", "relu")),
-    ("NCW", 5, 2, (2, 1), 1, ("bias",)),  # strided, padded unevenly
-    ("NCW", 3, 1, (1, 1), 12, ("bias", "relu")),  # depthwise
-    ("NWC", 3, 1, (1, 1), 1, ("bias", "relu")),
-    ("NWC", 1, 1, (0, 0), 1, ("residual",)),
+@pytest.mark.parametrize("layout, kernel, stride, dilation, padding, groups, epilogue", [
+    ("NCW", 1, 1, 1, (0, 0), 1, ("bias", "relu")),  # a pointwise layer: a product over the length
+    ("NCW", 3, 1, 1, (1, 1), 1, ("bias", "residual", "relu")),
+    ("NCW", 5, 2, 1, (2, 1), 1, ("bias",)),  # strided, padded unevenly
+    ("NCW", 3, 1, 1, (1, 1), 12, ("bias", "relu")),  # depthwise
+    ("NWC", 3, 1, 1, (1, 1), 1, ("bias", "relu")),
+    ("NWC", 1, 1, 1, (0, 0), 1, ("residual",)),
+    ("NCW", 2, 1, 4, (4, 0), 1, ("bias", "residual", "relu")),  # a WaveNet-style causal layer
+    ("NWC", 3, 2, 3, (2, 3), 12, ("bias",)),  # dilated, strided and depthwise
 ])
-def test_conv1d_is_rewritten_through_a_one_row_window(target, layout, kernel, stride, padding, groups, epilogue):
+def test_conv1d_is_rewritten_through_a_one_row_window(target, layout, kernel, stride, dilation, padding, groups,
+                                                      epilogue):
     """A 1-D convolution (speech and sequence models) is a 2-D one over an image one row
     high: rewritten, its bias and epilogue fused, equal to TVM's dense build."""
     rng = np.random.default_rng(RNG_SEED)
     channels, length = 12, 17
     m = 12 if groups > 1 else 8
     x_shape = (2, channels, length) if layout == "NCW" else (2, length, channels)
-    out_length = (length + sum(padding) - kernel) // stride + 1
+    out_length = (length + sum(padding) - dilation * (kernel - 1) - 1) // stride + 1
     y_shape = (2, m, out_length) if layout == "NCW" else (2, out_length, m)
     x = relax.Var("x", relax.TensorType(x_shape, "float32"))
     params = [x] + ([relax.Var("r", relax.TensorType(y_shape, "float32"))] if "residual" in epilogue else [])
@@ -312,8 +317,8 @@ def test_conv1d_is_rewritten_through_a_one_row_window(target, layout, kernel, st
     bias_shape = (1, m, 1) if layout == "NCW" else (m,)
 
     def body(b):
-        y = b.emit(relax.op.nn.conv1d(x, relax.const(w), strides=stride, padding=padding, groups=groups,
-                                      data_layout=layout))
+        y = b.emit(relax.op.nn.conv1d(x, relax.const(w), strides=stride, padding=padding, dilation=dilation,
+                                      groups=groups, data_layout=layout))
         if "bias" in epilogue:
             y = b.emit(relax.op.add(y, relax.const(rng.standard_normal(bias_shape).astype("float32"))))
         if "residual" in epilogue:
@@ -325,6 +330,8 @@ def test_conv1d_is_rewritten_through_a_one_row_window(target, layout, kernel, st
     (layer,) = compiled.report.layers
     assert layer.decision == "sparse", layer.reason
     assert layer.op.startswith(f"conv1d {kernel}") and layer.epilogue == list(epilogue)
+    assert (f"dilation {dilation}" in layer.op) == (dilation > 1)
+    assert (layer.M, layer.K, layer.nnz) == (m, channels // groups * kernel, np.count_nonzero(w))  # as the model holds it
     arrays = [rng.standard_normal([int(d) for d in p.ty.shape.values]).astype("float32") for p in params]
     dense = relax.VirtualMachine(tvm.compile(mod, CPU_TARGET), tvm.cpu())["main"](*map(tvm.runtime.tensor, arrays))
     assert_close(compiled(*arrays), dense.numpy())

@@ -20,10 +20,13 @@ import tvm_ffi
 from tvm import relax, sym, tirx
 
 from ..problem import BiasAdd, Clip, ConvWindow, FoldedBatchNorm, Layout, ResidualAdd, SpmmProblem
-from ..weights import SparseMatrix, ungrouped_filters
+from ..weights import SparseMatrix, spread_dilated, ungrouped_filters
 from .constants import constant_value
 
 _ESCAPES = None  # user entry for a value returned from the function
+# A dilated kernel is spread (zeros between its taps) into a dense [M, K] array; beyond this
+# many elements (128 MB of float32) the analysis would cost more memory than it is worth.
+MAX_SPREAD_WEIGHTS = 1 << 25
 
 
 @dataclass
@@ -40,13 +43,16 @@ class Candidate:
     problem: SpmmProblem | None = None
     reason: str | None = None  # why it cannot be rewritten, if it cannot
     groups: int = 1  # of a grouped convolution, whose weight is held block-diagonal
+    dilated_taps: tuple[int, int] = (1, 1)  # of a dilated convolution: taps of its kernel, of the spread kernel
     parts: tuple = ()  # the siblings this candidate combines (``siblings``), if any
 
     @property
     def weight_shape(self) -> tuple[int, int]:
-        """``[M, K]`` of the weight as the model holds it (one group's inputs per row)."""
+        """``[M, K]`` of the weight as the model holds it (one group's inputs per row, the
+        taps of a dilated kernel before the spread)."""
         m, k = self.weight.shape
-        return m, k // self.groups
+        held, spread = self.dilated_taps
+        return m, k // self.groups // spread * held
 
     @property
     def density(self) -> float:
@@ -198,8 +204,9 @@ def _analyse_conv2d(candidate: Candidate, call, var2val):
     attrs = call.attrs
     w = _conv_weight(candidate, weight, attrs, "OIHW", var2val)
     stride, padding = tuple(int(s) for s in attrs.strides), tuple(int(p) for p in attrs.padding)
+    dilation = tuple(int(d) for d in attrs.dilation)
     dims, dtype = _tensor_dims(data, "input")
-    _analyse_conv(candidate, call, data, dims, dtype, w, str(attrs.data_layout), stride, padding)
+    _analyse_conv(candidate, call, data, dims, dtype, w, str(attrs.data_layout), stride, dilation, padding)
 
 
 def _analyse_conv1d(candidate: Candidate, call, var2val):
@@ -215,8 +222,8 @@ def _analyse_conv1d(candidate: Candidate, call, var2val):
         row = 2 if layout == "NCHW" else 1
         dims = dims[:row] + [tirx.IntImm("int64", 1)] + dims[row:]
     left, right = (int(p) for p in attrs.padding)
-    stride = (1, int(attrs.strides[0]))
-    _analyse_conv(candidate, call, data, dims, dtype, w, layout, stride, (0, left, 0, right), "conv1d")
+    stride, dilation = (1, int(attrs.strides[0])), (1, int(attrs.dilation[0]))
+    _analyse_conv(candidate, call, data, dims, dtype, w, layout, stride, dilation, (0, left, 0, right), "conv1d")
 
 
 def _conv_weight(candidate: Candidate, weight, attrs, layout: str, var2val) -> np.ndarray:
@@ -232,22 +239,20 @@ def _conv_weight(candidate: Candidate, weight, attrs, layout: str, var2val) -> n
     return np.transpose(w, [kernel_layout.index(axis) for axis in layout])
 
 
-def _analyse_conv(candidate: Candidate, call, data, dims, dtype, w, layout, stride, padding, kind="conv2d"):
+def _analyse_conv(candidate: Candidate, call, data, dims, dtype, w, layout, stride, dilation, padding, kind="conv2d"):
     """A convolution of kernel ``w`` (OIHW) over ``data``, seen as the 4-D ``dims`` in
     ``layout`` (NCHW or NHWC)."""
     kh, kw = w.shape[2:]
     groups = candidate.groups
-    strided = "" if stride == (1, 1) else f" /{stride[1]}" if kind == "conv1d" or stride[0] == stride[1] else \
-        f" /{stride[0]}x{stride[1]}"
+    strided = "" if stride == (1, 1) else f" /{_pair(kind, stride)}"
+    dilated = "" if dilation == (1, 1) else f" dilation {_pair(kind, dilation)}"
     grouping = "" if groups == 1 else " depthwise" if w.shape[1] == 1 else f" groups={groups}"
-    size = f"{kw}" if kind == "conv1d" else f"{kh}x{kw}"
-    candidate.op = f"{kind} {size}{strided}{grouping} {call.attrs.data_layout}"
+    candidate.op = f"{kind} {_pair(kind, (kh, kw), compact=False)}{strided}{dilated}{grouping} {call.attrs.data_layout}"
     if groups < 1 or w.shape[0] % groups:
         raise _Rejected(f"{w.shape[0]} output channels do not split into {groups} groups")
-    candidate.weight = SparseMatrix.from_dense(ungrouped_filters(w, groups).reshape(w.shape[0], -1))
+    w = _spread_kernel(candidate, ungrouped_filters(w, groups), kind, dilation)
+    kh, kw = w.shape[2:]
     attrs = call.attrs
-    if any(int(d) != 1 for d in attrs.dilation):
-        raise _Rejected(f"dilation {[int(d) for d in attrs.dilation]}")
     if layout not in ("NCHW", "NHWC"):
         raise _Rejected(f"data layout {attrs.data_layout}")
     if str(attrs.out_layout) not in ("", str(attrs.data_layout)):
@@ -269,7 +274,7 @@ def _analyse_conv(candidate: Candidate, call, data, dims, dtype, w, layout, stri
     if not all(isinstance(d, tirx.IntImm) for d in spatial):
         raise _Rejected(f"{kh}x{kw} convolution of a dynamic spatial size")
     window = ConvWindow(
-        channels=w.shape[1] * groups,
+        channels=w.shape[1],  # ungrouped
         kernel=(kh, kw),
         stride=stride,
         padding=padding,
@@ -281,6 +286,30 @@ def _analyse_conv(candidate: Candidate, call, data, dims, dtype, w, layout, stri
         raise _Rejected(f"empty output ({oh}x{ow})")
     y_dims = [dims[0], oh, ow, m] if channels_last else [dims[0], m, oh, ow]
     _set_problem(candidate, rows, data, dims, y_dims, dtype, window)
+
+
+def _spread_kernel(candidate: Candidate, w: np.ndarray, kind: str, dilation) -> np.ndarray:
+    """The ungrouped kernel ``w`` (OIHW) spread over its dilation, recorded as the candidate's
+    weight; rejected where the spread kernel is too large (the weight as held still recorded,
+    for the report)."""
+    kh, kw = w.shape[2:]
+    spread = (dilation[0] * (kh - 1) + 1, dilation[1] * (kw - 1) + 1)
+    weights = w.shape[0] * w.shape[1] * spread[0] * spread[1]
+    if spread != (kh, kw) and weights <= MAX_SPREAD_WEIGHTS:
+        candidate.dilated_taps = (kh * kw, spread[0] * spread[1])
+        w = spread_dilated(w, dilation)
+    candidate.weight = SparseMatrix.from_dense(w.reshape(w.shape[0], -1))
+    if w.shape[2:] != spread:
+        taps = _pair(kind, spread, compact=False)
+        raise _Rejected(f"dilation {_pair(kind, dilation)} spreads the kernel over {taps} taps: {weights:,} weights, "
+                        f"more than {MAX_SPREAD_WEIGHTS:,}")
+    return w
+
+
+def _pair(kind: str, pair: tuple[int, int], compact: bool = True) -> str:
+    """A kernel's size, stride or dilation as the report names it: ``3`` (of a 1-D
+    convolution), ``2`` (a square stride or dilation, where ``compact``) or ``5x3``."""
+    return f"{pair[1]}" if kind == "conv1d" or compact and pair[0] == pair[1] else f"{pair[0]}x{pair[1]}"
 
 
 def _check_operands(candidate: Candidate, dtype: str, k_dim, call):

@@ -74,13 +74,14 @@ def test_weights_pruned_with_torch_nn_utils_prune_are_constants(target):
 
 class TemporalBlock(torch.nn.Module):
     """1-D convolutions as speech and sequence models use them: a padded one with a
-    BatchNorm1d and ReLU, a depthwise one, then a pointwise one with a residual."""
+    BatchNorm1d and ReLU, a dilated depthwise one (a temporal convolutional network's), then a
+    pointwise one with a residual."""
 
     def __init__(self):
         super().__init__()
         self.conv = torch.nn.Conv1d(16, 32, 5, padding=2, bias=False)
         self.norm = torch.nn.BatchNorm1d(32)
-        self.depthwise = torch.nn.Conv1d(32, 32, 3, padding=1, groups=32)
+        self.depthwise = torch.nn.Conv1d(32, 32, 3, padding=4, dilation=4, groups=32)
         self.pointwise = torch.nn.Conv1d(32, 32, 1)
 
     def forward(self, x):
@@ -101,9 +102,47 @@ def test_pytorch_conv1d_layers(target):
     compiled = Compiled(mod, target, density_threshold=None)
     assert [(layer.op, layer.decision, layer.epilogue) for layer in compiled.report.layers] == [
         ("conv1d 5 NCW", "sparse", ["batch_norm", "relu"]),
-        ("conv1d 3 depthwise NCW", "sparse", ["bias"]),  # a dense depthwise layer: at any density
+        ("conv1d 3 dilation 4 depthwise NCW", "sparse", ["bias"]),  # a dense depthwise layer: at any density
         ("conv1d 1 NCW", "sparse", ["bias", "residual", "relu"]),
     ]
+    (out,) = compiled(x.numpy())
+    with torch.no_grad():
+        expected = net(x).numpy()
+    assert_close(out, expected)
+
+
+class DilatedBlock(torch.nn.Module):
+    """DeepLab's backbone past output stride 8: 3x3 convolutions that dilate instead of
+    striding, with inference BatchNorms, and one dilated differently per axis."""
+
+    def __init__(self):
+        super().__init__()
+        self.convs = torch.nn.ModuleList([torch.nn.Conv2d(8, 16, 3, padding=2, dilation=2, bias=False),
+                                          torch.nn.Conv2d(16, 16, 3, padding=(4, 2), dilation=(4, 2), bias=False)])
+        self.norms = torch.nn.ModuleList([torch.nn.BatchNorm2d(16) for _ in range(2)])
+
+    def forward(self, x):
+        h = torch.relu(self.norms[0](self.convs[0](x)))
+        return torch.relu(self.norms[1](self.convs[1](h)) + h)
+
+
+def test_pytorch_dilated_convolutions(target):
+    torch.manual_seed(3)
+    net = DilatedBlock().eval()
+    with torch.no_grad():
+        for conv in net.convs:
+            conv.weight.mul_((torch.rand_like(conv.weight) < 0.1).float())
+        for norm in net.norms:
+            norm.running_mean.uniform_(-1, 1)
+            norm.running_var.uniform_(0.5, 2)
+    x = torch.randn(2, 8, 13, 11)
+    mod = from_exported_program(torch.export.export(net, (x,)), keep_params_as_input=False)
+    compiled = Compiled(mod, target, density_threshold=0.3)
+    assert [(layer.op, layer.decision, layer.epilogue) for layer in compiled.report.layers] == [
+        ("conv2d 3x3 dilation 2 NCHW", "sparse", ["batch_norm", "relu"]),
+        ("conv2d 3x3 dilation 4x2 NCHW", "sparse", ["batch_norm", "residual", "relu"]),
+    ]
+    assert [layer.K for layer in compiled.report.layers] == [8 * 9, 16 * 9]  # the weights as the model holds them
     (out,) = compiled(x.numpy())
     with torch.no_grad():
         expected = net(x).numpy()

@@ -1,11 +1,12 @@
 """Convolutions on the CPU: our kernels against TVM's build of the same layer.
 
-    python benchmarks/conv_cpu.py [--suite small|resnet50] [--name 2core]
+    python benchmarks/conv_cpu.py [--suite small|resnet50|dilated] [--name 2core]
 
 ``small`` (dense stems and depthwise layers, NCHW) decides which small convolutions
 ``SparsifyWeights`` rewrites at any density on the CPU (``SMALL_CONVOLUTION_NNZ``);
 ``resnet50`` times ResNet-50's 3x3 layers at batch 1, pruned uniformly, in both layouts
-(NCHW with OIHW weights as PyTorch and ONNX give them, NHWC with HWIO as TFLite does). Each
+(NCHW with OIHW weights as PyTorch and ONNX give them, NHWC with HWIO as TFLite does);
+``dilated`` DeepLab v3's dilated 3x3 layers the same way. Each
 layer (ReLU fused) is built by ``tvm.compile`` and by ``sparsert_tvm.compile`` with each of our
 CPU kernels (``kernel_config={"kernel": "csr" | "unrolled" | "depthwise"}``, those that take
 the layer; the table says which one it gets by default) for this machine's CPU and timed with
@@ -51,6 +52,7 @@ class Layer(NamedTuple):
     groups: int = 1
     density: float = 1.0
     layout: str = "NCHW"
+    dilation: int = 1
 
 
 SUITES = {
@@ -70,6 +72,13 @@ SUITES = {
             Layer(m, m, 3, size, stride, 1, density, layout)
         for m, size, stride, density in
             [(64, 56, 1, 0.1), (128, 28, 1, 0.1), (256, 14, 1, 0.1), (512, 7, 1, 0.05), (128, 56, 2, 0.1)]
+        for layout in ("NCHW", "NHWC")
+    },
+    # DeepLab v3 on ResNet-50 at output stride 16 (513x513 images: 33x33 maps), 90% pruned;
+    # dilation 1 is the same layer undilated (the same nonzeros), what the spread kernel costs.
+    "dilated": {
+        f"3x3 dilation {dilation}, {m}@33, 10% {layout}": Layer(m, m, 3, 33, 1, 1, 0.1, layout, dilation)
+        for m, dilation in [(256, 1), (256, 2), (512, 1), (512, 2), (512, 4)]
         for layout in ("NCHW", "NHWC")
     },
 }
@@ -92,8 +101,8 @@ def conv_module(layer: Layer) -> tvm.IRModule:
     with builder.function("main", [x]):
         with builder.dataflow():
             conv = builder.emit(relax.op.nn.conv2d(
-                x, relax.const(weight), strides=layer.stride, padding=layer.kernel // 2, groups=layer.groups,
-                data_layout=layer.layout, kernel_layout=kernel_layout,
+                x, relax.const(weight), strides=layer.stride, padding=layer.dilation * (layer.kernel // 2),
+                dilation=layer.dilation, groups=layer.groups, data_layout=layer.layout, kernel_layout=kernel_layout,
             ))
             out = builder.emit_output(relax.op.nn.relu(conv))
         builder.emit_func_output(out)

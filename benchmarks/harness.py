@@ -29,7 +29,7 @@ from sparsert_tvm.problem import ConvWindow, Layout, SpmmProblem
 from sparsert_tvm.schedules.cuda.rule import CudaSpmmRule
 from sparsert_tvm.tuning.measure import build_launcher
 from sparsert_tvm.tuning.tuner import TuneOptions, Tuner
-from sparsert_tvm.weights import SparseMatrix, spread_dilated, ungrouped_filters
+from sparsert_tvm.weights import SparseMatrix, dilated_size, spread_dilated, ungrouped_filters
 
 ROTATE = 4  # distinct input/output buffers cycled through inside a graph
 COLD_L2 = False  # time every launch with a cold L2 but its input (the module docstring)
@@ -220,8 +220,8 @@ class ConvCase:
 
     @property
     def window(self) -> ConvWindow:
-        p, s, d = self.padding, self.stride, self.dilation
-        kernel = tuple(d * (k - 1) + 1 for k in self.filters.shape[2:])
+        p, s = self.padding, self.stride
+        kernel = dilated_size(self.filters.shape[2:], (self.dilation, self.dilation))
         return ConvWindow(self.channels, kernel, (s, s), (p, p, p, p), tuple(self.size), channels_last=False)
 
     @property

@@ -96,12 +96,16 @@ def ungrouped_filters(filters: np.ndarray, groups: int) -> np.ndarray:
     return full
 
 
+def dilated_size(kernel: tuple[int, int], dilation: tuple[int, int]) -> tuple[int, int]:
+    """Rows and columns of input a dilated kernel spans: the size of its spread kernel."""
+    return tuple(d * (k - 1) + 1 for k, d in zip(kernel, dilation))
+
+
 def spread_dilated(filters: np.ndarray, dilation: tuple[int, int]) -> np.ndarray:
     """A dilated convolution's OIHW filters as the undilated filters they equal: tap ``(y, x)``
-    moves to ``(y * dh, x * dw)`` of a kernel ``dh * (kh - 1) + 1`` by ``dw * (kw - 1) + 1``
-    and zeros fill the taps between. The kernels skip zero weights, so the spread costs no
-    arithmetic and the window kernels need no notion of dilation."""
-    (dh, dw), (kh, kw) = dilation, filters.shape[2:]
-    spread = np.zeros((*filters.shape[:2], dh * (kh - 1) + 1, dw * (kw - 1) + 1), filters.dtype)
-    spread[:, :, ::dh, ::dw] = filters
+    moves to ``(y * dh, x * dw)`` of a ``dilated_size`` kernel and zeros fill the taps between.
+    The kernels skip zero weights, so the spread costs no arithmetic and the window kernels
+    need no notion of dilation."""
+    spread = np.zeros((*filters.shape[:2], *dilated_size(filters.shape[2:], dilation)), filters.dtype)
+    spread[:, :, :: dilation[0], :: dilation[1]] = filters
     return spread

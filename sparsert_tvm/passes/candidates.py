@@ -20,7 +20,7 @@ import tvm_ffi
 from tvm import relax, sym, tirx
 
 from ..problem import BiasAdd, Clip, ConvWindow, FoldedBatchNorm, Layout, ResidualAdd, SpmmProblem
-from ..weights import SparseMatrix, spread_dilated, ungrouped_filters
+from ..weights import SparseMatrix, dilated_size, spread_dilated, ungrouped_filters
 from .constants import constant_value
 
 _ESCAPES = None  # user entry for a value returned from the function
@@ -293,13 +293,14 @@ def _spread_kernel(candidate: Candidate, w: np.ndarray, kind: str, dilation) -> 
     weight; rejected where the spread kernel is too large (the weight as held still recorded,
     for the report)."""
     kh, kw = w.shape[2:]
-    spread = (dilation[0] * (kh - 1) + 1, dilation[1] * (kw - 1) + 1)
+    spread = dilated_size((kh, kw), dilation)
     weights = w.shape[0] * w.shape[1] * spread[0] * spread[1]
-    if spread != (kh, kw) and weights <= MAX_SPREAD_WEIGHTS:
+    too_large = spread != (kh, kw) and weights > MAX_SPREAD_WEIGHTS
+    if spread != (kh, kw) and not too_large:
         candidate.dilated_taps = (kh * kw, spread[0] * spread[1])
         w = spread_dilated(w, dilation)
     candidate.weight = SparseMatrix.from_dense(w.reshape(w.shape[0], -1))
-    if w.shape[2:] != spread:
+    if too_large:
         taps = _pair(kind, spread, compact=False)
         raise _Rejected(f"dilation {_pair(kind, dilation)} spreads the kernel over {taps} taps: {weights:,} weights, "
                         f"more than {MAX_SPREAD_WEIGHTS:,}")

@@ -109,3 +109,31 @@ def spread_dilated(filters: np.ndarray, dilation: tuple[int, int]) -> np.ndarray
     spread = np.zeros((*filters.shape[:2], *dilated_size(filters.shape[2:], dilation)), filters.dtype)
     spread[:, :, :: dilation[0], :: dilation[1]] = filters
     return spread
+
+
+def phase_filters(filters: np.ndarray, groups: int, stride: tuple[int, int], dilation: tuple[int, int]) -> np.ndarray:
+    """A transposed convolution's IOHW filters as the OIHW filters of one stride-1 convolution
+    of its input that computes all its output phases at once.
+
+    Output row ``s * q + r`` (before the transposed convolution's padding is cropped) sums
+    the taps ``ky`` with ``ky * d % s == r``, each reading input row ``q - ky * d // s``: so
+    phase ``r`` is a convolution of the input with those taps, flipped into a window of
+    ``T + 1`` rows, ``T = (k - 1) * d // s``, padded by ``T`` on top. Each output channel
+    becomes ``sh * sw`` channels, one per phase (channel ``c * sh * sw + ry * sw + rx``, so
+    groups stay contiguous), to be interleaved into rows and columns again. Every tap lands
+    in exactly one phase, so the nonzeros are the model's; the zeros the other taps leave are
+    skipped like any other."""
+    inputs, group_outputs, kh, kw = filters.shape
+    group_inputs = inputs // groups
+    # [out channel, its group's input channel, ky, kx], out channels numbered group by group
+    as_conv = filters.reshape(groups, group_inputs, group_outputs, kh, kw).transpose(0, 2, 1, 3, 4)
+    as_conv = as_conv.reshape(groups * group_outputs, group_inputs, kh, kw)
+    (sh, sw), (dh, dw) = stride, dilation
+    th, tw = (kh - 1) * dh // sh, (kw - 1) * dw // sw
+    phased = np.zeros((groups * group_outputs, sh, sw, group_inputs, th + 1, tw + 1), filters.dtype)
+    for ky in range(kh):
+        ry, qy = ky * dh % sh, th - ky * dh // sh
+        for kx in range(kw):
+            rx, qx = kx * dw % sw, tw - kx * dw // sw
+            phased[:, ry, rx, :, qy, qx] = as_conv[:, :, ky, kx]
+    return phased.reshape(groups * group_outputs * sh * sw, group_inputs, th + 1, tw + 1)

@@ -4,7 +4,7 @@ layer comes with, the pass rewrites it and the answer equals TVM's dense build."
 import numpy as np
 import pytest
 import tvm
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 from tvm import relax
@@ -41,6 +41,22 @@ def layers(draw, kind: str, norm: bool):
     elif kind == "matmul_left":
         x = rng.standard_normal((*draw(st.sampled_from([(), (2,)])), k, draw(st.integers(1, 6))))
         nodes.append(helper.make_node("MatMul", [constant("W", sparse_matrix(rng, (m, k), density)), "x"], ["y0"]))
+    elif kind.endswith("transpose"):
+        spatial = 1 if kind == "conv1d_transpose" else 2
+        groups = draw(st.sampled_from([1, 1, 2]))
+        c, m = 2 * draw(st.integers(1, 4)), 2 * draw(st.integers(1, 4))
+        kernel = [draw(st.sampled_from([1, 2, 3, 4])) for _ in range(spatial)]
+        stride, dilation = draw(st.sampled_from([1, 2, 3])), draw(st.sampled_from([1, 1, 2]))
+        x = rng.standard_normal((draw(st.integers(1, 2)), c, *[draw(st.integers(1, 6)) for _ in kernel]))
+        weight = sparse_matrix(rng, (c, m // groups * int(np.prod(kernel))), density).reshape(c, m // groups, *kernel)
+        pads = [draw(st.integers(0, min(k - 1, 2))) for k in kernel * 2]
+        output_padding = [draw(st.integers(0, stride - 1)) for _ in kernel]
+        assume(all((n - 1) * stride - pads[i] - pads[i + spatial] + dilation * (k - 1) + extra + 1 > 0
+                   for i, (n, k, extra) in enumerate(zip(x.shape[2:], kernel, output_padding))))  # a nonempty output
+        inputs = ["x", constant("W", weight)] + ([constant("B", rng.standard_normal(m))] if draw(st.booleans()) else [])
+        nodes.append(helper.make_node("ConvTranspose", inputs, ["y0"], kernel_shape=kernel, strides=[stride] * spatial,
+                                      dilations=[dilation] * spatial, pads=pads, output_padding=output_padding,
+                                      group=groups))
     else:
         spatial = 1 if kind == "conv1d" else 2
         groups = draw(st.sampled_from([1, 1, 2]))
@@ -77,7 +93,8 @@ def layers(draw, kind: str, norm: bool):
 
 
 KINDS = [("gemm", False), ("matmul", False), ("matmul_left", False), ("conv", False), ("conv", True),
-         ("conv1d", False), ("conv1d", True)]
+         ("conv1d", False), ("conv1d", True), ("conv_transpose", False), ("conv_transpose", True),
+         ("conv1d_transpose", False)]
 
 
 @pytest.mark.parametrize("kind, norm", KINDS, ids=[f"{kind}{'-norm' if norm else ''}" for kind, norm in KINDS])

@@ -198,9 +198,8 @@ def _dynamic_spatial():
         # Spread over 2001x2001 taps, the kernel would hold 192M weights.
         _conv("dilation 1000 spreads the kernel over 2001x2001 taps", weight_shape=(6, 8, 3, 3),
               x_shape=(1, 8, 2000, 2000), dilation=1000),
-        _declined(relax.op.nn.conv2d_transpose, (1, 8, 5, 5), (8, 6, 3, 3), "conv2d_transpose is not rewritten"),
+        _declined(relax.op.nn.conv3d_transpose, (1, 8, 4, 5, 5), (8, 6, 3, 3, 3), "conv3d_transpose is not rewritten"),
         _declined(relax.op.nn.conv3d, (1, 8, 4, 5, 5), (6, 8, 3, 3, 3), "conv3d is not rewritten"),
-        _declined(relax.op.nn.conv1d_transpose, (1, 8, 5), (8, 6, 3), "conv1d_transpose is not rewritten"),
         _conv("data layout NCHW4c", x_shape=(1, 2, 5, 5, 4), weight_shape=(6, 8, 1, 1), data_layout="NCHW4c"),
     ],
     ids=lambda make: make.__name__ if hasattr(make, "__name__") else "conv",

@@ -1,7 +1,8 @@
 """Finding the operators the pass can rewrite, and what each of them computes.
 
-A candidate is a matmul (the constant on either side) or a 2-D or 1-D convolution (any
-kernel size, stride, padding and grouping) whose weight is a constant, followed along the
+A candidate is a matmul (the constant on either side) or a 2-D or 1-D convolution, plain or
+transposed (any kernel size, stride, padding, dilation and grouping), whose weight is a
+constant, followed along the
 dataflow (not the textual order) by the epilogue it can absorb: bias adds, an inference batch
 norm (folded into the weight), one residual add and ReLU/ReLU6/clip (or maximum/minimum with
 a constant, as TVM imports ONNX's Clip), as long as each intermediate value has no other user.
@@ -20,8 +21,9 @@ import tvm_ffi
 from tvm import relax, sym, tirx
 
 from ..problem import BiasAdd, Clip, ConvWindow, FoldedBatchNorm, Layout, ResidualAdd, SpmmProblem
-from ..weights import SparseMatrix, dilated_size, spread_dilated, ungrouped_filters
+from ..weights import SparseMatrix, dilated_size, phase_filters, spread_dilated, ungrouped_filters
 from .constants import constant_value
+from .unshuffle import Unshuffle
 
 _ESCAPES = None  # user entry for a value returned from the function
 # A dilated kernel is spread (zeros between its taps) into a dense [M, K] array; beyond this
@@ -43,16 +45,25 @@ class Candidate:
     problem: SpmmProblem | None = None
     reason: str | None = None  # why it cannot be rewritten, if it cannot
     groups: int = 1  # of a grouped convolution, whose weight is held block-diagonal
-    dilated_taps: tuple[int, int] = (1, 1)  # of a dilated convolution: taps of its kernel, of the spread kernel
+    # Taps of the model's kernel and of the one the kernels run, where they differ: a dilated
+    # kernel spread, a transposed convolution's phase filters.
+    taps: tuple[int, int] = (1, 1)
+    unshuffle: Unshuffle | None = None  # of a transposed convolution: its output from the kernel's
     parts: tuple = ()  # the siblings this candidate combines (``siblings``), if any
 
     @property
     def weight_shape(self) -> tuple[int, int]:
         """``[M, K]`` of the weight as the model holds it (one group's inputs per row, the
-        taps of a dilated kernel before the spread)."""
+        taps of a dilated kernel before the spread, one row per output channel of a
+        transposed convolution)."""
         m, k = self.weight.shape
-        held, spread = self.dilated_taps
-        return m, k // self.groups // spread * held
+        held, analysed = self.taps
+        return m // self.phases, k // self.groups // analysed * held
+
+    @property
+    def phases(self) -> int:
+        """Rows of the analysed weight per output channel of the model."""
+        return self.unshuffle.phase_count if self.unshuffle is not None else 1
 
     @property
     def density(self) -> float:
@@ -213,22 +224,52 @@ def _analyse_conv1d(candidate: Candidate, call, var2val):
     """A 1-D convolution is a 2-D one of a kernel one row high over an image one row high:
     the kernels see its input ``[N, C, L]`` (``[N, L, C]``) as ``[N, C, 1, L]``
     (``[N, 1, L, C]``), a view."""
-    data, weight = call.args
-    attrs = call.attrs
-    w = _conv_weight(candidate, weight, attrs, "OIW", var2val)[:, :, None, :]
-    layout = {"NCW": "NCHW", "NWC": "NHWC"}.get(str(attrs.data_layout), str(attrs.data_layout))
-    dims, dtype = _tensor_dims(data, "input")
-    if len(dims) == 3:  # the image's one row: before the length (NCW) or the length and channels (NWC)
-        row = 2 if layout == "NCHW" else 1
-        dims = dims[:row] + [tirx.IntImm("int64", 1)] + dims[row:]
-    left, right = (int(p) for p in attrs.padding)
-    stride, dilation = (1, int(attrs.strides[0])), (1, int(attrs.dilation[0]))
+    w, layout, data, dims, dtype = _as_2d(candidate, call, "OIW", var2val)
+    left, right = (int(p) for p in call.attrs.padding)
+    stride, dilation = (1, int(call.attrs.strides[0])), (1, int(call.attrs.dilation[0]))
     _analyse_conv(candidate, call, data, dims, dtype, w, layout, stride, dilation, (0, left, 0, right), "conv1d")
 
 
+def _as_2d(candidate: Candidate, call, kernel_layout: str, var2val):
+    """A 1-D convolution's kernel (OIW or IOW) one row high, its layout and its input's
+    dims as the 2-D ones the kernels see."""
+    data, weight = call.args
+    w = _conv_weight(candidate, weight, call.attrs, kernel_layout, var2val)[:, :, None, :]
+    layout = {"NCW": "NCHW", "NWC": "NHWC"}.get(str(call.attrs.data_layout), str(call.attrs.data_layout))
+    dims, dtype = _tensor_dims(data, "input")
+    return w, layout, data, _one_row(dims, layout), dtype
+
+
+def _one_row(dims: list, layout: str) -> list:
+    """3-D dims of a 1-D convolution with the image's one row added: before the length (NCW)
+    or the length and channels (NWC)."""
+    if len(dims) != 3:
+        return dims
+    row = 2 if layout == "NCHW" else 1
+    return dims[:row] + [tirx.IntImm("int64", 1)] + dims[row:]
+
+
+def _analyse_conv2d_transpose(candidate: Candidate, call, var2val):
+    data, weight = call.args
+    attrs = call.attrs
+    w = _conv_weight(candidate, weight, attrs, "IOHW", var2val)
+    stride, dilation = tuple(int(s) for s in attrs.strides), tuple(int(d) for d in attrs.dilation)
+    dims, dtype = _tensor_dims(data, "input")
+    padding = tuple(int(p) for p in attrs.padding)
+    _analyse_transposed(candidate, call, data, dims, dtype, w, str(attrs.data_layout), stride, dilation, padding)
+
+
+def _analyse_conv1d_transpose(candidate: Candidate, call, var2val):
+    w, layout, data, dims, dtype = _as_2d(candidate, call, "IOW", var2val)
+    left, right = (int(p) for p in call.attrs.padding)
+    stride, dilation = (1, int(call.attrs.strides[0])), (1, int(call.attrs.dilation[0]))
+    _analyse_transposed(candidate, call, data, dims, dtype, w, layout, stride, dilation, (0, left, 0, right), "conv1d")
+
+
 def _conv_weight(candidate: Candidate, weight, attrs, layout: str, var2val) -> np.ndarray:
-    """The constant kernel in ``layout`` (OIHW or OIW), or rejected."""
-    candidate.op = f"{'conv2d' if len(layout) == 4 else 'conv1d'} {attrs.data_layout}"
+    """The constant kernel in ``layout`` (OIHW, OIW, IOHW or IOW), or rejected."""
+    kind = "conv2d" if len(layout) == 4 else "conv1d"
+    candidate.op = f"{kind}{'_transpose' if layout.startswith('I') else ''} {attrs.data_layout}"
     w = constant_value(weight, var2val)
     if w is None:
         raise _Rejected("weight is not a constant")
@@ -242,15 +283,67 @@ def _conv_weight(candidate: Candidate, weight, attrs, layout: str, var2val) -> n
 def _analyse_conv(candidate: Candidate, call, data, dims, dtype, w, layout, stride, dilation, padding, kind="conv2d"):
     """A convolution of kernel ``w`` (OIHW) over ``data``, seen as the 4-D ``dims`` in
     ``layout`` (NCHW or NHWC)."""
-    kh, kw = w.shape[2:]
     groups = candidate.groups
-    strided = "" if stride == (1, 1) else f" /{_pair(kind, stride)}"
-    dilated = "" if dilation == (1, 1) else f" dilation {_pair(kind, dilation)}"
-    grouping = "" if groups == 1 else " depthwise" if w.shape[1] == 1 else f" groups={groups}"
-    candidate.op = f"{kind} {_pair(kind, (kh, kw), compact=False)}{strided}{dilated}{grouping} {call.attrs.data_layout}"
+    _name_conv(candidate, call, kind, w.shape[2:], stride, dilation, group_inputs=w.shape[1])
     if groups < 1 or w.shape[0] % groups:
         raise _Rejected(f"{w.shape[0]} output channels do not split into {groups} groups")
     w = _spread_kernel(candidate, ungrouped_filters(w, groups), kind, dilation)
+    _conv_problem(candidate, call, data, dims, dtype, w, layout, stride, padding)
+
+
+def _analyse_transposed(candidate: Candidate, call, data, dims, dtype, w, layout, stride, dilation, padding,
+                        kind="conv2d"):
+    """A transposed convolution of kernel ``w`` (IOHW) over ``data`` (4-D ``dims`` in
+    ``layout``), padded by ``padding`` (top, left, bottom, right: rows and columns cropped
+    from the full output), as one stride-1 convolution of ``phase_filters`` whose output
+    channels ``unshuffle`` interleaves into the model's output."""
+    groups = candidate.groups
+    inputs, _, kh, kw = w.shape
+    _name_conv(candidate, call, f"{kind}_transpose", (kh, kw), stride, dilation, group_inputs=inputs // max(groups, 1))
+    if groups < 1 or inputs % groups:
+        raise _Rejected(f"{inputs} input channels do not split into {groups} groups")
+    if layout not in ("NCHW", "NHWC"):
+        raise _Rejected(f"data layout {call.attrs.data_layout}")
+    channels_last = layout == "NHWC"
+    out_dims = _one_row(_tensor_dims(candidate.root, "output")[0], layout)
+    spatial = (dims[1:3], out_dims[1:3]) if channels_last else (dims[2:], out_dims[2:])
+    if not all(isinstance(d, tirx.IntImm) for d in spatial[0] + spatial[1]):
+        raise _Rejected("transposed convolution of a dynamic spatial size")
+    filters = phase_filters(w, groups, stride, dilation)
+    ungrouped = ungrouped_filters(filters, groups)
+    if ungrouped.size > MAX_SPREAD_WEIGHTS:
+        raise _Rejected(f"its phase filters hold {ungrouped.size:,} weights, more than {MAX_SPREAD_WEIGHTS:,}")
+    candidate.taps = (kh * kw, filters.shape[2] * filters.shape[3])
+    candidate.weight = SparseMatrix.from_dense(ungrouped.reshape(ungrouped.shape[0], -1))
+    # Per axis: the phase filters' window of T + 1 taps, padded by T on top, computes the full
+    # output from row 0; where the model crops a whole number of strides, the window starts
+    # that many rows later (less padding), and the rest is cropped from the interleaved rows.
+    conv_padding, begin, computed = [0] * 4, [], []
+    for axis, (taps, s, crop, size, out) in enumerate(zip(filters.shape[2:], stride, padding, spatial[0], spatial[1])):
+        skipped = min(crop // s, taps - 1)
+        rows = max(-(-(crop - skipped * s + int(out)) // s), int(size) - skipped)  # of the phase convolution
+        conv_padding[axis], conv_padding[axis + 2] = taps - 1 - skipped, rows - int(size) + skipped
+        begin.append(crop - skipped * s)
+        computed.append(rows)
+    unshuffle = Unshuffle(tuple(stride), tuple(begin), tuple(int(d) for d in spatial[1]), channels_last)
+    if not unshuffle.is_identity(tuple(computed)):
+        candidate.unshuffle = unshuffle
+    _conv_problem(candidate, call, data, dims, dtype, ungrouped, layout, (1, 1), tuple(conv_padding))
+
+
+def _name_conv(candidate: Candidate, call, kind: str, kernel, stride, dilation, group_inputs: int) -> None:
+    """The report's name of a convolution, e.g. ``conv2d 3x3 /2 depthwise NCHW``."""
+    groups = candidate.groups
+    strided = "" if tuple(stride) == (1, 1) else f" /{_pair(kind, stride)}"
+    dilated = "" if tuple(dilation) == (1, 1) else f" dilation {_pair(kind, dilation)}"
+    grouping = "" if groups == 1 else " depthwise" if group_inputs == 1 else f" groups={groups}"
+    size = _pair(kind, tuple(kernel), compact=False)
+    candidate.op = f"{kind} {size}{strided}{dilated}{grouping} {call.attrs.data_layout}"
+
+
+def _conv_problem(candidate: Candidate, call, data, dims, dtype, w, layout, stride, padding) -> None:
+    """The problem of the stride ``stride`` convolution of the ungrouped kernel ``w`` (OIHW,
+    the candidate's weight) over ``data``."""
     kh, kw = w.shape[2:]
     attrs = call.attrs
     if layout not in ("NCHW", "NHWC"):
@@ -297,7 +390,7 @@ def _spread_kernel(candidate: Candidate, w: np.ndarray, kind: str, dilation) -> 
     weights = w.shape[0] * w.shape[1] * spread[0] * spread[1]
     too_large = spread != (kh, kw) and weights > MAX_SPREAD_WEIGHTS
     if spread != (kh, kw) and not too_large:
-        candidate.dilated_taps = (kh * kw, spread[0] * spread[1])
+        candidate.taps = (kh * kw, spread[0] * spread[1])
         w = spread_dilated(w, dilation)
     candidate.weight = SparseMatrix.from_dense(w.reshape(w.shape[0], -1))
     if too_large:
@@ -310,7 +403,7 @@ def _spread_kernel(candidate: Candidate, w: np.ndarray, kind: str, dilation) -> 
 def _pair(kind: str, pair: tuple[int, int], compact: bool = True) -> str:
     """A kernel's size, stride or dilation as the report names it: ``3`` (of a 1-D
     convolution), ``2`` (a square stride or dilation, where ``compact``) or ``5x3``."""
-    return f"{pair[1]}" if kind == "conv1d" or compact and pair[0] == pair[1] else f"{pair[0]}x{pair[1]}"
+    return f"{pair[1]}" if kind.startswith("conv1d") or compact and pair[0] == pair[1] else f"{pair[0]}x{pair[1]}"
 
 
 def _check_operands(candidate: Candidate, dtype: str, k_dim, call):
@@ -333,7 +426,7 @@ def _decline(candidate: Candidate, call, var2val):
     """Operators with a weight that no kernel takes yet: listed in the report, with why."""
     if constant_value(call.args[1], var2val) is None:
         raise _Rejected("weight is not a constant")
-    raise _Rejected(f"{candidate.op} is not rewritten (matmuls and 1-D and 2-D convolutions are)")
+    raise _Rejected(f"{candidate.op} is not rewritten (matmuls and 1-D and 2-D convolutions, plain or transposed, are)")
 
 
 _ROOTS = {
@@ -341,8 +434,8 @@ _ROOTS = {
     "relax.nn.conv2d": _analyse_conv2d,
     "relax.nn.conv1d": _analyse_conv1d,
     "relax.nn.conv3d": _decline,
-    "relax.nn.conv1d_transpose": _decline,
-    "relax.nn.conv2d_transpose": _decline,
+    "relax.nn.conv1d_transpose": _analyse_conv1d_transpose,
+    "relax.nn.conv2d_transpose": _analyse_conv2d_transpose,
     "relax.nn.conv3d_transpose": _decline,
 }
 
@@ -415,13 +508,14 @@ def _folded_batch_norm(user, current, candidate: Candidate, ops: list, var2val, 
     if int(attrs.axis) % rank != candidate.channel_axis % rank:
         return []
     gamma, beta, mean, variance = (constant_value(arg, var2val) for arg in call.args[1:])
-    m = problem.M
+    m = problem.M // candidate.phases
     if any(v is None or v.shape != (m,) for v in (gamma, beta, mean, variance)):
         return []
     with np.errstate(all="ignore"):
         deviation = np.sqrt(variance.astype(np.float64) + attrs.epsilon)
         scale = (gamma.astype(np.float64) if attrs.scale else 1.0) / deviation
         shift = (beta.astype(np.float64) if attrs.center else 0.0) - mean * scale
+    scale, shift = np.repeat(scale, candidate.phases), np.repeat(shift, candidate.phases)  # per row of the weight
     if not (np.isfinite(scale).all() and np.isfinite(shift).all()):
         return []
     dense = candidate.weight.dense
@@ -462,7 +556,8 @@ def _epilogue_op(value, current, candidate: Candidate, var2val, mod=None):
         return _bound(name, constant, candidate.problem)
     if constant is not None:
         return _bias(constant, candidate)
-    if candidate.residual is None and _same_type(other.ty, candidate.root.ty):
+    # A transposed convolution's kernel writes its phases, not the model's output.
+    if candidate.residual is None and candidate.unshuffle is None and _same_type(other.ty, candidate.root.ty):
         candidate.residual = other
         return ResidualAdd()
     return None
@@ -528,15 +623,17 @@ def _prim_float(prim_value) -> float:
 
 
 def _bias(constant: np.ndarray, candidate: Candidate) -> BiasAdd | None:
-    """A constant added to the output is a bias if it varies only along the channels."""
+    """A constant added to the output is a bias if it varies only along the channels (of a
+    transposed convolution, repeated for each channel's phases)."""
     problem = candidate.problem
     ndim = len(candidate.root.ty.shape.values)
     if str(constant.dtype) != problem.dtype or constant.ndim > ndim:
         return None
     shape = (1,) * (ndim - constant.ndim) + constant.shape
     channel_axis = candidate.channel_axis % ndim
+    channels = problem.M // candidate.phases
     for axis, size in enumerate(shape):
-        if size != 1 and not (axis == channel_axis and size == problem.M):
+        if size != 1 and not (axis == channel_axis and size == channels):
             return None
-    values = np.broadcast_to(constant.reshape(-1), (problem.M,))
+    values = np.repeat(np.broadcast_to(constant.reshape(-1), (channels,)), candidate.phases)
     return BiasAdd(tuple(float(v) for v in values))

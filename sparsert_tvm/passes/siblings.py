@@ -61,6 +61,7 @@ def _family(candidate: Candidate, var2val):
         candidate.reason is not None
         or problem.window is not None
         or candidate.groups != 1
+        or candidate.unshuffle is not None  # its output is read out of the kernel's
         or not isinstance(candidate.x, relax.Var)
         or any(isinstance(op, ResidualAdd) for op in problem.epilogue)
         # An operand seen through a view (a weight on the left, a 1-D convolution): slices

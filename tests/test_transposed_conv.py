@@ -9,11 +9,14 @@ from typing import NamedTuple
 import numpy as np
 import pytest
 import tvm
+import tvm_ffi
 from tvm import relax, tirx
 
-from helpers import CPU_TARGET, Compiled, assert_close, sparse_matrix
+from helpers import CPU_TARGET, Compiled, assert_close, cuda_target, sparse_matrix
 from sparsert_tvm import SparsifyWeights, report_of
+from sparsert_tvm.schedules.cuda import rule as cuda_rule
 from sparsert_tvm.weights import phase_filters
+from test_cuda_codegen import needs_ptxas
 
 
 class Geometry(NamedTuple):
@@ -277,3 +280,33 @@ def test_a_dynamic_spatial_size_stays_with_tvm():
         builder.emit_func_output(out)
     (layer,) = report_of(SparsifyWeights(CPU_TARGET, density_threshold=1.0)(builder.get())).layers
     assert layer.decision == "dense" and "dynamic spatial size" in layer.reason
+
+
+COLUMN_LANES = {"kernel": "csr", "lanes": "columns"}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name, layout, kernel_config", [
+    (name, layout, config) for name in ("1x1/2", "4x4/2")
+    for layout, config in [("NHWC", {"kernel": "unrolled"}), ("NHWC", {"kernel": "csr"}),
+                           ("NHWC" if name == "1x1/2" else "NCHW", COLUMN_LANES)]  # lanes through a window: NCHW
+], ids=str)
+def test_cuda_kernels(gpu_target, name, layout, kernel_config):
+    """Each CUDA kernel, including the column lanes over a transposed X, whose output for a
+    symbolic batch comes flat (``[N, M]``) and is viewed as the phases before the interleave."""
+    case = transposed(np.random.default_rng(8), name, layout, epilogue=("bias", "relu"))
+    check(case, gpu_target, kernel_config=kernel_config)
+
+
+@needs_ptxas
+def test_a_flat_kernel_output_is_viewed_as_the_phases(monkeypatch):
+    """Without a GPU: the rewritten function's types line up (the flat output reshaped to the
+    phases, interleaved and cropped to the model's output)."""
+    monkeypatch.setattr(cuda_rule, "create_cuda_module", lambda cubin, kernel: None)
+    case = transposed(np.random.default_rng(9), "1x1/2", "NHWC", epilogue=("bias",))
+    mod = case.module()
+    out = SparsifyWeights(cuda_target(), 1.0, kernel_config=COLUMN_LANES)(mod)
+    (layer,) = report_of(out).layers
+    assert layer.decision == "sparse" and layer.params["x_transposed"]
+    relax.analysis.well_formed(out)  # raises where it is not
+    assert tvm_ffi.structural_equal(out["main"].ret_ty, mod["main"].ret_ty)

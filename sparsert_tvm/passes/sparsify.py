@@ -393,7 +393,8 @@ class _Planned:
             self.kernel, args, relax.TensorType(y_dims, problem.dtype)
         )
         if candidate.unshuffle is not None:  # a transposed convolution's phases
-            call, y_dims = candidate.unshuffle.emit(builder, builder.emit(call), y_dims)
+            phases = _viewed(builder, builder.emit(call), problem.y_shape)
+            call, y_dims = candidate.unshuffle.emit(builder, phases, problem.y_shape)
         # Siblings slice the problem's output; a single layer gives its binding's shape.
         dims = problem.y_shape if candidate.parts else list(candidate.tail.ty.shape.values)
         return call if _same_dims(y_dims, dims) else relax.op.reshape(builder.emit(call), relax.ShapeExpr(list(dims)))

@@ -6,7 +6,7 @@ Data flow: Relax IR in (``passes``), each constant sparse weight analysed (``wei
 """
 
 from .build import compile, default_target
-from .errors import RuntimeUnavailable, SparseRTError, ToolchainError, UnsupportedProblem
+from .errors import RuntimeUnavailable, SparseRTError, ToolchainError, UnbuildableByTvm, UnsupportedProblem
 from .passes import CPU_MIN_GROUP_CHANNELS, DEFAULT_DENSITY_THRESHOLD, SMALL_CONVOLUTION_NNZ, SparsifyWeights
 from .report import LayerReport, SparsityReport, report_of
 from .schedules import CpuCsrConfig, CpuDepthwiseConfig, CpuSpmmConfig, CudaCsrConfig, CudaSpmmConfig
@@ -34,6 +34,7 @@ __all__ = [
     "ToolchainError",
     "TuneOptions",
     "TuningDatabase",
+    "UnbuildableByTvm",
     "UnsupportedProblem",
     "compile",
     "default_target",

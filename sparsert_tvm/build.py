@@ -21,6 +21,7 @@ from tvm.relax import dpl
 from tvm.relax.backend.cpu_generic import pipeline as cpu_generic_pipeline
 from tvm.s_tir import dlight
 
+from .errors import UnbuildableByTvm
 from .passes import SparsifyWeights
 from .report import SparsityReport, report_of
 from .schedules.cpu import tvm_operators
@@ -49,7 +50,39 @@ def compile(  # noqa: A001 - mirrors tvm.compile
     mod = SparsifyWeights(target, density_threshold, **options)(mod)
     if report is not None:
         report.extend(report_of(mod))
+    _check_tvm_builds(mod)
     return _runnable_as_built(tvm.compile(mod, target, relax_pipeline=relax_pipeline(mod, target)))
+
+
+# Operators TVM 0.27 has no legalization for in these layouts (its VM code generator then
+# fails with "CodeGenVM cannot emit this Relax operator directly").
+_UNBUILDABLE_LAYOUTS = {"relax.nn.conv2d_transpose": "NCHW", "relax.nn.conv1d_transpose": "NCW"}
+
+
+def _check_tvm_builds(mod: tvm.IRModule) -> None:
+    """Raises ``UnbuildableByTvm`` where the pass left TVM an operator it cannot build,
+    naming the layers and why the pass declined them."""
+    left = []
+    for _, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            relax.analysis.post_order_visit(func, lambda e: left.append(e) if _unbuildable(e) else None)
+    if not left:
+        return
+    layouts = sorted({f"{call.op.name.split('.')[-1]} in {call.attrs.data_layout}" for call in left})
+    declined = [f"{layer.name} ({layer.op}): {layer.reason}" for layer in report_of(mod).layers
+                if "_transpose" in layer.op and layer.decision == "dense"]
+    raise UnbuildableByTvm(
+        f"TVM {tvm.__version__} cannot build {', '.join(layouts)}, and the pass left {len(left)} to TVM: "
+        f"{'; '.join(declined)}. Have them rewritten (a higher density_threshold, or a kernel_config that takes "
+        "them) or give the model NCHW inputs."
+    )
+
+
+def _unbuildable(expr) -> bool:
+    if not isinstance(expr, relax.Call) or not isinstance(expr.op, tvm.ir.Op):
+        return False
+    supported = _UNBUILDABLE_LAYOUTS.get(expr.op.name)
+    return supported is not None and str(expr.attrs.data_layout) != supported
 
 
 def _runnable_as_built(executable):

@@ -31,6 +31,12 @@ class RuntimeUnavailable(SparseRTError):
 
 
 @tvm_ffi.register_error
+class UnbuildableByTvm(SparseRTError):
+    """The pass left TVM an operator that TVM cannot build (an NHWC transposed convolution):
+    raised before ``tvm.compile`` fails deep inside its VM code generator."""
+
+
+@tvm_ffi.register_error
 class WrongOutput(UnsupportedProblem):
     """A generated kernel's output differs from the dense reference (found while tuning):
     the candidate is dropped, and where it is the default, the layer stays dense."""

@@ -13,6 +13,7 @@ import tvm_ffi
 from tvm import relax, tirx
 
 from helpers import CPU_TARGET, Compiled, assert_close, cuda_target, sparse_matrix
+import sparsert_tvm as sp
 from sparsert_tvm import SparsifyWeights, report_of
 from sparsert_tvm.schedules.cuda import rule as cuda_rule
 from sparsert_tvm.weights import phase_filters
@@ -269,6 +270,14 @@ def test_conv1d_transpose(target, layout, kernel, stride, padding, output_paddin
     assert_close(compiled(data), expected)
 
 
+def test_a_declined_nhwc_layer_is_a_clear_error_not_tvms():
+    """TVM cannot build an NHWC transposed convolution itself: one the pass declines is
+    reported with its reason before ``tvm.compile`` fails in its VM code generator."""
+    case = transposed(np.random.default_rng(10), "4x4/2", "NHWC", density=0.5)
+    with pytest.raises(sp.UnbuildableByTvm, match=r"conv2d_transpose in NHWC.*density 0\.\d+ above threshold 0\.3"):
+        sp.compile(case.module(), CPU_TARGET, 0.3)
+
+
 def test_a_dynamic_spatial_size_stays_with_tvm():
     h = tirx.Var("h", "int64")
     x = relax.Var("x", relax.TensorType((1, 6, h, 5), "float32"))
@@ -287,9 +296,11 @@ COLUMN_LANES = {"kernel": "csr", "lanes": "columns"}
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("name, layout, kernel_config", [
-    (name, layout, config) for name in ("1x1/2", "4x4/2")
-    for layout, config in [("NHWC", {"kernel": "unrolled"}), ("NHWC", {"kernel": "csr"}),
-                           ("NHWC" if name == "1x1/2" else "NCHW", COLUMN_LANES)]  # lanes through a window: NCHW
+    ("1x1/2", "NHWC", {"kernel": "unrolled"}),
+    ("1x1/2", "NHWC", {"kernel": "csr"}),
+    ("1x1/2", "NHWC", COLUMN_LANES),
+    ("4x4/2", "NHWC", {"kernel": "unrolled"}),
+    ("4x4/2", "NCHW", COLUMN_LANES),  # through a window the CSR kernel takes NCHW, in column lanes
 ], ids=str)
 def test_cuda_kernels(gpu_target, name, layout, kernel_config):
     """Each CUDA kernel, including the column lanes over a transposed X, whose output for a

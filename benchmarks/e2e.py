@@ -66,12 +66,14 @@ from sparsert_tvm.prune import prune_model  # noqa: E402
 import results_json  # noqa: E402
 
 MODELS = {  # cheapest first: a run cut short by its deadline has the cheap models
+    "dcgan": models.dcgan_generator,
     "mobilenet_v1": models.mobilenet_v1,
     "mobilenet_v2": models.mobilenet_v2,
     "resnet50": models.resnet50,
     "bert_base": models.bert_encoder,
 }
 SMALL = {  # --small: versions that build in seconds on a CPU (as tests/test_models.py's)
+    "dcgan": {"width": 0.125, "size": 16, "latent": 16},
     "mobilenet_v1": {"width": 0.25, "depth": 3, "size": 32, "classes": 10},
     "mobilenet_v2": {"width": 0.5, "depth": 3, "size": 32, "classes": 10},
     "resnet50": {"width": 0.125, "blocks": (1, 1), "size": 32, "classes": 10},

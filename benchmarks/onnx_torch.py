@@ -47,6 +47,14 @@ def _conv(*, kernel_shape=None, strides=(1, 1), pads=(0, 0, 0, 0), dilations=(1,
     return lambda x, w, b=None: F.conv2d(x, w, b, tuple(strides), padding, tuple(dilations), group)
 
 
+def _conv_transpose(*, kernel_shape=None, strides=(1, 1), pads=(0, 0, 0, 0), dilations=(1, 1), group=1,
+                    output_padding=(0, 0)):
+    _two_d(kernel_shape, "ConvTranspose")
+    padding = _symmetric(pads, "ConvTranspose")
+    return lambda x, w, b=None: F.conv_transpose2d(x, w, b, tuple(strides), padding, tuple(output_padding), group,
+                                                   tuple(dilations))
+
+
 def _max_pool(*, kernel_shape, strides=(1, 1), pads=(0, 0, 0, 0), dilations=(1, 1), ceil_mode=0):
     _two_d(kernel_shape, "MaxPool")
     padding = _symmetric(pads, "MaxPool")
@@ -84,6 +92,7 @@ def _layer_norm(*, axis=-1, epsilon=1e-5, stash_type=1):
 
 OPS = {
     "Conv": _conv,
+    "ConvTranspose": _conv_transpose,
     "MaxPool": _max_pool,
     "GlobalAveragePool": lambda: lambda x: x.mean(dim=tuple(range(2, x.ndim)), keepdim=True),
     "Flatten": _flatten,
@@ -95,6 +104,7 @@ OPS = {
     "Relu": lambda: F.relu,
     "Clip": lambda: lambda x, low=None, high=None: torch.clamp(x, low, high),
     "Erf": lambda: torch.erf,
+    "Tanh": lambda: torch.tanh,
     "Softmax": lambda axis=-1: lambda x: F.softmax(x, axis),
     "LayerNormalization": _layer_norm,
     "Reshape": _reshape,

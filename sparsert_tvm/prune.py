@@ -30,7 +30,8 @@ def prune_model(
     classifier: bool = True,
     keep_scale: bool = False,
 ) -> tuple[onnx.ModelProto, list[PrunedLayer]]:
-    """Zeroes the smallest ``sparsity`` fraction of each Conv / Gemm / MatMul weight, per layer.
+    """Zeroes the smallest ``sparsity`` fraction of each Conv / ConvTranspose / Gemm / MatMul
+    weight, per layer.
 
     The first convolution and depthwise convolutions hold few weights that matter a lot and
     stay dense unless asked; ``classifier`` covers the Gemm / MatMul producing a graph output.
@@ -47,7 +48,7 @@ def prune_model(
     graph_outputs = {o.name for o in model.graph.output}
     layers = []
     for node in model.graph.node:
-        if node.op_type not in ("Conv", "Gemm", "MatMul") or len(node.input) < 2:
+        if node.op_type not in ("Conv", "ConvTranspose", "Gemm", "MatMul") or len(node.input) < 2:
             continue
         weight_name = node.input[1]
         if weight_name not in initializers:
@@ -79,9 +80,10 @@ def magnitude_prune(weight: np.ndarray, sparsity: float) -> np.ndarray:
 
 
 def _why_not(node, weight, graph_inputs, graph_outputs, first_conv, depthwise, classifier) -> str:
-    if node.op_type == "Conv":
+    if node.op_type in ("Conv", "ConvTranspose"):
         group = next((a.i for a in node.attribute if a.name == "group"), 1)
-        if group > 1 and weight.shape[1] == 1 and not depthwise:
+        group_inputs = weight.shape[1] if node.op_type == "Conv" else weight.shape[0] // group
+        if group > 1 and group_inputs == 1 and not depthwise:
             return "depthwise (kept dense; --prune-depthwise)"
         if node.input[0] in graph_inputs and not first_conv:
             return "first convolution (kept dense; --prune-first-conv)"

@@ -24,6 +24,8 @@ FULL_SIZE = {  # builder, sparse layers expected on CUDA at 90% and 95% (of all 
     "bert_base_2_layers": (lambda rng: models.bert_encoder(rng, layers=2), 8, 12),
     # 12 layers: 85M weights to draw, serialise and import (~10 s on 2 cores)
     "bert_base": (lambda rng: models.bert_encoder(rng), 48, 72),
+    # Its first layer (the latent's projection, 819k weights) is kept dense by the pruning.
+    "dcgan": (lambda rng: models.dcgan_generator(rng), 4, 5),
 }
 DENSE_REASONS = ("density 1.000 above threshold", "depthwise", "weight is not a constant")
 
@@ -54,6 +56,7 @@ SMALL = {  # the CNNs also output their last feature map (see check_against_dens
     # At width 0.25 its 8-channel projections keep 3 weights each at 95%: the input's trace vanishes.
     "mobilenet_v2": lambda rng: models.mobilenet_v2(rng, width=0.5, depth=3, size=32, classes=10, features_output=True),
     "bert": lambda rng: models.bert_encoder(rng, layers=1, hidden=64, heads=2, ffn=128, seq=8),
+    "dcgan": lambda rng: models.dcgan_generator(rng, width=0.25, size=16, latent=16),
 }
 
 
@@ -134,7 +137,7 @@ def test_small_models_match_the_dense_build_on_the_cpu(name, sparsity):
         if isinstance(e, relax.Call) and isinstance(e.op, tvm.ir.Op):
             if e.op.name == "relax.call_dps_packed" and e.args[0].global_symbol.startswith("sparsert_"):
                 calls.append(e)
-            elif e.op.name in ("relax.nn.conv2d", "relax.matmul"):
+            elif e.op.name in ("relax.nn.conv2d", "relax.nn.conv2d_transpose", "relax.matmul"):
                 remaining.append(e)
 
     relax.analysis.post_order_visit(out["main"], visit)

@@ -52,9 +52,20 @@ class GraphBuilder:
         )
         return self.activation(out, act)
 
+    def conv_transpose(self, x, cin, cout, kernel=4, stride=2, pad=1, act="relu") -> str:
+        """A transposed convolution (upsampling by ``stride``), weight ``[cin, cout, k, k]``."""
+        weight = self.he((cin, cout, kernel, kernel), cin * kernel * kernel // (stride * stride))
+        out = self.node(
+            "ConvTranspose", [x, self.constant(weight, "w"), self.bias(cout)], "deconv",
+            kernel_shape=[kernel, kernel], strides=[stride, stride], pads=[pad] * 4,
+        )
+        return self.activation(out, act)
+
     def activation(self, x, act):
         if act == "relu":
             return self.node("Relu", [x])
+        if act == "tanh":
+            return self.node("Tanh", [x])
         if act == "relu6":
             return self.node("Clip", [x, self.constant(np.float32(0)), self.constant(np.float32(6))], "relu6")
         assert act is None, act

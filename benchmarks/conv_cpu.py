@@ -1,15 +1,17 @@
 """Convolutions on the CPU: our kernels against TVM's build of the same layer.
 
-    python benchmarks/conv_cpu.py [--suite small|resnet50|dilated] [--name 2core]
+    python benchmarks/conv_cpu.py [--suite small|resnet50|dilated|transposed] [--name 2core]
 
 ``small`` (dense stems and depthwise layers, NCHW) decides which small convolutions
 ``SparsifyWeights`` rewrites at any density on the CPU (``SMALL_CONVOLUTION_NNZ``);
 ``resnet50`` times ResNet-50's 3x3 layers at batch 1, pruned uniformly, in both layouts
 (NCHW with OIHW weights as PyTorch and ONNX give them, NHWC with HWIO as TFLite does);
-``dilated`` DeepLab v3's dilated 3x3 layers the same way. Each
+``dilated`` DeepLab v3's dilated 3x3 layers the same way; ``transposed`` upsampling layers
+(DCGAN's generator, U-Net's up-convolutions, an FCN-style 3x3) doubling their input. Each
 layer (ReLU fused) is built by ``tvm.compile`` and by ``sparsert_tvm.compile`` with each of our
 CPU kernels (``kernel_config={"kernel": "csr" | "unrolled" | "depthwise"}``, those that take
-the layer; the table says which one it gets by default) for this machine's CPU and timed with
+the layer; the table says which one it gets by default) for this machine's CPU, beside
+PyTorch's dense convolution (oneDNN, all cores; where torch is installed), and timed with
 the VM's time evaluator in ``--rounds`` rounds that alternate the builds (10 runs each per
 round); the median round is reported with the fastest and slowest, since a small shared
 machine drifts by tens of percent between one layer's timings and the next. Outputs are
@@ -53,6 +55,7 @@ class Layer(NamedTuple):
     density: float = 1.0
     layout: str = "NCHW"
     dilation: int = 1
+    transposed: bool = False  # a transposed convolution doubling its input (stride 2)
 
 
 SUITES = {
@@ -81,18 +84,29 @@ SUITES = {
         for m, dilation in [(256, 1), (256, 2), (512, 1), (512, 2), (512, 4)]
         for layout in ("NCHW", "NHWC")
     },
+    # NCHW only: TVM 0.27 cannot build an NHWC transposed convolution itself.
+    "transposed": {
+        f"{kind} {k}x{k}/2, {c}->{m} @{size}, {density:.0%}": Layer(m, c, k, size, 2, 1, density, transposed=True)
+        for kind, k, c, m, size in [("dcgan", 4, 512, 256, 4), ("dcgan", 4, 256, 128, 8), ("dcgan", 4, 128, 64, 16),
+                                    ("u-net", 2, 512, 256, 28), ("u-net", 2, 256, 128, 56), ("fcn", 3, 256, 128, 14)]
+        for density in (0.1, 0.05)
+    },
 }
 
 
 def layer_weight(layer: Layer) -> np.ndarray:
-    """The layer's OIHW filters, pruned uniformly to its density."""
+    """The layer's OIHW (transposed: IOHW) filters, pruned uniformly to its density."""
     rng = np.random.default_rng(0)
     shape = (layer.out_channels, layer.in_channels // layer.groups, layer.kernel, layer.kernel)
+    if layer.transposed:
+        shape = (layer.in_channels, layer.out_channels // layer.groups, layer.kernel, layer.kernel)
     return (rng.standard_normal(shape) * (rng.random(shape) < layer.density)).astype("float32")
 
 
 def conv_module(layer: Layer) -> tvm.IRModule:
     weight = layer_weight(layer)
+    if layer.transposed:
+        return _transposed_module(layer, weight)
     nhwc = layer.layout == "NHWC"
     kernel_layout = "HWIO" if nhwc else "OIHW"
     weight = np.ascontiguousarray(weight.transpose(["OIHW".index(axis) for axis in kernel_layout]))
@@ -103,6 +117,22 @@ def conv_module(layer: Layer) -> tvm.IRModule:
             conv = builder.emit(relax.op.nn.conv2d(
                 x, relax.const(weight), strides=layer.stride, padding=layer.dilation * (layer.kernel // 2),
                 dilation=layer.dilation, groups=layer.groups, data_layout=layer.layout, kernel_layout=kernel_layout,
+            ))
+            out = builder.emit_output(relax.op.nn.relu(conv))
+        builder.emit_func_output(out)
+    return builder.get()
+
+
+def _transposed_module(layer: Layer, weight: np.ndarray) -> tvm.IRModule:
+    """The NCHW transposed convolution (IOHW kernel) of output twice its input's size."""
+    x = relax.Var("x", relax.TensorType(input_shape(layer), "float32"))
+    k, s = layer.kernel, layer.stride
+    builder = relax.BlockBuilder()
+    with builder.function("main", [x]):
+        with builder.dataflow():
+            conv = builder.emit(relax.op.nn.conv2d_transpose(
+                x, relax.const(weight), strides=s, padding=(k - s + 1) // 2, output_padding=(k - s) % 2,
+                groups=layer.groups,
             ))
             out = builder.emit_output(relax.op.nn.relu(conv))
         builder.emit_func_output(out)
@@ -128,7 +158,11 @@ def measure(name: str, layer: Layer, rounds: int, unrolled_max_nnz: int) -> dict
         for kernel in KERNELS
         if kernel != "unrolled" or np.count_nonzero(layer_weight(layer)) <= unrolled_max_nnz
     }
-    row["unrolled_us"] = row["unrolled_build_s"] = None
+    row["unrolled_us"] = row["unrolled_build_s"] = row["torch_us"] = None
+    torch_run = _torch_run(layer, x.numpy())
+    if torch_run is not None:
+        outputs["torch"] = torch_run()
+        timers["torch"] = lambda _x: _Seconds(torch_run, 10)
     for label, build in builds.items():
         report = sp.SparsityReport()
         start = time.perf_counter()
@@ -148,8 +182,48 @@ def measure(name: str, layer: Layer, rounds: int, unrolled_max_nnz: int) -> dict
     (candidate,) = find_candidates("main", mod["main"])
     row["default"] = tuning.default_cpu_kernel(candidate.problem)
     row["speedup"] = row["tvm_us"] / row[f"{row['default']}_us"]
+    row["speedup_torch"] = row["torch_us"] / row[f"{row['default']}_us"] if row["torch_us"] else None
     row["max_rel_error"] = max(_error(outputs["tvm"], outputs[kernel]) for kernel in outputs)
     return row
+
+
+def _torch_run(layer: Layer, x: np.ndarray):
+    """A function computing the layer (with its ReLU) densely in PyTorch on the CPU, its output
+    in the layer's layout as numpy; None without torch."""
+    try:
+        import torch
+        import torch.nn.functional as F  # noqa: N812
+    except ImportError:
+        return None
+    torch.set_num_threads(os.cpu_count())
+    weight, k, s = torch.from_numpy(layer_weight(layer)), layer.kernel, layer.stride
+    nhwc = layer.layout == "NHWC"
+    data = torch.from_numpy(x).permute(0, 3, 1, 2) if nhwc else torch.from_numpy(x)  # NHWC: channels-last memory
+    if layer.transposed:
+        def conv(data):
+            return F.conv_transpose2d(data, weight, stride=s, padding=(k - s + 1) // 2, output_padding=(k - s) % 2,
+                                      groups=layer.groups)
+    else:
+        def conv(data):
+            return F.conv2d(data, weight, stride=s, padding=layer.dilation * (k // 2), dilation=layer.dilation,
+                            groups=layer.groups)
+
+    def run():
+        with torch.no_grad():
+            y = torch.relu(conv(data))
+        return (y.permute(0, 2, 3, 1) if nhwc else y).numpy()
+
+    return run
+
+
+class _Seconds:
+    """Mean seconds of ``number`` calls of ``run``, as the time evaluator's result gives it."""
+
+    def __init__(self, run, number: int):
+        start = time.perf_counter()
+        for _ in range(number):
+            run()
+        self.mean = (time.perf_counter() - start) / number
 
 
 def _error(reference, output) -> float:
@@ -179,13 +253,15 @@ def main():
         f"`python benchmarks/conv_cpu.py --suite {args.suite} --rounds {args.rounds} --unrolled-max-nnz "
         f"{args.unrolled_max_nnz}`: median of the alternating rounds (fastest-slowest round in brackets); "
         "`-`: the kernel does not take the layer, or was not built.", "",
-        "| layer | weights | TVM | CSR kernel | unrolled kernel | depthwise kernel | default | default vs TVM "
-        "| max error | CSR build | unrolled build | depthwise build |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| layer | weights | TVM | PyTorch (dense) | CSR kernel | unrolled kernel | depthwise kernel | default "
+        "| default vs TVM | default vs PyTorch | max error | CSR build | unrolled build | depthwise build |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    lines += [f"| {r['layer']} | {r['weights']:,} | {_us(r, 'tvm')} | {_us(r, 'csr')} | {_us(r, 'unrolled')} "
-              f"| {_us(r, 'depthwise')} | {r['default']} | {r['speedup']:.2f}x | {r['max_rel_error']:.1e} "
-              f"| {_build(r, 'csr')} | {_build(r, 'unrolled')} | {_build(r, 'depthwise')} |" for r in rows]
+    lines += [f"| {r['layer']} | {r['weights']:,} | {_us(r, 'tvm')} | {_us(r, 'torch')} | {_us(r, 'csr')} "
+              f"| {_us(r, 'unrolled')} | {_us(r, 'depthwise')} | {r['default']} | {r['speedup']:.2f}x "
+              f"| {'-' if r['speedup_torch'] is None else format(r['speedup_torch'], '.2f') + 'x'} "
+              f"| {r['max_rel_error']:.1e} | {_build(r, 'csr')} | {_build(r, 'unrolled')} | {_build(r, 'depthwise')} |"
+              for r in rows]
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

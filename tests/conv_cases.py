@@ -116,18 +116,24 @@ class ConvCase:
         windows = windows.reshape(windows.shape[0], g, -1, *windows.shape[2:])
         filters = self.weight.astype(np.float64).reshape(g, self.M // g, -1, kh, kw)
         out = np.einsum("bgcyxij,gmcij->bgmyx", windows, filters).reshape(x.shape[0], self.M, *windows.shape[3:5])
-        if "bias" in self.epilogue:
-            out = out + self.bias.astype(np.float64)[None, :, None, None]
-        if self.layout == "NHWC":
-            out = np.moveaxis(out, 1, -1)
-        for op in self.epilogue:
-            if op == "relu":
-                out = np.maximum(out, 0)
-            elif op == "relu6":
-                out = np.clip(out, 0, 6)
-            elif op == "residual":
-                out = out + arrays[1]
-        return out
+        return finish(out, self.epilogue, self.bias, self.layout, arrays)
+
+
+def finish(out: np.ndarray, epilogue, bias, layout: str, arrays) -> np.ndarray:
+    """A reference convolution's NCHW sums through the bias, into ``layout``, then through
+    the rest of ``epilogue`` (a residual is ``arrays[1]``)."""
+    if "bias" in epilogue:
+        out = out + bias.astype(np.float64)[None, :, None, None]
+    if layout == "NHWC":
+        out = np.moveaxis(out, 1, -1)
+    for op in epilogue:
+        if op == "relu":
+            out = np.maximum(out, 0)
+        elif op == "relu6":
+            out = np.clip(out, 0, 6)
+        elif op == "residual":
+            out = out + arrays[1]
+    return out
 
 
 def make_conv(rng, m, c, kernel, size, density, dtype="float32", groups=1, **options) -> ConvCase:

@@ -12,11 +12,13 @@ import tvm
 import tvm_ffi
 from tvm import relax, tirx
 
+from conv_cases import finish
 from helpers import CPU_TARGET, Compiled, assert_close, cuda_target, sparse_matrix
 import sparsert_tvm as sp
 from sparsert_tvm import SparsifyWeights, report_of
 from sparsert_tvm.schedules.cuda import rule as cuda_rule
 from sparsert_tvm.weights import phase_filters
+from test_conv import check  # of any case with module(), inputs(), reference() and dtype
 from test_cuda_codegen import needs_ptxas
 
 
@@ -56,6 +58,10 @@ class TransposedCase:
     @property
     def M(self):  # noqa: N802
         return self.weight.shape[1] * self.groups
+
+    @property
+    def dtype(self):
+        return str(self.weight.dtype)
 
     def x_shape(self, batch):
         (h, w), c = self.geometry.size, self.weight.shape[0]
@@ -128,16 +134,7 @@ class TransposedCase:
         top, left = g.padding[:2]
         (oh, ow) = self.out_size
         out = full.reshape(x.shape[0], self.M, rows, cols)[:, :, top : top + oh, left : left + ow]
-        if "bias" in self.epilogue:
-            out = out + self.bias.astype(np.float64)[None, :, None, None]
-        if self.layout == "NHWC":
-            out = np.moveaxis(out, 1, -1)
-        for op in self.epilogue:
-            if op == "relu":
-                out = np.maximum(out, 0)
-            elif op == "residual":
-                out = out + arrays[1]
-        return out
+        return finish(out, self.epilogue, self.bias, self.layout, arrays)
 
 
 def transposed(rng, name, layout="NCHW", density=0.3, channels=6, m=4, groups=1, **options) -> TransposedCase:
@@ -146,16 +143,6 @@ def transposed(rng, name, layout="NCHW", density=0.3, channels=6, m=4, groups=1,
     weight = sparse_matrix(rng, (channels, int(np.prod(shape[1:]))), density).reshape(shape)
     bias = rng.standard_normal(m).astype("float32") if "bias" in options.get("epilogue", ()) else None
     return TransposedCase(weight, geometry, groups, layout, bias=bias, **options)
-
-
-def check(case: TransposedCase, target, batches=(1, 3), **options):
-    compiled = Compiled(case.module(), target, **options)
-    assert [layer.decision for layer in compiled.report] == ["sparse"], compiled.report.table()
-    rng = np.random.default_rng(0)
-    for batch in batches:
-        arrays = case.inputs(rng, batch)
-        assert_close(compiled(*arrays), case.reference(arrays))
-    return compiled.report
 
 
 @pytest.mark.parametrize("layout", ["NCHW", "NHWC"])

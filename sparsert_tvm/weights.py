@@ -111,29 +111,36 @@ def spread_dilated(filters: np.ndarray, dilation: tuple[int, int]) -> np.ndarray
     return spread
 
 
-def phase_filters(filters: np.ndarray, groups: int, stride: tuple[int, int], dilation: tuple[int, int]) -> np.ndarray:
+def phase_filters(
+    filters: np.ndarray, groups: int, stride: tuple[int, int], dilation: tuple[int, int], crop: tuple[int, int]
+) -> tuple[np.ndarray, tuple[int, int]]:
     """A transposed convolution's IOHW filters as the OIHW filters of one stride-1 convolution
-    of its input that computes all its output phases at once.
+    of its input that computes all its output phases at once, and that convolution's top and
+    left padding.
 
-    Output row ``s * q + r`` (before the transposed convolution's padding is cropped) sums
-    the taps ``ky`` with ``ky * d % s == r``, each reading input row ``q - ky * d // s``: so
-    phase ``r`` is a convolution of the input with those taps, flipped into a window of
-    ``T + 1`` rows, ``T = (k - 1) * d // s``, padded by ``T`` on top. Each output channel
-    becomes ``sh * sw`` channels, one per phase (channel ``c * sh * sw + ry * sw + rx``, so
-    groups stay contiguous), to be interleaved into rows and columns again. Every tap lands
-    in exactly one phase, so the nonzeros are the model's; the zeros the other taps leave are
-    skipped like any other."""
+    With ``crop`` rows cut from the top of the full output (the transposed convolution's
+    padding), output row ``s * q + r`` sums the taps ``ky`` with ``(ky * d - crop) % s == r``,
+    each reading input row ``q - t``, ``t = (ky * d - crop) // s``: so phase ``r`` is a
+    convolution of the input with those taps, flipped into a window that spans every phase's
+    offsets (``max(t, 0) - min(t) + 1`` rows, padded by ``max(t, 0)`` on top), and row ``q``
+    of every phase is the model's, nothing to crop at the top. Each output channel becomes
+    ``sh * sw`` channels, one per phase (channel ``c * sh * sw + ry * sw + rx``, so groups stay
+    contiguous), to be interleaved into rows and columns again. Every tap lands in exactly one
+    phase, so the nonzeros are the model's; the zeros the other taps leave are skipped like
+    any other."""
     inputs, group_outputs, kh, kw = filters.shape
     group_inputs = inputs // groups
     # [out channel, its group's input channel, ky, kx], out channels numbered group by group
     as_conv = filters.reshape(groups, group_inputs, group_outputs, kh, kw).transpose(0, 2, 1, 3, 4)
     as_conv = as_conv.reshape(groups * group_outputs, group_inputs, kh, kw)
-    (sh, sw), (dh, dw) = stride, dilation
-    th, tw = (kh - 1) * dh // sh, (kw - 1) * dw // sw
-    phased = np.zeros((groups * group_outputs, sh, sw, group_inputs, th + 1, tw + 1), filters.dtype)
-    for ky in range(kh):
-        ry, qy = ky * dh % sh, th - ky * dh // sh
-        for kx in range(kw):
-            rx, qx = kx * dw % sw, tw - kx * dw // sw
-            phased[:, ry, rx, :, qy, qx] = as_conv[:, :, ky, kx]
-    return phased.reshape(groups * group_outputs * sh * sw, group_inputs, th + 1, tw + 1)
+    # Per axis and tap: (phase, offset t); the window's top padding and size.
+    taps = [[divmod(k * d - c, s)[::-1] for k in range(size)]
+            for size, s, d, c in zip((kh, kw), stride, dilation, crop)]
+    top = [max(0, max(t for _, t in axis)) for axis in taps]
+    window = [p - min(t for _, t in axis) + 1 for p, axis in zip(top, taps)]
+    (sh, sw) = stride
+    phased = np.zeros((groups * group_outputs, sh, sw, group_inputs, *window), filters.dtype)
+    for ky, (ry, ty) in enumerate(taps[0]):
+        for kx, (rx, tx) in enumerate(taps[1]):
+            phased[:, ry, rx, :, top[0] - ty, top[1] - tx] = as_conv[:, :, ky, kx]
+    return phased.reshape(groups * group_outputs * sh * sw, group_inputs, *window), tuple(top)

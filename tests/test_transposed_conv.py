@@ -190,8 +190,9 @@ def test_the_report_and_the_threshold_see_the_models_weight():
 def test_phase_filters_hold_each_tap_once():
     rng = np.random.default_rng(5)
     weight = rng.standard_normal((4, 3, 5, 3)).astype("float32")  # IOHW, groups of 2 inputs
-    filters = phase_filters(weight, groups=2, stride=(3, 2), dilation=(2, 1))
-    assert filters.shape == (3 * 2 * 6, 2, 3, 2)  # T + 1 = (5 - 1) * 2 // 3 + 1 and (3 - 1) // 2 + 1
+    filters, top = phase_filters(weight, groups=2, stride=(3, 2), dilation=(2, 1), crop=(4, 0))
+    # Offsets (k * d - crop) // s: rows -2, -1, 0, 0, 1 (padded by 1, a window of 4); columns 0, 0, 1.
+    assert filters.shape == (3 * 2 * 6, 2, 4, 2) and top == (1, 1)
     assert sorted(filters[filters != 0]) == sorted(weight.reshape(-1))
 
 

@@ -104,7 +104,7 @@ def _analyse_transposed(candidate: Candidate, call, data, dims, dtype, w, layout
     """A transposed convolution of kernel ``w`` (IOHW) over ``data`` (4-D ``dims`` in
     ``layout``), padded by ``padding`` (top, left, bottom, right: rows and columns cropped
     from the full output), as one stride-1 convolution of ``phase_filters`` whose output
-    channels ``unshuffle`` interleaves into the model's output."""
+    channels ``unshuffle`` interleaves (and crops at the end) into the model's output."""
     groups = candidate.groups
     inputs, _, kh, kw = w.shape
     _name_conv(candidate, call, f"{kind}_transpose", (kh, kw), stride, dilation, group_inputs=inputs // max(groups, 1))
@@ -117,23 +117,21 @@ def _analyse_transposed(candidate: Candidate, call, data, dims, dtype, w, layout
     spatial = (dims[1:3], out_dims[1:3]) if channels_last else (dims[2:], out_dims[2:])
     if not all(isinstance(d, tirx.IntImm) for d in spatial[0] + spatial[1]):
         raise Rejected("transposed convolution of a dynamic spatial size")
-    filters = phase_filters(w, groups, stride, dilation)
+    filters, top = phase_filters(w, groups, stride, dilation, crop=padding[:2])
     ungrouped = ungrouped_filters(filters, groups)
     if ungrouped.size > MAX_SPREAD_WEIGHTS:
         raise Rejected(f"its phase filters hold {ungrouped.size:,} weights, more than {MAX_SPREAD_WEIGHTS:,}")
     candidate.taps = (kh * kw, filters.shape[2] * filters.shape[3])
     candidate.weight = SparseMatrix.from_dense(ungrouped.reshape(ungrouped.shape[0], -1))
-    # Per axis: the phase filters' window of T + 1 taps, padded by T on top, computes the full
-    # output from row 0; where the model crops a whole number of strides, the window starts
-    # that many rows later (less padding), and the rest is cropped from the interleaved rows.
-    conv_padding, begin, computed = [0] * 4, [], []
-    for axis, (taps, s, crop, size, out) in enumerate(zip(filters.shape[2:], stride, padding, spatial[0], spatial[1])):
-        skipped = min(crop // s, taps - 1)
-        rows = max(-(-(crop - skipped * s + int(out)) // s), int(size) - skipped)  # of the phase convolution
-        conv_padding[axis], conv_padding[axis + 2] = taps - 1 - skipped, rows - int(size) + skipped
-        begin.append(crop - skipped * s)
+    # Per axis: ceil(out / s) rows of each phase hold the model's output (bottom padding to
+    # reach them); where the window's own padding gives more, the interleave crops the excess.
+    conv_padding, computed = [0] * 4, []
+    for axis, (window, s, pad, size, out) in enumerate(zip(filters.shape[2:], stride, top, spatial[0], spatial[1])):
+        unpadded = int(size) + pad - window + 1
+        rows = max(-(-int(out) // s), unpadded)
+        conv_padding[axis], conv_padding[axis + 2] = pad, rows - unpadded
         computed.append(rows)
-    unshuffle = Unshuffle(tuple(stride), tuple(begin), tuple(int(d) for d in spatial[1]), channels_last)
+    unshuffle = Unshuffle(tuple(stride), tuple(int(d) for d in spatial[1]), channels_last)
     if not unshuffle.is_identity(tuple(computed)):
         candidate.unshuffle = unshuffle
     _conv_problem(candidate, call, data, dims, dtype, ungrouped, layout, (1, 1), tuple(conv_padding))

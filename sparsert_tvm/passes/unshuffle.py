@@ -1,6 +1,7 @@
 """Reading a transposed convolution's output out of the phase convolution that computes it
 (``weights.phase_filters``): each output channel's phases interleaved into rows and
-columns (as a pixel shuffle does), then the model's window cropped."""
+columns (as a pixel shuffle does), then cropped to the model's rows and columns (the last
+row of phases may hold some beyond them)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,6 @@ from tvm import relax, tirx
 @dataclass(frozen=True)
 class Unshuffle:
     phases: tuple[int, int]  # the transposed convolution's stride: phases per row and column
-    begin: tuple[int, int]  # first row and column of the model's output in the interleaved one
     size: tuple[int, int]  # rows and columns of the model's output
     channels_last: bool
 
@@ -22,27 +22,27 @@ class Unshuffle:
 
     def is_identity(self, computed: tuple[int, int]) -> bool:
         """Whether a phase convolution of ``computed`` rows and columns is the output as is."""
-        return self.phases == (1, 1) and self.begin == (0, 0) and computed == self.size
+        return self.phases == (1, 1) and computed == self.size
 
     def emit(self, builder, y: relax.Expr, dims: list) -> tuple[relax.Expr, list]:
-        """The model's output (and its 4-D dims) from the phase convolution's ``y`` of 4-D
-        ``dims`` (NCHW or NHWC, channels ``c * sh * sw + ry * sw + rx``)."""
+        """The model's output (unbound) and its 4-D dims, from the phase convolution's ``y``
+        of 4-D ``dims`` (NCHW or NHWC, channels ``c * sh * sw + ry * sw + rx``)."""
         (sh, sw), op = self.phases, relax.op
         if self.channels_last:
             n, rows, cols, channels = dims
-            spatial = [1, 2]
-            if self.phases != (1, 1):
-                y = builder.emit(op.reshape(y, [n, rows, cols, channels // (sh * sw), sh, sw]))
-                y = builder.emit(op.permute_dims(y, [0, 1, 4, 2, 5, 3]))  # n, rows, sh, cols, sw, c
-                y = builder.emit(op.reshape(y, [n, rows * sh, cols * sw, channels // (sh * sw)]))
+            channels = channels // (sh * sw)
+            split, spatial = [n, rows, cols, channels, sh, sw], [1, 2]  # permuted: n, rows, sh, cols, sw, c
+            interleaved = [n, rows * sh, cols * sw, channels]
+            out = [n, *self.size, channels]
         else:
             n, channels, rows, cols = dims
-            spatial = [2, 3]
-            if self.phases != (1, 1):
-                y = builder.emit(op.reshape(y, [n, channels // (sh * sw), sh, sw, rows, cols]))
-                y = builder.emit(op.permute_dims(y, [0, 1, 4, 2, 5, 3]))  # n, c, rows, sh, cols, sw
-                y = builder.emit(op.reshape(y, [n, channels // (sh * sw), rows * sh, cols * sw]))
-        end = [b + s for b, s in zip(self.begin, self.size)]
-        size = [tirx.IntImm("int64", s) for s in self.size]
-        out = [n, *size, channels // (sh * sw)] if self.channels_last else [n, channels // (sh * sw), *size]
-        return op.strided_slice(y, axes=spatial, begin=list(self.begin), end=end, assume_inbound=True), out
+            channels = channels // (sh * sw)
+            split, spatial = [n, channels, sh, sw, rows, cols], [2, 3]  # permuted: n, c, rows, sh, cols, sw
+            interleaved = [n, channels, rows * sh, cols * sw]
+            out = [n, channels, *self.size]
+        if self.phases != (1, 1):
+            permuted = builder.emit(op.permute_dims(builder.emit(op.reshape(y, split)), [0, 1, 4, 2, 5, 3]))
+            y = op.reshape(permuted, interleaved)
+        if (int(rows) * sh, int(cols) * sw) != self.size:
+            y = op.strided_slice(builder.emit(y), axes=spatial, begin=[0, 0], end=list(self.size), assume_inbound=True)
+        return y, [tirx.IntImm("int64", d) if isinstance(d, int) else d for d in out]

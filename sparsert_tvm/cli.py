@@ -296,7 +296,7 @@ def random_inputs(mod) -> list:
 @click.option("--keep-scale", is_flag=True, help="scale each pruned layer back to its weight norm "
               "(for randomly initialised models, whose signal would otherwise fade with depth)")
 def prune(model, sparsity, output, prune_first_conv, prune_depthwise, prune_classifier, keep_scale):
-    """Magnitude-prune the Conv / Gemm / MatMul weights of an ONNX MODEL (unstructured)."""
+    """Magnitude-prune the Conv / ConvTranspose / Gemm / MatMul weights of an ONNX MODEL (unstructured)."""
     import onnx
 
     from .prune import prune_model

@@ -69,13 +69,21 @@ def _check_tvm_builds(mod: tvm.IRModule) -> None:
     if not left:
         return
     layouts = sorted({f"{call.op.name.split('.')[-1]} in {call.attrs.data_layout}" for call in left})
-    declined = [f"{layer.name} ({layer.op}): {layer.reason}" for layer in report_of(mod).layers
-                if "_transpose" in layer.op and layer.decision == "dense"]
+    layers = report_of(mod).layers
+    declined = [f"{layer.name} ({layer.op}): {layer.reason}" for layer in layers if _declined_unbuildable(layer)]
     raise UnbuildableByTvm(
         f"TVM {tvm.__version__} cannot build {', '.join(layouts)}, and the pass left {len(left)} to TVM: "
         f"{'; '.join(declined)}. Have them rewritten (a higher density_threshold, or a kernel_config that takes "
         "them) or give the model NCHW inputs."
     )
+
+
+def _declined_unbuildable(layer) -> bool:
+    """Whether the pass left ``layer`` to TVM in a layout TVM cannot build (the report's op
+    names both, e.g. ``conv2d_transpose 4x4 /2 NHWC``)."""
+    words = layer.op.split()
+    supported = _UNBUILDABLE_LAYOUTS.get(f"relax.nn.{words[0]}")
+    return layer.decision == "dense" and supported is not None and words[-1] != supported
 
 
 def _unbuildable(expr) -> bool:

@@ -19,33 +19,40 @@ MAX_SPREAD_WEIGHTS = 1 << 25
 
 
 def analyse_conv2d(candidate: Candidate, call, var2val):
-    data, weight = call.args
-    attrs = call.attrs
-    w = _conv_weight(candidate, weight, attrs, "OIHW", var2val)
-    stride, padding = tuple(int(s) for s in attrs.strides), tuple(int(p) for p in attrs.padding)
-    dilation = tuple(int(d) for d in attrs.dilation)
-    dims, dtype = tensor_dims(data, "input")
-    _analyse_conv(candidate, call, data, dims, dtype, w, str(attrs.data_layout), stride, dilation, padding)
+    _analyse_conv(candidate, call, *_geometry(candidate, call, "OIHW", var2val))
 
 
 def analyse_conv1d(candidate: Candidate, call, var2val):
-    """A 1-D convolution is a 2-D one of a kernel one row high over an image one row high:
-    the kernels see its input ``[N, C, L]`` (``[N, L, C]``) as ``[N, C, 1, L]``
-    (``[N, 1, L, C]``), a view."""
-    w, layout, data, dims, dtype = _as_2d(candidate, call, "OIW", var2val)
-    left, right = (int(p) for p in call.attrs.padding)
-    stride, dilation = (1, int(call.attrs.strides[0])), (1, int(call.attrs.dilation[0]))
-    _analyse_conv(candidate, call, data, dims, dtype, w, layout, stride, dilation, (0, left, 0, right), "conv1d")
+    _analyse_conv(candidate, call, *_geometry(candidate, call, "OIW", var2val))
 
 
-def _as_2d(candidate: Candidate, call, kernel_layout: str, var2val):
-    """A 1-D convolution's kernel (OIW or IOW) one row high, its layout and its input's
-    dims as the 2-D ones the kernels see."""
+def analyse_conv2d_transpose(candidate: Candidate, call, var2val):
+    _analyse_transposed(candidate, call, *_geometry(candidate, call, "IOHW", var2val))
+
+
+def analyse_conv1d_transpose(candidate: Candidate, call, var2val):
+    _analyse_transposed(candidate, call, *_geometry(candidate, call, "IOW", var2val))
+
+
+def _geometry(candidate: Candidate, call, kernel_layout: str, var2val) -> tuple:
+    """``(data, dims, dtype, kernel, layout, stride, dilation, padding, kind)`` of a
+    convolution whose constant kernel comes in ``kernel_layout``'s order (OIHW, OIW, IOHW or
+    IOW), as the 2-D kernels see it: a 1-D convolution is a 2-D one of a kernel one row high
+    over an image one row high, its input ``[N, C, L]`` (``[N, L, C]``) seen as
+    ``[N, C, 1, L]`` (``[N, 1, L, C]``), a view."""
     data, weight = call.args
-    w = _conv_weight(candidate, weight, call.attrs, kernel_layout, var2val)[:, :, None, :]
-    layout = {"NCW": "NCHW", "NWC": "NHWC"}.get(str(call.attrs.data_layout), str(call.attrs.data_layout))
+    attrs = call.attrs
+    w = _conv_weight(candidate, weight, attrs, kernel_layout, var2val)
     dims, dtype = tensor_dims(data, "input")
-    return w, layout, data, _one_row(dims, layout), dtype
+    layout = str(attrs.data_layout)
+    stride, dilation = tuple(int(s) for s in attrs.strides), tuple(int(d) for d in attrs.dilation)
+    padding = tuple(int(p) for p in attrs.padding)
+    if len(kernel_layout) == 4:
+        return data, dims, dtype, w, layout, stride, dilation, padding, "conv2d"
+    layout = {"NCW": "NCHW", "NWC": "NHWC"}.get(layout, layout)
+    (left, right) = padding
+    return (data, _one_row(dims, layout), dtype, w[:, :, None, :], layout, (1, *stride), (1, *dilation),
+            (0, left, 0, right), "conv1d")
 
 
 def _one_row(dims: list, layout: str) -> list:
@@ -55,23 +62,6 @@ def _one_row(dims: list, layout: str) -> list:
         return dims
     row = 2 if layout == "NCHW" else 1
     return dims[:row] + [tirx.IntImm("int64", 1)] + dims[row:]
-
-
-def analyse_conv2d_transpose(candidate: Candidate, call, var2val):
-    data, weight = call.args
-    attrs = call.attrs
-    w = _conv_weight(candidate, weight, attrs, "IOHW", var2val)
-    stride, dilation = tuple(int(s) for s in attrs.strides), tuple(int(d) for d in attrs.dilation)
-    dims, dtype = tensor_dims(data, "input")
-    padding = tuple(int(p) for p in attrs.padding)
-    _analyse_transposed(candidate, call, data, dims, dtype, w, str(attrs.data_layout), stride, dilation, padding)
-
-
-def analyse_conv1d_transpose(candidate: Candidate, call, var2val):
-    w, layout, data, dims, dtype = _as_2d(candidate, call, "IOW", var2val)
-    left, right = (int(p) for p in call.attrs.padding)
-    stride, dilation = (1, int(call.attrs.strides[0])), (1, int(call.attrs.dilation[0]))
-    _analyse_transposed(candidate, call, data, dims, dtype, w, layout, stride, dilation, (0, left, 0, right), "conv1d")
 
 
 def _conv_weight(candidate: Candidate, weight, attrs, layout: str, var2val) -> np.ndarray:
@@ -88,7 +78,7 @@ def _conv_weight(candidate: Candidate, weight, attrs, layout: str, var2val) -> n
     return np.transpose(w, [kernel_layout.index(axis) for axis in layout])
 
 
-def _analyse_conv(candidate: Candidate, call, data, dims, dtype, w, layout, stride, dilation, padding, kind="conv2d"):
+def _analyse_conv(candidate: Candidate, call, data, dims, dtype, w, layout, stride, dilation, padding, kind):
     """A convolution of kernel ``w`` (OIHW) over ``data``, seen as the 4-D ``dims`` in
     ``layout`` (NCHW or NHWC)."""
     groups = candidate.groups
@@ -99,8 +89,7 @@ def _analyse_conv(candidate: Candidate, call, data, dims, dtype, w, layout, stri
     _conv_problem(candidate, call, data, dims, dtype, w, layout, stride, padding)
 
 
-def _analyse_transposed(candidate: Candidate, call, data, dims, dtype, w, layout, stride, dilation, padding,
-                        kind="conv2d"):
+def _analyse_transposed(candidate: Candidate, call, data, dims, dtype, w, layout, stride, dilation, padding, kind):
     """A transposed convolution of kernel ``w`` (IOHW) over ``data`` (4-D ``dims`` in
     ``layout``), padded by ``padding`` (top, left, bottom, right: rows and columns cropped
     from the full output), as one stride-1 convolution of ``phase_filters`` whose output

@@ -144,3 +144,36 @@ def phase_filters(
         for kx, (rx, tx) in enumerate(taps[1]):
             phased[:, ry, rx, :, top[0] - ty, top[1] - tx] = as_conv[:, :, ky, kx]
     return phased.reshape(groups * group_outputs * sh * sw, group_inputs, *window), tuple(top)
+
+
+def one_pixel_rows(
+    filters: np.ndarray,
+    groups: int,
+    dilation: tuple[int, int],
+    crop: tuple[int, int],
+    out_size: tuple[int, int],
+    channels_last: bool,
+) -> tuple[np.ndarray, np.ndarray]:
+    """A transposed convolution of a one-pixel input (a generator's projection of its latent
+    vector) as a matmul of the input's channels: output pixel ``(y, x)`` holds only the tap
+    with ``ky * dh - crop_top == y`` and ``kx * dw - crop_left == x``, so each output element
+    is one row of weights over the input channels (zero where no tap lands there; a grouped
+    kernel's rows zero outside their group). Returns the rows ``[outputs * oh * ow, inputs]``
+    in the order the output lies in memory (NCHW: channel, y, x; NHWC: y, x, channel) and
+    each row's output channel."""
+    inputs, group_outputs, kh, kw = filters.shape
+    group_inputs = inputs // groups
+    (oh, ow), (dh, dw), (top, left) = out_size, dilation, crop
+    rows = np.zeros((groups, group_outputs, oh, ow, groups, group_inputs), filters.dtype)
+    grouped = filters.reshape(groups, group_inputs, group_outputs, kh, kw)
+    for ky in range(kh):
+        for kx in range(kw):
+            y, x = ky * dh - top, kx * dw - left
+            if 0 <= y < oh and 0 <= x < ow:
+                for g in range(groups):
+                    rows[g, :, y, x, g] = grouped[g, :, :, ky, kx].T
+    rows = rows.reshape(groups * group_outputs, oh, ow, inputs)
+    channels = np.arange(groups * group_outputs)
+    if channels_last:
+        return rows.transpose(1, 2, 0, 3).reshape(-1, inputs), np.tile(channels, oh * ow)
+    return rows.reshape(-1, inputs), np.repeat(channels, oh * ow)

@@ -24,8 +24,9 @@ FULL_SIZE = {  # builder, sparse layers expected on CUDA at 90% and 95% (of all 
     "bert_base_2_layers": (lambda rng: models.bert_encoder(rng, layers=2), 8, 12),
     # 12 layers: 85M weights to draw, serialise and import (~10 s on 2 cores)
     "bert_base": (lambda rng: models.bert_encoder(rng), 48, 72),
-    # Its first layer (the latent's projection, 819k weights) is kept dense by the pruning.
-    "dcgan": (lambda rng: models.dcgan_generator(rng), 4, 5),
+    # Its first layer (the latent's projection, 819k weights) is kept dense by the pruning,
+    # and rewritten at any density: the CSR kernel runs it (a matmul of 1 column).
+    "dcgan": (lambda rng: models.dcgan_generator(rng), 5, 5),
 }
 DENSE_REASONS = ("density 1.000 above threshold", "depthwise", "weight is not a constant")
 
@@ -44,7 +45,8 @@ def test_full_size_models_import_and_the_pass_finds_their_layers(name):
     assert (len(report.sparse_layers), len(report.layers)) == (sparse, layers), report.table()
     for layer in report.sparse_layers:
         small = "small convolution" in layer.reason and layer.nnz <= sp.SMALL_CONVOLUTION_NNZ
-        assert small or 0.09 <= layer.density <= 0.11, layer  # magnitude pruning per layer at 90%
+        dense_transposed = "a transposed convolution (any density)" in layer.reason and layer.density == 1
+        assert small or dense_transposed or 0.09 <= layer.density <= 0.11, layer  # magnitude pruning per layer at 90%
     for layer in report.layers:
         assert layer.sparse or any(reason in layer.reason for reason in DENSE_REASONS), layer.reason
 

@@ -17,7 +17,9 @@ from helpers import CPU_TARGET, Compiled, assert_close, cuda_target, sparse_matr
 import sparsert_tvm as sp
 from sparsert_tvm import SparsifyWeights, report_of
 from sparsert_tvm.schedules.cuda import rule as cuda_rule
-from sparsert_tvm.weights import phase_filters
+from sparsert_tvm.passes.candidates import find_candidates
+from sparsert_tvm.problem import Layout
+from sparsert_tvm.weights import one_pixel_rows, phase_filters
 from test_conv import check  # of any case with module(), inputs(), reference() and dtype
 from test_cuda_codegen import needs_ptxas
 
@@ -39,7 +41,20 @@ GEOMETRIES = {
     "1x1/2": Geometry((1, 1), (2, 2), size=(4, 3)),  # three phases of four hold no tap
     "3x3/2-crop-beyond-window": Geometry((3, 3), (2, 2), (3, 2, 0, 1), size=(5, 4)),
     "5x3/3x2-dilated-2x1": Geometry((5, 3), (3, 2), (2, 0, 1, 1), (2, 1), (2, 1), size=(4, 5)),
+    # One input pixel: a matmul whose rows are the output's elements (``one_pixel_rows``).
+    "4x4/1-one-pixel": Geometry((4, 4), (1, 1), size=(1, 1)),  # DCGAN's projection of its latent vector
+    "3x3/2-one-pixel-cropped-dilated": Geometry((3, 3), (2, 2), (1, 0, 0, 1), (1, 1), (2, 1), size=(1, 1)),
 }
+
+
+def landing_taps(case) -> int:
+    """Nonzeros of the taps that land in the output (of one input pixel, some may be cropped)."""
+    g = case.geometry
+    if g.size != (1, 1):
+        return np.count_nonzero(case.weight)
+    inside = [[0 <= k * d - top < out for k in range(size)]
+              for size, d, top, out in zip(g.kernel, g.dilation, g.padding[:2], case.out_size)]
+    return np.count_nonzero(case.weight[:, :, inside[0], :][:, :, :, inside[1]])
 
 
 @dataclass
@@ -149,15 +164,49 @@ def transposed(rng, name, layout="NCHW", density=0.3, channels=6, m=4, groups=1,
 @pytest.mark.parametrize("name", GEOMETRIES)
 def test_geometries(target, layout, name):
     """Every geometry, with a bias and ReLU (fused into the kernel, each channel's bias
-    repeated over its phases) and a residual (left to TVM, after the phases are
-    interleaved; fused where stride 1 needs none): equal to the definition, at a symbolic
-    batch of 1 and 3."""
+    repeated over its phases or pixels) and a residual (left to TVM, after the phases are
+    interleaved; fused where stride 1 or one input pixel needs none): equal to the
+    definition, at a symbolic batch of 1 and 3."""
     case = transposed(np.random.default_rng(1), name, layout, epilogue=("bias", "relu", "residual"))
     (layer,) = check(case, target)
-    fused = ["bias", "relu"] + (["residual"] if case.geometry.stride == (1, 1) else [])
-    assert layer.op.startswith("conv2d_transpose") and layer.epilogue == fused
+    in_place = case.geometry.stride == (1, 1) or case.geometry.size == (1, 1)
+    assert layer.op.startswith("conv2d_transpose") and layer.epilogue == ["bias", "relu"] + ["residual"] * in_place
     kh, kw = case.geometry.kernel
-    assert (layer.M, layer.K, layer.nnz) == (case.M, 6 * kh * kw, np.count_nonzero(case.weight))  # the model's
+    assert (layer.M, layer.K, layer.nnz) == (case.M, 6 * kh * kw, landing_taps(case))  # the model's
+
+
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+def test_one_input_pixel_is_a_matmul(layout):
+    """A transposed convolution of a one-pixel input reads its input as ``[N, channels]``
+    and writes its output as ``[N, channels * pixels]``, the output's own order: no window
+    and no interleave, and the weight's rows hold each tap once."""
+    case = transposed(np.random.default_rng(11), "4x4/1-one-pixel", layout, epilogue=("bias",))
+    (candidate,) = find_candidates("main", case.module()["main"])
+    problem = candidate.problem
+    assert candidate.reason is None and candidate.unshuffle is None and problem.window is None
+    assert problem.layout is Layout.ROWS and (problem.M, problem.K) == (4 * 16, 6)
+    assert candidate.weight.nnz == np.count_nonzero(case.weight)
+    channel_of_row = np.repeat(np.arange(4), 16) if layout == "NCHW" else np.tile(np.arange(4), 16)
+    assert (candidate.row_channels == channel_of_row).all()
+    rows, _ = one_pixel_rows(case.weight, 1, (1, 1), (0, 0), (4, 4), layout == "NHWC")
+    expected = np.moveaxis(case.weight, 0, -1)  # [M, kh, kw, C]: pixel (y, x) holds tap (y, x)
+    assert_close(rows.reshape(4, 4, 4, 6) if layout == "NCHW" else rows.reshape(4, 4, 4, 6).transpose(2, 0, 1, 3),
+                 expected)
+
+
+def test_a_dense_one_pixel_projection_is_rewritten_on_cuda():
+    """TVM's CUDA conv2d_transpose is slow: under the default threshold a dense transposed
+    convolution is rewritten where the data-driven CSR kernel would run it (at most 8
+    columns), left to TVM where the unrolled kernel would."""
+    rng = np.random.default_rng(12)
+    weight = rng.standard_normal((64, 512, 4, 4)).astype("float32")
+    decisions = {}
+    for batch in (8, 16):
+        case = TransposedCase(weight, GEOMETRIES["4x4/1-one-pixel"], batch=batch)
+        (layer,) = report_of(SparsifyWeights(cuda_target(), dry_run=True)(case.module())).layers
+        decisions[batch] = (layer.decision, layer.params.get("kernel"), layer.reason)
+    assert decisions[8][:2] == ("sparse", "csr") and "a transposed convolution (any density)" in decisions[8][2]
+    assert decisions[16][0] == "dense" and "above threshold" in decisions[16][2]
 
 
 @pytest.mark.parametrize("density", [0.0, 0.1, 1.0])
@@ -196,11 +245,12 @@ def test_phase_filters_hold_each_tap_once():
     assert sorted(filters[filters != 0]) == sorted(weight.reshape(-1))
 
 
-def test_batch_norm_after_a_transposed_convolution_is_folded(target):
+@pytest.mark.parametrize("name", ["4x4/2", "4x4/1-one-pixel"])
+def test_batch_norm_after_a_transposed_convolution_is_folded(target, name):
     """A generator's ``conv_transpose -> batch_norm -> relu``: the norm's per-channel scale
-    and shift are repeated over each channel's phases."""
+    and shift are repeated over each channel's phases or pixels."""
     rng = np.random.default_rng(6)
-    case = transposed(rng, "4x4/2", epilogue=("bias",))
+    case = transposed(rng, name, epilogue=("bias",))
     m = case.M
     gamma, beta, mean = (rng.standard_normal(m).astype("float32") for _ in range(3))
     var = rng.uniform(0.5, 2, m).astype("float32")
@@ -289,6 +339,9 @@ COLUMN_LANES = {"kernel": "csr", "lanes": "columns"}
     ("1x1/2", "NHWC", COLUMN_LANES),
     ("4x4/2", "NHWC", {"kernel": "unrolled"}),
     ("4x4/2", "NCHW", COLUMN_LANES),  # through a window the CSR kernel takes NCHW, in column lanes
+    ("4x4/1-one-pixel", "NCHW", {"kernel": "csr"}),  # a matmul
+    ("4x4/1-one-pixel", "NHWC", {"kernel": "unrolled"}),
+    ("4x4/1-one-pixel", "NCHW", COLUMN_LANES),
 ], ids=str)
 def test_cuda_kernels(gpu_target, name, layout, kernel_config):
     """Each CUDA kernel, including the column lanes over a transposed X, whose output for a

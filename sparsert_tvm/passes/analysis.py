@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 from tvm import relax, tirx
 
 from ..problem import SpmmProblem
@@ -33,6 +34,9 @@ class Candidate:
     # kernel spread, a transposed convolution's phase filters.
     taps: tuple[int, int] = (1, 1)
     unshuffle: Unshuffle | None = None  # of a transposed convolution: its output from the kernel's
+    # The model's output channel of each row of the analysed weight, where a channel has
+    # several: a transposed convolution's phases, or the pixels of one over a single pixel.
+    row_channels: np.ndarray | None = None
     parts: tuple = ()  # the siblings this candidate combines (``siblings``), if any
 
     @property
@@ -42,12 +46,17 @@ class Candidate:
         transposed convolution)."""
         m, k = self.weight.shape
         held, analysed = self.taps
-        return m // self.phases, k // self.groups // analysed * held
+        return self.channels, k // self.groups // analysed * held
 
     @property
-    def phases(self) -> int:
-        """Rows of the analysed weight per output channel of the model."""
-        return self.unshuffle.phase_count if self.unshuffle is not None else 1
+    def channels(self) -> int:
+        """Output channels of the model's layer."""
+        rows = self.weight.shape[0]
+        return rows if self.row_channels is None else int(self.row_channels.max(initial=-1)) + 1
+
+    def per_row(self, values: np.ndarray) -> np.ndarray:
+        """Per-channel ``values`` (an epilogue's) for each row of the analysed weight."""
+        return values if self.row_channels is None else values[self.row_channels]
 
     @property
     def density(self) -> float:

@@ -221,18 +221,17 @@ def _folded_batch_norm(user, current, candidate: Candidate, ops: list, var2val, 
         return []
     out = outputs[0]
     rank = len(out.ty.shape.values)
-    problem = candidate.problem
     if int(attrs.axis) % rank != candidate.channel_axis % rank:
         return []
     gamma, beta, mean, variance = (constant_value(arg, var2val) for arg in call.args[1:])
-    m = problem.M // candidate.phases
+    m = candidate.channels
     if any(v is None or v.shape != (m,) for v in (gamma, beta, mean, variance)):
         return []
     with np.errstate(all="ignore"):
         deviation = np.sqrt(variance.astype(np.float64) + attrs.epsilon)
         scale = (gamma.astype(np.float64) if attrs.scale else 1.0) / deviation
         shift = (beta.astype(np.float64) if attrs.center else 0.0) - mean * scale
-    scale, shift = np.repeat(scale, candidate.phases), np.repeat(shift, candidate.phases)  # per row of the weight
+    scale, shift = candidate.per_row(scale), candidate.per_row(shift)
     if not (np.isfinite(scale).all() and np.isfinite(shift).all()):
         return []
     dense = candidate.weight.dense
@@ -340,17 +339,17 @@ def _prim_float(prim_value) -> float:
 
 
 def _bias(constant: np.ndarray, candidate: Candidate) -> BiasAdd | None:
-    """A constant added to the output is a bias if it varies only along the channels (of a
-    transposed convolution, repeated for each channel's phases)."""
+    """A constant added to the output is a bias if it varies only along the channels (each
+    channel's value repeated over its rows of the weight: see ``Candidate.row_channels``)."""
     problem = candidate.problem
     ndim = len(candidate.root.ty.shape.values)
     if str(constant.dtype) != problem.dtype or constant.ndim > ndim:
         return None
     shape = (1,) * (ndim - constant.ndim) + constant.shape
     channel_axis = candidate.channel_axis % ndim
-    channels = problem.M // candidate.phases
+    channels = candidate.channels
     for axis, size in enumerate(shape):
         if size != 1 and not (axis == channel_axis and size == channels):
             return None
-    values = np.repeat(np.broadcast_to(constant.reshape(-1), (channels,)), candidate.phases)
+    values = candidate.per_row(np.broadcast_to(constant.reshape(-1), (channels,)))
     return BiasAdd(tuple(float(v) for v in values))

@@ -8,7 +8,7 @@ import numpy as np
 from tvm import tirx
 
 from ..problem import ConvWindow, Layout
-from ..weights import SparseMatrix, dilated_size, phase_filters, spread_dilated, ungrouped_filters
+from ..weights import SparseMatrix, dilated_size, one_pixel_rows, phase_filters, spread_dilated, ungrouped_filters
 from .analysis import Candidate, Rejected, check_operands, set_problem, tensor_dims
 from .constants import constant_value
 from .unshuffle import Unshuffle
@@ -106,6 +106,9 @@ def _analyse_transposed(candidate: Candidate, call, data, dims, dtype, w, layout
     spatial = (dims[1:3], out_dims[1:3]) if channels_last else (dims[2:], out_dims[2:])
     if not all(isinstance(d, tirx.IntImm) for d in spatial[0] + spatial[1]):
         raise Rejected("transposed convolution of a dynamic spatial size")
+    if all(int(d) == 1 for d in spatial[0]):
+        _one_pixel(candidate, call, data, dims, dtype, w, channels_last, dilation, padding[:2], spatial[1])
+        return
     filters, top = phase_filters(w, groups, stride, dilation, crop=padding[:2])
     ungrouped = ungrouped_filters(filters, groups)
     if ungrouped.size > MAX_SPREAD_WEIGHTS:
@@ -123,7 +126,26 @@ def _analyse_transposed(candidate: Candidate, call, data, dims, dtype, w, layout
     unshuffle = Unshuffle(tuple(stride), tuple(int(d) for d in spatial[1]), channels_last)
     if not unshuffle.is_identity(tuple(computed)):
         candidate.unshuffle = unshuffle
+        candidate.row_channels = np.repeat(np.arange(filters.shape[0] // unshuffle.phase_count), unshuffle.phase_count)
     _conv_problem(candidate, call, data, dims, dtype, ungrouped, layout, (1, 1), tuple(conv_padding))
+
+
+def _one_pixel(candidate: Candidate, call, data, dims, dtype, w, channels_last: bool, dilation, crop, out_spatial):
+    """A transposed convolution of a one-pixel input as the matmul ``one_pixel_rows`` gives:
+    its input seen as ``[N, channels]``, its output as ``[N, rows]``, both views, so no window
+    and no interleave."""
+    inputs, group_outputs, kh, kw = w.shape
+    out_size = tuple(int(d) for d in out_spatial)
+    weights = candidate.groups * group_outputs * out_size[0] * out_size[1] * inputs
+    if weights > MAX_SPREAD_WEIGHTS:
+        raise Rejected(f"as a matmul over its one input pixel it holds {weights:,} weights, more than "
+                       f"{MAX_SPREAD_WEIGHTS:,}")
+    rows, candidate.row_channels = one_pixel_rows(w, candidate.groups, dilation, crop, out_size, channels_last)
+    candidate.taps = (kh * kw, 1)
+    candidate.weight = SparseMatrix.from_dense(rows)
+    candidate.channel_axis = -1 if channels_last else 1
+    check_operands(candidate, dtype, dims[3] if channels_last else dims[1], call)
+    set_problem(candidate, Layout.ROWS, data, [dims[0], inputs], [dims[0], rows.shape[0]], dtype)
 
 
 def _name_conv(candidate: Candidate, call, kind: str, kernel, stride, dilation, group_inputs: int) -> None:

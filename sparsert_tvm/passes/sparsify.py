@@ -18,6 +18,7 @@ from ..problem import Layout
 from ..report import REPORT_ATTR, LayerReport, report_of
 from ..schedules import KernelConfig, rule_for
 from ..schedules.base import BuiltKernel, KernelJob
+from ..schedules.config import CudaCsrConfig
 from ..schedules.cpu.depthwise_kernel import input_channels
 from .candidates import Candidate, find_candidates
 from .siblings import combine_siblings, output_channel_axis
@@ -37,6 +38,13 @@ DEFAULT_DENSITY_THRESHOLD = {Layout.CHANNELS: 0.3, Layout.ROWS: 0.15}
 # for its stem and depthwise layers too, it ran in 87 us on the H200 at batch 1 (PyTorch fp32:
 # 298 us; benchmarks/results/e2e-h200.md). Layer by layer they are not yet timed against cuDNN.
 SMALL_CONVOLUTION_NNZ = 32768
+
+# On CUDA, transposed convolutions whose default kernel is this data-driven one are rewritten
+# at any density when the caller gives no threshold: TVM's CUDA conv2d_transpose ran DCGAN's
+# dense 100->512 4x4 projection of its latent vector in 80 us, 0.02 TFLOP/s
+# (benchmarks/results/e2e-dcgan-h100.md), and its dense DCGAN in 813 us at batch 1. The
+# unrolled kernel is left to the threshold: its code, and build time, grow with the nonzeros.
+CUDA_TRANSPOSED_ANY_DENSITY = CudaCsrConfig.KERNEL
 
 # On the CPU every convolution is rewritten at any density under the default threshold: TVM's
 # CPU pipeline leaves its own convolutions unscheduled, one thread of scalar loops. On the
@@ -223,7 +231,7 @@ class _SparsifyWeights:
         if candidate.reason is not None:
             return None
         problem = candidate.problem
-        any_density = self.threshold is None and _at_any_density(candidate, self.target.kind.name == "cuda")
+        any_density = self.threshold is None and _at_any_density(candidate, self.target, self.rule)
         below = self._below_threshold(candidate)
         if not below and not any_density:
             layer.reason = f"density {candidate.density:.3f} above threshold {self._threshold(problem):g}"
@@ -274,15 +282,19 @@ class _SparsifyWeights:
         return (tuned, "database") if tuned is not None else (config, "default")
 
 
-def _at_any_density(candidate: Candidate, cuda: bool) -> str | None:
+def _at_any_density(candidate: Candidate, target, rule) -> str | None:
     """What the layer is rewritten as whatever its density, under the default threshold:
-    on CUDA "a small convolution" (see ``SMALL_CONVOLUTION_NNZ``); on the CPU "a
-    convolution" (see ``CPU_MIN_GROUP_CHANNELS``); None for other layers."""
+    on CUDA "a small convolution" (see ``SMALL_CONVOLUTION_NNZ``) or "a transposed
+    convolution" (see ``CUDA_TRANSPOSED_ANY_DENSITY``); on the CPU "a convolution" (see
+    ``CPU_MIN_GROUP_CHANNELS``); None for other layers."""
     problem = candidate.problem
     grouped = candidate.groups > 1
-    if cuda:
-        small = (problem.window is not None or grouped) and candidate.weight.nnz <= SMALL_CONVOLUTION_NNZ
-        return "a small convolution" if small else None
+    if target.kind.name == "cuda":
+        if (problem.window is not None or grouped) and candidate.weight.nnz <= SMALL_CONVOLUTION_NNZ:
+            return "a small convolution"
+        transposed = candidate.op.startswith(("conv1d_transpose", "conv2d_transpose"))
+        data_driven = transposed and rule.default_config(problem, target).KERNEL == CUDA_TRANSPOSED_ANY_DENSITY
+        return "a transposed convolution" if data_driven else None
     if not candidate.op.startswith(("conv1d", "conv2d")):
         return None
     group_channels = problem.K // problem.taps // candidate.groups  # the weight is held block-diagonal

@@ -2,8 +2,9 @@
 
     python benchmarks/conv.py --suite paper --dtype float32 --out benchmarks/results/conv-paper-fp32-h100.json
 
-Contenders: sparsert (the convolution read through its window, no im2col), cuDNN fp32 /
-TF32 / fp16 (torch, fastest algorithm per shape), TVM's dense conv2d. ``M`` is the output
+Contenders: sparsert (the convolution read through its window, no im2col; of a transposed
+convolution, its phase convolution and the interleave), cuDNN fp32 / TF32 / fp16 (torch,
+fastest algorithm per shape), TVM's dense conv2d (conv2d_transpose). ``M`` is the output
 channels, ``K`` input channels x kh x kw, ``N`` batch x output pixels. How cases run and
 what the options do: suite.py.
 """
@@ -17,7 +18,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import suite  # noqa: E402
-from harness import ConvCase, real_weights  # noqa: E402
+from harness import ConvCase, TransposedConvCase, real_weights  # noqa: E402
+from layers import UPSAMPLING, doubling_padding  # noqa: E402
 
 
 # (out channels, in channels, kernel, input size, stride): padding keeps "same" sizes.
@@ -123,13 +125,31 @@ def dilated_suite(dtype):
     return [(case, None) for case in cases]
 
 
+def transposed_suite(dtype):
+    """Transposed convolutions doubling their input (``layers.UPSAMPLING``) and DCGAN's 4x4
+    projection of its 100-long latent vector (a one-pixel input), at densities 0.1 and 0.05,
+    batch 1 and 8."""
+    cases = []
+    for density in (0.1, 0.05):
+        for batch in (1, 8):
+            filters = uniform((100, 512, 4, 4), density)
+            cases.append(TransposedConvCase(f"dcgan-projection-4x4-100->512-d{density}-b{batch}", "dcgan-transposed",
+                                            filters, (1, 1), 1, 0, dtype, batch))
+            for network, k, c, m, size in UPSAMPLING:
+                padding, output_padding = doubling_padding(k)
+                name = f"{network}-{k}x{k}-s2-{c}->{m}-{size}-d{density}-b{batch}"
+                cases.append(TransposedConvCase(name, f"{network}-transposed", uniform((c, m, k, k), density),
+                                                (size, size), 2, padding, dtype, batch, output_padding=output_padding))
+    return [(case, None) for case in cases]
+
+
 def resnet50_suite(dtype):
     """The paper suite's ResNet-50 cases only."""
     return [(case, config) for case, config in paper_suite(dtype) if case.group.startswith("resnet50")]
 
 
 SUITES = {"paper": paper_suite, "resnet50": resnet50_suite, "small": small_suite, "quick": quick_suite,
-          "dilated": dilated_suite}
+          "dilated": dilated_suite, "transposed": transposed_suite}
 
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ from sparsert_tvm import tuning  # noqa: E402
 from sparsert_tvm.passes.candidates import find_candidates  # noqa: E402
 from sparsert_tvm.build import host_cpu_target  # noqa: E402
 import results_json  # noqa: E402
+from layers import UPSAMPLING, doubling_padding  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 KERNELS = ("csr", "unrolled", "depthwise")  # our CPU kernels, each asked for by name (where it applies)
@@ -87,8 +88,7 @@ SUITES = {
     # NCHW only: TVM 0.27 cannot build an NHWC transposed convolution itself.
     "transposed": {
         f"{kind} {k}x{k}/2, {c}->{m} @{size}, {density:.0%}": Layer(m, c, k, size, 2, 1, density, transposed=True)
-        for kind, k, c, m, size in [("dcgan", 4, 512, 256, 4), ("dcgan", 4, 256, 128, 8), ("dcgan", 4, 128, 64, 16),
-                                    ("u-net", 2, 512, 256, 28), ("u-net", 2, 256, 128, 56), ("fcn", 3, 256, 128, 14)]
+        for kind, k, c, m, size in UPSAMPLING
         for density in (0.1, 0.05)
     },
 }
@@ -130,9 +130,9 @@ def _transposed_module(layer: Layer, weight: np.ndarray) -> tvm.IRModule:
     builder = relax.BlockBuilder()
     with builder.function("main", [x]):
         with builder.dataflow():
+            padding, output_padding = doubling_padding(k, s)
             conv = builder.emit(relax.op.nn.conv2d_transpose(
-                x, relax.const(weight), strides=s, padding=(k - s + 1) // 2, output_padding=(k - s) % 2,
-                groups=layer.groups,
+                x, relax.const(weight), strides=s, padding=padding, output_padding=output_padding, groups=layer.groups,
             ))
             out = builder.emit_output(relax.op.nn.relu(conv))
         builder.emit_func_output(out)
@@ -201,7 +201,8 @@ def _torch_run(layer: Layer, x: np.ndarray):
     data = torch.from_numpy(x).permute(0, 3, 1, 2) if nhwc else torch.from_numpy(x)  # NHWC: channels-last memory
     if layer.transposed:
         def conv(data):
-            return F.conv_transpose2d(data, weight, stride=s, padding=(k - s + 1) // 2, output_padding=(k - s) % 2,
+            padding, output_padding = doubling_padding(k, s)
+            return F.conv_transpose2d(data, weight, stride=s, padding=padding, output_padding=output_padding,
                                       groups=layer.groups)
     else:
         def conv(data):

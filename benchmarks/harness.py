@@ -278,6 +278,95 @@ class ConvCase:
         return conv, self.filters, True
 
 
+@dataclass
+class TransposedConvCase(ConvCase):
+    """A transposed convolution ``Y = conv_transpose2d(X, W)`` in NCHW (``filters`` IOHW:
+    ``W[C, M / groups, kh, kw]``). Ours is the kernel of the problem the pass makes of it (its
+    phase convolution, or of a one-pixel input a matmul: ``passes.convolutions``) followed by
+    the interleave of its phases, done by torch inside the timed graph (in a model, TVM's
+    copy)."""
+
+    output_padding: int = 0
+
+    kind = "conv_transpose"
+
+    @property
+    def channels(self) -> int:
+        return self.filters.shape[0]
+
+    @property
+    def out_size(self) -> tuple[int, int]:
+        k, d = self.filters.shape[2], self.dilation
+        return tuple((n - 1) * self.stride - 2 * self.padding + d * (k - 1) + 1 + self.output_padding
+                     for n in self.size)
+
+    @property
+    def shape(self):
+        """``M``, ``K`` (the taps one output channel reads in the model) and ``N``."""
+        c, per_group, kh, kw = self.filters.shape
+        oh, ow = self.out_size
+        return per_group * self.groups, c // self.groups * kh * kw, self.images * oh * ow
+
+    @property
+    def dense_key(self):
+        return (*super().dense_key, self.output_padding, self.kind)
+
+    def y_shape(self):
+        return (self.images, self.filters.shape[1] * self.groups, *self.out_size)
+
+    def _analysed(self):
+        """The pass's candidate for the layer (cached per process: cases travel pickled)."""
+        if self.name not in _TRANSPOSED_CANDIDATES:
+            from tvm import relax
+
+            from sparsert_tvm.passes.candidates import find_candidates
+
+            x = relax.Var("x", relax.TensorType(self.x_shape(), self.dtype))
+            builder = relax.BlockBuilder()
+            with builder.function("main", [x]):
+                with builder.dataflow():
+                    out = builder.emit_output(self._relax_op(x, relax.const(self.filters.astype(self.dtype))))
+                builder.emit_func_output(out)
+            (candidate,) = find_candidates("main", builder.get()["main"])
+            if candidate.reason is not None:
+                raise ValueError(f"{self.name}: {candidate.reason}")
+            _TRANSPOSED_CANDIDATES[self.name] = candidate
+        return _TRANSPOSED_CANDIDATES[self.name]
+
+    def problem(self) -> SpmmProblem:
+        return self._analysed().problem
+
+    def interleave(self, y: torch.Tensor, out: torch.Tensor) -> None:
+        """Writes into ``out`` the model's output from the kernel's ``y`` (its phases as
+        channels, cropped; a one-pixel input's matmul output is the output as it lies)."""
+        unshuffle = self._analysed().unshuffle
+        if unshuffle is None:
+            out.copy_(y.view(out.shape))
+            return
+        (sh, sw), (oh, ow) = unshuffle.phases, unshuffle.size
+        n, channels, rows, cols = y.shape
+        phases = y.view(n, channels // (sh * sw), sh, sw, rows, cols).permute(0, 1, 4, 2, 5, 3)
+        out.copy_(phases.reshape(n, channels // (sh * sw), rows * sh, cols * sw)[:, :, :oh, :ow])
+
+    def dense_product(self, w, x):
+        return torch.nn.functional.conv_transpose2d(x, w, stride=self.stride, padding=self.padding,
+                                                    output_padding=self.output_padding, groups=self.groups,
+                                                    dilation=self.dilation)
+
+    def _relax_op(self, x, w):
+        from tvm import relax
+
+        return relax.op.nn.conv2d_transpose(x, w, strides=self.stride, padding=self.padding,
+                                            output_padding=self.output_padding, dilation=self.dilation,
+                                            groups=self.groups)
+
+    def tvm_dense(self):
+        return self._relax_op, self.filters, True
+
+
+_TRANSPOSED_CANDIDATES: dict = {}
+
+
 def _random_inputs(shape, dtype):
     gen = torch.Generator(device="cuda").manual_seed(0)
     return [torch.randn(shape, device="cuda", generator=gen).to(dtype) for _ in range(ROTATE)]
@@ -328,21 +417,27 @@ def time_sparsert(case, config=None, tune: TuneOptions | None = None, tune_nnz_l
 
 def _time_launcher(case, problem: SpmmProblem, fn):
     xs = case.inputs()
-    ys = [torch.empty(case.y_shape(), device="cuda", dtype=case.torch_dtype) for _ in xs]
-    operands = [x.t().contiguous() if problem.x_transposed else x for x in xs]
+    interleave = getattr(case, "interleave", None)  # a transposed convolution's: see its case
+    kernel_y = [int(d) for d in problem.y_shape] if interleave else case.y_shape()
+    ys = [torch.empty(kernel_y, device="cuda", dtype=case.torch_dtype) for _ in xs]
+    outs = [torch.empty(case.y_shape(), device="cuda", dtype=case.torch_dtype) for _ in xs] if interleave else ys
+    viewed = [x.view(*(int(d) for d in problem.x_shape)) for x in xs]  # a one-pixel input as [N, C]
+    operands = [x.t().contiguous() if problem.x_transposed else x for x in viewed]
     tx = [tvm.runtime.from_dlpack(x) for x in operands]
     ty = [tvm.runtime.from_dlpack(y) for y in ys]
 
     def step(i):
         j = i % ROTATE
         if problem.x_transposed:
-            operands[j].copy_(xs[j].t())
+            operands[j].copy_(viewed[j].t())
         fn(tx[j], ty[j])
+        if interleave:
+            interleave(ys[j], outs[j])
 
     us = graph_time_us(step, xs)
     step(0)
     torch.cuda.synchronize()
-    return us, ys[0].clone()
+    return us, outs[0].clone()
 
 
 def time_torch(case, mode: str):

@@ -55,3 +55,17 @@ DEEPBENCH = [(1760, 1760, 16), (2048, 2048, 32), (2560, 2560, 64), (4096, 4096, 
 # Real magnitude-pruned ResNet-50 3x3 filters (data/README.md) as im2col matrices
 # [out, in*9], with N = the layer's output positions.
 REAL_3X3 = {"stage1": 3136, "stage2": 784, "stage3": 196}
+
+# Transposed convolutions of stride 2 doubling their input (NCHW): (network, kernel, in
+# channels, out channels, input size), DCGAN's 64x64 generator, U-Net's up-convolutions and an
+# FCN-style 3x3 with output padding. Padding and output padding: ``doubling_padding``.
+UPSAMPLING = [
+    ("dcgan", 4, 512, 256, 4), ("dcgan", 4, 256, 128, 8), ("dcgan", 4, 128, 64, 16),
+    ("u-net", 2, 512, 256, 28), ("u-net", 2, 256, 128, 56), ("fcn", 3, 256, 128, 14),
+]
+
+
+def doubling_padding(kernel: int, stride: int = 2) -> tuple[int, int]:
+    """Padding and output padding with which a transposed convolution's output is exactly
+    ``stride`` times its input."""
+    return (kernel - stride + 1) // 2, (kernel - stride) % 2

@@ -25,8 +25,9 @@ from scipy.stats import gmean
 BASELINES = {  # by the JSON's "kind"
     "spmm": ("cublas_fp32", "cublas_tf32", "cublas_fp16", "cusparse_fp32", "tvm_dense"),
     "conv": ("cudnn_fp32", "cudnn_tf32", "cudnn_fp16", "tvm_dense"),
+    "conv_transpose": ("cudnn_fp32", "cudnn_tf32", "cudnn_fp16", "tvm_dense"),
 }
-LIBRARY = {"spmm": "cuBLAS", "conv": "cuDNN"}
+LIBRARY = {"spmm": "cuBLAS", "conv": "cuDNN", "conv_transpose": "cuDNN"}
 COLD_NOTE = (", each call with a cold L2 but its input (`--cold`: weights and our kernels' code come from "
              "device memory, as in a whole model)")
 
@@ -179,7 +180,7 @@ def likely_limit(case) -> str:
         if params.get("lanes") == "columns":
             return "latency: each trip of a warp waits on its activation loads, one row of X per nonzero"
         return "the arrays: every column tile reads all values and indices again, then reduces each row"
-    if case["kind"] == "conv":
+    if case["kind"] in ("conv", "conv_transpose"):  # a transposed one's N: the model's output pixels
         if case["N"] <= 196:
             return "few output pixels: few column tiles to fill the GPU, each row group loads most taps"
         return "loads per FMA: each row group loads every tap its rows use, predicated at the borders"

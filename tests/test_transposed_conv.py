@@ -350,6 +350,18 @@ def test_cuda_kernels(gpu_target, name, layout, kernel_config):
     check(case, gpu_target, kernel_config=kernel_config)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("name, layout", [
+    ("4x4/2", "NCHW"), ("3x3/2-output-padding", "NHWC"), ("4x4/1-one-pixel", "NCHW"),
+])
+def test_float16_on_the_gpu(gpu_target, name, layout):
+    """float16 weights and activations, each layer with the kernel its defaults choose."""
+    case = transposed(np.random.default_rng(13), name, layout, epilogue=("bias", "relu"))
+    case.weight, case.bias = case.weight.astype("float16"), case.bias.astype("float16")
+    (layer,) = check(case, gpu_target)
+    assert layer.dtype == "float16"
+
+
 @needs_ptxas
 def test_a_flat_kernel_output_is_viewed_as_the_phases(monkeypatch):
     """Without a GPU: the rewritten function's types line up (the flat output reshaped to the

@@ -47,7 +47,9 @@ def layers(draw, kind: str, norm: bool):
         c, m = 2 * draw(st.integers(1, 4)), 2 * draw(st.integers(1, 4))
         kernel = [draw(st.sampled_from([1, 2, 3, 4])) for _ in range(spatial)]
         stride, dilation = draw(st.sampled_from([1, 2, 3])), draw(st.sampled_from([1, 1, 2]))
-        x = rng.standard_normal((draw(st.integers(1, 2)), c, *[draw(st.integers(1, 6)) for _ in kernel]))
+        one_pixel = draw(st.booleans())  # a generator's projection of its latent vector: a matmul
+        size = [1 if one_pixel else draw(st.integers(1, 6)) for _ in kernel]
+        x = rng.standard_normal((draw(st.integers(1, 2)), c, *size))
         weight = sparse_matrix(rng, (c, m // groups * int(np.prod(kernel))), density).reshape(c, m // groups, *kernel)
         pads = [draw(st.integers(0, min(k - 1, 2))) for k in kernel * 2]
         output_padding = [draw(st.integers(0, stride - 1)) for _ in kernel]

@@ -215,7 +215,9 @@ def test_densities(target, density):
 
 
 @pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
-@pytest.mark.parametrize("groups, name", [(6, "4x4/2"), (6, "3x3/2-output-padding"), (2, "5x3/3x2-dilated-2x1")])
+@pytest.mark.parametrize("groups, name", [
+    (6, "4x4/2"), (6, "3x3/2-output-padding"), (2, "5x3/3x2-dilated-2x1"), (6, "3x3/2-one-pixel-cropped-dilated"),
+])
 def test_grouped_and_depthwise(target, layout, groups, name):
     """A depthwise transposed convolution's phase filters each read one input channel."""
     m = 6 if groups == 6 else 4

@@ -150,18 +150,21 @@ def test_pytorch_dilated_convolutions(target):
 
 
 class Decoder(torch.nn.Module):
-    """A generator's and a U-Net's upsampling: ConvTranspose2d with an inference BatchNorm,
-    one with output padding and a bias, and a vocoder's ConvTranspose1d."""
+    """A generator's projection of its latent vector (a ConvTranspose2d of a one-pixel input)
+    and a generator's and a U-Net's upsampling: ConvTranspose2d with inference BatchNorms, one
+    with output padding and a bias, and a vocoder's ConvTranspose1d."""
 
     def __init__(self):
         super().__init__()
+        self.project = torch.nn.ConvTranspose2d(16, 8, 5, bias=False)
         self.up = torch.nn.ConvTranspose2d(8, 8, 4, stride=2, padding=1, bias=False)
-        self.norm = torch.nn.BatchNorm2d(8)
+        self.norms = torch.nn.ModuleList([torch.nn.BatchNorm2d(8), torch.nn.BatchNorm2d(8)])
         self.out = torch.nn.ConvTranspose2d(8, 4, 3, stride=2, padding=1, output_padding=1)
         self.wave = torch.nn.ConvTranspose1d(4, 2, 16, stride=8, padding=4)
 
-    def forward(self, x):
-        h = torch.relu(self.norm(self.up(x)))
+    def forward(self, latent):
+        h = torch.relu(self.norms[0](self.project(latent)))  # [2, 8, 5, 5]
+        h = torch.relu(self.norms[1](self.up(h)))
         h = self.out(h)  # [2, 4, 20, 20]
         return self.wave(h.flatten(2))
 
@@ -170,14 +173,16 @@ def test_pytorch_transposed_convolutions(target):
     torch.manual_seed(4)
     net = Decoder().eval()
     with torch.no_grad():
-        for conv in (net.up, net.out, net.wave):
+        for conv in (net.project, net.up, net.out, net.wave):
             conv.weight.mul_((torch.rand_like(conv.weight) < 0.2).float())
-        net.norm.running_mean.uniform_(-1, 1)
-        net.norm.running_var.uniform_(0.5, 2)
-    x = torch.randn(2, 8, 5, 5)
+        for norm in net.norms:
+            norm.running_mean.uniform_(-1, 1)
+            norm.running_var.uniform_(0.5, 2)
+    x = torch.randn(2, 16, 1, 1)
     mod = from_exported_program(torch.export.export(net, (x,)), keep_params_as_input=False)
     compiled = Compiled(mod, target, density_threshold=0.3)
     assert [(layer.op, layer.decision, layer.epilogue) for layer in compiled.report.layers] == [
+        ("conv2d_transpose 5x5 NCHW", "sparse", ["batch_norm", "relu"]),
         ("conv2d_transpose 4x4 /2 NCHW", "sparse", ["batch_norm", "relu"]),
         ("conv2d_transpose 3x3 /2 NCHW", "sparse", ["bias"]),
         ("conv1d_transpose 16 /8 NCW", "sparse", ["bias"]),

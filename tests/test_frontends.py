@@ -111,6 +111,30 @@ def test_pytorch_conv1d_layers(target):
     assert_close(out, expected)
 
 
+def exported(net, x, density: float, norms) -> tvm.IRModule:
+    """``net`` (in inference mode) with its convolution and linear weights masked to about
+    ``density`` and its ``norms`` given statistics and affine parameters of their own, exported
+    with ``torch.export`` and imported into Relax."""
+    with torch.no_grad():
+        for p in net.parameters():
+            if p.dim() > 1:
+                p.mul_((torch.rand_like(p) < density).float())
+        for norm in norms:
+            norm.running_mean.uniform_(-1, 1)
+            norm.running_var.uniform_(0.5, 2)
+            norm.weight.uniform_(0.5, 2)
+            norm.bias.uniform_(-1, 1)
+    return from_exported_program(torch.export.export(net, (x,)), keep_params_as_input=False)
+
+
+def assert_matches_torch(compiled, net, x):
+    (out,) = compiled(x.numpy())
+    with torch.no_grad():
+        expected = net(x).numpy()
+    assert_close(out, expected)
+    assert np.count_nonzero(expected) > 0
+
+
 class DilatedBlock(torch.nn.Module):
     """DeepLab's backbone past output stride 8: 3x3 convolutions that dilate instead of
     striding, with inference BatchNorms, and one dilated differently per axis."""
@@ -129,24 +153,14 @@ class DilatedBlock(torch.nn.Module):
 def test_pytorch_dilated_convolutions(target):
     torch.manual_seed(3)
     net = DilatedBlock().eval()
-    with torch.no_grad():
-        for conv in net.convs:
-            conv.weight.mul_((torch.rand_like(conv.weight) < 0.1).float())
-        for norm in net.norms:
-            norm.running_mean.uniform_(-1, 1)
-            norm.running_var.uniform_(0.5, 2)
     x = torch.randn(2, 8, 13, 11)
-    mod = from_exported_program(torch.export.export(net, (x,)), keep_params_as_input=False)
-    compiled = Compiled(mod, target, density_threshold=0.3)
+    compiled = Compiled(exported(net, x, 0.1, net.norms), target, density_threshold=0.3)
     assert [(layer.op, layer.decision, layer.epilogue) for layer in compiled.report.layers] == [
         ("conv2d 3x3 dilation 2 NCHW", "sparse", ["batch_norm", "relu"]),
         ("conv2d 3x3 dilation 4x2 NCHW", "sparse", ["batch_norm", "residual", "relu"]),
     ]
     assert [layer.K for layer in compiled.report.layers] == [8 * 9, 16 * 9]  # the weights as the model holds them
-    (out,) = compiled(x.numpy())
-    with torch.no_grad():
-        expected = net(x).numpy()
-    assert_close(out, expected)
+    assert_matches_torch(compiled, net, x)
 
 
 class Decoder(torch.nn.Module):
@@ -172,25 +186,15 @@ class Decoder(torch.nn.Module):
 def test_pytorch_transposed_convolutions(target):
     torch.manual_seed(4)
     net = Decoder().eval()
-    with torch.no_grad():
-        for conv in (net.project, net.up, net.out, net.wave):
-            conv.weight.mul_((torch.rand_like(conv.weight) < 0.2).float())
-        for norm in net.norms:
-            norm.running_mean.uniform_(-1, 1)
-            norm.running_var.uniform_(0.5, 2)
     x = torch.randn(2, 16, 1, 1)
-    mod = from_exported_program(torch.export.export(net, (x,)), keep_params_as_input=False)
-    compiled = Compiled(mod, target, density_threshold=0.3)
+    compiled = Compiled(exported(net, x, 0.2, net.norms), target, density_threshold=0.3)
     assert [(layer.op, layer.decision, layer.epilogue) for layer in compiled.report.layers] == [
         ("conv2d_transpose 5x5 NCHW", "sparse", ["batch_norm", "relu"]),
         ("conv2d_transpose 4x4 /2 NCHW", "sparse", ["batch_norm", "relu"]),
         ("conv2d_transpose 3x3 /2 NCHW", "sparse", ["bias"]),
         ("conv1d_transpose 16 /8 NCW", "sparse", ["bias"]),
     ]
-    (out,) = compiled(x.numpy())
-    with torch.no_grad():
-        expected = net(x).numpy()
-    assert_close(out, expected)
+    assert_matches_torch(compiled, net, x)
 
 
 class Bottleneck(torch.nn.Module):
@@ -222,17 +226,8 @@ def test_pytorch_batch_norms_are_folded_into_the_layers(target):
     convolutions meet in one add: the later one keeps it."""
     torch.manual_seed(1)
     net = Bottleneck().eval()
-    with torch.no_grad():
-        for p in net.parameters():
-            if p.dim() > 1:
-                p.mul_((torch.rand_like(p) < 0.1).float())
-        for norm in [*net.norms, net.norm_fc]:
-            norm.running_mean.uniform_(-1, 1)
-            norm.running_var.uniform_(0.5, 2)
-            norm.weight.uniform_(0.5, 2)
-            norm.bias.uniform_(-1, 1)
     x = torch.randn(2, 16, 8, 8)
-    mod = from_exported_program(torch.export.export(net, (x,)), keep_params_as_input=False)
+    mod = exported(net, x, 0.1, [*net.norms, net.norm_fc])
     compiled = Compiled(mod, target, density_threshold=None)
     epilogues = {layer.op: layer.epilogue for layer in compiled.report.layers}
     assert all(layer.decision == "sparse" for layer in compiled.report.layers), compiled.report.table()
@@ -246,11 +241,7 @@ def test_pytorch_batch_norms_are_folded_into_the_layers(target):
         lambda e: ops.append(e.op.name) if isinstance(e, relax.Call) and isinstance(e.op, tvm.ir.Op) else None,
     )
     assert "relax.nn.batch_norm" not in ops
-    (out,) = compiled(x.numpy())
-    with torch.no_grad():
-        expected = net(x).numpy()
-    assert_close(out, expected)
-    assert np.count_nonzero(expected) > 0
+    assert_matches_torch(compiled, net, x)
 
 
 def test_tflite_model_built_in_the_test(target):

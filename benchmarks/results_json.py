@@ -8,7 +8,9 @@ percent from run to run, and the 17 digits of a double made up a tenth of the re
 
 from __future__ import annotations
 
+import gzip
 import json
+from pathlib import Path
 
 _COMPACT = (",", ":")
 
@@ -35,3 +37,16 @@ def dumps(result: dict) -> str:
         else:
             lines.append(f"{json.dumps(key)}: {json.dumps(value, separators=_COMPACT)}{comma}")
     return "\n".join(lines + ["}"]) + "\n"
+
+
+def load(path) -> dict:
+    """A results JSON, plain or gzipped (``X.json.gz``: the largest runs are kept compressed)."""
+    path = Path(path)
+    data = path.read_bytes()
+    return json.loads(gzip.decompress(data) if path.suffix == ".gz" else data)
+
+
+def stem(path) -> Path:
+    """``path`` without ``.json`` or ``.json.gz``: where the summary and the plot go."""
+    path = Path(path)
+    return path.with_suffix("").with_suffix("") if path.suffix == ".gz" else path.with_suffix("")

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import json
 import math
 import multiprocessing
 import os
@@ -218,7 +217,7 @@ def main(suites: dict, description: str, default_suite: str):
     alternatives = (args.config or "").split(";")
     overrides = [parse_overrides(text) for text in alternatives]
     start = time.perf_counter()
-    rows = json.loads(Path(args.resume).read_text())["cases"] if args.resume else []
+    rows = results_json.load(args.resume)["cases"] if args.resume else []
     done = {row["case"] for row in rows}
     cases = []
     for case, config in suites[args.suite](args.dtype):

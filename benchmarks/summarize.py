@@ -1,6 +1,7 @@
-"""Tables and a plot from a benchmark JSON written by spmm.py or conv.py.
+"""Tables and a plot from a benchmark JSON written by spmm.py or conv.py (``X.json`` or, as the
+largest runs are kept, gzipped ``X.json.gz``).
 
-    python benchmarks/summarize.py benchmarks/results/spmm-paper-fp32-h100-1205.json \
+    python benchmarks/summarize.py benchmarks/results/spmm-paper-fp32-h100-1205.json.gz \
         [--roofline benchmarks/results/roofline-h100.json]
 
 Writes ``<stem>.md`` (geometric-mean speedups of sparsert over each contender by model
@@ -21,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 from scipy.stats import gmean
+
+import results_json
 
 BASELINES = {  # by the JSON's "kind"
     "spmm": ("cublas_fp32", "cublas_tf32", "cublas_fp16", "cusparse_fp32", "tvm_dense"),
@@ -238,9 +241,9 @@ def plot(cases, path: Path, device: str, kind: str):
 
 
 def main(path: str, roofline_path: str | None = None):
-    source = Path(path)
+    source = results_json.stem(path)
     roofline = json.loads(Path(roofline_path).read_text()) if roofline_path else None
-    result = json.loads(source.read_text())
+    result = results_json.load(path)
     cases = result["cases"]
     kind = cases[0]["kind"] if cases else "spmm"
     correct = sum(case["correct"] for case in cases)
@@ -249,7 +252,7 @@ def main(path: str, roofline_path: str | None = None):
     declined = sum(case["us"]["sparsert"] is None for case in cases)
     declined_text = f", {declined} not run by sparsert (see their `error`)" if declined else ""
     text = [
-        f"# {source.stem}: {result['device']}, {result['date']}",
+        f"# {source.name}: {result['device']}, {result['date']}",
         "",
         f"{len(cases)} cases, {correct} correct against a float64 product{declined_text}. Geometric mean of "
         "sparsert's speedup (contender time / sparsert time), timed with CUDA graphs"
@@ -273,8 +276,8 @@ def main(path: str, roofline_path: str | None = None):
         "",
         *losses(cases, kind),
     ]
-    source.with_suffix(".md").write_text("\n".join(text) + "\n")
-    plot(cases, source.with_suffix(".png"), result["device"], kind)
+    source.parent.joinpath(source.name + ".md").write_text("\n".join(text) + "\n")
+    plot(cases, source.parent / (source.name + ".png"), result["device"], kind)
     print("\n".join(text[:40]))
 
 

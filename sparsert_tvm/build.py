@@ -23,6 +23,7 @@ from tvm.s_tir import dlight
 
 from .errors import UnbuildableByTvm
 from .passes import SparsifyWeights
+from .passes.sparsify import TVM_BUILDS_ONLY, tvm_cannot_build
 from .report import SparsityReport, report_of
 from .schedules.cpu import tvm_operators
 from .schedules.cpu.lowering import KERNEL_LLVM_OPTIONS, register_pipeline, with_llvm_options
@@ -54,11 +55,6 @@ def compile(  # noqa: A001 - mirrors tvm.compile
     return _runnable_as_built(tvm.compile(mod, target, relax_pipeline=relax_pipeline(mod, target)))
 
 
-# Operators TVM 0.27 has no legalization for in these layouts (its VM code generator then
-# fails with "CodeGenVM cannot emit this Relax operator directly").
-_UNBUILDABLE_LAYOUTS = {"relax.nn.conv2d_transpose": "NCHW", "relax.nn.conv1d_transpose": "NCW"}
-
-
 def _check_tvm_builds(mod: tvm.IRModule) -> None:
     """Raises ``UnbuildableByTvm`` where the pass left TVM an operator it cannot build,
     naming the layers and why the pass declined them."""
@@ -70,7 +66,8 @@ def _check_tvm_builds(mod: tvm.IRModule) -> None:
         return
     layouts = sorted({f"{call.op.name.split('.')[-1]} in {call.attrs.data_layout}" for call in left})
     layers = report_of(mod).layers
-    declined = [f"{layer.name} ({layer.op}): {layer.reason}" for layer in layers if _declined_unbuildable(layer)]
+    declined = [f"{layer.name} ({layer.op}): {layer.reason}" for layer in layers
+                if layer.decision == "dense" and tvm_cannot_build(layer.op)]
     raise UnbuildableByTvm(
         f"TVM {tvm.__version__} cannot build {', '.join(layouts)}, and the pass left {len(left)} to TVM: "
         f"{'; '.join(declined)}. Have them rewritten (a higher density_threshold, or a kernel_config that takes "
@@ -78,18 +75,10 @@ def _check_tvm_builds(mod: tvm.IRModule) -> None:
     )
 
 
-def _declined_unbuildable(layer) -> bool:
-    """Whether the pass left ``layer`` to TVM in a layout TVM cannot build (the report's op
-    names both, e.g. ``conv2d_transpose 4x4 /2 NHWC``)."""
-    words = layer.op.split()
-    supported = _UNBUILDABLE_LAYOUTS.get(f"relax.nn.{words[0]}")
-    return layer.decision == "dense" and supported is not None and words[-1] != supported
-
-
 def _unbuildable(expr) -> bool:
     if not isinstance(expr, relax.Call) or not isinstance(expr.op, tvm.ir.Op):
         return False
-    supported = _UNBUILDABLE_LAYOUTS.get(expr.op.name)
+    supported = TVM_BUILDS_ONLY.get(expr.op.name)
     return supported is not None and str(expr.attrs.data_layout) != supported
 
 

@@ -1,6 +1,7 @@
 """Models from PyTorch (torch.export) and TFLite through TVM's importers (ONNX is in test_onnx.py)."""
 
 import numpy as np
+import pytest
 import tflite
 import torch
 import torch.nn.utils.prune as prune
@@ -10,7 +11,8 @@ from tvm.relax.frontend.tflite import from_tflite
 from tvm.relax.frontend.torch import from_exported_program
 
 import sparsert_tvm as sp
-from helpers import Compiled, assert_close, sparse_matrix
+from helpers import CPU_TARGET, Compiled, assert_close, sparse_matrix
+from test_transposed_conv import Geometry, TransposedCase
 from tflite_builder import TfliteModel
 
 
@@ -268,3 +270,36 @@ def test_tflite_model_built_in_the_test(target):
     out = compiled(data)
     assert out.size == expected.size  # TVM's importer keeps the leading dims: [2, 3, 3, 10]
     assert_close(out.reshape(expected.shape), expected)
+
+
+@pytest.mark.parametrize("size, kernel, stride, same", [
+    ((4, 5), 3, 2, True),  # a decoder's upsampling; SAME gives uneven padding (0 top, 1 bottom)
+    ((1, 1), 4, 1, False),  # a generator's projection of its latent vector (one pixel: a matmul)
+])
+def test_tflite_transpose_conv(target, size, kernel, stride, same):
+    """TFLite's TRANSPOSE_CONV (NHWC, OHWI filter, the output shape an int32 input) arrives as
+    an NHWC ``conv2d_transpose``, which TVM 0.27 cannot build itself: the pass makes such a
+    model buildable, and a layer it leaves to TVM is a clear error."""
+    rng = np.random.default_rng(5)
+    weight = sparse_matrix(rng, (6, kernel * kernel * 8), 0.2).reshape(6, kernel, kernel, 8)  # OHWI
+    bias = rng.standard_normal(6).astype("float32")
+    out_size = tuple(n * stride if same else (n - 1) * stride + kernel for n in size)
+    m = TfliteModel()
+    x = m.tensor("x", (2, *size, 8))
+    y = m.transpose_conv(x, weight, bias, (2, *out_size, 6), stride, same)
+    mod = from_tflite(tflite.Model.GetRootAsModel(m.build([x], [y]), 0))
+    with pytest.raises(sp.UnbuildableByTvm, match="conv2d_transpose in NHWC"):
+        sp.compile(mod, CPU_TARGET, 0.0)
+    compiled = Compiled(mod, target, density_threshold=None)
+    ((op, decision, epilogue),) = [(layer.op, layer.decision, layer.epilogue) for layer in compiled.report.layers]
+    assert op.startswith(f"conv2d_transpose {kernel}x{kernel}") and op.endswith("NHWC")
+    assert (decision, epilogue) == ("sparse", ["bias"])
+    pads = []
+    for n, o in zip(size, out_size):  # TFLite's SAME: the excess cropped, the odd one at the end
+        excess = (n - 1) * stride + kernel - o
+        pads.append((excess // 2, excess - excess // 2))
+    geometry = Geometry((kernel, kernel), (stride, stride), (pads[0][0], pads[1][0], pads[0][1], pads[1][1]), size=size)
+    case = TransposedCase(np.ascontiguousarray(weight.transpose(3, 0, 1, 2)), geometry, layout="NHWC",
+                          epilogue=("bias",), bias=bias)
+    data = rng.standard_normal((2, *size, 8)).astype("float32")
+    assert_close(compiled(data), case.reference([data]))

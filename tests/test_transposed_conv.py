@@ -318,6 +318,19 @@ def test_a_declined_nhwc_layer_is_a_clear_error_not_tvms():
         sp.compile(case.module(), CPU_TARGET, 0.3)
 
 
+@pytest.mark.parametrize("layout", ["NHWC", "NCHW"])
+def test_a_layer_tvm_cannot_build_is_rewritten_at_any_density(layout):
+    """Under the default threshold an NHWC transposed convolution is rewritten however dense
+    and large: TVM could not build it. An NCHW one goes by the other rules (on CUDA, this one
+    is left to TVM: its default kernel is the unrolled one)."""
+    case = transposed(np.random.default_rng(14), "4x4/2", layout, density=0.6, channels=64, m=64)
+    assert np.count_nonzero(case.weight) > sp.SMALL_CONVOLUTION_NNZ
+    (layer,) = report_of(SparsifyWeights(cuda_target(), dry_run=True)(case.module())).layers
+    nhwc = layout == "NHWC"
+    assert (layer.decision == "sparse") is nhwc, layer.reason
+    assert ("a layer TVM cannot build (any density)" in layer.reason) is nhwc
+
+
 def test_a_dynamic_spatial_size_stays_with_tvm():
     h = tirx.Var("h", "int64")
     x = relax.Var("x", relax.TensorType((1, 6, h, 5), "float32"))

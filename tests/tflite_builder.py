@@ -1,6 +1,7 @@
 """Float32 TFLite flatbuffers written with the ``tflite`` package's builder functions, so
 that the TFLite frontend is tested without TensorFlow. Layouts as TFLite has them: NHWC
-activations, fully connected weights ``[out, in]``, convolution filters ``[out, kh, kw, in]``.
+activations, fully connected weights ``[out, in]``, convolution and transposed convolution
+filters ``[out, kh, kw, in]``.
 """
 
 from __future__ import annotations
@@ -19,11 +20,11 @@ class TfliteModel:
     """Tensors and operators of one subgraph, serialised by ``build``."""
 
     def __init__(self):
-        self.tensors: list[tuple[str, tuple, np.ndarray | None]] = []
+        self.tensors: list[tuple[str, tuple, np.ndarray | None, str]] = []
         self.operators: list[tuple[int, list[int], list[int], str, dict]] = []
 
-    def tensor(self, name: str, shape, data: np.ndarray | None = None) -> int:
-        self.tensors.append((name, tuple(shape), None if data is None else np.ascontiguousarray(data, np.float32)))
+    def tensor(self, name: str, shape, data: np.ndarray | None = None, dtype: str = "float32") -> int:
+        self.tensors.append((name, tuple(shape), None if data is None else np.ascontiguousarray(data, dtype), dtype))
         return len(self.tensors) - 1
 
     def fully_connected(self, x: int, weight: np.ndarray, bias: np.ndarray, out_shape, relu=False) -> int:
@@ -41,16 +42,27 @@ class TfliteModel:
         self.operators.append((BuiltinOperator.CONV_2D, [x, w, b], [y], "conv", {"relu": relu}))
         return y
 
+    def transpose_conv(self, x: int, weight: np.ndarray, bias: np.ndarray, out_shape, stride: int, same: bool) -> int:
+        """TRANSPOSE_CONV of filter ``weight[out, kh, kw, in]`` to ``out_shape`` (NHWC, given
+        as the op's int32 input, as TFLite does), SAME or VALID padding."""
+        shape = self.tensor(f"shape{len(self.tensors)}", (4,), np.array(out_shape), "int32")
+        w = self.tensor(f"w{len(self.tensors)}", weight.shape, weight)
+        b = self.tensor(f"b{len(self.tensors)}", bias.shape, bias)
+        y = self.tensor(f"deconv{len(self.tensors)}", out_shape)
+        attrs = {"relu": False, "stride": stride, "same": same}
+        self.operators.append((BuiltinOperator.TRANSPOSE_CONV, [shape, w, x, b], [y], "transpose_conv", attrs))
+        return y
+
     def build(self, inputs: list[int], outputs: list[int]) -> bytes:
         b = flatbuffers.Builder(1024)
         # Buffer 0 is the empty buffer of every activation tensor.
-        buffer_offsets = [self._buffer(b, None)] + [self._buffer(b, d) for _, _, d in self.tensors if d is not None]
+        buffer_offsets = [self._buffer(b, None)] + [self._buffer(b, d) for _, _, d, _ in self.tensors if d is not None]
         tensor_offsets, next_buffer = [], 1
-        for name, shape, data in self.tensors:
+        for name, shape, data, dtype in self.tensors:
             buffer = 0
             if data is not None:
                 buffer, next_buffer = next_buffer, next_buffer + 1
-            tensor_offsets.append(self._tensor(b, name, shape, buffer))
+            tensor_offsets.append(self._tensor(b, name, shape, buffer, dtype))
         codes = sorted({op for op, *_ in self.operators})
         operator_offsets = [self._operator(b, codes.index(op), ins, outs, kind, attrs) for op, ins, outs, kind, attrs in self.operators]
         subgraph = self._subgraph(b, tensor_offsets, inputs, outputs, operator_offsets)
@@ -85,12 +97,12 @@ class TfliteModel:
         return tflite.BufferEnd(b)
 
     @staticmethod
-    def _tensor(b, name, shape, buffer):
+    def _tensor(b, name, shape, buffer, dtype):
         shape_vector = _int_vector(b, shape)
         name_offset = b.CreateString(name)
         tflite.TensorStart(b)
         tflite.TensorAddShape(b, shape_vector)
-        tflite.TensorAddType(b, TensorType.FLOAT32)
+        tflite.TensorAddType(b, TensorType.INT32 if dtype == "int32" else TensorType.FLOAT32)
         tflite.TensorAddBuffer(b, buffer)
         tflite.TensorAddName(b, name_offset)
         return tflite.TensorEnd(b)
@@ -102,6 +114,12 @@ class TfliteModel:
             tflite.FullyConnectedOptionsStart(b)
             tflite.FullyConnectedOptionsAddFusedActivationFunction(b, activation)
             options, options_type = tflite.FullyConnectedOptionsEnd(b), BuiltinOptions.FullyConnectedOptions
+        elif kind == "transpose_conv":
+            tflite.TransposeConvOptionsStart(b)
+            tflite.TransposeConvOptionsAddPadding(b, Padding.SAME if attrs["same"] else Padding.VALID)
+            tflite.TransposeConvOptionsAddStrideW(b, attrs["stride"])
+            tflite.TransposeConvOptionsAddStrideH(b, attrs["stride"])
+            options, options_type = tflite.TransposeConvOptionsEnd(b), BuiltinOptions.TransposeConvOptions
         else:
             tflite.Conv2DOptionsStart(b)
             tflite.Conv2DOptionsAddPadding(b, Padding.VALID)

@@ -39,6 +39,20 @@ DEFAULT_DENSITY_THRESHOLD = {Layout.CHANNELS: 0.3, Layout.ROWS: 0.15}
 # 298 us; benchmarks/results/e2e-h200.md). Layer by layer they are not yet timed against cuDNN.
 SMALL_CONVOLUTION_NNZ = 32768
 
+# Operators TVM 0.27 has no legalization for outside these layouts (its VM code generator then
+# fails with "CodeGenVM cannot emit this Relax operator directly"). Under the default
+# threshold such layers are rewritten at any density: left to TVM, the model cannot be built.
+TVM_BUILDS_ONLY = {"relax.nn.conv2d_transpose": "NCHW", "relax.nn.conv1d_transpose": "NCW"}
+
+
+def tvm_cannot_build(op: str) -> bool:
+    """Whether TVM cannot build the layer the report names ``op`` (the operator and its data
+    layout, e.g. ``conv2d_transpose 4x4 /2 NHWC``)."""
+    words = op.split()
+    layout = TVM_BUILDS_ONLY.get(f"relax.nn.{words[0]}")
+    return layout is not None and words[-1] != layout
+
+
 # On CUDA, transposed convolutions whose default kernel is this data-driven one are rewritten
 # at any density when the caller gives no threshold: TVM's CUDA conv2d_transpose ran DCGAN's
 # dense 100->512 4x4 projection of its latent vector in 80 us, 0.02 TFLOP/s
@@ -285,11 +299,14 @@ class _SparsifyWeights:
 
 def _at_any_density(candidate: Candidate, target, rule) -> str | None:
     """What the layer is rewritten as whatever its density, under the default threshold:
-    on CUDA "a small convolution" (see ``SMALL_CONVOLUTION_NNZ``) or "a transposed
-    convolution" (see ``CUDA_TRANSPOSED_ANY_DENSITY``); on the CPU "a convolution" (see
+    "a layer TVM cannot build" (see ``TVM_BUILDS_ONLY``); on CUDA "a small convolution" (see
+    ``SMALL_CONVOLUTION_NNZ``) or "a transposed convolution" (see
+    ``CUDA_TRANSPOSED_ANY_DENSITY``); on the CPU "a convolution" (see
     ``CPU_MIN_GROUP_CHANNELS``); None for other layers."""
     problem = candidate.problem
     grouped = candidate.groups > 1
+    if tvm_cannot_build(candidate.op):
+        return "a layer TVM cannot build"
     if target.kind.name == "cuda":
         if (problem.window is not None or grouped) and candidate.weight.nnz <= SMALL_CONVOLUTION_NNZ:
             return "a small convolution"

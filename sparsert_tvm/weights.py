@@ -128,22 +128,19 @@ def phase_filters(
     contiguous), to be interleaved into rows and columns again. Every tap lands in exactly one
     phase, so the nonzeros are the model's; the zeros the other taps leave are skipped like
     any other."""
-    inputs, group_outputs, kh, kw = filters.shape
-    group_inputs = inputs // groups
-    # [out channel, its group's input channel, ky, kx], out channels numbered group by group
-    as_conv = filters.reshape(groups, group_inputs, group_outputs, kh, kw).transpose(0, 2, 1, 3, 4)
-    as_conv = as_conv.reshape(groups * group_outputs, group_inputs, kh, kw)
+    as_conv = _as_conv_filters(filters, groups)
+    outputs, group_inputs, kh, kw = as_conv.shape
     # Per axis and tap: (phase, offset t); the window's top padding and size.
     taps = [[divmod(k * d - c, s)[::-1] for k in range(size)]
             for size, s, d, c in zip((kh, kw), stride, dilation, crop)]
     top = [max(0, max(t for _, t in axis)) for axis in taps]
     window = [p - min(t for _, t in axis) + 1 for p, axis in zip(top, taps)]
     (sh, sw) = stride
-    phased = np.zeros((groups * group_outputs, sh, sw, group_inputs, *window), filters.dtype)
+    phased = np.zeros((outputs, sh, sw, group_inputs, *window), filters.dtype)
     for ky, (ry, ty) in enumerate(taps[0]):
         for kx, (rx, tx) in enumerate(taps[1]):
             phased[:, ry, rx, :, top[0] - ty, top[1] - tx] = as_conv[:, :, ky, kx]
-    return phased.reshape(groups * group_outputs * sh * sw, group_inputs, *window), tuple(top)
+    return phased.reshape(outputs * sh * sw, group_inputs, *window), tuple(top)
 
 
 def one_pixel_rows(
@@ -161,19 +158,24 @@ def one_pixel_rows(
     kernel's rows zero outside their group). Returns the rows ``[outputs * oh * ow, inputs]``
     in the order the output lies in memory (NCHW: channel, y, x; NHWC: y, x, channel) and
     each row's output channel."""
-    inputs, group_outputs, kh, kw = filters.shape
-    group_inputs = inputs // groups
+    full = ungrouped_filters(_as_conv_filters(filters, groups), groups)  # [outputs, inputs, kh, kw]
+    outputs, inputs, kh, kw = full.shape
     (oh, ow), (dh, dw), (top, left) = out_size, dilation, crop
-    rows = np.zeros((groups, group_outputs, oh, ow, groups, group_inputs), filters.dtype)
-    grouped = filters.reshape(groups, group_inputs, group_outputs, kh, kw)
+    rows = np.zeros((outputs, oh, ow, inputs), filters.dtype)
     for ky in range(kh):
         for kx in range(kw):
             y, x = ky * dh - top, kx * dw - left
             if 0 <= y < oh and 0 <= x < ow:
-                for g in range(groups):
-                    rows[g, :, y, x, g] = grouped[g, :, :, ky, kx].T
-    rows = rows.reshape(groups * group_outputs, oh, ow, inputs)
-    channels = np.arange(groups * group_outputs)
+                rows[:, y, x] = full[:, :, ky, kx]
+    channels = np.arange(outputs)
     if channels_last:
         return rows.transpose(1, 2, 0, 3).reshape(-1, inputs), np.tile(channels, oh * ow)
     return rows.reshape(-1, inputs), np.repeat(channels, oh * ow)
+
+
+def _as_conv_filters(filters: np.ndarray, groups: int) -> np.ndarray:
+    """A transposed convolution's IOHW filters as a grouped convolution's OIHW ones: [out
+    channel, its group's input channel, ky, kx], out channels numbered group by group."""
+    inputs, group_outputs, kh, kw = filters.shape
+    as_conv = filters.reshape(groups, inputs // groups, group_outputs, kh, kw).transpose(0, 2, 1, 3, 4)
+    return as_conv.reshape(groups * group_outputs, inputs // groups, kh, kw)

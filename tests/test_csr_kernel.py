@@ -68,7 +68,8 @@ def test_channels_layout_with_batch(density, x_shape):
     rng = np.random.default_rng(1)
     weight = sparse_matrix(rng, (19, 40), density)
     p = problem(rng, Layout.CHANNELS, weight, x_shape, ("bias", "residual", "relu"))
-    for config in (CudaCsrConfig(columns_per_block=2, unroll=1), CudaCsrConfig(rows_per_block=3, columns_per_block=16)):
+    for config in (CudaCsrConfig(columns_per_block=2, unroll=1), CudaCsrConfig(rows_per_block=3, columns_per_block=16),
+                   CudaCsrConfig(rows_per_block=2, columns_per_block=8, warps_per_row=4)):
         check(p, config, rng)
 
 
@@ -79,11 +80,17 @@ def test_channels_layout_with_batch(density, x_shape):
         CudaCsrConfig(rows_per_block=3, columns_per_block=5, unroll=2),
         CudaCsrConfig(rows_per_block=8, columns_per_block=16, unroll=4, sort_rows=False),
         CudaCsrConfig(rows_per_block=32, columns_per_block=2, unroll=8),
+        CudaCsrConfig(rows_per_block=3, columns_per_block=3, unroll=2, warps_per_row=2),
+        CudaCsrConfig(rows_per_block=4, columns_per_block=1, unroll=4, warps_per_row=4),
+        CudaCsrConfig(rows_per_block=1, columns_per_block=16, unroll=1, warps_per_row=8, sort_rows=False),
     ],
-    ids=lambda c: f"r{c.rows_per_block}c{c.columns_per_block}u{c.unroll}{'' if c.sort_rows else '-unsorted'}",
+    ids=lambda c: f"r{c.rows_per_block}c{c.columns_per_block}u{c.unroll}w{c.warps_per_row}"
+    f"{'' if c.sort_rows else '-unsorted'}",
 )
 def test_uneven_and_empty_rows(config):
-    """Rows from empty to ten chunks in one block: warps run different trip counts."""
+    """Rows from empty to thirteen chunks in one block: warps run different trip counts, and
+    where several share a row some of them run none (more warps than chunks); the last
+    block's slots past the last row meet the barrier with the others."""
     rng = np.random.default_rng(2)
     weight = pruned_matrix(rng, (45, 400), 0.15)
     weight[[0, 7, 8, 44]] = 0
@@ -104,7 +111,8 @@ def test_every_epilogue(lanes, layout, epilogue):
     weight = sparse_matrix(rng, (21, 70), 0.2)
     if lanes == "nonzeros":
         x_shape = (5, 70) if layout is Layout.ROWS else (2, 70, 2, 3)
-        configs = [CudaCsrConfig(rows_per_block=2, columns_per_block=4)]
+        configs = [CudaCsrConfig(rows_per_block=2, columns_per_block=4),
+                   CudaCsrConfig(rows_per_block=2, columns_per_block=4, warps_per_row=2)]
     else:  # column tiles of 64: X's columns must be neighbours (transposed, or NCHW)
         x_shape = (64, 70) if layout is Layout.ROWS else (2, 70, 4, 16)
         configs = [column_lanes(2, unroll=4, rows=2), column_lanes(2, unroll=2, rows=2, warps=2)]
@@ -149,11 +157,12 @@ def test_float16_accumulates_in_float32(layout):
     p = problem(rng, layout, weight, x_shape, ("bias", "residual", "relu6"), dtype="float16")
     text = emit_csr_ptx(p, CudaCsrConfig(columns_per_block=4), "k", "sm_90").units[0]
     assert ".b16 k_values" in text and "fma.rn.f32" in text and "f16x2" not in text
-    out, ref = emulate(p, CudaCsrConfig(columns_per_block=4), rng)
-    assert out.dtype == np.float16
-    # float32 sums rounded once: within one float16 ulp of the float64 answer, where a
-    # float16 accumulation of 150 products is off by ~1e-2 (test_cuda_codegen).
-    np.testing.assert_allclose(out.astype(np.float64), ref.astype(np.float64), rtol=1e-3, atol=1e-3)
+    for config in (CudaCsrConfig(columns_per_block=4), CudaCsrConfig(columns_per_block=4, warps_per_row=2)):
+        out, ref = emulate(p, config, rng)
+        assert out.dtype == np.float16
+        # float32 sums rounded once: within one float16 ulp of the float64 answer, where a
+        # float16 accumulation of 150 products is off by ~1e-2 (test_cuda_codegen).
+        np.testing.assert_allclose(out.astype(np.float64), ref.astype(np.float64), rtol=1e-3, atol=1e-3)
 
 
 # -- lanes over columns --------------------------------------------------------------------
@@ -327,7 +336,7 @@ def test_what_column_lanes_reject():
     with pytest.raises(UnsupportedProblem, match="divisible by 2"):
         rule.check(odd, column_lanes(2))
     for bad in ({"lanes": "rows"}, {"lanes": "columns", "columns_per_block": 16}, {"columns_per_block": 32},
-                {"warps_per_row": 2}, {"lanes": "columns", "columns_per_block": 32, "warps_per_row": 3},
+                {"warps_per_row": 3}, {"lanes": "columns", "columns_per_block": 32, "warps_per_row": 3},
                 {"lanes": "columns", "columns_per_block": 32, "warps_per_row": 8, "rows_per_block": 8}):
         with pytest.raises(ValueError):
             CudaCsrConfig(**bad)
@@ -554,6 +563,8 @@ def test_tuning_space_holds_valid_csr_candidates():
     costs = [space.estimated_cost(p, c) for c in configs[1:]]
     assert costs == sorted(costs)
     assert not [c for c in csr if c.column_lanes]  # X's columns are K apart
+    # Rows of at most 68 nonzeros (three chunks): two warps may share one, never four.
+    assert {c.warps_per_row for c in csr} == {1, 2}
     transposed = dataclasses.replace(fc(rng, 256, 512, 64), x_transposed=True)
     configs = space.candidates(transposed, rule.check, 400)
     lanes = [c for c in configs if isinstance(c, CudaCsrConfig) and c.column_lanes]
@@ -731,6 +742,8 @@ def test_bad_csr_kernel_configs():
         ("matmul_t", (37, 96), {"kernel": "csr", "columns_per_block": 16, "rows_per_block": 8}),
         ("conv_nchw", (None, 96, 3, 5), {"kernel": "csr", "columns_per_block": 8}),
         ("conv_nhwc", (2, 3, 5, 96), {"kernel": "csr", "columns_per_block": 2, "sort_rows": False}),
+        ("matmul_t", (1, 96), {"kernel": "csr", "columns_per_block": 1, "warps_per_row": 4, "rows_per_block": 2}),
+        ("matmul", (None, 96), {"kernel": "csr", "columns_per_block": 8, "warps_per_row": 2, "unroll": 1}),
     ],
     ids=str,
 )

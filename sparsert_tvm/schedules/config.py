@@ -185,7 +185,9 @@ class CudaCsrConfig(_CudaKernelConfig):
     * ``"nonzeros"``: each lane takes every 32nd nonzero of the row and keeps one
       accumulator per column (up to 16); a warp reduction sums the lanes. ``unroll`` chunks
       of 32 nonzeros are loaded per loop trip, so that several loads are in flight at once.
-      For a few columns: a matrix-vector product keeps every lane busy.
+      For a few columns: a matrix-vector product keeps every lane busy. ``warps_per_row``
+      warps share a row's chunks (chunk ``t`` to warp ``t % warps_per_row``) and add up
+      through shared memory after their reductions.
     * ``"columns"``: each lane owns ``columns_per_block / 32`` neighbouring columns (32, 64
       or 128 per block) and the warp walks the row's nonzeros in order, every lane reading
       the same (value, offset) pair and then its own columns of that row of X, ``unroll``
@@ -225,8 +227,8 @@ class CudaCsrConfig(_CudaKernelConfig):
             raise ValueError("with column lanes columns_per_block must be 32, 64 or 128 (1, 2 or 4 per lane)")
         if not self.column_lanes and self.columns_per_block > 16:
             raise ValueError("columns_per_block must be at most 16 (one accumulator per column and lane)")
-        if self.warps_per_row not in (1, 2, 4, 8) or (self.warps_per_row > 1 and not self.column_lanes):
-            raise ValueError("warps_per_row must be 1, 2, 4 or 8, and more than 1 only with column lanes")
+        if self.warps_per_row not in (1, 2, 4, 8):
+            raise ValueError("warps_per_row must be 1, 2, 4 or 8")
         if self.rows_per_block * self.warps_per_row > 32:
             raise ValueError("rows_per_block * warps_per_row must be at most 32 (1024 threads)")
         if self.unroll not in (1, 2, 4, 8):

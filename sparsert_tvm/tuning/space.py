@@ -2,8 +2,8 @@
 
 Every combination of rows per block, threads, columns per thread, vector width and (where
 images are computed apart) folding the batch into the columns that the generator accepts,
-and of the CSR kernel's rows per block, columns per block, unrolling and (with lanes over
-columns) warps per row, is scored with a
+and of the CSR kernel's rows per block, columns per block, unrolling and warps per row, is
+scored with a
 rough model of the H100-class machine in cycles; the tuner only compiles and times the
 best few (through a convolution's window, always with the default's row-count neighbours,
 which the model ranks poorly). For the unrolled code the model counts instructions issued
@@ -69,6 +69,7 @@ CSR_UNROLL = (1, 2, 4)
 # With lanes over columns: columns per block (1, 2 or 4 per lane) and nonzeros per trip.
 CSR_COLUMN_LANE_TILES = (32, 64, 128)
 CSR_COLUMN_UNROLL = (2, 4, 8)
+# Warps sharing a row (either lanes).
 CSR_WARPS_PER_ROW = (1, 2, 4)
 # Through a window, column lanes are searched up to this many pixels (over the batch): on
 # the H200 they lost 0.7-0.9x to the unrolled kernel at 196 and 2-7x at 392-25k
@@ -129,8 +130,10 @@ def candidates(
         if threads % (32 * split) == 0
     ]
     space += [
-        dataclasses.replace(csr, rows_per_block=rows, columns_per_block=cols, unroll=unroll)
-        for rows, cols, unroll in itertools.product(CSR_ROWS_PER_BLOCK, CSR_COLUMNS_PER_BLOCK, CSR_UNROLL)
+        dataclasses.replace(csr, rows_per_block=rows, columns_per_block=cols, unroll=unroll, warps_per_row=warps)
+        for rows, cols, unroll, warps in itertools.product(
+            CSR_ROWS_PER_BLOCK, CSR_COLUMNS_PER_BLOCK, CSR_UNROLL, CSR_WARPS_PER_ROW
+        )
     ]
     column_lanes = default_column_lanes_config(problem)
     space += [
@@ -283,20 +286,22 @@ def estimated_cost(problem: SpmmProblem, config: CudaConfig, machine: Machine = 
 def _csr_cost(problem: SpmmProblem, config: CudaCsrConfig, machine: Machine) -> float | None:
     """Cycles of the CSR kernel: instructions, bytes of its arrays, the activations' L1
     wavefronts, and the longest row's chain of dependent loads (index, then activation, per
-    trip of ``unroll`` chunks)."""
+    trip of ``unroll`` chunks), which the row's warps share (and then meet at a barrier)."""
     columns = problem.static_columns or SYMBOLIC_COLUMNS
-    cols, unroll = config.columns_per_block, config.unroll
+    cols, unroll, warps = config.columns_per_block, config.unroll, config.warps_per_row
     if cols > 1 and cols >= 2 * columns:  # a tile of mostly missing columns
         return None
     chunks = _row_chunks(problem.weight)
-    if unroll > 1 and unroll > chunks.max(initial=0):
+    longest = -(-int(chunks.max(initial=0)) // warps)  # chunks of the longest row's busiest warp
+    if (unroll > 1 and unroll > longest) or (warps > 1 and warps > chunks.max(initial=0)):
         return None
     tiles, images = math.ceil(columns / cols), problem.static_batch or 1
     converts = 1 + cols if problem.dtype == "float16" else 0
     per_chunk = 4 + 2 * cols + converts + 3 / unroll  # value, index, address, loads and FMAs, loop
     padded_cols = 1 << (cols - 1).bit_length()
     per_warp = 40 + 4 * padded_cols + 2 * (5 - padded_cols.bit_length() + 1)  # slot, reduction, epilogue
-    issued = tiles * images * (float(chunks.sum()) * per_chunk + problem.M * per_warp)
+    per_warp += 8 * (warps > 1)  # the partial sums through shared memory
+    issued = tiles * images * (float(chunks.sum()) * per_chunk + problem.M * warps * per_warp)
     throughput = issued / (machine.sms * 2.0)
     element_bytes = (4 if problem.dtype == "float32" else 2) + (2 if problem.K <= MAX_U16_COLUMNS else 4)
     memory = tiles * images * float(chunks.sum()) * LANES * element_bytes / machine.memory_bytes_per_cycle
@@ -305,12 +310,12 @@ def _csr_cost(problem: SpmmProblem, config: CudaCsrConfig, machine: Machine) -> 
     # kernel at 26 us for BERT-large's 4096x1024 layer at N = 32 and 5%, where it took 36.5
     # (benchmarks/results/spmm-csr-h200.json).
     wavefronts = tiles * images * float(chunks.sum()) * LANES * cols / machine.sms
-    longest = int(chunks.max(initial=0))
     trips = longest // unroll + longest % unroll
     registers = (padded_cols + unroll * (cols + 4) + 24) * config.threads_per_block
+    block_warps = config.threads_per_block // 32
     resident = min(
         machine.blocks_per_sm,
-        machine.warps_per_sm // config.rows_per_block,
+        machine.warps_per_sm // block_warps,
         max(1, machine.registers_per_sm // registers),
     )
     blocks = math.ceil(problem.M / config.rows_per_block) * tiles * images
@@ -318,7 +323,7 @@ def _csr_cost(problem: SpmmProblem, config: CudaCsrConfig, machine: Machine) -> 
     # The longest warp waits for its loads (the slot, each trip's index then activation,
     # the residual and the store) and issues its instructions.
     serial = (2 * trips + 3) * machine.load_latency
-    serial += (longest * per_chunk + per_warp) * 4.0 / min(4, resident * config.rows_per_block)
+    serial += (longest * per_chunk + per_warp) * 4.0 / min(4, resident * block_warps)
     return max(throughput, memory, wavefronts, waves * serial)
 
 

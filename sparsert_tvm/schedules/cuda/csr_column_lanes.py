@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..config import CudaCsrConfig
 from .csr_emitter import CsrEmitter, initialised_array
-from .csr_layout import NO_ROW
 
 
 class ColumnLanes(CsrEmitter):
@@ -41,9 +39,7 @@ class ColumnLanes(CsrEmitter):
         ahead = 2 if self.config.pipelined else 1
         pairs = np.concatenate([pairs, np.zeros(2 * ahead * self.warps * self.config.unroll, np.uint32)])
         lines = initialised_array("global", "b32", f"{self.name}_pairs", pairs, align=16)
-        if self.warps > 1:
-            lines += [f".shared .align 16 .b8 {self.name}_partials[{partial_bytes(self.config)}];", ""]
-        return lines
+        return lines + self._partials_array()
 
     def _offsets(self) -> np.ndarray:
         """Byte offset of each nonzero's row of X, or with rows a run-time count apart its row
@@ -103,7 +99,7 @@ class ColumnLanes(CsrEmitter):
         lines += self._pipelined_trips() if self.config.pipelined else self._loop("TRIP", "%q", self._trip())
         accs = [f"%acc{c}" for c in range(width)]
         if warps > 1:
-            lines += self._add_partials(accs)
+            lines += self._add_partials(accs, "@%pout bra DONE;")
         return lines + self._epilogue(accs, "%col")
 
     def _load_pairs(self, values: str, offsets: str) -> list[str]:
@@ -158,34 +154,3 @@ class ColumnLanes(CsrEmitter):
             for u in range(unroll)
             for c in range(width)
         ]
-
-    def _add_partials(self, accs: list[str]) -> list[str]:
-        """Each warp leaves its sums in shared memory; the row's first warp adds the others'
-        (a warp's slots are consecutive: ``(warp * 32 + lane) * V + c``)."""
-        width, stride = self.width, 32 * self.width * 4
-        lines = [
-            "mov.u32 %r5, %tid.x;",
-            f"mul.wide.u32 %rd7, %r5, {4 * width};",
-            f"mov.u64 %ps, {self.name}_partials;",
-            "add.s64 %ps, %ps, %rd7;",
-        ]
-        lines += self._shared_row("st", accs, 0)
-        lines += ["bar.sync 0;", "setp.ne.u32 %p0, %part, 0;", "@%p0 bra DONE;"]
-        lines += [f"setp.eq.u32 %p0, %s2, {NO_ROW};", "@%p0 bra DONE;", "@%pout bra DONE;"]
-        for w in range(1, self.warps):
-            partial = [f"%t{c}" for c in range(width)]
-            lines += self._shared_row("ld", partial, w * stride)
-            lines += [f"add.f32 {acc}, {acc}, {t};" for acc, t in zip(accs, partial)]
-        return lines
-
-    def _shared_row(self, op: str, registers: list[str], offset: int) -> list[str]:
-        vector = f".v{len(registers)}" if len(registers) > 1 else ""
-        operands = f"{{{', '.join(registers)}}}" if len(registers) > 1 else registers[0]
-        if op == "st":
-            return [f"st.shared{vector}.f32 [%ps+{offset}], {operands};"]
-        return [f"ld.shared{vector}.f32 {operands}, [%ps+{offset}];"]
-
-
-def partial_bytes(config: CudaCsrConfig) -> int:
-    """Shared memory of a block whose rows are shared by several warps."""
-    return config.threads_per_block * config.columns_per_lane * 4

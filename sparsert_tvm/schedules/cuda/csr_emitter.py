@@ -122,6 +122,34 @@ class CsrEmitter:
         ]
         return lines
 
+    def _partials_array(self) -> list[str]:
+        """Shared memory where the warps of a row leave their sums (none for one warp)."""
+        if self.config.warps_per_row == 1:
+            return []
+        return [f".shared .align 16 .b8 {self.name}_partials[{partial_bytes(self.config)}];", ""]
+
+    def _add_partials(self, accs: list[str], leave: str = "") -> list[str]:
+        """Each warp leaves its sums ``accs`` in shared memory; the row's first warp adds the
+        others' (a warp's slots are consecutive: ``(warp * 32 + lane) * len(accs) + c``).
+        Every warp of the block meets at the barrier first; ``leave`` then sends lanes
+        without a column to store to ``DONE``."""
+        width = len(accs)
+        stride = 32 * width * 4
+        lines = [
+            "mov.u32 %r5, %tid.x;",
+            f"mul.wide.u32 %rd7, %r5, {4 * width};",
+            f"mov.u64 %ps, {self.name}_partials;",
+            "add.s64 %ps, %ps, %rd7;",
+        ]
+        lines += _shared_row("st", accs, 0)
+        lines += ["bar.sync 0;", "setp.ne.u32 %p0, %part, 0;", "@%p0 bra DONE;"]
+        lines += [f"setp.eq.u32 %p0, %s2, {NO_ROW};", "@%p0 bra DONE;"] + ([leave] if leave else [])
+        for w in range(1, self.config.warps_per_row):
+            partial = [f"%t{c}" for c in range(width)]
+            lines += _shared_row("ld", partial, w * stride)
+            lines += [f"add.f32 {acc}, {acc}, {t};" for acc, t in zip(accs, partial)]
+        return lines
+
     def _epilogue(self, accs: list[str], column: str | None, y: str = "%py", residual_base: str = "%pr") -> list[str]:
         """Biases from the slot, the residual and clips applied to ``accs`` (columns
         ``column``, ``column + 1``, ... of the warp's row), then the store; without a
@@ -176,6 +204,20 @@ class CsrEmitter:
         if count > 1 and stride == 1:
             return lines + [f"st.global.v{count}.{kind} [{base}+0], {{{', '.join(registers)}}};"]
         return lines + [f"st.global.{kind} [{base}+{c * stride * es}], {r};" for c, r in enumerate(registers)]
+
+
+def partial_bytes(config: CudaCsrConfig) -> int:
+    """Shared memory of a block whose rows are shared by several warps: one float32 sum per
+    accumulator of each lane (a column-lane's columns; one after the lanes' reduction)."""
+    return config.threads_per_block * config.columns_per_lane * 4
+
+
+def _shared_row(op: str, registers: list[str], offset: int) -> list[str]:
+    vector = f".v{len(registers)}" if len(registers) > 1 else ""
+    operands = f"{{{', '.join(registers)}}}" if len(registers) > 1 else registers[0]
+    if op == "st":
+        return [f"st.shared{vector}.f32 [%ps+{offset}], {operands};"]
+    return [f"ld.shared{vector}.f32 {operands}, [%ps+{offset}];"]
 
 
 def initialised_array(space: str, kind: str, name: str, data: np.ndarray, align: int | None = None) -> list[str]:

@@ -7,6 +7,11 @@ chunks per trip (their loads in flight together), then single chunks. A butterfl
 ``shfl.sync.bfly`` then sums the lanes, halving the accumulators each lane holds at every
 step (``_reduce``), so that lane ``c * 32 / P`` ends up with column ``c`` and applies the
 epilogue (biases from the table, residual, clip) before the store.
+
+With ``warps_per_row`` W > 1 the row's warps share its chunks (warp ``p`` takes chunks ``p,
+p + W, ...``) and, after each warp's butterfly, add up through shared memory: a long row is
+a chain of dependent loads (the pairs, then the activations they point at) that one warp
+would walk alone while few warps fill the machine.
 """
 
 from __future__ import annotations
@@ -21,7 +26,8 @@ class NonzeroLanes(CsrEmitter):
     """Further registers: ``%pv``/``%pi`` this lane's next value and index, ``%v<u>``/``%k<u>``
     value and column of chunk ``u`` of a trip, ``%pk<u>`` the address of X at that column,
     ``%x<u*C+c>`` the activation of column ``c``, ``%pc<c>`` whether column ``c`` exists (only
-    where the column count is not a multiple of the tile)."""
+    where the column count is not a multiple of the tile); with several warps per row,
+    ``%part`` this warp's share and ``%ps`` its partial sums."""
 
     def __init__(self, problem, config, layout, name):
         super().__init__(problem, config, layout, name)
@@ -30,6 +36,8 @@ class NonzeroLanes(CsrEmitter):
         self.padded_cols = 1 << (self.cols - 1).bit_length()  # the reduction halves powers of two
         columns = problem.static_columns
         self.guarded = range(1, self.cols) if columns is None or columns % self.cols else range(0)
+        self.warps = config.warps_per_row
+        self.chunk_stride = self.warps * LANES  # elements from one of a warp's chunks to its next
 
     def _data_arrays(self) -> list[str]:
         layout = self.layout
@@ -38,14 +46,15 @@ class NonzeroLanes(CsrEmitter):
         values = layout.values.view(np.uint32 if self.value_bytes == 4 else np.uint16)
         return initialised_array("global", value_type, f"{self.name}_values", values) + initialised_array(
             "global", index_type, f"{self.name}_indices", layout.indices
-        )
+        ) + self._partials_array()
 
     def _declarations(self) -> list[str]:
         unroll = self.config.unroll
         return [
             ".reg .pred %pb;",
             f".reg .pred %pc<{self.cols}>;",
-            ".reg .b32 %rem, %colc;",
+            ".reg .b32 %rem, %colc, %part;",
+            ".reg .b64 %ps;",
             f".reg .b32 %k<{unroll}>;",
             ".reg .b64 %pi;",
             f".reg .b64 %pk<{unroll}>;",
@@ -63,11 +72,27 @@ class NonzeroLanes(CsrEmitter):
             lines += [f"add.u32 %r4, %col0, {c};", f"setp.lt.u32 %pc{c}, %r4, %ncols;"]
         lines += [f"mov.f32 %acc{c}, 0f00000000;" for c in range(self.padded_cols)]
         lines += self._loops()
-        return lines + ["REDUCE:"] + self._reduce() + self._store_lane()
+        lines += ["REDUCE:"] + self._reduce()
+        if self.warps > 1:
+            lines += self._add_partials(["%acc0"])
+        return lines + self._store_lane()
 
     def _lane_pointers(self) -> list[str]:
-        return [
-            "add.u32 %r4, %s0, %lane;",
+        """This lane's first value and index; with several warps per row, ``%s1`` becomes
+        this warp's share of the row's chunks (``ceil((chunks - part) / W)``)."""
+        lines = []
+        if self.warps > 1:
+            lines += [
+                f"and.b32 %part, %warp, {self.warps - 1};",
+                f"add.u32 %r5, %s1, {self.warps - 1};",
+                "sub.u32 %r5, %r5, %part;",
+                f"shr.u32 %s1, %r5, {self.warps.bit_length() - 1};",
+                f"mad.lo.u32 %r4, %part, {LANES}, %lane;",
+                "add.u32 %r4, %r4, %s0;",
+            ]
+        else:
+            lines.append("add.u32 %r4, %s0, %lane;")
+        return lines + [
             f"mov.u64 %pv, {self.name}_values;",
             f"mul.wide.u32 %rd7, %r4, {self.value_bytes};",
             "add.s64 %pv, %pv, %rd7;",
@@ -89,8 +114,8 @@ class NonzeroLanes(CsrEmitter):
         vb, ib, index_type = self.value_bytes, self.index_bytes, "u32" if self.index_bytes == 4 else "u16"
         lines = []
         for u in range(chunks):
-            lines += self._load_row("%pv", [f"%v{u}"], 1, u * LANES * vb)
-            lines.append(f"ld.global.nc.{index_type} %k{u}, [%pi+{u * LANES * ib}];")
+            lines += self._load_row("%pv", [f"%v{u}"], 1, u * self.chunk_stride * vb)
+            lines.append(f"ld.global.nc.{index_type} %k{u}, [%pi+{u * self.chunk_stride * ib}];")
         for u in range(chunks):
             lines += [f"mul.wide.u32 %pk{u}, %k{u}, {self.xs.k * self.es};", f"add.s64 %pk{u}, %pk{u}, %px;"]
         for u in range(chunks):
@@ -100,7 +125,8 @@ class NonzeroLanes(CsrEmitter):
         for u in range(chunks):
             for c in range(self.cols):
                 lines.append(f"fma.rn.f32 %acc{c}, %v{u}, %x{u * self.cols + c}, %acc{c};")
-        return lines + [f"add.s64 %pv, %pv, {chunks * LANES * vb};", f"add.s64 %pi, %pi, {chunks * LANES * ib};"]
+        step = chunks * self.chunk_stride
+        return lines + [f"add.s64 %pv, %pv, {step * vb};", f"add.s64 %pi, %pi, {step * ib};"]
 
     def _reduce(self) -> list[str]:
         """Sums the 32 lanes' accumulators. While a lane holds more than one, each exchange

@@ -76,7 +76,7 @@ class WindowLanes(ColumnLanes):
             lines += self._loop(f"TAP{t}", "%q", trip)
         accs = [f"%acc{c}" for c in range(width)]
         if self.warps > 1:
-            lines += self._add_partials(accs)
+            lines += self._add_partials(accs, "@%pout bra DONE;")
         for c in range(width):
             if c:  # columns ascend: the first one missing ends the lane's
                 lines += [f"add.u32 %r5, %col, {32 * c};", "setp.ge.u32 %p0, %r5, %ncols;", "@%p0 bra DONE;"]

@@ -22,6 +22,7 @@ from sparsert_tvm.schedules.cuda.csr_layout import LANES, NO_ROW, csr_layout
 from sparsert_tvm.schedules.cuda.csr_ptx import emit_csr_ptx
 from sparsert_tvm.tuning import (
     default_column_lanes_config,
+    default_csr_config,
     default_cuda_config,
     prefers_column_lanes,
     prefers_csr,
@@ -539,6 +540,24 @@ def test_column_lanes_are_the_default_from_16_to_128_neighbouring_columns():
     assert not prefers_column_lanes(dataclasses.replace(symbolic, x_transposed=False))
     small = SpmmProblem(fc(rng, 256, 256, 1).weight, Layout.ROWS, "float32", (n, 256), (n, 256), x_transposed=True)
     assert not prefers_column_lanes(small) and not default_cuda_config(small).KERNEL == "csr"
+
+
+def test_long_rows_of_few_rows_are_shared_by_warps_by_default():
+    """Warps a row while the launch stays within about 6k warps and no warp goes without a
+    chunk; each trip loads as many chunks as the busiest warp has (up to 4)."""
+    rng = np.random.default_rng(25)
+    long_rows = fc(rng, 768, 3072, 1)  # 10-13 chunks a row, 768 rows
+    config = default_cuda_config(long_rows)
+    assert (config.warps_per_row, config.unroll) == (4, 2 if long_rows.weight.row_nnz.max() <= 12 * 32 else 4)
+    many_rows = fc(rng, 3072, 768, 1)  # 3-4 chunks, 3072 rows: two warps make 6144
+    assert (default_cuda_config(many_rows).warps_per_row, default_cuda_config(many_rows).unroll) == (2, 2)
+    assert default_cuda_config(fc(rng, 4096, 1024, 1)).warps_per_row == 1
+    eight = dataclasses.replace(many_rows, x_shape=(8, 768), y_shape=(8, 3072))
+    assert default_cuda_config(eight).warps_per_row == 2  # one tile of 8 columns
+    wide = dataclasses.replace(many_rows, x_shape=(20, 768), y_shape=(20, 3072))
+    assert default_csr_config(wide).warps_per_row == 1  # two tiles of 16 columns: 6144 warps already
+    one_chunk = fc(rng, 768, 768, 1, density=0.02)
+    assert default_csr_config(one_chunk).warps_per_row == 1
 
 
 def test_overrides_asking_for_column_lanes_start_from_their_default():

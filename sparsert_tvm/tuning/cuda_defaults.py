@@ -72,6 +72,9 @@ CSR_COLUMN_LANES_MIN_NNZ = 50_000
 # Warps (of one column per lane) a column-lane launch aims at: each warp's row is a chain
 # of dependent loads, so short of this rows are split among up to 4 warps.
 _COLUMN_LANE_WARPS = 4096
+# The same for lanes over nonzeros, where a warp's row is a chain of one trip per ``unroll``
+# chunks of 32 (benchmarks/results/nonzero-warps-h100.md).
+_NONZERO_LANE_WARPS = 6144
 
 
 def prefers_column_lanes(problem: SpmmProblem) -> bool:
@@ -155,16 +158,22 @@ def default_column_lanes_config(problem: SpmmProblem) -> CudaCsrConfig:
 
 def default_csr_config(problem: SpmmProblem) -> CudaCsrConfig:
     """Lanes over nonzeros: one column tile up to 16 columns (each tile reads the arrays
-    again), 4 for a symbolic count; chunks in flight per trip as many as the longest row has
-    (up to 4: its chain of loads is the launch's tail); four rows per block, fewer where the
-    grid would not give every SM a couple of blocks."""
+    again), 4 for a symbolic count; up to 4 warps sharing a row, no more than its chunks,
+    while the launch stays within about ``_NONZERO_LANE_WARPS`` warps; chunks in flight per
+    trip as many as the longest row gives a warp (up to 4: its chain of loads is the
+    launch's tail); four rows per block, fewer where the grid would not give every SM a
+    couple of blocks. On the H100 the warps ran BERT's and GPT-2's FC layers at N = 1 and 8
+    up to 1.5x faster than one warp a row, and within 10% of the fastest of 1-8 warps on all
+    20 layers timed (benchmarks/results/nonzero-warps-h100.md)."""
     columns = problem.static_columns
     tile = 4 if columns is None else min(16, columns)
+    tiles = -(-(columns or tile) // tile) * (problem.static_batch or 1)
     longest = -(-int(problem.weight.row_nnz.max(initial=0)) // 32)
-    unroll = 4 if longest >= 4 else 2 if longest >= 2 else 1
-    tiles = -(-(columns or tile) // tile)
-    rows = _rows_filling_the_machine(problem, 4, tiles * (problem.static_batch or 1))
-    return CudaCsrConfig(rows_per_block=rows, columns_per_block=tile, unroll=unroll)
+    warps = next(w for w in (4, 2, 1) if w == 1 or (w <= longest and problem.M * tiles * w <= _NONZERO_LANE_WARPS))
+    per_warp = -(-longest // warps)
+    unroll = 4 if per_warp >= 4 else 2 if per_warp >= 2 else 1
+    rows = _rows_filling_the_machine(problem, 4, tiles)
+    return CudaCsrConfig(rows_per_block=rows, columns_per_block=tile, unroll=unroll, warps_per_row=warps)
 
 
 def default_unrolled_config(problem: SpmmProblem) -> CudaSpmmConfig:

@@ -217,7 +217,10 @@ def main(suites: dict, description: str, default_suite: str):
     alternatives = (args.config or "").split(";")
     overrides = [parse_overrides(text) for text in alternatives]
     start = time.perf_counter()
-    rows = results_json.load(args.resume)["cases"] if args.resume else []
+    today = datetime.date.today().isoformat()
+    resumed = results_json.load(args.resume) if args.resume else {"cases": []}
+    # Every row says the day it ran: a resumed file mixes runs.
+    rows = [{"date": resumed["date"]} | row for row in resumed["cases"]]
     done = {row["case"] for row in rows}
     cases = []
     for case, config in suites[args.suite](args.dtype):
@@ -239,14 +242,14 @@ def main(suites: dict, description: str, default_suite: str):
     print(f"{len(cases)} cases to run ({len(done)} resumed); assembled ahead in {time.perf_counter() - start:.0f} s "
           f"({ahead:.0f} s of work)", flush=True)
     dense = DenseTimes()
-    result = {"device": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(), "suite": args.suite,
+    result = {"device": torch.cuda.get_device_name(), "date": today, "suite": args.suite,
               "dtype": args.dtype, "tune_candidates": args.tune_candidates, "l2": "cold" if args.cold else "warm",
               "config": overrides[0] if len(overrides) == 1 else overrides, "cases": rows}
     for i, (case, config) in enumerate(cases):
         if args.deadline and time.perf_counter() - start > args.deadline:
             print(f"deadline: {len(cases) - i} cases left for --resume", flush=True)
             break
-        rows.append(run_case(case, config, dense, tune, compile_s.get(case.name)))
+        rows.append(run_case(case, config, dense, tune, compile_s.get(case.name)) | {"date": today})
         us = rows[-1]["us"]
         fp32 = next(iter(case.libraries))
         print(f"[{i + 1}/{len(cases)}] {case.name}: sparsert {us['sparsert']} us, {fp32} {us[fp32]} us", flush=True)

@@ -1,7 +1,7 @@
 """Tables and a plot from a benchmark JSON written by spmm.py or conv.py (``X.json`` or, as the
 largest runs are kept, gzipped ``X.json.gz``).
 
-    python benchmarks/summarize.py benchmarks/results/spmm-paper-fp32-h100-1205.json.gz \
+    python benchmarks/summarize.py benchmarks/results/spmm-paper-fp32-h100-1206.json.gz \
         [--roofline benchmarks/results/roofline-h100.json]
 
 Writes ``<stem>.md`` (geometric-mean speedups of sparsert over each contender by model
@@ -240,6 +240,17 @@ def plot(cases, path: Path, device: str, kind: str):
     fig.savefig(path, dpi=110)
 
 
+def run_dates(cases: list[dict], date: str) -> list[str]:
+    """Where a resumed run mixes days (``suite.py --resume``): how many cases ran on each."""
+    days = defaultdict(int)
+    for case in cases:
+        days[case.get("date", date)] += 1
+    if len(days) < 2:
+        return []
+    counts = ", ".join(f"{n} on {day}" for day, n in sorted(days.items()))
+    return [f"Resumed run: its cases ran on different days ({counts}; each case's `date`).", ""]
+
+
 def main(path: str, roofline_path: str | None = None):
     source = results_json.stem(path)
     roofline = json.loads(Path(roofline_path).read_text()) if roofline_path else None
@@ -254,6 +265,7 @@ def main(path: str, roofline_path: str | None = None):
     text = [
         f"# {source.name}: {result['device']}, {result['date']}",
         "",
+        *run_dates(cases, result["date"]),
         f"{len(cases)} cases, {correct} correct against a float64 product{declined_text}. Geometric mean of "
         "sparsert's speedup (contender time / sparsert time), timed with CUDA graphs"
         f"{COLD_NOTE if result.get('l2') == 'cold' else ''}:",

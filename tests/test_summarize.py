@@ -69,3 +69,10 @@ def test_targets_say_met_and_skip_the_bound_on_an_unknown_device():
 @pytest.mark.parametrize("cases", [[], [case(1.0, 2.0, 0.3)]])
 def test_targets_without_matching_cases_say_so(cases):
     assert summarize.target_lines(cases, "NVIDIA H100") == ["No case of the targets' dtypes, densities and libraries."]
+
+
+def test_a_resumed_run_says_how_many_cases_ran_on_each_day():
+    run = [case(1.0, 2.0) | {"date": "2026-12-05"}, case(1.0, 2.0) | {"date": "2026-12-06"}, case(1.0, 2.0)]
+    (line, blank) = summarize.run_dates(run, "2026-12-06")  # a row without a date ran on the file's day
+    assert "1 on 2026-12-05, 2 on 2026-12-06" in line and blank == ""
+    assert summarize.run_dates(run[1:], "2026-12-06") == []  # one day: nothing to say

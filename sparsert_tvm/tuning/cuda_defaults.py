@@ -163,7 +163,7 @@ def default_csr_config(problem: SpmmProblem) -> CudaCsrConfig:
     trip as many as the longest row gives a warp (up to 4: its chain of loads is the
     launch's tail); four rows per block, fewer where the grid would not give every SM a
     couple of blocks. On the H100 the warps ran BERT's and GPT-2's FC layers at N = 1 and 8
-    up to 1.5x faster than one warp a row, and within 10% of the fastest of 1-8 warps on all
+    up to 1.5x faster than one warp a row, and within 4% of the fastest of 1-8 warps on all
     20 layers timed (benchmarks/results/nonzero-warps-h100.md)."""
     columns = problem.static_columns
     tile = 4 if columns is None else min(16, columns)

@@ -543,8 +543,9 @@ def test_column_lanes_are_the_default_from_16_to_128_neighbouring_columns():
 
 
 def test_long_rows_of_few_rows_are_shared_by_warps_by_default():
-    """Warps a row while the launch stays within about 6k warps and no warp goes without a
-    chunk; each trip loads as many chunks as the busiest warp has (up to 4)."""
+    """Column tiles of 4, then warps a row, while the launch stays within about 6k warps and
+    no warp goes without a chunk; each trip loads as many chunks as the busiest warp has (up
+    to 4)."""
     rng = np.random.default_rng(25)
     long_rows = fc(rng, 768, 3072, 1)  # 10-13 chunks a row, 768 rows
     config = default_cuda_config(long_rows)
@@ -552,10 +553,15 @@ def test_long_rows_of_few_rows_are_shared_by_warps_by_default():
     many_rows = fc(rng, 3072, 768, 1)  # 3-4 chunks, 3072 rows: two warps make 6144
     assert (default_cuda_config(many_rows).warps_per_row, default_cuda_config(many_rows).unroll) == (2, 2)
     assert default_cuda_config(fc(rng, 4096, 1024, 1)).warps_per_row == 1
+    # At N = 8 tiles of 4 columns come first: 3072 rows in two tiles are 6144 warps already,
+    # 768 rows leave room for 4 warps a row.
     eight = dataclasses.replace(many_rows, x_shape=(8, 768), y_shape=(8, 3072))
-    assert default_cuda_config(eight).warps_per_row == 2  # one tile of 8 columns
+    assert (default_cuda_config(eight).columns_per_block, default_cuda_config(eight).warps_per_row) == (4, 1)
+    few_rows = dataclasses.replace(long_rows, x_shape=(8, 3072), y_shape=(8, 768))
+    assert (default_cuda_config(few_rows).columns_per_block, default_cuda_config(few_rows).warps_per_row) == (4, 4)
     wide = dataclasses.replace(many_rows, x_shape=(20, 768), y_shape=(20, 3072))
-    assert default_csr_config(wide).warps_per_row == 1  # two tiles of 16 columns: 6144 warps already
+    assert (default_csr_config(wide).columns_per_block, default_csr_config(wide).warps_per_row) == (16, 1)
+    assert default_csr_config(dataclasses.replace(many_rows, x_shape=(3, 768), y_shape=(3, 3072))).columns_per_block == 3
     one_chunk = fc(rng, 768, 768, 1, density=0.02)
     assert default_csr_config(one_chunk).warps_per_row == 1
 

@@ -157,17 +157,23 @@ def default_column_lanes_config(problem: SpmmProblem) -> CudaCsrConfig:
 
 
 def default_csr_config(problem: SpmmProblem) -> CudaCsrConfig:
-    """Lanes over nonzeros: one column tile up to 16 columns (each tile reads the arrays
-    again), 4 for a symbolic count; up to 4 warps sharing a row, no more than its chunks,
-    while the launch stays within about ``_NONZERO_LANE_WARPS`` warps; chunks in flight per
-    trip as many as the longest row gives a warp (up to 4: its chain of loads is the
-    launch's tail); four rows per block, fewer where the grid would not give every SM a
-    couple of blocks. On the H100 the warps ran BERT's and GPT-2's FC layers at N = 1 and 8
-    up to 1.5x faster than one warp a row, and within 4% of the fastest of 1-8 warps on all
-    20 layers timed (benchmarks/results/nonzero-warps-h100.md)."""
-    columns = problem.static_columns
+    """Lanes over nonzeros: more warps where the launch has few, up to about
+    ``_NONZERO_LANE_WARPS``. First column tiles of 4 (each lane loads 4 activations per
+    nonzero instead of up to 16; each tile reads the arrays again), then up to 4 warps
+    sharing a row, no more than its chunks. Otherwise one tile of up to 16 columns, 4 for a
+    symbolic count. Chunks in flight per trip as many as the longest row gives a warp (up to
+    4: its chain of loads is the launch's tail); four rows per block, fewer where the grid
+    would not give every SM a couple of blocks.
+
+    On the H100 (benchmarks/results/nonzero-warps-h100.md), BERT's and GPT-2's FC layers at
+    N = 1 and 8 ran up to 1.5x faster with the warps than with one warp a row, and the
+    fastest of 1-8 warps was within 4% of the rule's pick on all 20 layers timed. At N = 8,
+    tiles of 4 columns ran up to 1.3x faster than one tile of 8."""
+    columns, images = problem.static_columns, problem.static_batch or 1
     tile = 4 if columns is None else min(16, columns)
-    tiles = -(-(columns or tile) // tile) * (problem.static_batch or 1)
+    if columns is not None and columns > 4 and problem.M * -(-columns // 4) * images <= _NONZERO_LANE_WARPS:
+        tile = 4
+    tiles = -(-(columns or tile) // tile) * images
     longest = -(-int(problem.weight.row_nnz.max(initial=0)) // 32)
     warps = next(w for w in (4, 2, 1) if w == 1 or (w <= longest and problem.M * tiles * w <= _NONZERO_LANE_WARPS))
     per_warp = -(-longest // warps)

@@ -166,9 +166,10 @@ def default_csr_config(problem: SpmmProblem) -> CudaCsrConfig:
     would not give every SM a couple of blocks.
 
     On the H100 (benchmarks/results/nonzero-warps-h100.md), BERT's and GPT-2's FC layers at
-    N = 1 and 8 ran up to 1.5x faster with the warps than with one warp a row, and the
-    fastest of 1-8 warps was within 4% of the rule's pick on all 20 layers timed. At N = 8,
-    tiles of 4 columns ran up to 1.3x faster than one tile of 8."""
+    N = 1 and 8 ran up to 1.5x faster with the warps than with one warp a row (at N = 1 the
+    fastest of 1-8 warps was within 4% of the rule's pick on all 10 layers timed), and at
+    N = 8 tiles of 4 columns ran up to 1.3x faster than one tile of 8. Long rows at N = 8 ran
+    fastest with tiles of 2 and 2 warps, in another run than the rule's: not adopted untimed."""
     columns, images = problem.static_columns, problem.static_batch or 1
     tile = 4 if columns is None else min(16, columns)
     if columns is not None and columns > 4 and problem.M * -(-columns // 4) * images <= _NONZERO_LANE_WARPS:

@@ -3,18 +3,17 @@
 Every combination of rows per block, threads, columns per thread, vector width and (where
 images are computed apart) folding the batch into the columns that the generator accepts,
 and of the CSR kernel's rows per block, columns per block, unrolling and warps per row, is
-scored with a
-rough model of the H100-class machine in cycles; the tuner only compiles and times the
-best few (through a convolution's window, always with the default's row-count neighbours,
-which the model ranks poorly). For the unrolled code the model counts instructions issued
-(FMAs plus one load per needed activation vector, shared by the rows of a block), how many
-of them the busiest block issues in a row (the tail of the launch), how many warps can be
-resident to hide latency, and the code itself streaming into the SMs (once per column tile
-and image). For
-the CSR kernel: instructions per chunk of 32 nonzeros, the bytes of its arrays (once per
-column tile and image) and the chain of dependent loads of the longest row; with lanes over
-columns, instructions per trip, the activations' bytes through L1, and the longest row's
-trips (shared by its warps) each waiting on an activation load.
+scored with a rough model of the H100-class machine in cycles; the tuner only compiles and
+times the best few (through a convolution's window, always with the default's row-count
+neighbours, which the model ranks poorly). For the unrolled code the model counts
+instructions issued (FMAs plus one load per needed activation vector, shared by the rows of
+a block), how many of them the busiest block issues in a row (the tail of the launch), how
+many warps can be resident to hide latency, and the code itself streaming into the SMs
+(once per column tile and image). For the CSR kernel: instructions per chunk of 32 nonzeros,
+the bytes of its arrays (once per column tile and image) and the chain of dependent loads of
+the longest row (shared by its warps); with lanes over columns, instructions per trip, the
+activations' bytes through L1, and the longest row's trips (shared by its warps) each
+waiting on an activation load.
 """
 
 from __future__ import annotations

@@ -10,8 +10,8 @@ epilogue (biases from the table, residual, clip) before the store.
 
 With ``warps_per_row`` W > 1 the row's warps share its chunks (warp ``p`` takes chunks ``p,
 p + W, ...``) and, after each warp's butterfly, add up through shared memory: a long row is
-a chain of dependent loads (the pairs, then the activations they point at) that one warp
-would walk alone while few warps fill the machine.
+a chain of dependent loads (each chunk's values and indices, then the activations they
+point at) that one warp would walk alone while few warps fill the machine.
 """
 
 from __future__ import annotations

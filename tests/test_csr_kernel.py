@@ -547,23 +547,29 @@ def test_long_rows_of_few_rows_are_shared_by_warps_by_default():
     no warp goes without a chunk; each trip loads as many chunks as the busiest warp has (up
     to 4)."""
     rng = np.random.default_rng(25)
+
+    def picked(problem, *fields, config_of=default_cuda_config):
+        config = config_of(problem)
+        return tuple(getattr(config, field) for field in fields)
+
     long_rows = fc(rng, 768, 3072, 1)  # 10-13 chunks a row, 768 rows
-    config = default_cuda_config(long_rows)
-    assert (config.warps_per_row, config.unroll) == (4, 2 if long_rows.weight.row_nnz.max() <= 12 * 32 else 4)
+    unroll = 2 if long_rows.weight.row_nnz.max() <= 12 * 32 else 4
+    assert picked(long_rows, "warps_per_row", "unroll") == (4, unroll)
     many_rows = fc(rng, 3072, 768, 1)  # 3-4 chunks, 3072 rows: two warps make 6144
-    assert (default_cuda_config(many_rows).warps_per_row, default_cuda_config(many_rows).unroll) == (2, 2)
-    assert default_cuda_config(fc(rng, 4096, 1024, 1)).warps_per_row == 1
+    assert picked(many_rows, "warps_per_row", "unroll") == (2, 2)
+    assert picked(fc(rng, 4096, 1024, 1), "warps_per_row") == (1,)
     # At N = 8 tiles of 4 columns come first: 3072 rows in two tiles are 6144 warps already,
     # 768 rows leave room for 4 warps a row.
     eight = dataclasses.replace(many_rows, x_shape=(8, 768), y_shape=(8, 3072))
-    assert (default_cuda_config(eight).columns_per_block, default_cuda_config(eight).warps_per_row) == (4, 1)
+    assert picked(eight, "columns_per_block", "warps_per_row") == (4, 1)
     few_rows = dataclasses.replace(long_rows, x_shape=(8, 3072), y_shape=(8, 768))
-    assert (default_cuda_config(few_rows).columns_per_block, default_cuda_config(few_rows).warps_per_row) == (4, 4)
+    assert picked(few_rows, "columns_per_block", "warps_per_row") == (4, 4)
     wide = dataclasses.replace(many_rows, x_shape=(20, 768), y_shape=(20, 3072))
-    assert (default_csr_config(wide).columns_per_block, default_csr_config(wide).warps_per_row) == (16, 1)
-    assert default_csr_config(dataclasses.replace(many_rows, x_shape=(3, 768), y_shape=(3, 3072))).columns_per_block == 3
+    assert picked(wide, "columns_per_block", "warps_per_row", config_of=default_csr_config) == (16, 1)
+    three = dataclasses.replace(many_rows, x_shape=(3, 768), y_shape=(3, 3072))
+    assert picked(three, "columns_per_block", config_of=default_csr_config) == (3,)
     one_chunk = fc(rng, 768, 768, 1, density=0.02)
-    assert default_csr_config(one_chunk).warps_per_row == 1
+    assert picked(one_chunk, "warps_per_row", config_of=default_csr_config) == (1,)
 
 
 def test_overrides_asking_for_column_lanes_start_from_their_default():

@@ -82,6 +82,7 @@ def test_channels_layout_with_batch(density, x_shape):
         CudaCsrConfig(rows_per_block=8, columns_per_block=16, unroll=4, sort_rows=False),
         CudaCsrConfig(rows_per_block=32, columns_per_block=2, unroll=8),
         CudaCsrConfig(rows_per_block=3, columns_per_block=3, unroll=2, warps_per_row=2),
+        CudaCsrConfig(rows_per_block=4, columns_per_block=2, unroll=4, warps_per_row=2),
         CudaCsrConfig(rows_per_block=4, columns_per_block=1, unroll=4, warps_per_row=4),
         CudaCsrConfig(rows_per_block=1, columns_per_block=16, unroll=1, warps_per_row=8, sort_rows=False),
     ],
@@ -559,11 +560,16 @@ def test_long_rows_of_few_rows_are_shared_by_warps_by_default():
     assert picked(many_rows, "warps_per_row", "unroll") == (2, 2)
     assert picked(fc(rng, 4096, 1024, 1), "warps_per_row") == (1,)
     # At N = 8 tiles of 4 columns come first: 3072 rows in two tiles are 6144 warps already,
-    # 768 rows leave room for 4 warps a row.
+    # 768 rows of 3-4 chunks leave room for 4 warps a row. Rows of 6 chunks or more take
+    # tiles of 2 with 2 warps where those fit (768 rows), else tiles of 4 (1024 rows).
     eight = dataclasses.replace(many_rows, x_shape=(8, 768), y_shape=(8, 3072))
     assert picked(eight, "columns_per_block", "warps_per_row") == (4, 1)
+    short_rows = fc(rng, 768, 768, 8)  # 3-4 chunks a row
+    assert picked(short_rows, "columns_per_block", "warps_per_row") == (4, 4)
     few_rows = dataclasses.replace(long_rows, x_shape=(8, 3072), y_shape=(8, 768))
-    assert picked(few_rows, "columns_per_block", "warps_per_row") == (4, 4)
+    assert picked(few_rows, "columns_per_block", "warps_per_row") == (2, 2)
+    more_rows = fc(rng, 1024, 4096, 8)
+    assert picked(more_rows, "columns_per_block", "warps_per_row") == (4, 2)
     wide = dataclasses.replace(many_rows, x_shape=(20, 768), y_shape=(20, 3072))
     assert picked(wide, "columns_per_block", "warps_per_row", config_of=default_csr_config) == (16, 1)
     three = dataclasses.replace(many_rows, x_shape=(3, 768), y_shape=(3, 3072))
@@ -819,3 +825,13 @@ def test_csr_default_on_a_large_matrix_vector_layer(gpu_target):
     case = make_case(rng, "matmul_t", 1536, 1024, 0.1, (1, 1024), ("bias", "relu"))
     (layer,) = check_module(case, gpu_target, batches=(None,), density_threshold=None).layers
     assert layer.params["kernel"] == "csr" and layer.params["config_source"] == "default"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_csr_default_on_long_rows_at_eight_columns(gpu_target, dtype):
+    """BERT-base's 768x3072 layer at N = 8: tiles of 2 columns, 2 warps a row, by default."""
+    rng = np.random.default_rng(22)
+    case = make_case(rng, "matmul_t", 768, 3072, 0.1, (8, 3072), ("bias",), dtype=dtype)
+    (layer,) = check_module(case, gpu_target, batches=(None,), density_threshold=None).layers
+    assert (layer.params["kernel"], layer.params["columns_per_block"], layer.params["warps_per_row"]) == ("csr", 2, 2)

@@ -560,8 +560,9 @@ def test_long_rows_of_few_rows_are_shared_by_warps_by_default():
     assert picked(many_rows, "warps_per_row", "unroll") == (2, 2)
     assert picked(fc(rng, 4096, 1024, 1), "warps_per_row") == (1,)
     # At N = 8 tiles of 4 columns come first: 3072 rows in two tiles are 6144 warps already,
-    # 768 rows of 3-4 chunks leave room for 4 warps a row. Rows of 6 chunks or more take
-    # tiles of 2 with 2 warps where those fit (768 rows), else tiles of 4 (1024 rows).
+    # 768 rows of 3-4 chunks leave room for 4 warps a row. Rows of 6-12 chunks take tiles
+    # of 2 with 2 warps where those fit (768 rows), else tiles of 4 (1024 rows); so do
+    # longer rows (20-29 chunks at a density of 0.2-0.3).
     eight = dataclasses.replace(many_rows, x_shape=(8, 768), y_shape=(8, 3072))
     assert picked(eight, "columns_per_block", "warps_per_row") == (4, 1)
     short_rows = fc(rng, 768, 768, 8)  # 3-4 chunks a row
@@ -570,6 +571,8 @@ def test_long_rows_of_few_rows_are_shared_by_warps_by_default():
     assert picked(few_rows, "columns_per_block", "warps_per_row") == (2, 2)
     more_rows = fc(rng, 1024, 4096, 8)
     assert picked(more_rows, "columns_per_block", "warps_per_row") == (4, 2)
+    longer_rows = fc(rng, 768, 3072, 8, density=0.25)
+    assert picked(longer_rows, "columns_per_block", "warps_per_row") == (4, 4)
     wide = dataclasses.replace(many_rows, x_shape=(20, 768), y_shape=(20, 3072))
     assert picked(wide, "columns_per_block", "warps_per_row", config_of=default_csr_config) == (16, 1)
     three = dataclasses.replace(many_rows, x_shape=(3, 768), y_shape=(3, 3072))

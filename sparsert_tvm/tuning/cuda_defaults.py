@@ -75,9 +75,9 @@ _COLUMN_LANE_WARPS = 4096
 # The same for lanes over nonzeros, where a warp's row is a chain of one trip per ``unroll``
 # chunks of 32 (benchmarks/results/nonzero-warps-h100.md).
 _NONZERO_LANE_WARPS = 6144
-# Chunks of 32 nonzeros from which a row is long enough that lanes over nonzeros take
-# tiles of 2 columns with 2 warps a row rather than tiles of 4 (``default_csr_config``).
-_LONG_ROW_CHUNKS = 6
+# Longest rows, in chunks of 32 nonzeros, for which lanes over nonzeros take tiles of 2
+# columns with 2 warps a row rather than tiles of 4 (``default_csr_config``).
+_PAIR_TILE_CHUNKS = range(6, 13)
 
 
 def prefers_column_lanes(problem: SpmmProblem) -> bool:
@@ -171,18 +171,19 @@ def default_csr_config(problem: SpmmProblem) -> CudaCsrConfig:
     On the H100 (benchmarks/results/nonzero-warps-h100.md), BERT's and GPT-2's FC layers at
     N = 1 and 8 ran up to 1.5x faster with the warps than with one warp a row (at N = 1 the
     fastest of 1-8 warps was within 4% of the rule's pick on all 10 layers timed), and at
-    N = 8 tiles of 4 columns ran up to 1.3x faster than one tile of 8. Rows of
-    ``_LONG_ROW_CHUNKS`` chunks or more take tiles of 2 instead where two warps a row still
-    fit the budget: BERT-base's and GPT-2's 768x3072 layers at N = 8 ran 1.13-1.22x faster
-    in float32 (1.02-1.07x in float16) with tiles of 2 and 2 warps than with tiles of 4 and 4
-    warps, in one run (n8-tiles-h100.md), while rows of 2-4 chunks (768x768) ran 0.91-1.03x
-    as fast."""
+    N = 8 tiles of 4 columns ran up to 1.3x faster than one tile of 8. Rows of 6-12 chunks
+    (``_PAIR_TILE_CHUNKS``) take tiles of 2 instead where two warps a row still fit the
+    budget: BERT-base's and GPT-2's 768x3072 layers at N = 8, 0.05 and 0.1, ran 1.15-1.24x
+    faster in float32 (1.01-1.09x in float16) than with tiles of 4 and 4 warps in the same
+    run. The 768x768 layer's rows of 6-9 chunks (0.2-0.3) ran 0.94-0.97x as fast with them,
+    its shorter rows (0.05-0.1) 0.91-1.03x, and rows of 20-29 chunks (768x3072 at 0.2-0.3)
+    0.85-0.99x (n8-tiles-h100.md)."""
     columns, images = problem.static_columns, problem.static_batch or 1
     longest = -(-int(problem.weight.row_nnz.max(initial=0)) // 32)
     tile = 4 if columns is None else min(16, columns)
     if columns is not None and columns > 4 and problem.M * -(-columns // 4) * images <= _NONZERO_LANE_WARPS:
         pairs = problem.M * -(-columns // 2) * images * 2
-        tile = 2 if longest >= _LONG_ROW_CHUNKS and pairs <= _NONZERO_LANE_WARPS else 4
+        tile = 2 if longest in _PAIR_TILE_CHUNKS and pairs <= _NONZERO_LANE_WARPS else 4
     tiles = -(-(columns or tile) // tile) * images
     warps = next(w for w in (4, 2, 1) if w == 1 or (w <= longest and problem.M * tiles * w <= _NONZERO_LANE_WARPS))
     per_warp = -(-longest // warps)

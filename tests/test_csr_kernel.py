@@ -544,9 +544,9 @@ def test_column_lanes_are_the_default_from_16_to_128_neighbouring_columns():
 
 
 def test_long_rows_of_few_rows_are_shared_by_warps_by_default():
-    """Column tiles of 4, then warps a row, while the launch stays within about 6k warps and
-    no warp goes without a chunk; each trip loads as many chunks as the busiest warp has (up
-    to 4)."""
+    """Column tiles of 4 (of 2 for rows of 6-12 chunks), then warps a row, while the launch
+    stays within about 6k warps and no warp goes without a chunk; each trip loads as many
+    chunks as the busiest warp has (up to 4)."""
     rng = np.random.default_rng(25)
 
     def picked(problem, *fields, config_of=default_cuda_config):
@@ -561,8 +561,8 @@ def test_long_rows_of_few_rows_are_shared_by_warps_by_default():
     assert picked(fc(rng, 4096, 1024, 1), "warps_per_row") == (1,)
     # At N = 8 tiles of 4 columns come first: 3072 rows in two tiles are 6144 warps already,
     # 768 rows of 3-4 chunks leave room for 4 warps a row. Rows of 6-12 chunks take tiles
-    # of 2 with 2 warps where those fit (768 rows), else tiles of 4 (1024 rows); so do
-    # longer rows (20-29 chunks at a density of 0.2-0.3).
+    # of 2 with 2 warps where those fit (768 rows), else tiles of 4 (1024 rows); longer
+    # rows (about 24 chunks at a density of 0.25) keep tiles of 4.
     eight = dataclasses.replace(many_rows, x_shape=(8, 768), y_shape=(8, 3072))
     assert picked(eight, "columns_per_block", "warps_per_row") == (4, 1)
     short_rows = fc(rng, 768, 768, 8)  # 3-4 chunks a row

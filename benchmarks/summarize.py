@@ -10,7 +10,7 @@ case where sparsert loses to the dense library of its own precision, with the li
 limit) and ``<stem>.png`` (speedup over that library against density and against problem
 size) next to the JSON. With ``--roofline`` (``roofline.py``'s measurements of the same
 GPU), SparseRT's targets are bounded by the time to read X and write Y, not by the run's
-fastest kernel.
+fastest kernel, and a table says how far each family's times are above their bounds.
 """
 
 from __future__ import annotations
@@ -123,8 +123,7 @@ def target_lines(cases, device: str, roofline: dict | None = None) -> list[str]:
         bound = capped = needed = "-"
         if fma and dtype == "float32":
             floors = [copy_floor_us(c, roofline) if roofline else fastest for c, _ in members]
-            caps = [c["us"][baseline] / max(floor, c["density"] * c["M"] * c["K"] * c["N"] / fma * 1e6)
-                    for (c, _), floor in zip(members, floors)]
+            caps = [c["us"][baseline] / bound_us(c, floor, fma) for (c, _), floor in zip(members, floors)]
             low = [cap for cap in caps if cap < target]
             others = [s for (_, s), cap in zip(members, caps) if cap >= target]
             bound = f"{gmean(caps):.2f}x"
@@ -140,6 +139,33 @@ def target_lines(cases, device: str, roofline: dict | None = None) -> list[str]:
         lines.append(f"| {dtype} | {baseline} | {density:g} | {len(members)} | {reached:.2f}x | {target:g}x | "
                      f"{bound} | {capped} | {needed} |")
     return lines if len(lines) > 2 else ["No case of the targets' dtypes, densities and libraries."]
+
+
+def bound_us(case, floor_us: float, fma_per_s: float) -> float:
+    """The least time of ``case``: its floor, or its multiply-adds at the FMA peak."""
+    return max(floor_us, case["density"] * case["M"] * case["K"] * case["N"] / fma_per_s * 1e6)
+
+
+def headroom_lines(cases, device: str, roofline: dict) -> list[str]:
+    """By family, at the float32 targets' densities: how far sparsert's times are above each
+    case's bound (copy of X and Y, or the FMA peak), next to the speedup over cuBLAS fp32 it
+    reached and the speedup that bound would allow (geometric means)."""
+    fma = next((rate for name, rate in FMA_PER_S.items() if name in device), None)
+    groups = defaultdict(list)
+    for case, speedup in speedups([c for c in cases if c["dtype"] == "float32"], "cublas_fp32"):
+        density = round(case["density"] * 20) / 20
+        if fma and density in (0.05, 0.1):
+            groups[(density, family(case))].append((case, speedup, bound_us(case, copy_floor_us(case, roofline), fma)))
+    if not groups:
+        return ["No float32 case at 0.05 or 0.1 on a GPU of known FMA peak."]
+    lines = ["| density | family | cases | time over its bound | reached vs cublas_fp32 | bound allows |",
+             "|" + " --- |" * 6]
+    for (density, label), members in sorted(groups.items()):
+        over = gmean([c["us"]["sparsert"] / bound for c, _, bound in members])
+        reached = gmean([s for _, s, _ in members])
+        allowed = gmean([c["us"]["cublas_fp32"] / bound for c, _, bound in members])
+        lines.append(f"| {density:g} | {label} | {len(members)} | {over:.2f}x | {reached:.2f}x | {allowed:.2f}x |")
+    return lines
 
 
 def copy_floor_us(case, roofline: dict) -> float:
@@ -276,6 +302,11 @@ def main(path: str, roofline_path: str | None = None):
         "",
         *target_lines(cases, result["device"], roofline),
         "",
+        *(["## Distance to the bound (float32)", "",
+           "Each case's bound is the longer of its copy of X and Y (`roofline.py`) and its "
+           "multiply-adds at the FP32 FMA peak; families far above it have the most room left.", "",
+           *headroom_lines(cases, result["device"], roofline), ""]
+          if roofline and any(case["dtype"] == "float32" for case in cases) else []),
         "## Tuning",
         "",
         *tuning_lines(cases),

@@ -60,6 +60,24 @@ def test_targets_with_a_roofline_bound_each_case_by_its_copy():
     assert cells[7] == "1 (H100 test, d)"
 
 
+def test_headroom_is_each_family_s_time_over_its_bound():
+    # A copy bandwidth high enough that the large case is bound by its FMAs: its 4,096 * 1e5
+    # multiply-adds at the H100's peak take longer than its 512 MB copy (about 9 us). The
+    # small case is bound by the launch (1.5 us; its 4 KB copy would take 1.27 us).
+    roofline = {"device": "t", "date": "d", "launch_us": 1.5, "copy": [{"bytes": 1000, "us": 1.0},
+                                                                       {"bytes": 10**9, "us": 10.0}]}
+    fma_us = 0.1 * 64 * 64 * 1_000_000 / summarize.FMA_PER_S["H100"] * 1e6
+    assert fma_us > summarize.copy_floor_us(case(1.0, 1.0, n=1_000_000), roofline)
+    small = case(3.0, 12.0) | {"group": "fc"}  # 2x over its bound, 8x allowed
+    large = case(2 * fma_us, 4 * fma_us, n=1_000_000) | {"group": "fc"}  # 2x over, 4x allowed
+    other = case(3.0, 6.0) | {"group": "conv"}
+    lines = summarize.headroom_lines([small, large, other], "NVIDIA H100", roofline)
+    rows = {line.split("|")[2].strip(): [cell.strip() for cell in line.strip("|").split("|")] for line in lines[2:]}
+    assert rows["fc"] == ["0.1", "fc", "2", "2.00x", f"{(4 * 2) ** 0.5:.2f}x", f"{(8 * 4) ** 0.5:.2f}x"]
+    assert rows["conv"] == ["0.1", "conv", "1", "2.00x", "2.00x", "4.00x"]
+    assert summarize.headroom_lines([small], "some other GPU", roofline)[0].startswith("No float32 case")
+
+
 def test_targets_say_met_and_skip_the_bound_on_an_unknown_device():
     lines = summarize.target_lines([case(1.0, 6.0, 0.05), case(1.0, 6.0, 0.05)], "some other GPU")
     cells = target_row(lines, "0.05")

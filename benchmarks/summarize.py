@@ -54,12 +54,16 @@ def family(case) -> str:
     return f"{case['group']}{batch}"
 
 
+def nominal_density(case) -> float:
+    """The density a case was made at: 0.09 (real weights) reads as 0.1."""
+    return round(case["density"] * 20) / 20
+
+
 def summary_table(cases, kind: str) -> list[str]:
     baselines = BASELINES[kind]
     groups = defaultdict(list)
     for case in cases:
-        nominal = round(case["density"] * 20) / 20  # 0.09 (real weights) reads as 0.1
-        groups[(case["dtype"], family(case), nominal)].append(case)
+        groups[(case["dtype"], family(case), nominal_density(case))].append(case)
     header = "| dtype | family | density | cases | " + " | ".join(f"vs {b}" for b in baselines) + " |"
     lines = [header, "|" + " --- |" * (4 + len(baselines))]
 
@@ -100,6 +104,11 @@ TARGETS = {("float32", "cublas_fp32", 0.1): 3.4, ("float32", "cublas_fp32", 0.05
 FMA_PER_S = {"H100": 132 * 128 * 1.98e9, "H200": 132 * 128 * 1.98e9}
 
 
+def fma_per_s(device: str) -> float | None:
+    """The FP32 FMA peak of ``device`` (a torch device name), if known."""
+    return next((rate for name, rate in FMA_PER_S.items() if name in device), None)
+
+
 def target_lines(cases, device: str, roofline: dict | None = None) -> list[str]:
     """Each target against the run. For float32, what the suite's sizes allow: each case's
     time is bounded below by the FP32 FMA peak and by a floor, and the bounds cap each case's
@@ -107,7 +116,7 @@ def target_lines(cases, device: str, roofline: dict | None = None) -> list[str]:
     beat the target by the factor in the last column. Without a ``roofline`` the floor is the
     run's fastest kernel; with one (``roofline.py`` on the same GPU) it is the time of a copy
     that reads X and writes Y (``copy_floor_us``)."""
-    fma = next((rate for name, rate in FMA_PER_S.items() if name in device), None)
+    fma = fma_per_s(device)
     timed = [c["us"]["sparsert"] for c in cases if c["us"].get("sparsert") and c["correct"]]
     fastest = min(timed) if timed else None
     floor_name = "launch, copy of X and Y" if roofline else "floor"
@@ -150,12 +159,12 @@ def headroom_lines(cases, device: str, roofline: dict) -> list[str]:
     """By family, at the float32 targets' densities: how far sparsert's times are above each
     case's bound (copy of X and Y, or the FMA peak), next to the speedup over cuBLAS fp32 it
     reached and the speedup that bound would allow (geometric means)."""
-    fma = next((rate for name, rate in FMA_PER_S.items() if name in device), None)
+    fma = fma_per_s(device)
     groups = defaultdict(list)
     for case, speedup in speedups([c for c in cases if c["dtype"] == "float32"], "cublas_fp32"):
-        density = round(case["density"] * 20) / 20
-        if fma and density in (0.05, 0.1):
-            groups[(density, family(case))].append((case, speedup, bound_us(case, copy_floor_us(case, roofline), fma)))
+        if fma and nominal_density(case) in (0.05, 0.1):
+            bound = bound_us(case, copy_floor_us(case, roofline), fma)
+            groups[(nominal_density(case), family(case))].append((case, speedup, bound))
     if not groups:
         return ["No float32 case at 0.05 or 0.1 on a GPU of known FMA peak."]
     lines = ["| density | family | cases | time over its bound | reached vs cublas_fp32 | bound allows |",

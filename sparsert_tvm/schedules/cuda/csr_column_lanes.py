@@ -28,7 +28,6 @@ class ColumnLanes(CsrEmitter):
     def __init__(self, problem, config, layout, name):
         super().__init__(problem, config, layout, name)
         self.width = config.columns_per_lane
-        self.warps = config.warps_per_row
         self.trip_bytes = 8 * config.unroll
 
     def _data_arrays(self) -> list[str]:

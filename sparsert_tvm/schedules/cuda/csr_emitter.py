@@ -36,6 +36,7 @@ class CsrEmitter:
         self.problem, self.config, self.layout, self.name = problem, config, layout, name
         self.es = element_bytes(problem)
         self.cols = config.columns_per_block
+        self.warps = config.warps_per_row  # warps sharing a row
         self.xs, self.ys = problem.x_strides(), problem.y_strides()
         table_bytes = layout.slots.nbytes
         self.table_space = "const" if table_bytes <= MAX_CONST_TABLE_BYTES else "global"
@@ -124,7 +125,7 @@ class CsrEmitter:
 
     def _partials_array(self) -> list[str]:
         """Shared memory where the warps of a row leave their sums (none for one warp)."""
-        if self.config.warps_per_row == 1:
+        if self.warps == 1:
             return []
         return [f".shared .align 16 .b8 {self.name}_partials[{partial_bytes(self.config)}];", ""]
 
@@ -144,7 +145,7 @@ class CsrEmitter:
         lines += _shared_row("st", accs, 0)
         lines += ["bar.sync 0;", "setp.ne.u32 %p0, %part, 0;", "@%p0 bra DONE;"]
         lines += [f"setp.eq.u32 %p0, %s2, {NO_ROW};", "@%p0 bra DONE;"] + ([leave] if leave else [])
-        for w in range(1, self.config.warps_per_row):
+        for w in range(1, self.warps):
             partial = [f"%t{c}" for c in range(width)]
             lines += _shared_row("ld", partial, w * stride)
             lines += [f"add.f32 {acc}, {acc}, {t};" for acc, t in zip(accs, partial)]

@@ -36,7 +36,6 @@ class NonzeroLanes(CsrEmitter):
         self.padded_cols = 1 << (self.cols - 1).bit_length()  # the reduction halves powers of two
         columns = problem.static_columns
         self.guarded = range(1, self.cols) if columns is None or columns % self.cols else range(0)
-        self.warps = config.warps_per_row
         self.chunk_stride = self.warps * LANES  # elements from one of a warp's chunks to its next
 
     def _data_arrays(self) -> list[str]:
